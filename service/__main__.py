@@ -1,0 +1,7 @@
+"""``python -m service``: the same command line as ``rightfoot-poller``."""
+
+import sys
+
+from service.cli import main
+
+sys.exit(main())

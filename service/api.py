@@ -1,0 +1,284 @@
+"""Where a record is fetched: the Rightfoot API client (aiohttp).
+
+``GET /v1/balances`` with Bearer auth, timeouts, bounded retries with
+exponential backoff and jitter on 5xx, timeouts and connection errors, 429
+answered by waiting at least ``Retry-After``, and typed errors for the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import random
+import ssl
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import structlog
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from service import __version__
+from service.config import RightfootConfig
+from service.errors import (
+    ApiBadRequest,
+    ApiError,
+    ApiMalformedResponse,
+    ApiNotFound,
+    ApiRateLimited,
+    ApiServerError,
+    ApiTransportError,
+    ApiUnauthorized,
+)
+from service.metrics import Metrics
+from service.pacing import RateLimiter, Sleep, backoff_delay
+from service.records import Page, parse_page
+
+log = structlog.get_logger(__name__)
+
+MAX_BODY_BYTES = 16 * 1024 * 1024
+# A 429 asking for a longer wait than this ends the attempt; the batch is rescheduled.
+MAX_INLINE_RETRY_AFTER_S = 30.0
+
+
+class ApiForbidden(ApiError):
+    """403: this key may not read that batch."""
+
+
+class _ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    code: str | None = None
+    message: str | None = None
+
+
+class _ErrorBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    error: _ErrorDetail | None = None
+
+
+def user_agent(instance_id: str) -> str:
+    return f"rightfoot-poller/{__version__} ({instance_id})"
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if not math.isfinite(seconds):
+        return None
+    return max(0.0, seconds)
+
+
+def _error_from_response(status: int, body: bytes, retry_after: float | None) -> ApiError:
+    code = message = None
+    try:
+        parsed = _ErrorBody.model_validate_json(body)
+        if parsed.error is not None:
+            code, message = parsed.error.code, parsed.error.message
+    except ValidationError:
+        pass
+    text = message or f"the API answered {status}"
+    cls: type[ApiError]
+    if status == 400:
+        cls = ApiBadRequest
+    elif status == 401:
+        cls = ApiUnauthorized
+    elif status == 403:
+        cls = ApiForbidden
+    elif status == 404:
+        cls = ApiNotFound
+    elif status == 429:
+        cls = ApiRateLimited
+    elif status >= 500:
+        cls = ApiServerError
+    else:
+        cls = ApiError
+    return cls(text, status=status, code=code, retry_after=retry_after)
+
+
+class ApiKey:
+    """The API key; re-read from ``RIGHTFOOT_API_KEY_FILE`` when asked (rotation)."""
+
+    def __init__(self, value: str | None, file: Path | None = None) -> None:
+        self._value = value
+        self._file = file
+
+    @classmethod
+    def from_env(cls, value: str | None) -> ApiKey:
+        path = os.environ.get("RIGHTFOOT_API_KEY_FILE")
+        return cls(value, Path(path) if path else None)
+
+    def get(self) -> str | None:
+        return self._value
+
+    def refresh(self) -> None:
+        if self._file is None:
+            return
+        try:
+            self._value = self._file.read_text(encoding="utf-8").strip() or self._value
+        except OSError as exc:
+            log.warning("api_key_file_unreadable", error=exc.strerror)
+
+
+@dataclass(slots=True)
+class Attempts:
+    """How many attempts one logical request may make, and what happened."""
+
+    max_attempts: int
+    made: int = 0
+
+
+class RightfootClient:
+    def __init__(
+        self,
+        cfg: RightfootConfig,
+        *,
+        instance_id: str,
+        metrics: Metrics,
+        api_key: ApiKey,
+        limiter: RateLimiter,
+        rng: random.Random | None = None,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        self.cfg = cfg
+        self.metrics = metrics
+        self.api_key = api_key
+        self.limiter = limiter
+        self.user_agent = user_agent(instance_id)
+        self._rng = rng or random.Random()
+        self._sleep = sleep
+        self._sem = asyncio.Semaphore(cfg.max_concurrent_requests)
+        self._session: aiohttp.ClientSession | None = None
+        self._base = cfg.base_url.rstrip("/")
+
+    def ssl_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context()
+        if self.cfg.ca_bundle is not None:
+            ctx.load_verify_locations(cafile=str(self.cfg.ca_bundle))
+        return ctx
+
+    async def start(self) -> None:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                ssl=self.ssl_context(), limit=self.cfg.max_concurrent_requests * 2
+            )
+            timeout = aiohttp.ClientTimeout(
+                total=self.cfg.timeout_s, sock_connect=self.cfg.connect_timeout_s
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=timeout, headers={"User-Agent": self.user_agent}
+            )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("RightfootClient.start() must be awaited first")
+        return self._session
+
+    def _auth_headers(self) -> dict[str, str]:
+        key = self.api_key.get()
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    async def fetch_page(self, batch_id: str, token: str | None, limit: int | None = None) -> Page:
+        """One page of a batch, retried within bounds; typed ApiError otherwise."""
+        params = {"batchId": batch_id, "limit": str(limit or self.cfg.page_limit)}
+        if token:
+            params["nextPageToken"] = token
+        body = await self._get_with_retries("balances", "/v1/balances", params)
+        try:
+            return parse_page(batch_id, body)
+        except ApiMalformedResponse:
+            self.metrics.invalid_input.labels("api", "malformed_page").inc()
+            raise
+
+    async def _get_with_retries(
+        self, endpoint: str, path: str, params: dict[str, str] | list[tuple[str, str]]
+    ) -> bytes:
+        failures = 0
+        while True:
+            try:
+                return await self._get_once(endpoint, path, params)
+            except (ApiServerError, ApiTransportError, ApiRateLimited) as exc:
+                failures += 1
+                if failures >= self.cfg.max_attempts:
+                    raise
+                delay = backoff_delay(
+                    failures, self.cfg.backoff_base_s, self.cfg.backoff_max_s, self._rng
+                )
+                if isinstance(exc, ApiRateLimited):
+                    wait = exc.retry_after if exc.retry_after is not None else delay
+                    if wait > MAX_INLINE_RETRY_AFTER_S:
+                        raise
+                    delay = max(delay, wait)
+                log.info("api_retry", endpoint=endpoint, error=str(exc), delay_s=round(delay, 3))
+                await self._sleep(delay)
+
+    async def _get_once(
+        self, endpoint: str, path: str, params: dict[str, str] | list[tuple[str, str]]
+    ) -> bytes:
+        await self.limiter.acquire()
+        started = time.perf_counter()
+        code = "error"
+        try:
+            async with (
+                self._sem,
+                self.session.get(
+                    self._base + path, params=params, headers=self._auth_headers()
+                ) as resp,
+            ):
+                code = str(resp.status)
+                body = await self._read_body(resp)
+                if resp.status == 200:
+                    return body
+                retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                if resp.status == 429:
+                    self.limiter.pause_until(
+                        time.monotonic() + (retry_after if retry_after is not None else 1.0)
+                    )
+                raise _error_from_response(resp.status, body, retry_after)
+        except TimeoutError:
+            code = "timeout"
+            raise ApiTransportError("the API did not answer in time", code="timeout") from None
+        except aiohttp.ClientError as exc:
+            code = "connection_error"
+            raise ApiTransportError(
+                f"cannot reach the API: {type(exc).__name__}", code="connection_error"
+            ) from None
+        finally:
+            self.metrics.api_requests.labels(endpoint, code).inc()
+            self.metrics.api_duration.labels(endpoint).observe(time.perf_counter() - started)
+
+    async def _read_body(self, resp: aiohttp.ClientResponse) -> bytes:
+        if resp.content_length is not None and resp.content_length > MAX_BODY_BYTES:
+            raise ApiMalformedResponse("response body too large", status=resp.status)
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in resp.content.iter_chunked(65536):
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise ApiMalformedResponse("response body too large", status=resp.status)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    # Used by the CSV export (service/export.py).
+    def request_args(self) -> dict[str, Any]:
+        return {"headers": self._auth_headers()}

@@ -1,0 +1,488 @@
+"""The running service: wires the parts together, owns partitions, starts and stops cleanly.
+
+Replicas with the same configuration form one consumer group on the requests
+topic. When this replica is assigned requests partition *p* it fences any
+previous owner (exactly_once: by initialising the partition's transactional
+producer), restores the batches of state partition *p*, and polls them. On
+revocation it stops polling them before the partition moves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from typing import Any
+
+import structlog
+from aiohttp import web
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+
+from service.api import ApiKey, RightfootClient
+from service.config import Settings
+from service.errors import ApiError, ApiUnauthorized, RequestRejected
+from service.events import EventFactory
+from service.http_api import HttpApi
+from service.kafka import (
+    PartitionLost,
+    PartitionPublisher,
+    client_args,
+    ensure_topics,
+    make_producer,
+)
+from service.metrics import Metrics
+from service.pacing import RateLimiter
+from service.requests import TrackingRequest, decode_request, reject_reason
+from service.state import BatchState, decode_state
+from service.tracker import PartitionWorker, Tracker
+from service.view import StateView
+
+log = structlog.get_logger(__name__)
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, service: PollerService) -> None:
+        self.service = service
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self.service.release([tp.partition for tp in revoked])
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self.service.acquire([tp.partition for tp in assigned])
+
+
+class PollerService:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.kcfg = settings.kafka
+        self.metrics = metrics or Metrics()
+        self.instance = settings.instance_id
+        self.transactional = self.kcfg.delivery == "exactly_once"
+        self.limiter = RateLimiter(settings.rightfoot.max_requests_per_s)
+        self.client = RightfootClient(
+            settings.rightfoot,
+            instance_id=self.instance,
+            metrics=self.metrics,
+            api_key=ApiKey.from_env(
+                settings.rightfoot.api_key.get_secret_value()
+                if settings.rightfoot.api_key
+                else None
+            ),
+            limiter=self.limiter,
+        )
+        source = settings.rightfoot.base_url.rstrip("/") + "/v1/balances"
+        self.factory = EventFactory(
+            balances_topic=self.kcfg.balances_topic,
+            batch_events_topic=self.kcfg.batch_events_topic,
+            source=source,
+        )
+        self.tracker = Tracker(
+            settings, client=self.client, metrics=self.metrics, factory=self.factory
+        )
+        self.tracker.on_publish_failure = self._on_publish_failure
+        self.view = StateView(self.kcfg, client_id=f"rightfoot-poller-view-{self.instance}")
+        self.consumer: AIOKafkaConsumer | None = None
+        self.producer: AIOKafkaProducer | None = None  # intake, and events in at_least_once
+        self._partition_lock = asyncio.Lock()
+        self._assigned: set[int] = set()
+        self._restored: set[int] = set()
+        self._joined = False
+        self._kafka_ok = False
+        self._stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._runner: web.AppRunner | None = None
+        self._last_tick = time.monotonic()
+        self.http_port: int | None = None
+
+    # ---- readiness --------------------------------------------------------------------
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        restored = self._assigned <= self._restored
+        checks = {
+            "kafka": self._kafka_ok,
+            "group_joined": self._joined,
+            "partitions_restored": restored,
+            "api_key_accepted": not self.tracker.unauthorized,
+            "view_loaded": self.view.loaded,
+        }
+        ready = all(checks.values()) and not self._stopping.is_set()
+        self.metrics.ready.set(1 if ready else 0)
+        return ready, {
+            "checks": checks,
+            "owned_partitions": sorted(self._restored & self._assigned),
+            "instance_id": self.instance,
+        }
+
+    def liveness(self) -> bool:
+        return time.monotonic() - self._last_tick < 30
+
+    # ---- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        log.info("starting", delivery=self.kcfg.delivery, bootstrap=self.kcfg.bootstrap_servers)
+        await self._start_http()
+        self._tasks.append(asyncio.create_task(self._loop_monitor(), name="loop-monitor"))
+        await self._connect_kafka()
+        await self.client.start()
+        self._tasks += [
+            asyncio.create_task(self.tracker.run(), name="scheduler"),
+            asyncio.create_task(self._consume(), name="requests-consumer"),
+            asyncio.create_task(self._auth_probe(), name="auth-probe"),
+            asyncio.create_task(self.view.run(), name="state-view"),
+        ]
+        log.info("started", http_port=self.http_port)
+
+    async def _connect_kafka(self) -> None:
+        """Connect, retrying with backoff: a broker that is down or refuses us is waited for."""
+        delay = 1.0
+        while not self._stopping.is_set():
+            try:
+                await ensure_topics(self.kcfg, f"rightfoot-poller-admin-{self.instance}")
+                self.producer = make_producer(self.kcfg, f"rightfoot-poller-{self.instance}")
+                await self.producer.start()
+                self.consumer = AIOKafkaConsumer(
+                    self.kcfg.requests_topic,
+                    **client_args(self.kcfg, f"rightfoot-poller-{self.instance}"),
+                    group_id=self.kcfg.group_id,
+                    enable_auto_commit=False,
+                    auto_offset_reset="earliest",
+                    isolation_level="read_committed",
+                    session_timeout_ms=self.kcfg.session_timeout_ms,
+                    heartbeat_interval_ms=max(500, self.kcfg.session_timeout_ms // 5),
+                    max_poll_records=500,
+                )
+                self.consumer.subscribe([self.kcfg.requests_topic], listener=_Rebalance(self))
+                await self.consumer.start()
+                self._kafka_ok = True
+                return
+            except (KafkaError, OSError, ApiError) as exc:
+                self.metrics.publish_errors.labels("connect").inc()
+                log.error(
+                    "kafka_unavailable", error=f"{type(exc).__name__}: {exc}", retry_in_s=delay
+                )
+                await self._close_clients()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+                delay = min(delay * 2, 60.0)
+
+    async def _start_http(self) -> None:
+        api = HttpApi(
+            metrics=self.metrics,
+            readiness=self.readiness,
+            submit=self.submit,
+            view=self.view,
+            admin_token=(
+                self.settings.http.admin_token.get_secret_value()
+                if self.settings.http.admin_token
+                else None
+            ),
+            max_body_bytes=self.settings.http.max_body_bytes,
+            liveness=self.liveness,
+        )
+        self._runner = web.AppRunner(api.app(), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.settings.http.host, self.settings.http.port)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.http_port = sockets[0].getsockname()[1] if sockets else self.settings.http.port
+
+    async def submit(self, req: TrackingRequest) -> None:
+        """Send a tracking request to the requests topic (HTTP intake)."""
+        if self.producer is None:
+            raise web.HTTPServiceUnavailable(text="not connected to Kafka yet")
+        await self.producer.send_and_wait(
+            self.kcfg.requests_topic, req.encode(), key=req.batch_id.encode()
+        )
+
+    async def stop(self) -> None:
+        """Stop taking work, let in-flight polls finish or abandon them, commit, close."""
+        grace = self.settings.shutdown_grace_s
+        started = time.monotonic()
+        log.info("stopping", grace_s=grace)
+        self._stopping.set()
+        self.tracker.stop()
+        for task in self._tasks:
+            if task.get_name() in ("requests-consumer", "scheduler", "auth-probe"):
+                task.cancel()
+        async with self._partition_lock:
+            await asyncio.gather(
+                *(self.tracker.remove_worker(p, grace * 0.6) for p in list(self.tracker.workers))
+            )
+            self._restored.clear()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._close_clients()
+        await self.view.close()
+        await self.client.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        log.info("stopped", took_s=round(time.monotonic() - started, 3))
+
+    async def _close_clients(self) -> None:
+        if self.consumer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.consumer.stop(), 10)
+            self.consumer = None
+        if self.producer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.producer.stop(), 10)
+            self.producer = None
+
+    # ---- partitions -------------------------------------------------------------------
+
+    async def acquire(self, partitions: list[int]) -> None:
+        self._joined = True
+        async with self._partition_lock:
+            self._assigned = set(partitions)
+            results = await asyncio.gather(
+                *(self._restore(p) for p in partitions), return_exceptions=True
+            )
+            for p, result in zip(partitions, results, strict=True):
+                if isinstance(result, BaseException):
+                    log.error("restore_failed", partition=p, error=repr(result))
+                    self._schedule_reset(p)
+            self.metrics.owned_partitions.set(len(self._restored))
+        log.info("partitions_assigned", partitions=sorted(partitions))
+
+    async def release(self, partitions: list[int]) -> None:
+        async with self._partition_lock:
+            timeout = min(10.0, self.settings.shutdown_grace_s)
+            await asyncio.gather(*(self.tracker.remove_worker(p, timeout) for p in partitions))
+            self._assigned -= set(partitions)
+            self._restored -= set(partitions)
+            self.metrics.owned_partitions.set(len(self._restored))
+        if partitions:
+            log.info("partitions_revoked", partitions=sorted(partitions))
+
+    async def _restore(self, p: int) -> None:
+        if self._stopping.is_set():
+            return
+        started = time.monotonic()
+        if self.transactional:
+            producer = make_producer(
+                self.kcfg,
+                f"rightfoot-poller-{self.instance}-p{p}",
+                transactional_id=f"{self.kcfg.group_id}.{self.kcfg.requests_topic}.{p}",
+            )
+            await producer.start()  # initialises the transactional id: fences the old owner
+        else:
+            assert self.producer is not None
+            producer = self.producer
+        try:
+            batches = await self._read_state(p)
+        except BaseException:
+            if self.transactional:
+                await producer.stop()
+            raise
+        publisher = PartitionPublisher(
+            partition=p,
+            cfg=self.kcfg,
+            metrics=self.metrics,
+            producer=producer,
+            transactional=self.transactional,
+            commit_offsets=self._commit_offsets,
+        )
+        if self.transactional:
+            _close = publisher.close
+
+            async def close_and_stop(timeout: float) -> None:
+                await _close(timeout)
+                with contextlib.suppress(Exception):
+                    await producer.stop()
+
+            publisher.close = close_and_stop  # type: ignore[method-assign]
+        publisher.start()
+        self.tracker.add_worker(PartitionWorker(partition=p, publisher=publisher, batches=batches))
+        self._restored.add(p)
+        if self.consumer is not None:
+            tp = TopicPartition(self.kcfg.requests_topic, p)
+            with contextlib.suppress(KafkaError, AssertionError):
+                self.consumer.resume(tp)
+        active = sum(1 for b in batches.values() if b.active)
+        log.info(
+            "partition_restored",
+            partition=p,
+            batches=len(batches),
+            active=active,
+            took_s=round(time.monotonic() - started, 3),
+        )
+
+    async def _read_state(self, p: int) -> dict[str, BatchState]:
+        """Every batch of state partition p, as last committed."""
+        tp = TopicPartition(self.kcfg.state_topic, p)
+        consumer = AIOKafkaConsumer(
+            **client_args(self.kcfg, f"rightfoot-poller-restore-{self.instance}"),
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+        )
+        await consumer.start()
+        batches: dict[str, BatchState] = {}
+        try:
+            consumer.assign([tp])
+            await consumer.seek_to_beginning(tp)
+            end = (await consumer.end_offsets([tp]))[tp]
+            while await consumer.position(tp) < end:
+                chunk = await consumer.getmany(tp, timeout_ms=1000, max_records=2000)
+                for msg in chunk.get(tp, []):
+                    self._apply_state(batches, msg.key, msg.value, p)
+        finally:
+            await consumer.stop()
+        return batches
+
+    def _apply_state(
+        self, batches: dict[str, BatchState], key: bytes | None, value: bytes | None, p: int
+    ) -> None:
+        if key is None:
+            self.metrics.invalid_input.labels("state_topic", "no_key").inc()
+            return
+        batch_id = key.decode(errors="replace")
+        if value is None:
+            batches.pop(batch_id, None)
+            return
+        try:
+            batches[batch_id] = decode_state(value, p)
+        except ValueError as exc:
+            self.metrics.invalid_input.labels("state_topic", "invalid_state").inc()
+            log.error("state_unreadable", batch_id=batch_id, error=str(exc)[:300])
+
+    async def _commit_offsets(self, offsets: dict[TopicPartition, int]) -> None:
+        if self.consumer is None:
+            raise KafkaError("consumer closed")
+        await self.consumer.commit(offsets)
+
+    def _on_publish_failure(self, partition: int, exc: BaseException) -> None:
+        if isinstance(exc, PartitionLost):
+            log.warning("partition_fenced", partition=partition)
+        self._schedule_reset(partition, fenced=isinstance(exc, PartitionLost))
+
+    def _schedule_reset(self, partition: int, fenced: bool = False) -> None:
+        task = asyncio.create_task(self._reset(partition, fenced), name=f"reset-{partition}")
+        self._tasks.append(task)
+        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+
+    async def _reset(self, p: int, fenced: bool) -> None:
+        """Drop a partition's in-memory state and restore it from Kafka, with backoff."""
+        delay = 1.0
+        tp = TopicPartition(self.kcfg.requests_topic, p)
+        while not self._stopping.is_set():
+            async with self._partition_lock:
+                if p not in self._assigned:
+                    return
+                await self.tracker.remove_worker(p, timeout=5.0)
+                self._restored.discard(p)
+                if self.consumer is not None:
+                    self.consumer.pause(tp)
+                if fenced:
+                    # Another instance owns it now; the coming rebalance will tell us.
+                    return
+                try:
+                    if self.consumer is not None:
+                        await self.consumer.seek_to_committed(tp)
+                    await self._restore(p)
+                    self.metrics.owned_partitions.set(len(self._restored))
+                    return
+                except (KafkaError, OSError) as exc:
+                    log.error("partition_reset_failed", partition=p, error=repr(exc))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+    # ---- loops ------------------------------------------------------------------------
+
+    async def _consume(self) -> None:
+        assert self.consumer is not None
+        consumer = self.consumer
+        while not self._stopping.is_set():
+            try:
+                batch = await consumer.getmany(timeout_ms=500, max_records=1000)
+            except KafkaError as exc:
+                log.warning("requests_consume_failed", error=repr(exc))
+                await asyncio.sleep(1.0)
+                continue
+            waits: list[asyncio.Future[None]] = []
+            for tp, messages in batch.items():
+                worker = self.tracker.workers.get(tp.partition)
+                if worker is None or worker.closed:
+                    # Not restored (yet): read these again once it is.
+                    with contextlib.suppress(KafkaError, AssertionError):
+                        consumer.seek(tp, messages[0].offset)
+                        consumer.pause(tp)
+                    continue
+                for msg in messages:
+                    req = self._decode(msg.value, tp.partition, msg.offset)
+                    waits.append(self.tracker.handle_request(worker, req, msg.value, msg.offset))
+            if waits:
+                await asyncio.gather(*waits, return_exceptions=True)
+
+    def _decode(self, value: bytes | None, partition: int, offset: int) -> TrackingRequest | None:
+        try:
+            return decode_request(value)
+        except RequestRejected as exc:
+            self.metrics.invalid_input.labels("requests_topic", reject_reason(exc)).inc()
+            log.warning(
+                "tracking_request_rejected", partition=partition, offset=offset, reason=str(exc)
+            )
+            return None
+
+    async def _auth_probe(self) -> None:
+        """While the API key is rejected, try it again now and then (re-reading a key file)."""
+        interval = self.settings.rightfoot.unauthorized_retry_s
+        while not self._stopping.is_set():
+            await asyncio.sleep(min(interval, 5.0) if not self.tracker.unauthorized else interval)
+            if not self.tracker.unauthorized:
+                continue
+            batch_id = self.tracker.any_tracked_batch()
+            if batch_id is None:
+                continue
+            self.client.api_key.refresh()
+            try:
+                await self.client.fetch_page(batch_id, None, limit=1)
+            except ApiUnauthorized:
+                log.warning("api_key_still_rejected", retry_in_s=interval)
+                continue
+            except ApiError:
+                pass  # any other answer means the key is accepted
+            self.tracker.set_authorized()
+
+    async def _loop_monitor(self) -> None:
+        interval = 0.25
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            self._last_tick = now
+            self.metrics.loop_lag.observe(max(0.0, now - before - interval))
+            self.metrics.oldest_overdue_poll.set(self.tracker.oldest_overdue())
+            self.readiness()
+
+
+async def run_service(settings: Settings) -> int:
+    """Run until SIGTERM or SIGINT; exit 0 after a clean stop."""
+    service = PollerService(settings)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        starting = asyncio.create_task(service.start())
+        done, _ = await asyncio.wait(
+            {starting, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED
+        )
+        if starting in done:
+            starting.result()
+            await stop.wait()
+        else:
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+    finally:
+        try:
+            await asyncio.wait_for(service.stop(), settings.shutdown_grace_s)
+        except TimeoutError:
+            log.error("stop_timed_out", grace_s=settings.shutdown_grace_s)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    return 0

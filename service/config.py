@@ -1,0 +1,252 @@
+"""Configuration: one YAML file, every key overridable by ``RFP_<SECTION>__<KEY>``.
+
+Secrets (the API key, the admin token, the SASL password) come only from the
+environment or from mounted files, never from the YAML file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from service.errors import ConfigError
+
+ENV_PREFIX = "RFP_"
+SECRET_KEYS = {
+    ("rightfoot", "api_key"),
+    ("http", "admin_token"),
+    ("kafka", "sasl_password"),
+}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RightfootConfig(_Section):
+    base_url: str = "https://api.rightfoot.com"
+    page_limit: int = Field(100, ge=1, le=100)
+    export_path: str = "/v1/balances/export"
+    api_key: SecretStr | None = None
+    ca_bundle: Path | None = None
+    timeout_s: float = Field(10.0, gt=0)
+    connect_timeout_s: float = Field(5.0, gt=0)
+    max_requests_per_s: float = Field(20.0, gt=0)
+    max_concurrent_requests: int = Field(16, ge=1)
+    backoff_base_s: float = Field(1.0, gt=0)
+    backoff_max_s: float = Field(300.0, gt=0)
+    max_attempts: int = Field(4, ge=1, description="attempts of one request within a poll")
+    unauthorized_retry_s: float = Field(60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_url(self) -> RightfootConfig:
+        parts = urlsplit(self.base_url)
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            raise ValueError("base_url must be an absolute https:// URL")
+        if parts.scheme == "http" and not _is_loopback(parts.hostname):
+            raise ValueError(
+                "base_url: plain http:// is only allowed for a loopback host; the API is HTTPS only"
+            )
+        if not self.export_path.startswith("/"):
+            raise ValueError("export_path must start with '/'")
+        if self.backoff_max_s < self.backoff_base_s:
+            raise ValueError("backoff_max_s must be >= backoff_base_s")
+        return self
+
+
+class PollingConfig(_Section):
+    interval_min_s: float = Field(30.0, ge=0)
+    interval_max_s: float = Field(60.0, ge=0)
+    not_found_grace_s: float = Field(300.0, ge=0)
+    complete_after_idle_s: float = Field(900.0, gt=0)
+    max_age_s: float = Field(7 * 86400.0, gt=0)
+    max_records_per_transaction: int = Field(1000, ge=1)
+
+    @model_validator(mode="after")
+    def _check_window(self) -> PollingConfig:
+        if self.interval_max_s < self.interval_min_s:
+            raise ValueError("interval_max_s must be >= interval_min_s")
+        return self
+
+
+class KafkaConfig(_Section):
+    bootstrap_servers: str = "localhost:9092"
+    balances_topic: str = "rightfoot.balances"
+    batch_events_topic: str = "rightfoot.batch-events"
+    requests_topic: str = "rightfoot.batch-requests"
+    state_topic: str = "rightfoot.batch-state"
+    group_id: str = "rightfoot-poller"
+    delivery: Literal["exactly_once", "at_least_once"] = "exactly_once"
+    partitions: int = Field(12, ge=1)
+    replication_factor: int = Field(-1, ge=-1, description="-1: the broker's default")
+    create_topics: bool = True
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    session_timeout_ms: int = Field(10000, ge=1000)
+    transaction_timeout_ms: int = Field(60000, ge=1000)
+
+    @property
+    def dlq_topic(self) -> str:
+        return f"{self.balances_topic}.dlq"
+
+    @model_validator(mode="after")
+    def _check_security(self) -> KafkaConfig:
+        if self.security_protocol.startswith("SASL"):
+            if not self.sasl_mechanism:
+                raise ValueError("sasl_mechanism is required with a SASL security_protocol")
+            if not self.sasl_username:
+                raise ValueError("sasl_username is required with a SASL security_protocol")
+            if self.sasl_password is None:
+                raise ValueError(
+                    "the SASL password is required: set RFP_KAFKA__SASL_PASSWORD "
+                    "or RFP_KAFKA__SASL_PASSWORD_FILE"
+                )
+        return self
+
+
+class HttpConfig(_Section):
+    host: str = "0.0.0.0"
+    port: int = Field(8080, ge=0, le=65535)
+    admin_token: SecretStr | None = None
+    max_body_bytes: int = Field(16384, ge=256)
+
+
+class LoggingConfig(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["json", "console"] = "json"
+
+
+def default_instance_id() -> str:
+    return os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Settings(_Section):
+    """The effective configuration of one replica."""
+
+    instance_id: str = Field(default_factory=default_instance_id, min_length=1, max_length=128)
+    shutdown_grace_s: float = Field(20.0, gt=0)
+    rightfoot: RightfootConfig = RightfootConfig()
+    polling: PollingConfig = PollingConfig()
+    kafka: KafkaConfig = KafkaConfig()
+    http: HttpConfig = HttpConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    def secrets(self) -> list[str]:
+        """Every secret value in effect, for redaction."""
+        values = [self.rightfoot.api_key, self.http.admin_token, self.kafka.sasl_password]
+        return [v.get_secret_value() for v in values if v is not None and v.get_secret_value()]
+
+    def masked(self) -> dict[str, Any]:
+        """The effective configuration as plain data, secrets masked."""
+        data: dict[str, Any] = self.model_dump(mode="json")
+        for section, key in SECRET_KEYS:
+            value = data.get(section, {}).get(key)
+            data[section][key] = "********" if value else None
+        return data
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _read_secret_file(var: str, env: dict[str, str]) -> str | None:
+    path = env.get(var)
+    if not path:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{var}: cannot read the secret file: {exc.strerror}") from None
+
+
+def _secrets_from_env(env: dict[str, str]) -> dict[str, dict[str, str]]:
+    found: dict[str, dict[str, str]] = {}
+    api_key = (
+        env.get("RFP_RIGHTFOOT__API_KEY")
+        or env.get("RIGHTFOOT_API_KEY")
+        or _read_secret_file("RIGHTFOOT_API_KEY_FILE", env)
+    )
+    if api_key:
+        found.setdefault("rightfoot", {})["api_key"] = api_key
+    password = _read_secret_file("RFP_KAFKA__SASL_PASSWORD_FILE", env)
+    if password and not env.get("RFP_KAFKA__SASL_PASSWORD"):
+        found.setdefault("kafka", {})["sasl_password"] = password
+    return found
+
+
+def _format_error(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "config"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return f"{loc}: {msg}"
+
+
+def load_settings(path: Path | str | None, env: dict[str, str] | None = None) -> Settings:
+    """Read the YAML file (if any), apply environment overrides and validate.
+
+    Raises ConfigError with one line naming the key and the problem.
+    """
+    env = dict(os.environ if env is None else env)
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"config file {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path}: not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: the top level must be a mapping")
+        data = loaded
+    for section, key in sorted(SECRET_KEYS):
+        block = data.get(section)
+        if isinstance(block, dict) and key in block:
+            raise ConfigError(
+                f"{section}.{key}: secrets are not read from the config file; "
+                "use the environment or a mounted file"
+            )
+    for section, values in _secrets_from_env(env).items():
+        block = data.setdefault(section, {})
+        if isinstance(block, dict):
+            block.update(values)
+    _apply_env_overrides(data, env)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from None
+
+
+def _apply_env_overrides(data: dict[str, Any], env: dict[str, str]) -> None:
+    """``RFP_SECTION__KEY=value`` sets ``section.key``; ``RFP_KEY`` a top-level key."""
+    for name, value in sorted(env.items()):
+        if not name.startswith(ENV_PREFIX) or name.endswith("_FILE"):
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split("__")
+        target = data
+        for part in path[:-1]:
+            child = target.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{name}: {part} is not a section")
+            target = child
+        target[path[-1]] = value

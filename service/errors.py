@@ -1,0 +1,77 @@
+"""The service's exceptions: one root, small classes that carry their data."""
+
+from __future__ import annotations
+
+
+class PollerError(Exception):
+    """Root of every error this service raises on purpose."""
+
+
+class ConfigError(PollerError, ValueError):
+    """The configuration is invalid; the message names the key and the problem."""
+
+
+class ApiError(PollerError):
+    """The Rightfoot API answered with an error, or not in a way we understand."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.retry_after = retry_after
+
+    @property
+    def metric_code(self) -> str:
+        return str(self.status) if self.status is not None else "error"
+
+    def __str__(self) -> str:
+        parts = [f"HTTP {self.status}" if self.status is not None else None, self.code]
+        prefix = " ".join(p for p in parts if p)
+        return f"{prefix}: {self.args[0]}" if prefix else str(self.args[0])
+
+
+class ApiUnauthorized(ApiError):
+    """401/403: the API key is missing, wrong or not allowed; retrying will not help."""
+
+
+class ApiNotFound(ApiError):
+    """404: the batch does not exist (yet)."""
+
+
+class ApiBadRequest(ApiError):
+    """400: the request was refused; for a page token, the token is no longer valid."""
+
+
+class ApiRateLimited(ApiError):
+    """429: wait at least ``retry_after`` seconds."""
+
+
+class ApiServerError(ApiError):
+    """5xx: a transient vendor failure."""
+
+
+class ApiTransportError(ApiError):
+    """Timeout or connection failure before an HTTP answer."""
+
+    @property
+    def metric_code(self) -> str:
+        return self.code or "connection_error"
+
+
+class ApiMalformedResponse(ApiError):
+    """200 with a body that is not the documented shape."""
+
+    @property
+    def metric_code(self) -> str:
+        return "malformed"
+
+
+class RequestRejected(PollerError, ValueError):
+    """A tracking request (Kafka message or HTTP body) is not valid."""

@@ -1,0 +1,137 @@
+"""Where a record becomes an event: keys, JSON values and CloudEvents headers.
+
+The event format is a public contract (see docs/consuming.md and schemas/);
+this module is the one place that writes it.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from service.records import EVENT_NAMESPACE, BalanceRecord, InvalidRecord
+
+BALANCE_TYPE = "com.rightfoot.balance.retrieved"
+INVALID_TYPE = "com.rightfoot.balance.invalid"
+LIFECYCLE_TYPE_PREFIX = "com.rightfoot.batch."
+LIFECYCLE_SOURCE = "rightfoot-poller"
+LIFECYCLE_EVENTS = ("tracking_started", "completed", "expired", "failed", "stopped")
+
+Headers = list[tuple[str, bytes]]
+
+
+@dataclass(slots=True, frozen=True)
+class OutMessage:
+    """One Kafka message to publish."""
+
+    topic: str
+    key: bytes
+    value: bytes | None
+    headers: Headers
+    partition: int | None = None
+
+
+def utc_now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _headers(event_id: str, ce_type: str, source: str, time: str, subject: str) -> Headers:
+    return [
+        ("ce_specversion", b"1.0"),
+        ("ce_id", event_id.encode()),
+        ("ce_type", ce_type.encode()),
+        ("ce_source", source.encode()),
+        ("ce_time", time.encode()),
+        ("ce_subject", subject.encode()),
+        ("content-type", b"application/json"),
+    ]
+
+
+def _dumps(value: Mapping[str, object]) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+class EventFactory:
+    """Builds the messages of one deployment's topics."""
+
+    def __init__(self, *, balances_topic: str, batch_events_topic: str, source: str) -> None:
+        self.balances_topic = balances_topic
+        self.batch_events_topic = batch_events_topic
+        self.dlq_topic = f"{balances_topic}.dlq"
+        self.source = source
+
+    def balance(self, batch_id: str, rec: BalanceRecord) -> OutMessage:
+        value = {
+            "event_id": rec.event_id,
+            "batch_id": batch_id,
+            "authorizer_unique_id": rec.authorizer_unique_id,
+            "balance": rec.balance,
+            "balance_status_code": rec.balance_status_code,
+            "balance_status": rec.balance_status,
+            "timestamp": rec.timestamp,
+        }
+        return OutMessage(
+            topic=self.balances_topic,
+            key=rec.authorizer_unique_id.encode(),
+            value=_dumps(value),
+            headers=_headers(rec.event_id, BALANCE_TYPE, self.source, rec.timestamp, batch_id),
+        )
+
+    def invalid(self, batch_id: str, rec: InvalidRecord) -> OutMessage:
+        at = utc_now_iso()
+        value = {
+            "event_id": rec.event_id,
+            "batch_id": batch_id,
+            "reason": rec.reason,
+            "detail": rec.detail,
+            "raw": rec.raw,
+            "at": at,
+        }
+        return OutMessage(
+            topic=self.dlq_topic,
+            key=batch_id.encode(),
+            value=_dumps(value),
+            headers=_headers(rec.event_id, INVALID_TYPE, self.source, at, batch_id),
+        )
+
+    def lifecycle(
+        self,
+        batch_id: str,
+        event: str,
+        *,
+        generation: int,
+        expected_count: int | None,
+        records_published: int,
+        counts_by_status: dict[str, int] | None = None,
+        reason: str | None = None,
+        records_dead_lettered: int | None = None,
+    ) -> OutMessage:
+        """A lifecycle event; its id is deterministic per batch, tracking generation and event."""
+        if event not in LIFECYCLE_EVENTS:
+            raise ValueError(f"unknown lifecycle event {event!r}")
+        event_id = str(uuid.uuid5(EVENT_NAMESPACE, f"{batch_id}\x1f{generation}\x1f{event}"))
+        at = utc_now_iso()
+        value: dict[str, object] = {
+            "event_id": event_id,
+            "batch_id": batch_id,
+            "event": event,
+            "at": at,
+            "expected_count": expected_count,
+            "records_published": records_published,
+        }
+        if event != "tracking_started":
+            value["counts_by_status"] = counts_by_status or {}
+            value["records_dead_lettered"] = records_dead_lettered or 0
+        if reason is not None:
+            value["reason"] = reason
+        return OutMessage(
+            topic=self.batch_events_topic,
+            key=batch_id.encode(),
+            value=_dumps(value),
+            headers=_headers(
+                event_id, LIFECYCLE_TYPE_PREFIX + event, LIFECYCLE_SOURCE, at, batch_id
+            ),
+        )

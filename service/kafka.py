@@ -1,0 +1,314 @@
+"""Where events are published: Kafka clients, topics, and per-partition commits.
+
+Each requests-topic partition this replica owns has a ``PartitionPublisher``.
+With ``exactly_once`` it owns a transactional producer whose id is derived from
+the partition, so a new owner of the partition fences the old one; every unit
+of work (a poll's events, lifecycle events and state update, plus the
+requests-topic offset) commits in one transaction. Units queued while a
+transaction is running are committed together in the next one.
+With ``at_least_once`` a shared idempotent producer sends the events, then the
+state, then the consumer commits the requests offsets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import (
+    KafkaError,
+    ProducerFenced,
+    TopicAlreadyExistsError,
+)
+from aiokafka.helpers import create_ssl_context
+from aiokafka.partitioner import murmur2
+
+from service.config import KafkaConfig
+from service.errors import PollerError
+from service.events import OutMessage
+from service.metrics import Metrics
+
+log = structlog.get_logger(__name__)
+
+
+class PublishFailed(PollerError):
+    """A unit of work was not committed; the partition restarts from its stored state."""
+
+
+class PartitionLost(PublishFailed):
+    """Another instance took over this partition (this producer was fenced)."""
+
+
+def canonical_partition(batch_id: str, partitions: int) -> int:
+    """The requests/state partition of a batch: Kafka's default murmur2 partitioning."""
+    hashed: int = murmur2(batch_id.encode())
+    return (hashed & 0x7FFFFFFF) % partitions
+
+
+def client_args(cfg: KafkaConfig, client_id: str) -> dict[str, Any]:
+    """Connection and security settings shared by every Kafka client."""
+    args: dict[str, Any] = {
+        "bootstrap_servers": cfg.bootstrap_servers,
+        "client_id": client_id,
+        "security_protocol": cfg.security_protocol,
+    }
+    if cfg.security_protocol in ("SSL", "SASL_SSL"):
+        args["ssl_context"] = create_ssl_context(
+            cafile=str(cfg.ssl_cafile) if cfg.ssl_cafile else None,
+            certfile=str(cfg.ssl_certfile) if cfg.ssl_certfile else None,
+            keyfile=str(cfg.ssl_keyfile) if cfg.ssl_keyfile else None,
+        )
+    if cfg.security_protocol.startswith("SASL"):
+        args["sasl_mechanism"] = cfg.sasl_mechanism
+        args["sasl_plain_username"] = cfg.sasl_username
+        args["sasl_plain_password"] = (
+            cfg.sasl_password.get_secret_value() if cfg.sasl_password else None
+        )
+    return args
+
+
+def make_producer(
+    cfg: KafkaConfig, client_id: str, transactional_id: str | None = None
+) -> AIOKafkaProducer:
+    return AIOKafkaProducer(
+        **client_args(cfg, client_id),
+        enable_idempotence=True,
+        acks="all",
+        linger_ms=2,
+        max_batch_size=256 * 1024,
+        transactional_id=transactional_id,
+        transaction_timeout_ms=cfg.transaction_timeout_ms,
+    )
+
+
+async def ensure_topics(cfg: KafkaConfig, client_id: str) -> None:
+    """Create missing topics; refuse a state topic not co-partitioned with the requests topic."""
+    admin = AIOKafkaAdminClient(**client_args(cfg, client_id))
+    await admin.start()
+    try:
+        rf = cfg.replication_factor
+        wanted = [
+            NewTopic(cfg.requests_topic, cfg.partitions, rf),
+            NewTopic(
+                cfg.state_topic,
+                cfg.partitions,
+                rf,
+                topic_configs={"cleanup.policy": "compact", "max.message.bytes": "8388608"},
+            ),
+            NewTopic(cfg.balances_topic, cfg.partitions, rf),
+            NewTopic(cfg.batch_events_topic, cfg.partitions, rf),
+            NewTopic(cfg.dlq_topic, 1 if cfg.partitions < 3 else 3, rf),
+        ]
+        existing = set(await admin.list_topics())
+        missing = [t for t in wanted if t.name not in existing]
+        if missing and cfg.create_topics:
+            for topic in missing:
+                with contextlib.suppress(TopicAlreadyExistsError):
+                    await admin.create_topics([topic])
+                log.info("topic_created", topic=topic.name, partitions=topic.num_partitions)
+        elif missing:
+            names = ", ".join(t.name for t in missing)
+            raise PollerError(f"kafka: missing topics ({names}) and kafka.create_topics is false")
+        described = await admin.describe_topics([cfg.requests_topic, cfg.state_topic])
+        counts = {d["topic"]: len(d["partitions"]) for d in described}
+        if counts.get(cfg.requests_topic) != counts.get(cfg.state_topic):
+            raise PollerError(
+                f"kafka: {cfg.state_topic} has {counts.get(cfg.state_topic)} partitions but "
+                f"{cfg.requests_topic} has {counts.get(cfg.requests_topic)}; they must match"
+            )
+    finally:
+        await admin.close()
+
+
+async def partition_count(cfg: KafkaConfig, client_id: str, topic: str) -> int:
+    consumer = AIOKafkaConsumer(**client_args(cfg, client_id))
+    await consumer.start()
+    try:
+        parts = await consumer.partitions_for_topic(topic)
+        if not parts:
+            raise PollerError(f"kafka: topic {topic} does not exist")
+        return len(parts)
+    finally:
+        await consumer.stop()
+
+
+@dataclass(slots=True)
+class Unit:
+    """Messages that commit together, with the requests offset they consume up to."""
+
+    messages: list[OutMessage]
+    request_offset: int | None
+    received_at: float
+    future: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+OffsetCommitter = Callable[[dict[TopicPartition, int]], Awaitable[None]]
+
+
+class PartitionPublisher:
+    """Commits the units of work of one owned requests partition, in order."""
+
+    MAX_MESSAGES_PER_COMMIT = 5000
+
+    def __init__(
+        self,
+        *,
+        partition: int,
+        cfg: KafkaConfig,
+        metrics: Metrics,
+        producer: AIOKafkaProducer,
+        transactional: bool,
+        commit_offsets: OffsetCommitter,
+    ) -> None:
+        self.partition = partition
+        self.cfg = cfg
+        self.metrics = metrics
+        self.producer = producer
+        self.transactional = transactional
+        self._commit_offsets = commit_offsets
+        self._tp = TopicPartition(cfg.requests_topic, partition)
+        self._queue: asyncio.Queue[Unit] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self.failure: BaseException | None = None
+        self.on_failure: Callable[[BaseException], None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"publisher-{self.partition}")
+
+    async def publish(self, messages: list[OutMessage], request_offset: int | None = None) -> None:
+        """Queue a unit of work and wait until it is committed; PublishFailed otherwise."""
+        if self.failure is not None:
+            raise PublishFailed(f"partition {self.partition} publisher failed: {self.failure}")
+        unit = Unit(messages, request_offset, time.monotonic())
+        self.metrics.records_in_flight.inc(len(messages))
+        self._queue.put_nowait(unit)
+        try:
+            await asyncio.shield(unit.future)
+        finally:
+            if not unit.future.done():
+                unit.future.cancel()
+
+    async def close(self, timeout: float) -> None:
+        """Commit what is queued (within ``timeout``), then stop."""
+        if self._task is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained(), timeout)
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._fail_pending(PublishFailed("publisher closed"))
+
+    async def _drained(self) -> None:
+        await self._queue.join()
+
+    async def _run(self) -> None:
+        while True:
+            first = await self._queue.get()
+            units = [first]
+            size = len(first.messages)
+            while not self._queue.empty() and size < self.MAX_MESSAGES_PER_COMMIT:
+                unit = self._queue.get_nowait()
+                units.append(unit)
+                size += len(unit.messages)
+            try:
+                await self._commit(units)
+            except asyncio.CancelledError:
+                self._settle(units, PublishFailed("publisher stopped"))
+                raise
+            except BaseException as exc:
+                self._fail(units, exc)
+                return
+            self._settle(units, None)
+
+    def _settle(self, units: list[Unit], exc: BaseException | None) -> None:
+        now = time.monotonic()
+        for unit in units:
+            self._queue.task_done()
+            self.metrics.records_in_flight.dec(len(unit.messages))
+            if unit.future.done():
+                continue
+            if exc is None:
+                self.metrics.publish_latency.observe(now - unit.received_at)
+                unit.future.set_result(None)
+            else:
+                unit.future.set_exception(exc)
+
+    def _fail(self, units: list[Unit], exc: BaseException) -> None:
+        fenced = isinstance(exc, ProducerFenced)
+        err: PublishFailed = (
+            PartitionLost(f"partition {self.partition}: fenced by a newer owner")
+            if fenced
+            else PublishFailed(f"partition {self.partition}: {type(exc).__name__}: {exc}")
+        )
+        self.failure = err
+        self.metrics.publish_errors.labels("fenced" if fenced else type(exc).__name__).inc()
+        log.error("publish_failed", partition=self.partition, error=str(err))
+        self._settle(units, err)
+        self._fail_pending(err)
+        if self.on_failure is not None:
+            self.on_failure(err)
+
+    def _fail_pending(self, exc: BaseException) -> None:
+        pending: list[Unit] = []
+        while not self._queue.empty():
+            pending.append(self._queue.get_nowait())
+        self._settle(pending, exc)
+
+    async def _commit(self, units: list[Unit]) -> None:
+        offsets = [u.request_offset for u in units if u.request_offset is not None]
+        commit_to = {self._tp: max(offsets)} if offsets else None
+        messages = [m for u in units for m in u.messages]
+        if self.transactional:
+            await self._commit_transaction(messages, commit_to)
+        else:
+            await self._commit_at_least_once(messages, commit_to)
+
+    async def _send_all(self, messages: list[OutMessage]) -> None:
+        futures = [
+            await self.producer.send(
+                m.topic, m.value, key=m.key, headers=m.headers, partition=m.partition
+            )
+            for m in messages
+        ]
+        if futures:
+            await asyncio.gather(*futures)
+
+    async def _commit_transaction(
+        self, messages: list[OutMessage], commit_to: dict[TopicPartition, int] | None
+    ) -> None:
+        await self.producer.begin_transaction()
+        try:
+            await self._send_all(messages)
+            if commit_to:
+                await self.producer.send_offsets_to_transaction(commit_to, self.cfg.group_id)
+            await self.producer.commit_transaction()
+        except ProducerFenced:
+            self.metrics.transactions.labels("abort").inc()
+            raise
+        except BaseException:
+            self.metrics.transactions.labels("abort").inc()
+            with contextlib.suppress(KafkaError, asyncio.CancelledError):
+                await self.producer.abort_transaction()
+            raise
+        self.metrics.transactions.labels("commit").inc()
+
+    async def _commit_at_least_once(
+        self, messages: list[OutMessage], commit_to: dict[TopicPartition, int] | None
+    ) -> None:
+        # Events first, then the state that says they were published, then the offsets.
+        state = [m for m in messages if m.topic == self.cfg.state_topic]
+        events = [m for m in messages if m.topic != self.cfg.state_topic]
+        await self._send_all(events)
+        await self._send_all(state)
+        if commit_to:
+            await self._commit_offsets(commit_to)
+        self.metrics.transactions.labels("commit").inc()

@@ -1,0 +1,206 @@
+"""The API's shapes: parsing a ``GET /v1/balances`` page into records, exactly.
+
+Balances are parsed from the raw JSON digits into ``Decimal`` and never pass
+through binary floating point. A record that cannot be understood does not
+fail its page: it is returned apart, with the reason, for the dead-letter topic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, ValidationError
+
+from service.errors import ApiMalformedResponse
+
+# The one table of balance status codes (vendor page "Balance Status Codes";
+# 3001 is in the table but not in the OpenAPI enum).
+STATUS_NAMES: dict[int, str] = {
+    0: "SUCCESS",
+    3000: "NO_TAX_ID_MATCH",
+    3001: "NO_SSN_MATCH",
+    3100: "NO_DOB_MATCH",
+    3200: "ACCOUNT_CLOSED",
+    3300: "INSTITUTION_NOT_SUPPORTED",
+    3310: "INSTITUTION_IN_TESTING",
+    3400: "NO_AUTHORIZER_MATCH",
+    9000: "OTHER_ERROR",
+}
+UNKNOWN_STATUS = "UNKNOWN"
+ALL_STATUS_NAMES: tuple[str, ...] = (*STATUS_NAMES.values(), UNKNOWN_STATUS)
+
+EVENT_NAMESPACE = uuid.UUID("3f0c4a52-7d0e-5b8a-9a51-6c2f1e0b7d11")
+
+
+def status_name(code: int) -> str:
+    return STATUS_NAMES.get(code, UNKNOWN_STATUS)
+
+
+def balance_event_id(batch_id: str, authorizer_unique_id: str, timestamp: str) -> str:
+    """Deterministic: the same record always gets the same id."""
+    return str(uuid.uuid5(EVENT_NAMESPACE, f"{batch_id}\x1f{authorizer_unique_id}\x1f{timestamp}"))
+
+
+def digest(event_id: str) -> int:
+    """A 64-bit fingerprint of an event id, to remember what was published compactly."""
+    return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "big")
+
+
+@dataclass(slots=True, frozen=True)
+class BalanceRecord:
+    authorizer_unique_id: str
+    balance: str | None  # plain decimal notation, exactly the digits the API sent
+    balance_status_code: int
+    timestamp: str
+    event_id: str
+
+    @property
+    def balance_status(self) -> str:
+        return status_name(self.balance_status_code)
+
+
+@dataclass(slots=True, frozen=True)
+class InvalidRecord:
+    reason: str  # machine-readable: not_an_object, missing_authorizer_unique_id, ...
+    detail: str
+    raw: str
+    event_id: str
+
+
+@dataclass(slots=True)
+class Page:
+    batch_id: str | None
+    total_processed: int | None
+    has_more: bool
+    next_page_token: str | None
+    records: list[BalanceRecord] = field(default_factory=list)
+    invalid: list[InvalidRecord] = field(default_factory=list)
+
+
+class _Envelope(BaseModel):
+    """BatchBalancesResponse; unknown fields are tolerated."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    batch_id: StrictStr | None = None
+    total_processed: StrictInt | None = None
+    balances: list[Any]
+    has_more: StrictBool = False
+    next_page_token: StrictStr | None = None
+
+
+class _Record(BaseModel):
+    """BalanceRecord; unknown fields and unknown status codes are tolerated."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    authorizer_unique_id: StrictStr
+    balance: Decimal | None = None
+    balance_status_code: StrictInt | None = None
+    status_code: StrictInt | None = None
+    timestamp: StrictStr
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def loads_exact(text: str | bytes) -> Any:
+    """json.loads with every non-integer number as an exact Decimal."""
+    return json.loads(text, parse_float=Decimal, parse_constant=_reject_constant)
+
+
+def dumps_exact(value: Any) -> str:
+    """JSON text of a value from ``loads_exact``, numbers with their original digits."""
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, dict):
+        items = (f"{json.dumps(str(k))}:{dumps_exact(v)}" for k, v in value.items())
+        return "{" + ",".join(items) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(dumps_exact(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def _plain(balance: Decimal) -> str:
+    return format(balance, "f")
+
+
+def _invalid(batch_id: str, item: Any, reason: str, detail: str) -> InvalidRecord:
+    raw = dumps_exact(item)
+    event_id = str(uuid.uuid5(EVENT_NAMESPACE, f"{batch_id}\x1finvalid\x1f{raw}"))
+    return InvalidRecord(reason=reason, detail=detail, raw=raw, event_id=event_id)
+
+
+def parse_record(batch_id: str, item: Any) -> BalanceRecord | InvalidRecord:
+    if not isinstance(item, dict):
+        return _invalid(batch_id, item, "not_an_object", "the record is not a JSON object")
+    uid = item.get("authorizer_unique_id")
+    if not isinstance(uid, str) or not uid:
+        return _invalid(
+            batch_id,
+            item,
+            "missing_authorizer_unique_id",
+            "authorizer_unique_id is missing or not a non-empty string",
+        )
+    balance = item.get("balance")
+    if balance is not None and (
+        isinstance(balance, bool) or not isinstance(balance, int | Decimal)
+    ):
+        return _invalid(batch_id, item, "invalid_balance", "balance is not a JSON number or null")
+    if isinstance(balance, Decimal) and not balance.is_finite():
+        return _invalid(batch_id, item, "invalid_balance", "balance is not a finite number")
+    try:
+        rec = _Record.model_validate(item)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        return _invalid(batch_id, item, "invalid_field", f"{where}: {err['msg']}")
+    code = rec.balance_status_code if rec.balance_status_code is not None else rec.status_code
+    if code is None:
+        return _invalid(
+            batch_id, item, "invalid_field", "neither balance_status_code nor status_code is given"
+        )
+    return BalanceRecord(
+        authorizer_unique_id=rec.authorizer_unique_id,
+        balance=None if rec.balance is None else _plain(rec.balance),
+        balance_status_code=code,
+        timestamp=rec.timestamp,
+        event_id=balance_event_id(batch_id, rec.authorizer_unique_id, rec.timestamp),
+    )
+
+
+def parse_page(batch_id: str, body: bytes) -> Page:
+    """Parse one response body; raise ApiMalformedResponse if the envelope is not understood."""
+    try:
+        data = loads_exact(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiMalformedResponse(f"response body is not JSON: {exc}", status=200) from None
+    if not isinstance(data, dict):
+        raise ApiMalformedResponse("response body is not a JSON object", status=200)
+    try:
+        env = _Envelope.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ApiMalformedResponse(f"response {where}: {err['msg']}", status=200) from None
+    if env.has_more and not env.next_page_token:
+        raise ApiMalformedResponse("has_more is true but next_page_token is missing", status=200)
+    page = Page(
+        batch_id=env.batch_id,
+        total_processed=env.total_processed,
+        has_more=env.has_more,
+        next_page_token=env.next_page_token if env.has_more else None,
+    )
+    for item in env.balances:
+        parsed = parse_record(batch_id, item)
+        if isinstance(parsed, BalanceRecord):
+            page.records.append(parsed)
+        else:
+            page.invalid.append(parsed)
+    return page

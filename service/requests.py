@@ -1,0 +1,50 @@
+"""Tracking requests: the one format shared by the requests topic, the HTTP API and the CLI."""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from service.errors import RequestRejected
+
+BATCH_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+
+
+class TrackingRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    batch_id: str = Field(pattern=BATCH_ID_PATTERN)
+    expected_count: int | None = Field(default=None, ge=1, le=100_000_000)
+    action: Literal["track", "stop"] = "track"
+
+    def encode(self) -> bytes:
+        return json.dumps(self.model_dump(exclude_none=True), separators=(",", ":")).encode()
+
+
+def decode_request(value: bytes | None) -> TrackingRequest:
+    """Raise RequestRejected with a reason a person can act on."""
+    if value is None:
+        raise RequestRejected("empty message value")
+    try:
+        return TrackingRequest.model_validate_json(value)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "body"
+        msg = err["msg"]
+        if err["type"] == "json_invalid":
+            raise RequestRejected(f"not valid JSON: {msg}") from None
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        raise RequestRejected(f"{where}: {msg}") from None
+
+
+def reject_reason(exc: RequestRejected) -> str:
+    """A bounded label for metrics."""
+    text = str(exc)
+    if text.startswith("not valid JSON"):
+        return "invalid_json"
+    if text.startswith("empty"):
+        return "empty"
+    return "invalid_field"

@@ -1,0 +1,583 @@
+"""The tracker: schedules every tracked batch, polls it, and decides its outcome.
+
+A newly tracked batch is polled at once, then at a random time in the polling
+window after each poll's scheduled time (no drift). A poll pages from the
+batch's stored cursor to the end, publishes only records not yet published and
+commits its progress with its events. Errors back off per batch; a 401 pauses
+all polling until the key works again. Every change of a batch's progress goes
+through its partition's publisher, so what is in Kafka is the truth: after a
+failed commit the partition is restored from the state topic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import cast
+
+import structlog
+
+from service.api import ApiForbidden, RightfootClient
+from service.config import Settings
+from service.errors import (
+    ApiBadRequest,
+    ApiError,
+    ApiNotFound,
+    ApiRateLimited,
+    ApiUnauthorized,
+)
+from service.events import EventFactory, OutMessage
+from service.kafka import PartitionPublisher, PublishFailed, canonical_partition
+from service.metrics import Metrics
+from service.records import BalanceRecord, InvalidRecord, digest
+from service.requests import TrackingRequest
+from service.state import RESUMABLE, BatchState, Status, encode_state
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(slots=True)
+class PartitionWorker:
+    """The batches of one owned requests partition and the publisher that commits them."""
+
+    partition: int
+    publisher: PartitionPublisher
+    batches: dict[str, BatchState] = field(default_factory=dict)
+    polls: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    epoch: int = 0
+    closed: bool = False
+
+
+@dataclass(slots=True)
+class _Pending:
+    """What one poll has read and not yet committed."""
+
+    messages: list[OutMessage] = field(default_factory=list)
+    digests: set[int] = field(default_factory=set)
+    counts: Counter[str] = field(default_factory=Counter)
+    new_records: int = 0
+    dead_lettered: int = 0
+    dlq_reasons: Counter[str] = field(default_factory=Counter)
+    received_at: float = 0.0
+
+    @property
+    def size(self) -> int:
+        return self.new_records + self.dead_lettered
+
+
+class Tracker:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        client: RightfootClient,
+        metrics: Metrics,
+        factory: EventFactory,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+        max_concurrent_polls: int = 512,
+    ) -> None:
+        self.settings = settings
+        self.cfg = settings.polling
+        self.client = client
+        self.metrics = metrics
+        self.factory = factory
+        self.clock = clock
+        self.wall = wall
+        self.rng = rng or random.Random()
+        self.workers: dict[int, PartitionWorker] = {}
+        self.partitions = settings.kafka.partitions
+        self._epochs = itertools.count(1)
+        self._by_epoch: dict[int, PartitionWorker] = {}
+        self._seq = itertools.count()
+        self._heap: list[tuple[float, int, int, str]] = []
+        self._due: dict[str, tuple[float, int]] = {}
+        self._wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(max_concurrent_polls)
+        self._stopping = False
+        self.unauthorized = False
+        self._auth_ok = asyncio.Event()
+        self._auth_ok.set()
+        self._backoff: set[str] = set()
+        self.lateness: list[float] = []  # kept short: the latest values, for benchmarks
+        self.on_publish_failure: Callable[[int, BaseException], None] | None = None
+
+    # ---- partitions -------------------------------------------------------------------
+
+    def add_worker(self, worker: PartitionWorker) -> None:
+        worker.epoch = next(self._epochs)
+        self.workers[worker.partition] = worker
+        self._by_epoch[worker.epoch] = worker
+        worker.publisher.on_failure = lambda exc: self._publisher_failed(worker, exc)
+        now, wall = self.clock(), self.wall()
+        for b in worker.batches.values():
+            if b.active:
+                if b.last_poll_at is None:
+                    due = now
+                else:
+                    due = now + max(0.0, b.last_poll_at + self._window() - wall)
+                self._schedule(worker, b.batch_id, due)
+        self._update_gauges()
+
+    async def remove_worker(self, partition: int, timeout: float) -> None:
+        """Stop polling a partition's batches and close its publisher (revocation, shutdown)."""
+        worker = self.workers.pop(partition, None)
+        if worker is None:
+            return
+        worker.closed = True
+        self._by_epoch.pop(worker.epoch, None)
+        for batch_id in worker.batches:
+            self._due.pop(batch_id, None)
+            self._backoff.discard(batch_id)
+        polls = list(worker.polls.values())
+        if polls:
+            _done, pending = await asyncio.wait(polls, timeout=max(0.0, timeout / 2))
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        await worker.publisher.close(timeout=max(0.1, timeout / 2))
+        self._update_gauges()
+
+    def _publisher_failed(self, worker: PartitionWorker, exc: BaseException) -> None:
+        if self.on_publish_failure is not None and not worker.closed:
+            self.on_publish_failure(worker.partition, exc)
+
+    # ---- requests ---------------------------------------------------------------------
+
+    def handle_request(
+        self, worker: PartitionWorker, req: TrackingRequest | None, raw: bytes | None, offset: int
+    ) -> asyncio.Future[None]:
+        """Apply one request of the partition (in order) and queue its unit of work.
+
+        The in-memory effect is applied at once; if the unit fails to commit, the
+        partition is restored from Kafka, so nothing is applied that Kafka lacks.
+        """
+        next_offset = offset + 1
+        if req is None:
+            return self._publish(worker, [], next_offset)
+        target = canonical_partition(req.batch_id, self.partitions)
+        if target != worker.partition:
+            # Requests may come with any partitioner; each batch lives on one partition.
+            forward = OutMessage(
+                topic=self.settings.kafka.requests_topic,
+                key=req.batch_id.encode(),
+                value=raw,
+                headers=[],
+                partition=target,
+            )
+            self.metrics.requests_received.labels(req.action, "forwarded").inc()
+            return self._publish(worker, [forward], next_offset)
+        existing = worker.batches.get(req.batch_id)
+        if req.action == "stop":
+            return self._stop(worker, existing, next_offset)
+        return self._track(worker, req, existing, next_offset)
+
+    def _track(
+        self, w: PartitionWorker, req: TrackingRequest, b: BatchState | None, next_offset: int
+    ) -> asyncio.Future[None]:
+        if b is not None and b.active:
+            if req.expected_count is not None and b.expected_count is None:
+                b.expected_count = req.expected_count
+                self.metrics.requests_received.labels("track", "updated").inc()
+                return self._publish(w, [self._state_msg(b)], next_offset)
+            self.metrics.requests_received.labels("track", "already_tracked").inc()
+            return self._publish(w, [], next_offset)
+        if b is not None and b.status not in RESUMABLE:
+            self.metrics.requests_received.labels("track", "already_finished").inc()
+            log.info("track_ignored_finished", batch_id=req.batch_id, status=b.status)
+            return self._publish(w, [], next_offset)
+        now = self.wall()
+        if b is None:
+            b = BatchState(batch_id=req.batch_id, partition=w.partition, tracked_at=now)
+        else:  # failed or stopped before: resume where it stood
+            b.generation += 1
+            b.status, b.reason, b.failures, b.not_found_since = "tracking", None, 0, None
+            b.tracked_at, b.last_new_at = now, None
+        b.expected_count = req.expected_count if req.expected_count else b.expected_count
+        w.batches[b.batch_id] = b
+        started = self.factory.lifecycle(
+            b.batch_id,
+            "tracking_started",
+            generation=b.generation,
+            expected_count=b.expected_count,
+            records_published=b.published,
+        )
+        self.metrics.requests_received.labels("track", "started").inc()
+        log.info("tracking_started", batch_id=b.batch_id, expected_count=b.expected_count)
+        fut = self._publish(w, [started, self._state_msg(b)], next_offset)
+        self._schedule(w, b.batch_id, self.clock())
+        self._update_gauges()
+        return fut
+
+    def _stop(
+        self, w: PartitionWorker, b: BatchState | None, next_offset: int
+    ) -> asyncio.Future[None]:
+        if b is None or not b.active:
+            self.metrics.requests_received.labels("stop", "not_tracked").inc()
+            return self._publish(w, [], next_offset)
+        self.metrics.requests_received.labels("stop", "stopped").inc()
+
+        async def stop_after_poll() -> None:
+            poll = w.polls.get(b.batch_id)
+            if poll is not None:
+                await asyncio.wait({poll})
+            current = w.batches[b.batch_id]
+            if current.active:
+                await self._finish(w, current, "stopped", "stopped by request", next_offset)
+            else:
+                await w.publisher.publish([], next_offset)
+
+        self._due.pop(b.batch_id, None)
+        return asyncio.ensure_future(stop_after_poll())
+
+    def _publish(
+        self, w: PartitionWorker, messages: list[OutMessage], next_offset: int | None = None
+    ) -> asyncio.Future[None]:
+        return asyncio.ensure_future(w.publisher.publish(messages, next_offset))
+
+    # ---- scheduling -------------------------------------------------------------------
+
+    def _window(self) -> float:
+        return self.rng.uniform(self.cfg.interval_min_s, self.cfg.interval_max_s)
+
+    def _schedule(self, w: PartitionWorker, batch_id: str, due: float) -> None:
+        self._due[batch_id] = (due, w.epoch)
+        heapq.heappush(self._heap, (due, next(self._seq), w.epoch, batch_id))
+        self._wake.set()
+
+    def _next_due(self) -> tuple[float, int, str] | None:
+        while self._heap:
+            due, _, epoch, batch_id = self._heap[0]
+            if self._due.get(batch_id) == (due, epoch) and epoch in self._by_epoch:
+                return due, epoch, batch_id
+            heapq.heappop(self._heap)
+        return None
+
+    async def run(self) -> None:
+        """Start polls when they are due, until stop()."""
+        while not self._stopping:
+            if self.unauthorized:
+                await self._auth_ok.wait()
+                continue
+            head = self._next_due()
+            now = self.clock()
+            if head is None or head[0] > now:
+                self._wake.clear()
+                timeout = None if head is None else head[0] - now
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+                continue
+            await self._slots.acquire()
+            head = self._next_due()
+            if head is None or head[0] > self.clock() or self.unauthorized:
+                self._slots.release()
+                continue
+            due, epoch, batch_id = head
+            heapq.heappop(self._heap)
+            del self._due[batch_id]
+            worker = self._by_epoch[epoch]
+            b = worker.batches.get(batch_id)
+            if b is None or not b.active:
+                self._slots.release()
+                continue
+            lateness = max(0.0, self.clock() - due)
+            self.metrics.poll_lateness.observe(lateness)
+            task = asyncio.create_task(self._poll(worker, b, due), name=f"poll-{batch_id}")
+            worker.polls[batch_id] = task
+            task.add_done_callback(lambda _t: self._slots.release())
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._auth_ok.set()
+
+    def oldest_overdue(self) -> float:
+        head = self._next_due()
+        return max(0.0, self.clock() - head[0]) if head else 0.0
+
+    def _update_gauges(self) -> None:
+        active = sum(1 for w in self.workers.values() for b in w.batches.values() if b.active)
+        self.metrics.tracked_batches.set(active)
+        self.metrics.batches_in_backoff.set(len(self._backoff))
+
+    # ---- polling ----------------------------------------------------------------------
+
+    async def _poll(self, w: PartitionWorker, b: BatchState, due: float) -> None:
+        delay: float | None
+        try:
+            delay = await self._poll_batch(w, b)
+        except PublishFailed:
+            self.metrics.polls.labels("publish_failed").inc()
+            return  # the partition is being restored from Kafka
+        except Exception:
+            self.metrics.polls.labels("error").inc()
+            log.exception("poll_crashed", batch_id=b.batch_id)
+            delay = self._window()
+        finally:
+            w.polls.pop(b.batch_id, None)
+        if delay is None or w.closed or self._stopping:
+            self._update_gauges()
+            return
+        current = w.batches.get(b.batch_id)
+        if current is not None and current.active and b.batch_id not in self._due:
+            self._schedule(w, b.batch_id, max(self.clock(), due + delay))
+        self._update_gauges()
+
+    async def _poll_batch(self, w: PartitionWorker, b: BatchState) -> float | None:
+        """Poll once; return the delay to the next poll, or None if the batch finished."""
+        if self.wall() - b.tracked_at >= self.cfg.max_age_s:
+            await self._finish(w, b, "expired", "tracked longer than polling.max_age_s")
+            return None
+        try:
+            finished = await self._read_pages(w, b)
+        except ApiUnauthorized as exc:
+            self.metrics.polls.labels("unauthorized").inc()
+            self._set_unauthorized(exc, w, b)
+            return self._window()
+        except ApiNotFound as exc:
+            return await self._not_found(w, b, exc)
+        except (ApiForbidden, ApiBadRequest) as exc:
+            self.metrics.polls.labels("error").inc()
+            await self._finish(w, b, "failed", f"api_{exc.status}: {exc.args[0]}")
+            return None
+        except ApiError as exc:
+            return await self._backing_off(w, b, exc)
+        self.metrics.polls.labels("ok").inc()
+        self._backoff.discard(b.batch_id)
+        return None if finished else self._window()
+
+    async def _not_found(self, w: PartitionWorker, b: BatchState, exc: ApiNotFound) -> float | None:
+        self.metrics.polls.labels("not_found").inc()
+        now = self.wall()
+        first = b.not_found_since if b.not_found_since is not None else now
+        if now - first >= self.cfg.not_found_grace_s:
+            await self._finish(w, b, "failed", f"api_not_found: {exc.args[0]}")
+            return None
+        log.info("batch_not_found_yet", batch_id=b.batch_id, since_s=round(now - first, 1))
+        updated = replace(b, not_found_since=first, last_poll_at=now)
+        await w.publisher.publish([self._state_msg(updated)])
+        self._commit_local(w, updated)
+        return self._window()
+
+    async def _backing_off(self, w: PartitionWorker, b: BatchState, exc: ApiError) -> float:
+        self.metrics.polls.labels("error").inc()
+        failures = b.failures + 1
+        delay: float = min(
+            self.settings.rightfoot.backoff_max_s,
+            self._window() * float(2 ** min(failures - 1, 20)),
+        )
+        if isinstance(exc, ApiRateLimited) and exc.retry_after is not None:
+            delay = max(delay, exc.retry_after)
+        log.warning(
+            "poll_failed",
+            batch_id=b.batch_id,
+            error=str(exc),
+            failures=failures,
+            retry_in_s=round(delay, 2),
+        )
+        updated = replace(b, failures=failures, last_poll_at=self.wall())
+        await w.publisher.publish([self._state_msg(updated)])
+        self._commit_local(w, updated)
+        self._backoff.add(b.batch_id)
+        return delay
+
+    def _set_unauthorized(self, exc: ApiError, w: PartitionWorker, b: BatchState) -> None:
+        if not self.unauthorized:
+            log.error("api_key_rejected", batch_id=b.batch_id, error=str(exc))
+        self.unauthorized = True
+        self._auth_ok.clear()
+        self.metrics.api_unauthorized.set(1)
+
+    def set_authorized(self) -> None:
+        if self.unauthorized:
+            log.info("api_key_accepted")
+        self.unauthorized = False
+        self.metrics.api_unauthorized.set(0)
+        self._auth_ok.set()
+        self._wake.set()
+
+    def any_tracked_batch(self) -> str | None:
+        for w in self.workers.values():
+            for b in w.batches.values():
+                if b.active:
+                    return b.batch_id
+        return None
+
+    async def _read_pages(self, w: PartitionWorker, b: BatchState) -> bool:
+        """Page from the cursor to the end; return True if the batch finished."""
+        token = b.cursor
+        restarted = False
+        pending = _Pending()
+        while True:
+            try:
+                page = await self.client.fetch_page(b.batch_id, token)
+            except ApiBadRequest:
+                if token is None or restarted:
+                    raise
+                # The page token is no longer valid: read again from the first page;
+                # what was published is recognised by its digest and skipped.
+                log.warning("page_token_rejected", batch_id=b.batch_id)
+                self.metrics.invalid_input.labels("api", "page_token_rejected").inc()
+                token, restarted = None, True
+                continue
+            if not pending.received_at:
+                pending.received_at = self.clock()
+            self._collect(b, page.records, page.invalid, pending)
+            used = token
+            if page.has_more:
+                token = page.next_page_token
+            last = not page.has_more
+            if last or pending.size >= self.cfg.max_records_per_transaction:
+                outcome = self._completion(b, pending) if last else None
+                b = await self._commit_progress(w, b, pending, token if not last else used, outcome)
+                pending = _Pending()
+                if outcome is not None:
+                    return True
+            if last:
+                return False
+
+    def _collect(
+        self,
+        b: BatchState,
+        records: list[BalanceRecord],
+        invalid: list[InvalidRecord],
+        pending: _Pending,
+    ) -> None:
+        for rec in records:
+            d = digest(rec.event_id)
+            if d in b.seen or d in pending.digests:
+                continue
+            pending.digests.add(d)
+            pending.messages.append(self.factory.balance(b.batch_id, rec))
+            pending.counts[rec.balance_status] += 1
+            pending.new_records += 1
+        for bad in invalid:
+            d = digest(bad.event_id)
+            if d in b.seen or d in pending.digests:
+                continue
+            pending.digests.add(d)
+            pending.messages.append(self.factory.invalid(b.batch_id, bad))
+            pending.dead_lettered += 1
+            pending.dlq_reasons[bad.reason] += 1
+            self.metrics.invalid_input.labels("api", bad.reason).inc()
+            log.warning(
+                "record_dead_lettered", batch_id=b.batch_id, reason=bad.reason, detail=bad.detail
+            )
+
+    def _completion(self, b: BatchState, pending: _Pending) -> tuple[str, str] | None:
+        now = self.wall()
+        total = b.records_seen + pending.size
+        if b.expected_count is not None:
+            if total >= b.expected_count:
+                return "completed", f"{total} of {b.expected_count} expected records published"
+        elif (
+            pending.size == 0
+            and b.last_new_at is not None
+            and now - b.last_new_at >= self.cfg.complete_after_idle_s
+        ):
+            return "completed", "no new records for polling.complete_after_idle_s"
+        if now - b.tracked_at >= self.cfg.max_age_s:
+            return "expired", "tracked longer than polling.max_age_s"
+        return None
+
+    async def _commit_progress(
+        self,
+        w: PartitionWorker,
+        b: BatchState,
+        pending: _Pending,
+        cursor: str | None,
+        outcome: tuple[str, str] | None,
+    ) -> BatchState:
+        now = self.wall()
+        counts = Counter(b.counts)
+        counts.update(pending.counts)
+        updated = replace(
+            b,
+            cursor=cursor,
+            published=b.published + pending.new_records,
+            dead_lettered=b.dead_lettered + pending.dead_lettered,
+            counts=dict(counts),
+            seen=b.seen | pending.digests if pending.digests else b.seen,
+            last_new_at=now if pending.size else b.last_new_at,
+            last_poll_at=now,
+            not_found_since=None,
+            failures=0,
+        )
+        messages = pending.messages
+        if outcome is not None:
+            updated.status, updated.reason = cast(Status, outcome[0]), outcome[1]
+            messages = [*messages, self._lifecycle(updated, outcome[0])]
+        messages.append(self._state_msg(updated))
+        await w.publisher.publish(messages)
+        self._commit_local(w, updated)
+        for status, n in pending.counts.items():
+            self.metrics.records_published.labels(status).inc(n)
+        for reason, n in pending.dlq_reasons.items():
+            self.metrics.dlq_records.labels(reason).inc(n)
+        if outcome is not None:
+            self._finished(updated)
+        return updated
+
+    async def _finish(
+        self,
+        w: PartitionWorker,
+        b: BatchState,
+        outcome: str,
+        reason: str,
+        next_offset: int | None = None,
+    ) -> None:
+        updated = replace(b, status=cast(Status, outcome), reason=reason, last_poll_at=self.wall())
+        await w.publisher.publish(
+            [self._lifecycle(updated, outcome), self._state_msg(updated)], next_offset
+        )
+        self._commit_local(w, updated)
+        self._finished(updated)
+
+    def _finished(self, b: BatchState) -> None:
+        self._due.pop(b.batch_id, None)
+        self._backoff.discard(b.batch_id)
+        self.metrics.batches_finished.labels(b.status).inc()
+        log.info(
+            "batch_finished",
+            batch_id=b.batch_id,
+            outcome=b.status,
+            reason=b.reason,
+            records=b.published,
+            dead_lettered=b.dead_lettered,
+        )
+        if b.status not in RESUMABLE:
+            b.seen = set()  # never needed again: a finished batch is not tracked again
+        self._update_gauges()
+
+    def _commit_local(self, w: PartitionWorker, b: BatchState) -> None:
+        if not w.closed:
+            w.batches[b.batch_id] = b
+
+    def _lifecycle(self, b: BatchState, event: str) -> OutMessage:
+        return self.factory.lifecycle(
+            b.batch_id,
+            event,
+            generation=b.generation,
+            expected_count=b.expected_count,
+            records_published=b.published,
+            counts_by_status=dict(b.counts),
+            reason=b.reason,
+            records_dead_lettered=b.dead_lettered,
+        )
+
+    def _state_msg(self, b: BatchState) -> OutMessage:
+        return OutMessage(
+            topic=self.settings.kafka.state_topic,
+            key=b.batch_id.encode(),
+            value=encode_state(b),
+            headers=[],
+            partition=b.partition,
+        )

@@ -1,0 +1,103 @@
+"""A read-only view of every tracked batch, from the state topic, for ``GET /v1/batches``.
+
+Any replica answers for all of them: the view follows every state partition
+(read_committed), not only the ones this replica owns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import structlog
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from service.config import KafkaConfig
+from service.kafka import client_args
+
+log = structlog.get_logger(__name__)
+
+
+class _Summary(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    batch_id: str
+    status: str
+    expected_count: int | None = None
+    published: int = 0
+    dead_lettered: int = 0
+    counts: dict[str, int] = {}
+    tracked_at: float | None = None
+    last_poll_at: float | None = None
+    failures: int = 0
+    reason: str | None = None
+
+
+class StateView:
+    def __init__(self, cfg: KafkaConfig, client_id: str) -> None:
+        self.cfg = cfg
+        self.client_id = client_id
+        self.batches: dict[str, dict[str, Any]] = {}
+        self.loaded = False
+        self._consumer: AIOKafkaConsumer | None = None
+
+    def get(self, batch_id: str) -> dict[str, Any] | None:
+        return self.batches.get(batch_id)
+
+    def list(self) -> list[dict[str, Any]]:
+        return [self.batches[k] for k in sorted(self.batches)]
+
+    async def run(self) -> None:
+        delay = 1.0
+        while True:
+            try:
+                await self._follow()
+            except (KafkaError, OSError) as exc:
+                log.warning("state_view_failed", error=repr(exc), retry_in_s=delay)
+                await self.close()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    async def _follow(self) -> None:
+        consumer = AIOKafkaConsumer(
+            **client_args(self.cfg, self.client_id),
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+        )
+        self._consumer = consumer
+        await consumer.start()
+        parts = await consumer.partitions_for_topic(self.cfg.state_topic) or set()
+        tps = [TopicPartition(self.cfg.state_topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        while True:
+            chunk = await consumer.getmany(timeout_ms=1000, max_records=5000)
+            for messages in chunk.values():
+                for msg in messages:
+                    self._apply(msg.key, msg.value)
+            if not self.loaded:
+                positions = [await consumer.position(tp) for tp in tps]
+                self.loaded = all(pos >= ends[tp] for pos, tp in zip(positions, tps, strict=True))
+
+    def _apply(self, key: bytes | None, value: bytes | None) -> None:
+        if key is None:
+            return
+        batch_id = key.decode(errors="replace")
+        if value is None:
+            self.batches.pop(batch_id, None)
+            return
+        try:
+            summary = _Summary.model_validate_json(value)
+        except ValidationError:
+            return  # counted by the owner that restores it
+        self.batches[batch_id] = summary.model_dump()
+
+    async def close(self) -> None:
+        if self._consumer is not None:
+            with contextlib.suppress(Exception):
+                await self._consumer.stop()
+            self._consumer = None
