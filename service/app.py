@@ -139,7 +139,10 @@ class PollerService:
         delay = 1.0
         while not self._stopping.is_set():
             try:
-                await ensure_topics(self.kcfg, f"rightfoot-poller-admin-{self.instance}")
+                partitions = await ensure_topics(
+                    self.kcfg, f"rightfoot-poller-admin-{self.instance}"
+                )
+                self.tracker.partitions = self.view.partitions = partitions
                 self.producer = make_producer(self.kcfg, f"rightfoot-poller-{self.instance}")
                 await self.producer.start()
                 self.consumer = AIOKafkaConsumer(

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 import yaml
+from aiokafka.errors import KafkaError
 
 from service import __version__
 from service.config import Settings, load_settings
@@ -129,6 +130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except PollerError as exc:
         print(f"rightfoot-poller: {exc}", file=sys.stderr)
+        return 1
+    except KafkaError as exc:
+        print(f"rightfoot-poller: Kafka: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

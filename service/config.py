@@ -85,7 +85,9 @@ class KafkaConfig(_Section):
     group_id: str = "rightfoot-poller"
     delivery: Literal["exactly_once", "at_least_once"] = "exactly_once"
     partitions: int = Field(12, ge=1)
-    replication_factor: int = Field(-1, ge=-1, description="-1: the broker's default")
+    replication_factor: int = Field(
+        -1, ge=-1, description="-1: three, or the number of brokers if fewer"
+    )
     create_topics: bool = True
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None

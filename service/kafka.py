@@ -88,12 +88,18 @@ def make_producer(
     )
 
 
-async def ensure_topics(cfg: KafkaConfig, client_id: str) -> None:
-    """Create missing topics; refuse a state topic not co-partitioned with the requests topic."""
+async def ensure_topics(cfg: KafkaConfig, client_id: str) -> int:
+    """Create missing topics; refuse a state topic not co-partitioned with the requests topic.
+
+    Returns the partition count of the requests topic.
+    """
     admin = AIOKafkaAdminClient(**client_args(cfg, client_id))
     await admin.start()
     try:
         rf = cfg.replication_factor
+        if rf == -1:
+            cluster = await admin.describe_cluster()
+            rf = max(1, min(3, len(cluster.get("brokers", []))))
         wanted = [
             NewTopic(cfg.requests_topic, cfg.partitions, rf),
             NewTopic(
@@ -123,20 +129,9 @@ async def ensure_topics(cfg: KafkaConfig, client_id: str) -> None:
                 f"kafka: {cfg.state_topic} has {counts.get(cfg.state_topic)} partitions but "
                 f"{cfg.requests_topic} has {counts.get(cfg.requests_topic)}; they must match"
             )
+        return counts[cfg.requests_topic]
     finally:
         await admin.close()
-
-
-async def partition_count(cfg: KafkaConfig, client_id: str, topic: str) -> int:
-    consumer = AIOKafkaConsumer(**client_args(cfg, client_id))
-    await consumer.start()
-    try:
-        parts = await consumer.partitions_for_topic(topic)
-        if not parts:
-            raise PollerError(f"kafka: topic {topic} does not exist")
-        return len(parts)
-    finally:
-        await consumer.stop()
 
 
 @dataclass(slots=True)

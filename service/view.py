@@ -12,7 +12,6 @@ from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import KafkaError
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from service.config import KafkaConfig
@@ -42,6 +41,7 @@ class StateView:
         self.client_id = client_id
         self.batches: dict[str, dict[str, Any]] = {}
         self.loaded = False
+        self.partitions = cfg.partitions  # set to the topic's real count before run()
         self._consumer: AIOKafkaConsumer | None = None
 
     def get(self, batch_id: str) -> dict[str, Any] | None:
@@ -55,7 +55,9 @@ class StateView:
         while True:
             try:
                 await self._follow()
-            except (KafkaError, OSError) as exc:
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
                 log.warning("state_view_failed", error=repr(exc), retry_in_s=delay)
                 await self.close()
                 await asyncio.sleep(delay)
@@ -69,8 +71,7 @@ class StateView:
         )
         self._consumer = consumer
         await consumer.start()
-        parts = await consumer.partitions_for_topic(self.cfg.state_topic) or set()
-        tps = [TopicPartition(self.cfg.state_topic, p) for p in sorted(parts)]
+        tps = [TopicPartition(self.cfg.state_topic, p) for p in range(self.partitions)]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)

@@ -1,0 +1,627 @@
+"""The CSV export: ``rightfoot-poller export BATCH_ID… -o FILE``.
+
+``GET <base_url><export_path>?batch_ids=<id>&batch_ids=<id>`` through the same
+:class:`RightfootClient` the poller uses (its session, User-Agent, API key,
+rate limiter and metrics, endpoint label ``export``).
+
+* Every batch ID is checked to be a UUID before any request is made.
+* The body is streamed to disk in 64 KiB chunks, never held in memory, into a
+  temporary file in the target's directory (``.<name>.<random>.part``), which is
+  fsynced and renamed over the target only once complete. On any failure
+  (HTTP error, connection dropped mid-body, disk error, cancellation) the
+  temporary file is removed and an existing target is left as it was.
+* 5xx, 429, timeouts and connection errors are retried with the poller's
+  backoff policy, ``rightfoot.max_attempts`` attempts in all. The CSV has no
+  resume: a download that fails after its body started is restarted from
+  scratch into a fresh temporary file (to stdout, only while nothing has been
+  written yet).
+* Timeouts are per read (``timeout_s`` between two reads, ``connect_timeout_s``
+  to connect): an export may legitimately take far longer than one page.
+* Rows are counted exactly: a newline inside a quoted field (RFC 4180) does not
+  end a row, and the header row is not counted. A body that ends inside a
+  quoted field is truncated, and treated like a connection dropped mid-body.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import random
+import re
+import stat
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, BinaryIO, Protocol, TextIO
+
+import aiohttp
+import structlog
+
+from service.api import ApiKey, RightfootClient, _error_from_response, parse_retry_after
+from service.config import Settings
+from service.errors import (
+    ApiError,
+    ApiMalformedResponse,
+    ApiRateLimited,
+    ApiServerError,
+    ApiTransportError,
+    PollerError,
+)
+from service.metrics import Metrics
+from service.pacing import RateLimiter, backoff_delay
+
+log = structlog.get_logger(__name__)
+
+ENDPOINT = "export"
+CHUNK_BYTES = 64 * 1024
+MAX_ERROR_BODY_BYTES = 64 * 1024
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+_UUID_RE = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
+_RETRYABLE = (ApiServerError, ApiTransportError, ApiRateLimited)
+
+#: ``progress(rows, bytes, elapsed_s)``, called after each chunk written.
+ProgressCallback = Callable[[int, int, float], None]
+
+
+class ExportUsageError(PollerError, ValueError):
+    """The command line cannot be used as given (a bad batch ID, an unusable output path)."""
+
+
+class ExportWriteError(PollerError):
+    """The CSV could not be written (disk full, permission denied, closed pipe…)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ExportResult:
+    rows: int
+    bytes: int
+    seconds: float
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def validate_batch_ids(batch_ids: Sequence[str]) -> list[str]:
+    """The batch IDs, duplicates removed (first occurrence kept), each checked to be a UUID."""
+    if not batch_ids:
+        raise ExportUsageError("at least one batch ID is required")
+    for batch_id in batch_ids:
+        if not _UUID_RE.fullmatch(batch_id):
+            raise ExportUsageError(
+                f"not a valid batch ID: {batch_id!r} (expected a UUID such as "
+                "5d3c6bbb-fc1a-46a4-93da-1ce4a54b0d83)"
+            )
+    return list(dict.fromkeys(batch_ids))
+
+
+def output_path(value: str) -> Path | None:
+    """The target file of ``-o``, checked to be writable; None for ``-`` (stdout)."""
+    if value == "-":
+        return None
+    if not value:
+        raise ExportUsageError("-o: the output file name is empty")
+    target = Path(value)
+    if target.is_dir():
+        raise ExportUsageError(f"-o {value}: is a directory")
+    parent = target.parent
+    if not parent.is_dir():
+        raise ExportUsageError(f"-o {value}: the directory {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ExportUsageError(f"-o {value}: cannot create files in {str(parent)!r}")
+    return target
+
+
+# --------------------------------------------------------------------------- row counting
+
+
+class CsvRowCounter:
+    """Counts the rows of a CSV byte stream, fed in chunks, excluding the header row.
+
+    A row ends at a newline outside quotes. Inside a quoted field an escaped quote is
+    written ``""``: two toggles, so tracking the parity of quote characters is exact.
+    """
+
+    def __init__(self) -> None:
+        self.records = 0
+        self.in_quotes = False
+        self._open_record = False  # bytes seen after the last row end
+
+    def feed(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        if b'"' not in chunk:
+            if not self.in_quotes:
+                self.records += chunk.count(b"\n")
+        else:
+            for i, part in enumerate(chunk.split(b'"')):
+                if i:
+                    self.in_quotes = not self.in_quotes
+                if not self.in_quotes:
+                    self.records += part.count(b"\n")
+        self._open_record = self.in_quotes or not chunk.endswith(b"\n")
+
+    @property
+    def rows(self) -> int:
+        """Complete data rows so far."""
+        return max(0, self.records - 1)
+
+    def finish(self) -> int:
+        """Data rows of the whole body, counting a last row without a final newline.
+
+        Raises ApiTransportError if the body ends inside a quoted field (truncated).
+        """
+        if self.in_quotes:
+            raise ApiTransportError(
+                "the export ended inside a quoted field: the body is truncated",
+                code="truncated",
+            )
+        return max(0, self.records + (1 if self._open_record else 0) - 1)
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+class _Output(Protocol):
+    """Where one export goes; ``begin`` starts each attempt afresh."""
+
+    @property
+    def restartable(self) -> bool: ...
+
+    def begin(self) -> None: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    def commit(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+def _new_file_mode(target: Path) -> int:
+    """The mode ``open()`` would give the target: an existing file's, else 0666 & ~umask."""
+    try:
+        return stat.S_IMODE(target.stat().st_mode)
+    except OSError:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+class _FileOutput:
+    """A temporary file next to the target, renamed over it once complete."""
+
+    restartable = True
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+        self._file: IO[bytes] | None = None
+        self.temp_path: Path | None = None
+
+    def begin(self) -> None:
+        self.abort()
+        try:
+            self._file = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in commit/abort
+                dir=self.target.parent,
+                prefix=f".{self.target.name}.",
+                suffix=".part",
+                delete=False,
+            )
+        except OSError as exc:
+            raise self._error(exc) from None
+        self.temp_path = Path(self._file.name)
+
+    def write(self, data: bytes) -> None:
+        assert self._file is not None
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            raise self._error(exc) from None
+
+    def commit(self) -> None:
+        assert self._file is not None and self.temp_path is not None
+        try:
+            self._file.flush()
+            os.fchmod(self._file.fileno(), _new_file_mode(self.target))
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(self.temp_path, self.target)
+        except OSError as exc:
+            raise self._error(exc) from None
+        self._file = self.temp_path = None
+        _fsync_directory(self.target.parent)
+
+    def abort(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+        if self.temp_path is not None:
+            try:
+                self.temp_path.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("export_temp_file_left", path=str(self.temp_path), error=exc.strerror)
+            self.temp_path = None
+
+    def _error(self, exc: OSError) -> ExportWriteError:
+        return ExportWriteError(f"cannot write {self.target}: {exc.strerror or exc}")
+
+
+def _fsync_directory(path: Path) -> None:
+    """Make the rename durable; not every platform or file system supports it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class _StreamOutput:
+    """A binary stream (stdout): can restart only while nothing has been written."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream = stream
+        self.written = 0
+
+    @property
+    def restartable(self) -> bool:
+        return self.written == 0
+
+    def begin(self) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        try:
+            self.stream.write(data)
+        except OSError as exc:
+            raise self._error(exc) from None
+        self.written += len(data)
+
+    def commit(self) -> None:
+        try:
+            self.stream.flush()
+        except OSError as exc:
+            raise self._error(exc) from None
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self.stream.flush()
+
+    def _error(self, exc: OSError) -> ExportWriteError:
+        if isinstance(exc, BrokenPipeError):
+            _silence_stdout()
+        return ExportWriteError(f"cannot write to stdout: {exc.strerror or exc}")
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe, point stdout at /dev/null so the interpreter exits quietly."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+# --------------------------------------------------------------------------- download
+
+
+async def export_csv(
+    client: RightfootClient,
+    batch_ids: Sequence[str],
+    dest: Path | None,
+    *,
+    progress: ProgressCallback | None = None,
+) -> ExportResult:
+    """Export the batches' CSV to ``dest`` (None: stdout), after validating the batch IDs.
+
+    ``client`` must be started. Raises ExportUsageError before any request for a bad
+    batch ID, ApiError (typed, see service.errors) when the API refuses or cannot be
+    reached within ``max_attempts``, ExportWriteError when the output cannot be written.
+    """
+    return await download_export(client, validate_batch_ids(batch_ids), dest, progress=progress)
+
+
+async def download_export(
+    client: RightfootClient,
+    batch_ids: Sequence[str],
+    dest: Path | None,
+    *,
+    progress: ProgressCallback | None = None,
+    rng: random.Random | None = None,
+) -> ExportResult:
+    """:func:`export_csv` without validating the batch IDs: the API judges them."""
+    output: _Output = _StreamOutput(sys.stdout.buffer) if dest is None else _FileOutput(dest)
+    cfg = client.cfg
+    rng = rng or random.Random()
+    started = time.monotonic()
+    failures = 0
+    while True:
+        try:
+            rows, size = await _attempt(client, batch_ids, output, progress, started)
+            return ExportResult(rows=rows, bytes=size, seconds=time.monotonic() - started)
+        except _RETRYABLE as exc:
+            failures += 1
+            if failures >= cfg.max_attempts:
+                raise _gave_up(exc, f"gave up after {failures} attempts") from None
+            if not output.restartable:
+                raise _gave_up(exc, "the output on stdout is incomplete") from None
+            delay = backoff_delay(failures, cfg.backoff_base_s, cfg.backoff_max_s, rng)
+            if isinstance(exc, ApiRateLimited):
+                wait = exc.retry_after if exc.retry_after is not None else delay
+                if wait > cfg.backoff_max_s:
+                    raise _gave_up(exc, f"Retry-After of {wait:.0f} s is too long") from None
+                delay = max(delay, wait)
+            log.info("export_retry", error=str(exc), attempt=failures, delay_s=round(delay, 3))
+            await asyncio.sleep(delay)
+
+
+def _gave_up(exc: ApiError, why: str) -> ApiError:
+    return type(exc)(
+        f"{exc.args[0]} ({why})", status=exc.status, code=exc.code, retry_after=exc.retry_after
+    )
+
+
+async def _attempt(
+    client: RightfootClient,
+    batch_ids: Sequence[str],
+    output: _Output,
+    progress: ProgressCallback | None,
+    started: float,
+) -> tuple[int, int]:
+    """One request; the CSV committed to the output, or everything written undone."""
+    cfg = client.cfg
+    url = cfg.base_url.rstrip("/") + cfg.export_path
+    params = [("batch_ids", batch_id) for batch_id in batch_ids]
+    timeout = aiohttp.ClientTimeout(
+        total=None, sock_connect=cfg.connect_timeout_s, sock_read=cfg.timeout_s
+    )
+    headers: dict[str, str] = client.request_args()["headers"]
+    await client.limiter.acquire()
+    request_started = time.perf_counter()
+    code = "error"
+    begun = False
+    try:
+        async with client.session.get(url, params=params, headers=headers, timeout=timeout) as resp:
+            code = str(resp.status)
+            if resp.status != 200:
+                raise await _error_response(client, resp)
+            content_type = resp.headers.get("Content-Type", "")
+            if not content_type.lower().startswith("text/csv"):
+                code = "malformed"
+                raise ApiMalformedResponse(
+                    f"the API answered 200 with Content-Type {content_type or 'none'!r}, "
+                    "not text/csv",
+                    status=resp.status,
+                )
+            output.begin()
+            begun = True
+            counter = CsvRowCounter()
+            size = 0
+            async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
+                output.write(chunk)
+                size += len(chunk)
+                counter.feed(chunk)
+                if progress is not None:
+                    progress(counter.rows, size, time.monotonic() - started)
+            rows = counter.finish()
+            output.commit()
+            return rows, size
+    except BaseException as exc:
+        if begun:
+            output.abort()
+        if isinstance(exc, TimeoutError):
+            code = "timeout"
+            raise ApiTransportError("the API did not answer in time", code="timeout") from None
+        if isinstance(exc, aiohttp.ClientError):
+            code = "connection_error"
+            raise ApiTransportError(_describe(exc, begun), code="connection_error") from None
+        if isinstance(exc, ApiTransportError) and exc.code == "truncated":
+            code = "truncated"
+        raise
+    finally:
+        client.metrics.api_requests.labels(ENDPOINT, code).inc()
+        client.metrics.api_duration.labels(ENDPOINT).observe(time.perf_counter() - request_started)
+
+
+def _describe(exc: aiohttp.ClientError, during_body: bool) -> str:
+    detail = str(exc).splitlines()[0][:200] if str(exc) else ""
+    what = type(exc).__name__ + (f": {detail}" if detail else "")
+    if during_body:
+        return f"the connection failed during the download ({what})"
+    return f"cannot reach the API ({what})"
+
+
+async def _error_response(client: RightfootClient, resp: aiohttp.ClientResponse) -> ApiError:
+    """The typed error for a non-200 answer, its body read up to a bound."""
+    body = bytearray()
+    async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
+        body += chunk[: MAX_ERROR_BODY_BYTES - len(body)]
+        if len(body) >= MAX_ERROR_BODY_BYTES:
+            break
+    retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+    if resp.status == 429:
+        client.limiter.pause_until(
+            time.monotonic() + (retry_after if retry_after is not None else 1.0)
+        )
+    return _error_from_response(resp.status, bytes(body), retry_after)
+
+
+# --------------------------------------------------------------------------- progress
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def progress_wanted(mode: str, *, to_stdout: bool, stderr_is_tty: bool) -> bool:
+    """``--progress``: auto shows it on a terminal; nothing ever mixes with piped CSV."""
+    if mode == "never":
+        return False
+    if mode == "auto" or to_stdout:
+        return stderr_is_tty
+    return True
+
+
+class ProgressPrinter:
+    """Rows, bytes and rates on stderr: redrawn with ``\\r`` at most a few times per second
+    on a terminal, one line per second otherwise; nothing for exports shorter than
+    ``delay_s``."""
+
+    def __init__(
+        self,
+        stream: TextIO,
+        *,
+        tty: bool,
+        delay_s: float = 0.5,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.stream = stream
+        self.tty = tty
+        self.delay_s = delay_s
+        self.interval_s = 0.25 if tty else 1.0
+        self._clock = clock
+        self._last = -float("inf")
+        self._width = 0
+        self.shown = False
+
+    def __call__(self, rows: int, size: int, elapsed: float) -> None:
+        now = self._clock()
+        if elapsed < self.delay_s or now - self._last < self.interval_s:
+            return
+        self._last = now
+        self._emit(self._line(rows, size, elapsed), final=False)
+
+    def finish(self, result: ExportResult) -> None:
+        """The final figures, if progress was shown at all."""
+        if self.shown:
+            self._emit(self._line(result.rows, result.bytes, result.seconds), final=True)
+
+    def abort(self) -> None:
+        """End a half-drawn line so that an error message starts on its own line."""
+        if self.shown and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.shown = False
+
+    @staticmethod
+    def _line(rows: int, size: int, elapsed: float) -> str:
+        rate = rows / elapsed if elapsed > 0 else 0.0
+        speed = size / elapsed if elapsed > 0 else 0.0
+        return (
+            f"{rows:,} rows  {_human_bytes(size)}  {elapsed:.1f} s  "
+            f"{rate:,.0f} rows/s  {_human_bytes(speed)}/s"
+        )
+
+    def _emit(self, line: str, *, final: bool) -> None:
+        if self.tty:
+            padded = line.ljust(self._width)
+            self._width = len(line)
+            self.stream.write("\r" + padded + ("\n" if final else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+        self.shown = not final
+
+
+# --------------------------------------------------------------------------- command
+
+
+def _redact(text: str, secrets: Sequence[str]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "[redacted]")
+    return text
+
+
+def _describe_failure(exc: PollerError) -> str:
+    """``HTTP 403 FORBIDDEN: <the API's message>``; without an HTTP status, just the message."""
+    if isinstance(exc, ApiError) and exc.status is None:
+        return str(exc.args[0])
+    return str(exc)
+
+
+def _stderr_is_tty() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+async def export_main(settings: Settings, args: argparse.Namespace) -> int:
+    """``rightfoot-poller export``: 0 when exported, 1 on API, network or disk errors,
+    2 on bad arguments. One line on stderr either way (plus progress, when wanted)."""
+    err = sys.stderr
+    secrets = settings.secrets()
+    try:
+        batch_ids = validate_batch_ids(args.batch_ids)
+        dest = output_path(args.output)
+    except ExportUsageError as exc:
+        print(f"rightfoot-poller: {exc}", file=err)
+        return EXIT_USAGE
+    if settings.rightfoot.api_key is None:
+        print(
+            "rightfoot-poller: no API key: set RIGHTFOOT_API_KEY (or RIGHTFOOT_API_KEY_FILE)",
+            file=err,
+        )
+        return EXIT_USAGE
+    tty = _stderr_is_tty()
+    printer = (
+        ProgressPrinter(err, tty=tty)
+        if progress_wanted(args.progress, to_stdout=dest is None, stderr_is_tty=tty)
+        else None
+    )
+    client = RightfootClient(
+        settings.rightfoot,
+        instance_id=settings.instance_id,
+        metrics=Metrics(),
+        api_key=ApiKey.from_env(settings.rightfoot.api_key.get_secret_value()),
+        limiter=RateLimiter(settings.rightfoot.max_requests_per_s),
+    )
+    try:
+        await client.start()
+        result = await download_export(client, batch_ids, dest, progress=printer)
+    except (ApiError, ExportWriteError) as exc:
+        if printer is not None:
+            printer.abort()
+        print(
+            f"rightfoot-poller: export failed: {_redact(_describe_failure(exc), secrets)}", file=err
+        )
+        return EXIT_FAILED
+    except asyncio.CancelledError:
+        if printer is not None:
+            printer.abort()
+        left = "the output on stdout is incomplete" if dest is None else f"{dest} not written"
+        print(f"rightfoot-poller: export interrupted; {left}", file=err)
+        raise
+    finally:
+        await client.close()
+    if printer is not None:
+        printer.finish(result)
+    where = "stdout" if dest is None else str(dest)
+    print(
+        f"exported {result.rows} rows ({result.bytes} bytes) to {where} in {result.seconds:.2f} s",
+        file=err,
+    )
+    return EXIT_OK
