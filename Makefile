@@ -29,3 +29,11 @@ kafka-status: tools-uv
 tools-kcat:
 	@command -v kcat >/dev/null 2>&1 || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kcat; }
+
+# ---------------------------------------------------------------------------
+# Event format: validate docs/asyncapi.yaml (and its examples) with the official
+# AsyncAPI parser, pinned in scripts/asyncapi/ and installed into .cache/node by npm.
+# ---------------------------------------------------------------------------
+.PHONY: asyncapi
+asyncapi:
+	scripts/asyncapi-validate.sh
