@@ -429,7 +429,12 @@ async def _attempt(
             output.abort()
         if isinstance(exc, TimeoutError):
             code = "timeout"
-            raise ApiTransportError("the API did not answer in time", code="timeout") from None
+            what = (
+                f"the download stalled: no data for {cfg.timeout_s:g} s"
+                if begun
+                else "the API did not answer in time"
+            )
+            raise ApiTransportError(what, code="timeout") from None
         if isinstance(exc, aiohttp.ClientError):
             code = "connection_error"
             raise ApiTransportError(_describe(exc, begun), code="connection_error") from None

@@ -1,0 +1,1073 @@
+"""Tests of the CSV export (``service/export.py``), against the simulator over real HTTP.
+
+Most tests run the simulator in-process (``TestServer`` on 127.0.0.1); connection drops
+mid-body use a tiny raw TCP server; the command line, Ctrl-C and the memory test run
+``python -m service`` in child processes, with the simulator in a process of its own
+(the harness of ``bench/export_memory.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import errno
+import importlib.util
+import io
+import os
+import signal
+import socket
+import socketserver
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestServer
+
+from service.api import ApiForbidden, ApiKey, RightfootClient
+from service.config import Settings, load_settings
+from service.errors import (
+    ApiBadRequest,
+    ApiMalformedResponse,
+    ApiTransportError,
+    ApiUnauthorized,
+)
+from service.export import (
+    CsvRowCounter,
+    ExportUsageError,
+    ProgressPrinter,
+    download_export,
+    export_csv,
+    export_main,
+    progress_wanted,
+    validate_batch_ids,
+)
+from service.metrics import Metrics
+from service.pacing import RateLimiter
+from service.simulator import EXPORT_COLUMNS, SimRecord, Simulator, build_app, export_status
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "sk-export-test-7f3a9c2e41"
+WRONG_KEY = "sk-wrong-export-key-5b1d08"
+OTHER_KEY = "sk-other-requester-99d3e1"
+BATCH = "11111111-2222-4333-8444-555555555555"
+OTHER = "99999999-8888-4777-8666-555555555555"
+MISSING = "00000000-0000-4000-8000-000000000404"
+
+
+def _load_bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "export_memory_bench", ROOT / "bench" / "export_memory.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_bench()
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def make_settings(base_url: str, **overrides: str) -> Settings:
+    env = {
+        "RFP_RIGHTFOOT__BASE_URL": base_url,
+        "RIGHTFOOT_API_KEY": KEY,
+        "RFP_RIGHTFOOT__BACKOFF_BASE_S": "0.01",
+        "RFP_RIGHTFOOT__BACKOFF_MAX_S": "0.05",
+        "RFP_RIGHTFOOT__MAX_REQUESTS_PER_S": "1000",
+        "RFP_INSTANCE_ID": "export-test",
+        **overrides,
+    }
+    return load_settings(None, env=env)
+
+
+def make_client(settings: Settings) -> RightfootClient:
+    key = settings.rightfoot.api_key
+    return RightfootClient(
+        settings.rightfoot,
+        instance_id=settings.instance_id,
+        metrics=Metrics(),
+        api_key=ApiKey(key.get_secret_value() if key else None),
+        limiter=RateLimiter(settings.rightfoot.max_requests_per_s),
+    )
+
+
+@dataclass
+class Api:
+    sim: Simulator
+    server: TestServer
+    clients: list[RightfootClient] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("")).rstrip("/")
+
+    def settings(self, **overrides: str) -> Settings:
+        return make_settings(self.url, **overrides)
+
+    async def client(self, **overrides: str) -> RightfootClient:
+        client = make_client(self.settings(**overrides))
+        await client.start()
+        self.clients.append(client)
+        return client
+
+    def statuses(self) -> list[int]:
+        return [entry.status for entry in self.sim.request_log]
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[Api]:
+    sim = Simulator(api_keys=[KEY, OTHER_KEY], seed=11)
+    server = TestServer(build_app(sim), host="127.0.0.1")
+    await server.start_server()
+    state = Api(sim, server)
+    try:
+        yield state
+    finally:
+        for client in state.clients:
+            await client.close()
+        await server.close()
+
+
+def listing(directory: Path) -> list[str]:
+    return sorted(os.listdir(directory))
+
+
+def read_csv(path: Path) -> list[list[str]]:
+    with path.open(newline="", encoding="utf-8") as f:
+        return list(csv.reader(f))
+
+
+def expected_row(batch_id: str, r: SimRecord, meta_keys: list[str]) -> list[str]:
+    return [
+        r.authorizer_unique_id,
+        batch_id,
+        r.institution,
+        r.phone,
+        r.zip,
+        "" if r.balance is None else str(r.balance),
+        export_status(r.balance_status_code),
+        r.creator,
+        r.timestamp,
+        *(r.metadata.get(k, "") for k in meta_keys),
+    ]
+
+
+def cli_args(batch_ids: list[str], output: Path | str, progress: str = "never") -> Any:
+    return argparse.Namespace(batch_ids=batch_ids, output=str(output), progress=progress)
+
+
+# --------------------------------------------------------------------------- content
+
+
+async def test_export_matches_the_records_served(api: Api, tmp_path: Path) -> None:
+    api.sim.generate_batch(BATCH, 700)
+    client = await api.client()
+    target = tmp_path / "balances.csv"
+
+    result = await export_csv(client, [BATCH], target)
+
+    served = api.sim.records_served(BATCH)
+    rows = read_csv(target)
+    assert rows[0] == list(EXPORT_COLUMNS)
+    assert rows[1:] == [expected_row(BATCH, r, []) for r in served]
+    assert result.rows == 700 == len(rows) - 1
+    assert result.bytes == target.stat().st_size
+    assert result.seconds > 0
+    assert listing(tmp_path) == ["balances.csv"]
+    # exact digits: negative, large and two-decimal balances survive as text
+    balances = [Decimal(row[5]) for row in rows[1:] if row[5]]
+    assert any(b < 0 for b in balances)
+    assert any(b > 10**15 for b in balances)
+    assert {row[5] for row in rows[1:] if row[5]} == {
+        str(r.balance) for r in served if r.balance is not None
+    }
+
+
+async def test_request_carries_repeated_batch_ids_auth_and_user_agent(
+    api: Api, tmp_path: Path
+) -> None:
+    api.sim.generate_batch(BATCH, 3)
+    api.sim.generate_batch(OTHER, 2)
+    client = await api.client()
+
+    await export_csv(client, [BATCH, OTHER], tmp_path / "x.csv")
+
+    (entry,) = api.sim.request_log
+    assert entry.path == "/v1/balances/export"
+    assert entry.query == f"batch_ids={BATCH}&batch_ids={OTHER}"
+    assert entry.instance == "export-test"
+    assert entry.status == 200
+    assert client.metrics.api_requests.labels("export", "200")._value.get() == 1
+
+
+async def test_several_batches_in_one_file_header_once(api: Api, tmp_path: Path) -> None:
+    first = api.sim.generate_batch(BATCH, 40)
+    second = api.sim.generate_batch(OTHER, 25)
+    client = await api.client()
+    target = tmp_path / "both.csv"
+
+    result = await export_csv(client, [BATCH, OTHER, BATCH], target)  # duplicate sent once
+
+    rows = read_csv(target)
+    assert rows.count(list(EXPORT_COLUMNS)) == 1
+    assert rows[1:] == [expected_row(BATCH, r, []) for r in first] + [
+        expected_row(OTHER, r, []) for r in second
+    ]
+    assert result.rows == 65
+    assert api.sim.request_log[0].query.count("batch_ids=") == 2
+
+
+async def test_metadata_columns_sorted_and_quoted_values(api: Api, tmp_path: Path) -> None:
+    api.sim.generate_batch(BATCH, 30, with_metadata=True)
+    api.sim.generate_batch(OTHER, 5)  # no metadata: empty meta cells
+    client = await api.client()
+    target = tmp_path / "meta.csv"
+
+    result = await export_csv(client, [BATCH, OTHER], target)
+
+    rows = read_csv(target)
+    meta_keys = ["customer_ref", "loan_officer", "region"]
+    assert rows[0] == [*EXPORT_COLUMNS, *(f"meta_{k}" for k in meta_keys)]
+    expected = [expected_row(BATCH, r, meta_keys) for r in api.sim.records_served(BATCH)]
+    expected += [expected_row(OTHER, r, meta_keys) for r in api.sim.records_served(OTHER)]
+    assert rows[1:] == expected
+    assert any("," in row[-2] for row in rows[1:])  # "Officer 3, Branch 1" needed quoting
+    assert result.rows == 35
+
+
+async def test_rows_are_counted_exactly_with_quoted_newlines(api: Api, tmp_path: Path) -> None:
+    records = [
+        SimRecord(
+            authorizer_unique_id=f"u{i}",
+            balance=Decimal("1.50"),
+            balance_status_code=0,
+            timestamp="2024-08-09T18:10:44Z",
+            visible_at=0,
+            institution='First "Line"\nSecond line\r\nthird, with comma',
+            creator="multi\n\nline",
+            metadata={"note": 'a "quoted"\nnote'},
+        )
+        for i in range(50)
+    ]
+    api.sim.add_batch(BATCH, records)
+    client = await api.client()
+    target = tmp_path / "newlines.csv"
+
+    result = await export_csv(client, [BATCH], target)
+
+    rows = read_csv(target)
+    assert len(rows) == 51
+    assert rows[1][2] == 'First "Line"\nSecond line\r\nthird, with comma'
+    assert result.rows == 50
+    assert target.read_bytes().count(b"\n") > 200  # counting newlines would be wrong
+
+
+# --------------------------------------------------------------------------- row counter
+
+
+TRICKY = (
+    b"Authorizer ID,Batch ID,Note\r\n"
+    b'1,b,"multi\nline ""quoted"" text"\r\n'
+    b"2,b,plain\r\n"
+    b'3,b,"ends with newline\n"\r\n'
+    b'4,b,""\r\n'
+    b'5,b,"a,b"'
+)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 64, len(TRICKY)])
+def test_row_counter_is_exact_whatever_the_chunking(size: int) -> None:
+    counter = CsvRowCounter()
+    for i in range(0, len(TRICKY), size):
+        counter.feed(TRICKY[i : i + size])
+    expected = len(list(csv.reader(io.StringIO(TRICKY.decode(), newline="")))) - 1
+    assert counter.finish() == expected == 5
+
+
+def test_row_counter_partial_rows_and_edge_cases() -> None:
+    counter = CsvRowCounter()
+    counter.feed(b"h1,h2\r\n1,2\r\n3,")
+    assert counter.rows == 1  # the open row is not complete yet
+    assert counter.finish() == 2
+
+    empty = CsvRowCounter()
+    assert empty.finish() == 0
+    header_only = CsvRowCounter()
+    header_only.feed(b"h1,h2\r\n")
+    assert header_only.finish() == 0
+
+
+def test_row_counter_refuses_a_body_ending_inside_quotes() -> None:
+    counter = CsvRowCounter()
+    counter.feed(b'h\r\n"open quoted\nfield')
+    with pytest.raises(ApiTransportError, match="truncated"):
+        counter.finish()
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "not-a-uuid",
+        "",
+        "11111111222243338444555555555555",  # no hyphens
+        "{11111111-2222-4333-8444-555555555555}",
+        " 11111111-2222-4333-8444-555555555555",
+        "11111111-2222-4333-8444-55555555555g",
+        "11111111-2222-4333-8444-555555555555&batch_ids=x",
+    ],
+)
+async def test_invalid_batch_ids_rejected_before_any_request(
+    api: Api, tmp_path: Path, capsys: pytest.CaptureFixture[str], bad: str
+) -> None:
+    api.sim.generate_batch(BATCH, 3)
+    client = await api.client()
+    with pytest.raises(ExportUsageError, match="not a valid batch ID") as info:
+        await export_csv(client, [BATCH, bad], tmp_path / "x.csv")
+    assert repr(bad) in str(info.value)
+
+    code = await export_main(api.settings(), cli_args([BATCH, bad], tmp_path / "x.csv"))
+
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and repr(bad) in err[0]
+    assert api.sim.request_log == []
+    assert listing(tmp_path) == []
+
+
+def test_validate_batch_ids_keeps_order_and_drops_duplicates() -> None:
+    lower = "abcdef01-2222-4333-8444-55555555555a"
+    upper = lower.upper()  # sent as given: the API decides what case means
+    assert validate_batch_ids([OTHER, lower, OTHER, upper]) == [OTHER, lower, upper]
+    with pytest.raises(ExportUsageError):
+        validate_batch_ids([])
+
+
+@pytest.mark.parametrize("output", ["missing-dir/out.csv", "."])
+async def test_unusable_output_path_is_a_usage_error(
+    api: Api,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    output: str,
+) -> None:
+    api.sim.generate_batch(BATCH, 3)
+    monkeypatch.chdir(tmp_path)
+    code = await export_main(api.settings(), cli_args([BATCH], output))
+    assert code == 2
+    assert "-o" in capsys.readouterr().err
+    assert api.sim.request_log == []
+    assert listing(tmp_path) == []
+
+
+async def test_missing_api_key_is_a_usage_error(
+    api: Api, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = load_settings(None, env={"RFP_RIGHTFOOT__BASE_URL": api.url})
+    code = await export_main(settings, cli_args([BATCH], tmp_path / "x.csv"))
+    assert code == 2
+    assert "RIGHTFOOT_API_KEY" in capsys.readouterr().err
+    assert api.sim.request_log == []
+
+
+# --------------------------------------------------------------------------- API errors
+
+
+@dataclass
+class ErrorCase:
+    name: str
+    setup: Callable[[Simulator], object]
+    overrides: dict[str, str]
+    message: str
+    attempts: int
+
+
+ERROR_CASES = [
+    ErrorCase(
+        "401",
+        lambda sim: None,
+        {"RIGHTFOOT_API_KEY": WRONG_KEY},
+        "export failed: HTTP 401 UNAUTHORIZED: Invalid API key provided.",
+        1,
+    ),
+    ErrorCase(
+        "403",
+        lambda sim: sim.generate_batch(OTHER, 5, owner_key=OTHER_KEY),
+        {},
+        "export failed: HTTP 403 FORBIDDEN: One or more requested batches don't belong to "
+        "the authenticated requester.",
+        1,
+    ),
+    ErrorCase(
+        "403-unknown-batch",
+        lambda sim: sim.generate_batch(BATCH, 5),
+        {},
+        "export failed: HTTP 403 FORBIDDEN: One or more requested batches",
+        1,
+    ),
+    ErrorCase(
+        "500",
+        lambda sim: setattr(sim.faults, "error_5xx_next", 100),
+        {"RFP_RIGHTFOOT__MAX_ATTEMPTS": "4"},
+        "export failed: HTTP 500 INTERNAL_SERVER_ERROR: An unexpected error occurred. "
+        "(gave up after 4 attempts)",
+        4,
+    ),
+]
+
+
+@pytest.mark.parametrize("case", ERROR_CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("existing", [False, True], ids=["new", "existing"])
+async def test_api_errors_exit_1_with_the_api_message_and_leave_nothing(
+    api: Api,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    case: ErrorCase,
+    existing: bool,
+) -> None:
+    case.setup(api.sim)
+    if case.name == "403":
+        api.sim.generate_batch(BATCH, 5)
+        batch_ids = [BATCH, OTHER]  # one of ours, one of another requester
+    elif case.name == "403-unknown-batch":
+        batch_ids = [BATCH, MISSING]
+    else:
+        api.sim.generate_batch(BATCH, 5)
+        batch_ids = [BATCH]
+    target = tmp_path / "out.csv"
+    if existing:
+        target.write_bytes(b"previous export\n")
+        target.chmod(0o640)
+
+    code = await export_main(api.settings(**case.overrides), cli_args(batch_ids, target))
+
+    assert code == 1
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert case.message in lines[0]
+    assert KEY not in err and WRONG_KEY not in err
+    assert len(api.sim.request_log) == case.attempts
+    if existing:
+        assert listing(tmp_path) == ["out.csv"]
+        assert target.read_bytes() == b"previous export\n"
+        assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    else:
+        assert listing(tmp_path) == []
+
+
+async def test_typed_errors_from_the_lower_level_function(api: Api, tmp_path: Path) -> None:
+    api.sim.generate_batch(BATCH, 5)
+    api.sim.generate_batch(OTHER, 5, owner_key=OTHER_KEY)
+    client = await api.client()
+    target = tmp_path / "out.csv"
+
+    # 400 from the API itself: download_export does not validate, the simulator does
+    with pytest.raises(ApiBadRequest) as bad:
+        await download_export(client, ["not-a-uuid"], target)
+    assert str(bad.value) == "HTTP 400 BAD_REQUEST: Not a valid UUID: 'not-a-uuid'."
+    with pytest.raises(ApiForbidden):
+        await download_export(client, [OTHER], target)
+    wrong = await api.client(RIGHTFOOT_API_KEY=WRONG_KEY)
+    with pytest.raises(ApiUnauthorized) as unauthorized:
+        await download_export(wrong, [BATCH], target)
+    assert WRONG_KEY not in str(unauthorized.value)
+    assert listing(tmp_path) == []
+    assert api.statuses() == [400, 403, 401]
+    assert client.metrics.api_requests.labels("export", "400")._value.get() == 1
+
+
+async def test_400_is_reported_with_the_api_message(
+    api: Api, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """export_main validates first; skip that once to see how a 400 from the API reads."""
+    monkeypatch.setattr("service.export.validate_batch_ids", list)
+    code = await export_main(api.settings(), cli_args(["not-a-uuid"], tmp_path / "x.csv"))
+    assert code == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "rightfoot-poller: export failed: HTTP 400 BAD_REQUEST: Not a valid UUID: 'not-a-uuid'."
+    )
+    assert listing(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- retries
+
+
+async def test_5xx_before_the_body_is_retried(api: Api, tmp_path: Path) -> None:
+    api.sim.generate_batch(BATCH, 10)
+    api.sim.faults.error_5xx_next = 2
+    client = await api.client()
+    result = await export_csv(client, [BATCH], tmp_path / "x.csv")
+    assert result.rows == 10
+    assert api.statuses() == [500, 502, 200]
+    assert listing(tmp_path) == ["x.csv"]
+
+
+async def test_429_waits_retry_after_then_succeeds(api: Api, tmp_path: Path) -> None:
+    api.sim.generate_batch(BATCH, 10)
+    api.sim.faults.rate_limit_next = 1
+    api.sim.faults.retry_after_s = 0
+    client = await api.client()
+    result = await export_csv(client, [BATCH], tmp_path / "x.csv")
+    assert result.rows == 10
+    assert api.statuses() == [429, 200]
+
+
+async def test_a_429_asking_too_long_a_wait_fails(api: Api, tmp_path: Path) -> None:
+    api.sim.generate_batch(BATCH, 10)
+    api.sim.faults.rate_limit_next = 1
+    api.sim.faults.retry_after_s = 5  # backoff_max_s is 0.05 here
+    client = await api.client()
+    with pytest.raises(Exception, match="Retry-After of 5 s is too long"):
+        await export_csv(client, [BATCH], tmp_path / "x.csv")
+    assert listing(tmp_path) == []
+
+
+async def test_a_hanging_answer_times_out_per_read_and_is_retried(api: Api, tmp_path: Path) -> None:
+    api.sim.generate_batch(BATCH, 10)
+    api.sim.faults.hang_next = 1
+    api.sim.faults.hang_s = 5
+    client = await api.client(RFP_RIGHTFOOT__TIMEOUT_S="0.3")
+    result = await export_csv(client, [BATCH], tmp_path / "x.csv")
+    assert result.rows == 10
+    assert client.metrics.api_requests.labels("export", "timeout")._value.get() == 1
+
+
+async def test_connection_refused_is_retried_then_reported(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = make_settings(f"http://127.0.0.1:{port}", RFP_RIGHTFOOT__MAX_ATTEMPTS="2")
+    code = await export_main(settings, cli_args([BATCH], tmp_path / "x.csv"))
+    assert code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rightfoot-poller: export failed: cannot reach the API (")
+    assert err.endswith("(gave up after 2 attempts)")
+    assert KEY not in err
+    assert listing(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- broken bodies
+
+STAMP = "2024-08-09T18:10:44Z"
+CSV_BODY = (
+    "Authorizer ID,Batch ID,Institution,Phone,Zip,Balance,Status,Creator,Timestamp\r\n"
+    + "".join(
+        f'{1000000 + i},{BATCH},"Bank ""{i}"", N.A.",,12345,{i}.25,SUCCESS,,{STAMP}\r\n'
+        for i in range(2000)
+    )
+).encode()
+
+
+@dataclass
+class RawServer:
+    """An HTTP/1.1 server written by hand, to break responses in ways aiohttp won't."""
+
+    behaviours: list[str]
+    body: bytes = CSV_BODY
+    connections: int = 0
+    port: int = 0
+    server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            kind = self.behaviours[min(self.connections, len(self.behaviours) - 1)]
+            self.connections += 1
+            writer.write(self._response(kind))
+            await writer.drain()
+        finally:
+            writer.close()
+
+    def _response(self, kind: str) -> bytes:
+        body, half = self.body, self.body[: len(self.body) // 2]
+        csv_type = b"Content-Type: text/csv; charset=utf-8\r\n"
+        head = b"HTTP/1.1 200 OK\r\nConnection: close\r\n"
+        if kind == "full":
+            return head + csv_type + b"Content-Length: %d\r\n\r\n" % len(body) + body
+        if kind == "drop-content-length":
+            return head + csv_type + b"Content-Length: %d\r\n\r\n" % len(body) + half
+        if kind == "drop-chunked":
+            chunk = b"%x\r\n" % len(body)
+            return head + csv_type + b"Transfer-Encoding: chunked\r\n\r\n" + chunk + half
+        if kind == "drop-inside-quotes":  # no length, no chunks: only the CSV can tell
+            cut = body.index(b'"Bank ""1000""') + 8
+            return head + csv_type + b"\r\n" + body[:cut]
+        if kind == "json":
+            return head + b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+        raise AssertionError(kind)
+
+
+@pytest.fixture
+async def raw_server() -> AsyncIterator[Callable[..., Awaitable[RawServer]]]:
+    servers: list[RawServer] = []
+
+    async def start(*behaviours: str) -> RawServer:
+        server = RawServer(list(behaviours))
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await server.close()
+
+
+DROPS = ["drop-content-length", "drop-chunked", "drop-inside-quotes"]
+
+
+@pytest.mark.parametrize("drop", DROPS)
+async def test_a_drop_mid_body_is_restarted_from_scratch(
+    raw_server: Callable[..., Awaitable[RawServer]], tmp_path: Path, drop: str
+) -> None:
+    server = await raw_server(drop, "full")
+    client = make_client(make_settings(server.url))
+    await client.start()
+    try:
+        result = await export_csv(client, [BATCH], tmp_path / "x.csv")
+    finally:
+        await client.close()
+    assert server.connections == 2
+    assert (tmp_path / "x.csv").read_bytes() == CSV_BODY
+    assert result.rows == 2000
+    assert listing(tmp_path) == ["x.csv"]
+
+
+@pytest.mark.parametrize("drop", DROPS)
+@pytest.mark.parametrize("existing", [False, True], ids=["new", "existing"])
+async def test_drops_until_attempts_run_out_leave_nothing(
+    raw_server: Callable[..., Awaitable[RawServer]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    drop: str,
+    existing: bool,
+) -> None:
+    server = await raw_server(drop)
+    target = tmp_path / "x.csv"
+    if existing:
+        target.write_bytes(b"keep me\n")
+    settings = make_settings(server.url, RFP_RIGHTFOOT__MAX_ATTEMPTS="3")
+
+    code = await export_main(settings, cli_args([BATCH], target))
+
+    assert code == 1
+    assert server.connections == 3
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rightfoot-poller: export failed: ")
+    assert "gave up after 3 attempts" in err
+    assert listing(tmp_path) == (["x.csv"] if existing else [])
+    if existing:
+        assert target.read_bytes() == b"keep me\n"
+
+
+async def test_a_body_that_is_not_csv_fails_without_retry(
+    raw_server: Callable[..., Awaitable[RawServer]], tmp_path: Path
+) -> None:
+    server = await raw_server("json")
+    client = make_client(make_settings(server.url))
+    await client.start()
+    try:
+        with pytest.raises(ApiMalformedResponse, match=r"application/json.*not text/csv"):
+            await export_csv(client, [BATCH], tmp_path / "x.csv")
+    finally:
+        await client.close()
+    assert server.connections == 1
+    assert listing(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- disk and cancel
+
+
+async def test_a_disk_error_leaves_nothing_and_keeps_the_old_file(
+    api: Api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    api.sim.generate_batch(BATCH, 100)
+    target = tmp_path / "x.csv"
+    target.write_bytes(b"old\n")
+
+    def full_disk(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("service.export.os.fsync", full_disk)
+    code = await export_main(api.settings(), cli_args([BATCH], target))
+
+    assert code == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"rightfoot-poller: export failed: cannot write {target}: No space left on device"
+    assert listing(tmp_path) == ["x.csv"]
+    assert target.read_bytes() == b"old\n"
+    assert len(api.sim.request_log) == 1  # not retried
+
+
+async def test_cancellation_mid_body_leaves_nothing(api: Api, tmp_path: Path) -> None:
+    api.sim.generate_batch(BATCH, 5000)
+    client = await api.client()
+    target = tmp_path / "x.csv"
+    target.write_bytes(b"old\n")
+    seen: list[int] = []
+
+    def progress(rows: int, size: int, elapsed: float) -> None:
+        seen.append(size)
+        parts = [p.name for p in tmp_path.iterdir() if p.name.endswith(".part")]
+        assert parts and parts[0].startswith(".x.csv.")  # a temp file beside the target
+        if len(seen) == 2:
+            task.cancel()
+
+    task = asyncio.create_task(export_csv(client, [BATCH], target, progress=progress))
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert len(seen) == 2
+    assert listing(tmp_path) == ["x.csv"]
+    assert target.read_bytes() == b"old\n"
+
+
+async def test_new_file_gets_the_usual_mode_and_replaces_the_old_one(
+    api: Api, tmp_path: Path
+) -> None:
+    api.sim.generate_batch(BATCH, 5)
+    client = await api.client()
+    fresh = tmp_path / "fresh.csv"
+    await export_csv(client, [BATCH], fresh)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o666 & ~umask
+
+    old = tmp_path / "old.csv"
+    old.write_bytes(b"old\n")
+    old.chmod(0o600)
+    await export_csv(client, [BATCH], old)
+    assert old.read_bytes() == fresh.read_bytes()
+    assert stat.S_IMODE(old.stat().st_mode) == 0o600
+
+
+# --------------------------------------------------------------------------- stdout
+
+
+class FakeStdout:
+    """sys.stdout stand-in: text (logs, if any) stays apart from the bytes of ``buffer``."""
+
+    def __init__(self) -> None:
+        self.text = io.StringIO()
+        self.buffer = io.BytesIO()
+
+    def write(self, text: str) -> int:
+        return self.text.write(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+async def test_export_to_stdout(api: Api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    api.sim.generate_batch(BATCH, 300, with_metadata=True)
+    client = await api.client()
+    await export_csv(client, [BATCH], tmp_path / "file.csv")
+    fake = FakeStdout()
+    monkeypatch.setattr(sys, "stdout", fake)
+
+    result = await export_csv(client, [BATCH], None)
+
+    assert fake.buffer.getvalue() == (tmp_path / "file.csv").read_bytes()
+    assert result.rows == 300
+    assert listing(tmp_path) == ["file.csv"]
+
+
+async def test_stdout_is_not_restarted_once_written(
+    raw_server: Callable[..., Awaitable[RawServer]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = await raw_server("drop-chunked", "full")
+    fake = FakeStdout()
+    monkeypatch.setattr(sys, "stdout", fake)
+    client = make_client(make_settings(server.url))
+    await client.start()
+    try:
+        with pytest.raises(ApiTransportError, match="stdout is incomplete"):
+            await export_csv(client, [BATCH], None)
+    finally:
+        await client.close()
+    assert server.connections == 1
+    assert 0 < len(fake.buffer.getvalue()) < len(CSV_BODY)
+
+
+async def test_stdout_is_retried_before_anything_is_written(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api.sim.generate_batch(BATCH, 10)
+    api.sim.faults.error_5xx_next = 1
+    fake = FakeStdout()
+    monkeypatch.setattr(sys, "stdout", fake)
+    client = await api.client()
+    result = await export_csv(client, [BATCH], None)
+    assert result.rows == 10
+    assert fake.buffer.getvalue().count(b"\r\n") == 11
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_on_a_terminal_redraws_in_place_and_throttles() -> None:
+    out, clock = io.StringIO(), FakeClock()
+    printer = ProgressPrinter(out, tty=True, clock=clock)
+    printer(10, 1000, 0.1)  # too early: small exports show nothing
+    assert out.getvalue() == ""
+    for step in range(40):  # 40 chunks within 0.4 s: at most 2 redraws
+        clock.now = 0.6 + step * 0.01
+        printer(1000 + step, 100_000, clock.now)
+    assert out.getvalue().count("\r") == 2
+    assert "\n" not in out.getvalue()
+    printer.finish(_result(5000, 3 * 1024 * 1024, 2.0))
+    text = out.getvalue()
+    assert text.endswith("\n")
+    last = text.rsplit("\r", 1)[1]
+    assert last.startswith("5,000 rows  3.0 MiB  2.0 s  2,500 rows/s  1.5 MiB/s")
+
+
+def test_progress_not_shown_for_a_quick_export_and_newline_on_error() -> None:
+    out = io.StringIO()
+    printer = ProgressPrinter(out, tty=True, clock=FakeClock())
+    printer(10, 100, 0.01)
+    printer.finish(_result(10, 100, 0.02))
+    assert out.getvalue() == ""
+
+    clock = FakeClock()
+    printer = ProgressPrinter(out, tty=True, clock=clock)
+    clock.now = 1.0
+    printer(10, 100, 1.0)
+    printer.abort()
+    assert out.getvalue().endswith("\n")
+
+
+def test_progress_off_a_terminal_prints_whole_lines() -> None:
+    out, clock = io.StringIO(), FakeClock()
+    printer = ProgressPrinter(out, tty=False, clock=clock)
+    for step in range(30):
+        clock.now = 1 + step * 0.1
+        printer(step, step * 10, clock.now)
+    assert "\r" not in out.getvalue()
+    assert 2 <= out.getvalue().count("\n") <= 4
+
+
+@pytest.mark.parametrize(
+    ("mode", "to_stdout", "tty", "wanted"),
+    [
+        ("auto", False, True, True),
+        ("auto", False, False, False),
+        ("always", False, False, True),
+        ("never", False, True, False),
+        ("auto", True, True, True),
+        ("always", True, False, False),  # never mixed into piped output
+        ("never", True, True, False),
+    ],
+)
+def test_progress_wanted(mode: str, to_stdout: bool, tty: bool, wanted: bool) -> None:
+    assert progress_wanted(mode, to_stdout=to_stdout, stderr_is_tty=tty) is wanted
+
+
+def _result(rows: int, size: int, seconds: float) -> Any:
+    from service.export import ExportResult
+
+    return ExportResult(rows=rows, bytes=size, seconds=seconds)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+@pytest.fixture(scope="module")
+def sim_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    log = tmp_path_factory.mktemp("sim") / "simulator.log"
+    with bench.simulator(KEY, log=log) as sim:
+        yield sim
+
+
+def test_cli_end_to_end(sim_process: Any, tmp_path: Path) -> None:
+    batch = sim_process.create_batch(1234, with_metadata=True)
+    target = tmp_path / "out.csv"
+
+    run = bench.run_export(sim_process.base_url, [batch], str(target), api_key=KEY)
+
+    assert run.exit_code == 0, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1  # stderr is not a terminal: no progress with --progress auto
+    assert lines[0].startswith(f"exported 1234 rows ({target.stat().st_size} bytes) to {target}")
+    assert len(read_csv(target)) == 1235
+    assert listing(tmp_path) == ["out.csv"]
+
+
+def test_cli_to_stdout_never_mixes_progress_into_it(sim_process: Any, tmp_path: Path) -> None:
+    batch = sim_process.create_batch(500)
+    out = tmp_path / "stdout.csv"
+    run = bench.run_export(
+        sim_process.base_url,
+        [batch],
+        "-",
+        api_key=KEY,
+        extra_args=["--progress", "always"],
+        stdout=out,
+    )
+    assert run.exit_code == 0, run.stderr
+    assert run.stderr.strip().splitlines() == [
+        f"exported 500 rows ({out.stat().st_size} bytes) to stdout in {run.seconds:.2f} s"
+    ]
+    assert len(read_csv(out)) == 501
+
+
+def test_cli_progress_always_for_a_file_off_a_terminal(sim_process: Any, tmp_path: Path) -> None:
+    batch = sim_process.create_batch(20)
+    sim_process.control("/_sim/faults", {"latency_s": 0.8, "only_batch": batch})
+    try:
+        run = bench.run_export(
+            sim_process.base_url,
+            [batch],
+            str(tmp_path / "x.csv"),
+            api_key=KEY,
+            extra_args=["--progress", "always"],
+        )
+    finally:
+        sim_process.control("/_sim/faults", {"latency_s": 0, "only_batch": None})
+    assert run.exit_code == 0, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert "\r" not in run.stderr  # not a terminal: whole lines
+    assert lines[-2].startswith("20 rows  ") and "rows/s" in lines[-2]
+    assert lines[-1].startswith("exported 20 rows")
+
+
+@pytest.mark.parametrize(
+    ("batch_ids", "key", "exit_code", "message"),
+    [
+        (["nope"], KEY, 2, "rightfoot-poller: not a valid batch ID: 'nope'"),
+        ([MISSING], KEY, 1, "rightfoot-poller: export failed: HTTP 403 FORBIDDEN: "),
+        ([MISSING], WRONG_KEY, 1, "rightfoot-poller: export failed: HTTP 401 UNAUTHORIZED: "),
+    ],
+)
+def test_cli_failures(
+    sim_process: Any,
+    tmp_path: Path,
+    batch_ids: list[str],
+    key: str,
+    exit_code: int,
+    message: str,
+) -> None:
+    run = bench.run_export(sim_process.base_url, batch_ids, str(tmp_path / "x.csv"), api_key=key)
+    assert run.exit_code == exit_code
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), run.stderr
+    assert KEY not in run.stderr and WRONG_KEY not in run.stderr
+    assert listing(tmp_path) == []
+
+
+class _SlowCsvHandler(socketserver.BaseRequestHandler):
+    """Sends a CSV body a little at a time, forever, until the client goes away."""
+
+    def handle(self) -> None:
+        self.request.recv(65536)
+        self.request.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/csv\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        row = b"1234567," + BATCH.encode() + b",Bank,,12345,1.00,SUCCESS,,2024-08-09T18:10:44Z\r\n"
+        try:
+            while True:
+                payload = row * 100
+                self.request.sendall(b"%x\r\n%s\r\n" % (len(payload), payload))
+                time.sleep(0.05)
+        except OSError:
+            return
+
+
+def test_ctrl_c_mid_download_leaves_nothing(tmp_path: Path) -> None:
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _SlowCsvHandler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    target = tmp_path / "x.csv"
+    target.write_bytes(b"old\n")
+    env = bench.clean_env(
+        RFP_RIGHTFOOT__BASE_URL=f"http://127.0.0.1:{server.server_address[1]}",
+        RIGHTFOOT_API_KEY=KEY,
+    )
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service", "export", BATCH, "-o", str(target)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 30
+        while not any(p.name.endswith(".part") for p in tmp_path.iterdir()):
+            assert time.monotonic() < deadline, "the download never started"
+            assert process.poll() is None
+            time.sleep(0.02)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=30)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert process.returncode == 130
+    assert b"export interrupted" in err
+    assert listing(tmp_path) == ["x.csv"]
+    assert target.read_bytes() == b"old\n"
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def test_memory_stays_flat_for_a_250k_row_export(sim_process: Any, tmp_path: Path) -> None:
+    """Peak RSS of the export process: 250,000 rows against 1,000 rows (about 250x the bytes)."""
+    small = sim_process.create_batch(1_000)
+    large = sim_process.create_batch(250_000)
+
+    low = bench.run_export(sim_process.base_url, [small], str(tmp_path / "small.csv"), api_key=KEY)
+    high = bench.run_export(sim_process.base_url, [large], str(tmp_path / "large.csv"), api_key=KEY)
+
+    assert low.exit_code == 0 and high.exit_code == 0, (low.stderr, high.stderr)
+    assert (low.rows, high.rows) == (1_000, 250_000)
+    assert high.bytes > 100 * low.bytes
+    assert (tmp_path / "large.csv").stat().st_size == high.bytes
+    mib = 1024 * 1024
+    assert high.peak_rss_bytes < 150 * mib, high.peak_rss_bytes / mib
+    assert high.peak_rss_bytes - low.peak_rss_bytes < 30 * mib, (
+        low.peak_rss_bytes / mib,
+        high.peak_rss_bytes / mib,
+    )
