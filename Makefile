@@ -1,3 +1,47 @@
+# rightfoot-poller — the targets the README and CI use.
+#   make run    Kafka + simulator + service + demo batches, events shown as they arrive
+#   make test   everything CI checks: lint, types, unit, integration (real Kafka), deploy
+SHELL := /bin/bash
+UV_VERSION := 0.13.8
+export PATH := $(CURDIR)/.cache/tools/bin:$(PATH):$(HOME)/.local/bin
+UV := uv
+export KAFKA_TEST_PORT ?= 19092
+
+.PHONY: help install lint format typecheck unit test test-fast run bench clean
+
+help:
+	@grep -E '^[a-z-]+:.*' Makefile | sed 's/:.*//' | sort -u | tr '\n' ' '; echo
+
+# The locked environment (.venv), with the dev tools.
+install: tools-uv
+	$(UV) sync --frozen
+
+lint: install
+	$(UV) run --frozen ruff check service tests bench scripts examples
+	$(UV) run --frozen ruff format --check service tests bench scripts examples
+
+format: install
+	$(UV) run --frozen ruff format service tests bench scripts examples
+	$(UV) run --frozen ruff check --fix service tests bench scripts examples
+
+typecheck: install
+	$(UV) run --frozen mypy service
+
+# Pure logic only; no broker needed.
+unit: install
+	$(UV) run --frozen pytest -m "not kafka" -q
+
+# Everything: lint, types, then the whole suite against a real broker that the test
+# session starts (scripts/kafka.sh on $(KAFKA_TEST_PORT)) and stops.
+test: lint typecheck tools
+	$(UV) run --frozen pytest -q
+
+run: install
+	scripts/run-demo.sh
+
+clean:
+	rm -rf .run .pytest_cache .mypy_cache .ruff_cache
+
 # ---------------------------------------------------------------------------
 # Local Kafka (single-node KRaft broker from Maven Central, see scripts/kafka.sh)
 # Settings: KAFKA_PORT (9092), KAFKA_DIR, KAFKA_HEAP, KAFKA_KEEP_DATA=1, ...
@@ -37,3 +81,46 @@ tools-kcat:
 .PHONY: asyncapi
 asyncapi:
 	scripts/asyncapi-validate.sh
+
+# ---------------------------------------------------------------------------
+# Deployment artefacts: Dockerfile, helm chart, Prometheus alerts, Grafana dashboard.
+# Tools (helm, kubeconform, promtool, hadolint, offline Kubernetes schemas) come from
+# scripts/install-tools.sh into .cache/tools; tests/test_deploy.py checks all of it too.
+# ---------------------------------------------------------------------------
+.PHONY: tools lint-deploy sync-deploy-copies
+
+DEPLOY_TOOLS := $(CURDIR)/.cache/tools/bin
+DEPLOY_CHART := helm/rightfoot-poller
+# Kubernetes versions the manifests are validated against (see scripts/install-tools.sh).
+DEPLOY_KUBE_VERSIONS := 1.29.0 1.35.0
+DEPLOY_SCHEMAS := $(CURDIR)/.cache/tools/kubernetes-json-schema/{{ .NormalizedKubernetesVersion }}-standalone{{ .StrictSuffix }}/{{ .ResourceKind }}{{ .KindSuffix }}.json
+
+# Install the deployment tools (idempotent; the first run builds helm, ~2-3 min).
+tools:
+	bash scripts/install-tools.sh
+
+# Lint the Dockerfile; lint, render and schema-validate the chart with every ci/*-values.yaml
+# (ServiceMonitor/PrometheusRule have no Kubernetes schema and are skipped there); check and
+# unit-test the alert rules; check every dashboard/alert expression parses and names real
+# metrics; check the chart's copies of the rules and dashboard.
+lint-deploy: tools
+	uv run --frozen hadolint --failure-threshold warning Dockerfile
+	cmp deploy/prometheus/alerts.yaml $(DEPLOY_CHART)/files/alerts.yaml
+	cmp dashboards/rightfoot-poller.json $(DEPLOY_CHART)/files/rightfoot-poller.json
+	promtool check rules deploy/prometheus/alerts.yaml
+	promtool test rules deploy/prometheus/alerts.test.yaml
+	uv run --frozen python tests/promql.py --check
+	@set -e; for values in $(DEPLOY_CHART)/ci/*-values.yaml; do \
+	  echo "== $$values"; \
+	  $(DEPLOY_TOOLS)/helm lint --strict --quiet $(DEPLOY_CHART) -f $$values; \
+	  for version in $(DEPLOY_KUBE_VERSIONS); do \
+	    $(DEPLOY_TOOLS)/helm template ci $(DEPLOY_CHART) -f $$values --kube-version $$version \
+	    | $(DEPLOY_TOOLS)/kubeconform -strict -summary -kubernetes-version $$version \
+	        -schema-location '$(DEPLOY_SCHEMAS)' -skip ServiceMonitor,PrometheusRule -; \
+	  done; \
+	done
+
+# Copy the alert rules and the dashboard into the chart (helm can only read files inside it).
+sync-deploy-copies:
+	cp deploy/prometheus/alerts.yaml $(DEPLOY_CHART)/files/alerts.yaml
+	cp dashboards/rightfoot-poller.json $(DEPLOY_CHART)/files/rightfoot-poller.json

@@ -42,6 +42,14 @@ from service.state import RESUMABLE, BatchState, Status, encode_state
 
 log = structlog.get_logger(__name__)
 
+# Restarts from the first page within one poll after page tokens are rejected (400);
+# past that the poll backs off like any transient failure and tries again later.
+MAX_TOKEN_RESTARTS = 3
+
+
+class PageTokenRejected(ApiError):
+    """Page tokens kept being rejected within one poll."""
+
 
 @dataclass(slots=True)
 class PartitionWorker:
@@ -414,19 +422,22 @@ class Tracker:
     async def _read_pages(self, w: PartitionWorker, b: BatchState) -> bool:
         """Page from the cursor to the end; return True if the batch finished."""
         token = b.cursor
-        restarted = False
+        restarts = 0
         pending = _Pending()
         while True:
             try:
                 page = await self.client.fetch_page(b.batch_id, token)
-            except ApiBadRequest:
-                if token is None or restarted:
+            except ApiBadRequest as exc:
+                if token is None:
                     raise
                 # The page token is no longer valid: read again from the first page;
                 # what was published is recognised by its digest and skipped.
-                log.warning("page_token_rejected", batch_id=b.batch_id)
+                log.warning("page_token_rejected", batch_id=b.batch_id, restarts=restarts)
                 self.metrics.invalid_input.labels("api", "page_token_rejected").inc()
-                token, restarted = None, True
+                restarts += 1
+                if restarts > MAX_TOKEN_RESTARTS:
+                    raise PageTokenRejected(str(exc.args[0]), status=400) from None
+                token = None
                 continue
             if not pending.received_at:
                 pending.received_at = self.clock()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -248,7 +249,9 @@ async def produce(bootstrap: str, topic: str, key: bytes | None, value: bytes | 
         await producer.stop()
 
 
-def run_cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str], timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "service", *args],
         env={**os.environ, **env},
@@ -259,3 +262,78 @@ def run_cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.
         cwd=ROOT,
     )
 
+
+class ServiceProcess:
+    """The service as a separate process (`python -m service run`), for kills and signals."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = free_port()
+
+    def start(self) -> None:
+        env = {**os.environ, **self.env, "RFP_HTTP__PORT": str(self.port)}
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service", "run"], env=env, stdout=log, stderr=log, cwd=ROOT
+        )
+        log.close()
+
+    async def ready(self, timeout: float = 60) -> None:
+        async def probe() -> bool:
+            try:
+                async with (
+                    aiohttp.ClientSession() as http,
+                    http.get(f"http://127.0.0.1:{self.port}/readyz") as resp,
+                ):
+                    return resp.status == 200
+            except aiohttp.ClientError:
+                return False
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"service exited with {self.proc.returncode}: {self.tail()}")
+            if await probe():
+                return
+            await asyncio.sleep(0.2)
+        raise AssertionError(f"service not ready after {timeout}s: {self.tail()}")
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    async def wait(self, timeout: float) -> int:
+        assert self.proc is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.proc.poll() is None:
+            if loop.time() > deadline:
+                raise AssertionError(f"service still running after {timeout}s")
+            await asyncio.sleep(0.05)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def tail(self, lines: int = 30) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+@pytest.fixture
+def service_processes(tmp_path: Path) -> Iterator[Callable[[dict[str, str], str], ServiceProcess]]:
+    made: list[ServiceProcess] = []
+
+    def make(env: dict[str, str], name: str) -> ServiceProcess:
+        proc = ServiceProcess(env, tmp_path / f"{name}.log")
+        made.append(proc)
+        return proc
+
+    yield make
+    for proc in made:
+        proc.kill()

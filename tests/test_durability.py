@@ -1,0 +1,258 @@
+"""Fault injection: the service killed, the broker restarted, the API misbehaving.
+
+Every case reads the balances topic with read_committed and checks that the
+records published equal the records served, with no duplicate (exactly_once),
+or with duplicates that carry their original event_id (at_least_once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import signal
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+import pytest
+from conftest import (
+    SimServer,
+    TopicReader,
+    Topics,
+    kafka_script,
+    produce,
+    service_env,
+    wait_for,
+)
+
+from service.records import balance_event_id
+
+pytestmark = [pytest.mark.kafka, pytest.mark.faults]
+
+
+def served_ids(sim: Any, batch_ids: list[str]) -> set[str]:
+    return {
+        balance_event_id(b, r.authorizer_unique_id, r.timestamp)
+        for b in batch_ids
+        for r in sim.all_records(b)
+    }
+
+
+async def track(kafka: str, topics: Topics, batch_id: str, count: int | None = None) -> None:
+    body: dict[str, Any] = {"batch_id": batch_id}
+    if count is not None:
+        body["expected_count"] = count
+    await produce(kafka, topics.requests, batch_id.encode(), json.dumps(body).encode())
+
+
+async def lifecycle_by_batch(reader: TopicReader, topics: Topics) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for msg in await reader.read_all(topics.events, idle_s=1.0):
+        value = json.loads(msg.value)
+        out.setdefault(value["batch_id"], []).append(value["event"])
+    return out
+
+
+async def wait_completed(
+    reader: TopicReader, topics: Topics, batch_ids: list[str], timeout: float
+) -> dict[str, list[str]]:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        events = await lifecycle_by_batch(reader, topics)
+        if all("completed" in events.get(b, []) for b in batch_ids):
+            return events
+        if loop.time() > deadline:
+            raise AssertionError(f"not all batches completed: {events}")
+        await asyncio.sleep(1.0)
+
+
+def assert_exactly_once(balances: list[Any], expected: set[str]) -> None:
+    ids = Counter(json.loads(m.value)["event_id"] for m in balances)
+    duplicates = {k: n for k, n in ids.items() if n > 1}
+    assert not duplicates, f"{len(duplicates)} duplicated events"
+    assert set(ids) == expected, (
+        f"missing {len(expected - set(ids))}, unexpected {len(set(ids) - expected)}"
+    )
+
+
+async def test_sigkill_at_random_moments_loses_and_repeats_nothing(
+    kafka: str,
+    topics: Topics,
+    sim_server: SimServer,
+    reader: TopicReader,
+    service_processes: Any,
+) -> None:
+    sim = sim_server.sim
+    batches = [str(uuid.uuid4()) for _ in range(4)]
+    for i, b in enumerate(batches):
+        sim.generate_batch(b, 400 + 150 * i, spread_s=40.0, seed=i)
+    env = service_env(topics, kafka, sim_server.url, RFP_INSTANCE_ID="killed")
+    service = service_processes(env, "killed")
+    service.start()
+    await service.ready()
+    for b in batches:
+        await track(kafka, topics, b, len(sim.all_records(b)))
+    rng = random.Random(42)
+    kills = 0
+    started = time.monotonic()
+    while kills < 10:
+        await asyncio.sleep(rng.uniform(0.3, 2.5))
+        service.kill()
+        kills += 1
+        service.start()
+        await service.ready()
+    assert time.monotonic() - started > 20  # the kills spanned the records' arrival
+    events = await wait_completed(reader, topics, batches, timeout=120)
+    balances = await reader.read_all(topics.balances)
+    assert_exactly_once(balances, served_ids(sim, batches))
+    for b in batches:
+        assert events[b].count("tracking_started") == 1
+        assert events[b].count("completed") == 1
+
+
+async def test_broker_restart_mid_run(
+    kafka: str,
+    topics: Topics,
+    sim_server: SimServer,
+    reader: TopicReader,
+    service_processes: Any,
+) -> None:
+    sim = sim_server.sim
+    batches = [str(uuid.uuid4()) for _ in range(3)]
+    for i, b in enumerate(batches):
+        sim.generate_batch(b, 500, spread_s=25.0, seed=10 + i)
+    env = service_env(topics, kafka, sim_server.url, RFP_INSTANCE_ID="broker-restart")
+    service = service_processes(env, "broker-restart")
+    service.start()
+    await service.ready()
+    for b in batches:
+        await track(kafka, topics, b, 500)
+    await asyncio.sleep(5)
+    stopped = kafka_script("stop")
+    assert stopped.returncode == 0, stopped.stderr
+    await asyncio.sleep(3)
+    restarted = kafka_script("start", KAFKA_KEEP_DATA="1")
+    assert restarted.returncode == 0, restarted.stdout + restarted.stderr
+    await wait_completed(reader, topics, batches, timeout=150)
+    balances = await reader.read_all(topics.balances)
+    assert_exactly_once(balances, served_ids(sim, batches))
+    assert service.proc is not None and service.proc.poll() is None, "the service kept running"
+
+
+async def test_api_faults_sustained_5xx_429_timeouts_malformed_and_token_400(
+    kafka: str,
+    topics: Topics,
+    sim_server: SimServer,
+    reader: TopicReader,
+    start_service: Any,
+) -> None:
+    sim = sim_server.sim
+    batches = [str(uuid.uuid4()) for _ in range(3)]
+    for i, b in enumerate(batches):
+        sim.generate_batch(b, 450, spread_s=12.0, seed=20 + i)
+    service = await start_service(RFP_RIGHTFOOT__TIMEOUT_S="0.5")
+    for b in batches:
+        await track(kafka, topics, b, 450)
+    await wait_for(lambda: len(sim.request_log) > 10, 20, "first polls")
+    sim.faults.update({"error_5xx_until": sim.clock() + 3.0})  # sustained 5xx
+    await asyncio.sleep(3.5)
+    sim.faults.update({"rate_limit_next": 3, "retry_after_s": 1.0})
+    await asyncio.sleep(1.5)
+    sim.faults.update({"hang_next": 3, "hang_s": 2.0})  # timeouts
+    await asyncio.sleep(2.0)
+    sim.faults.update({"malformed_next": 4})
+    await asyncio.sleep(1.0)
+    sim.faults.update({"reject_token_next": 2})  # a page token rejected with 400
+    sim.invalidate_page_tokens()
+    await wait_completed(reader, topics, batches, timeout=90)
+    balances = await reader.read_all(topics.balances)
+    assert_exactly_once(balances, served_ids(sim, batches))
+    codes = Counter(r.status for r in sim.request_log)
+    assert codes[429] >= 3 and codes[500] + codes[502] + codes[503] >= 3 and codes[400] >= 1
+    registry = service.metrics.registry
+    assert (
+        registry.get_sample_value(
+            "rightfoot_poller_api_requests_total", {"endpoint": "balances", "code": "timeout"}
+        )
+        or 0
+    ) >= 1
+    assert (
+        registry.get_sample_value(
+            "rightfoot_poller_api_requests_total", {"endpoint": "balances", "code": "429"}
+        )
+        or 0
+    ) >= 3
+
+
+async def test_sigterm_during_poll_exits_zero_within_grace(
+    kafka: str,
+    topics: Topics,
+    sim_server: SimServer,
+    reader: TopicReader,
+    service_processes: Any,
+) -> None:
+    sim = sim_server.sim
+    batch = str(uuid.uuid4())
+    sim.generate_batch(batch, 600, spread_s=6.0, seed=30)
+    grace = 8.0
+    env = service_env(
+        topics, kafka, sim_server.url, RFP_INSTANCE_ID="sigterm", RFP_SHUTDOWN_GRACE_S=str(grace)
+    )
+    service = service_processes(env, "sigterm")
+    service.start()
+    await service.ready()
+    await track(kafka, topics, batch, 600)
+    await wait_for(lambda: any(r.batch_id == batch for r in sim.request_log), 20, "a poll")
+    sim.faults.update({"latency_s": 0.5})  # so that the signal lands during a request
+    await asyncio.sleep(0.7)
+    sent = time.monotonic()
+    service.signal(signal.SIGTERM)
+    code = await service.wait(timeout=grace + 5)
+    took = time.monotonic() - sent
+    assert code == 0, service.tail()
+    assert took < grace, f"stopped in {took:.1f}s"
+    sim.faults.update({"latency_s": 0.0})
+    service.start()
+    await service.ready()
+    await wait_completed(reader, topics, [batch], timeout=60)
+    balances = await reader.read_all(topics.balances)
+    assert_exactly_once(balances, served_ids(sim, [batch]))
+
+
+async def test_at_least_once_loses_nothing_and_duplicates_keep_their_event_id(
+    kafka: str,
+    topics: Topics,
+    sim_server: SimServer,
+    reader: TopicReader,
+    service_processes: Any,
+) -> None:
+    sim = sim_server.sim
+    batches = [str(uuid.uuid4()) for _ in range(3)]
+    for i, b in enumerate(batches):
+        sim.generate_batch(b, 500, spread_s=15.0, seed=40 + i)
+    env = service_env(
+        topics, kafka, sim_server.url, RFP_INSTANCE_ID="alo", RFP_KAFKA__DELIVERY="at_least_once"
+    )
+    service = service_processes(env, "alo")
+    service.start()
+    await service.ready()
+    for b in batches:
+        await track(kafka, topics, b, 500)
+    rng = random.Random(7)
+    for _ in range(4):
+        await asyncio.sleep(rng.uniform(0.5, 2.5))
+        service.kill()
+        service.start()
+        await service.ready()
+    await wait_completed(reader, topics, batches, timeout=90)
+    balances = await reader.read_all(topics.balances)
+    by_id: dict[str, set[bytes]] = {}
+    for msg in balances:
+        value = json.loads(msg.value)
+        by_id.setdefault(value["event_id"], set()).add(msg.value)
+    assert set(by_id) == served_ids(sim, batches)  # nothing lost
+    # A duplicate is the same event: same event_id, same bytes.
+    assert all(len(values) == 1 for values in by_id.values())
