@@ -83,7 +83,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, seconds)
 
 
-def _error_from_response(status: int, body: bytes, retry_after: float | None) -> ApiError:
+def error_from_response(status: int, body: bytes, retry_after: float | None) -> ApiError:
     code = message = None
     try:
         parsed = _ErrorBody.model_validate_json(body)
@@ -254,7 +254,7 @@ class RightfootClient:
                     self.limiter.pause_until(
                         time.monotonic() + (retry_after if retry_after is not None else 1.0)
                     )
-                raise _error_from_response(resp.status, body, retry_after)
+                raise error_from_response(resp.status, body, retry_after)
         except TimeoutError:
             code = "timeout"
             raise ApiTransportError("the API did not answer in time", code="timeout") from None

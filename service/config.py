@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 from service.errors import ConfigError
 
 ENV_PREFIX = "RFP_"
+# RFP_* variables that are not configuration keys.
+NOT_KEYS = {"RFP_CONFIG"}
 SECRET_KEYS = {
     ("rightfoot", "api_key"),
     ("http", "admin_token"),
@@ -242,7 +244,7 @@ def load_settings(path: Path | str | None, env: dict[str, str] | None = None) ->
 def _apply_env_overrides(data: dict[str, Any], env: dict[str, str]) -> None:
     """``RFP_SECTION__KEY=value`` sets ``section.key``; ``RFP_KEY`` a top-level key."""
     for name, value in sorted(env.items()):
-        if not name.startswith(ENV_PREFIX) or name.endswith("_FILE"):
+        if not name.startswith(ENV_PREFIX) or name.endswith("_FILE") or name in NOT_KEYS:
             continue
         path = name[len(ENV_PREFIX) :].lower().split("__")
         target = data

@@ -42,7 +42,7 @@ from typing import IO, BinaryIO, Protocol, TextIO
 import aiohttp
 import structlog
 
-from service.api import ApiKey, RightfootClient, _error_from_response, parse_retry_after
+from service.api import ApiKey, RightfootClient, error_from_response, parse_retry_after
 from service.config import Settings
 from service.errors import (
     ApiError,
@@ -466,7 +466,7 @@ async def _error_response(client: RightfootClient, resp: aiohttp.ClientResponse)
         client.limiter.pause_until(
             time.monotonic() + (retry_after if retry_after is not None else 1.0)
         )
-    return _error_from_response(resp.status, bytes(body), retry_after)
+    return error_from_response(resp.status, bytes(body), retry_after)
 
 
 # --------------------------------------------------------------------------- progress

@@ -11,6 +11,7 @@ import hashlib
 import json
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -137,6 +138,15 @@ def _invalid(batch_id: str, item: Any, reason: str, detail: str) -> InvalidRecor
     return InvalidRecord(reason=reason, detail=detail, raw=raw, event_id=event_id)
 
 
+def _is_timestamp(text: str) -> bool:
+    if len(text) < 10 or "T" not in text:
+        return False
+    try:
+        return datetime.fromisoformat(text).tzinfo is not None
+    except ValueError:
+        return False
+
+
 def parse_record(batch_id: str, item: Any) -> BalanceRecord | InvalidRecord:
     if not isinstance(item, dict):
         return _invalid(batch_id, item, "not_an_object", "the record is not a JSON object")
@@ -161,6 +171,8 @@ def parse_record(batch_id: str, item: Any) -> BalanceRecord | InvalidRecord:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
         return _invalid(batch_id, item, "invalid_field", f"{where}: {err['msg']}")
+    if not _is_timestamp(rec.timestamp):
+        return _invalid(batch_id, item, "invalid_field", "timestamp is not an ISO-8601 date-time with a time zone")
     code = rec.balance_status_code if rec.balance_status_code is not None else rec.status_code
     if code is None:
         return _invalid(

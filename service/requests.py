@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from service.errors import RequestRejected
 
@@ -16,7 +16,7 @@ class TrackingRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     batch_id: str = Field(pattern=BATCH_ID_PATTERN)
-    expected_count: int | None = Field(default=None, ge=1, le=100_000_000)
+    expected_count: StrictInt | None = Field(default=None, ge=1, le=100_000_000)
     action: Literal["track", "stop"] = "track"
 
     def encode(self) -> bytes:
