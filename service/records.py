@@ -172,7 +172,12 @@ def parse_record(batch_id: str, item: Any) -> BalanceRecord | InvalidRecord:
         where = ".".join(str(p) for p in err["loc"])
         return _invalid(batch_id, item, "invalid_field", f"{where}: {err['msg']}")
     if not _is_timestamp(rec.timestamp):
-        return _invalid(batch_id, item, "invalid_field", "timestamp is not an ISO-8601 date-time with a time zone")
+        return _invalid(
+            batch_id,
+            item,
+            "invalid_field",
+            "timestamp is not an ISO-8601 date-time with a time zone",
+        )
     code = rec.balance_status_code if rec.balance_status_code is not None else rec.status_code
     if code is None:
         return _invalid(
