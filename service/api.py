@@ -13,6 +13,7 @@ import os
 import random
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,10 @@ log = structlog.get_logger(__name__)
 MAX_BODY_BYTES = 16 * 1024 * 1024
 # A 429 asking for a longer wait than this ends the attempt; the batch is rescheduled.
 MAX_INLINE_RETRY_AFTER_S = 30.0
+
+
+class RequestAborted(ApiError):
+    """The caller withdrew before the request was sent."""
 
 
 class ApiForbidden(ApiError):
@@ -198,12 +203,23 @@ class RightfootClient:
         key = self.api_key.get()
         return {"Authorization": f"Bearer {key}"} if key else {}
 
-    async def fetch_page(self, batch_id: str, token: str | None, limit: int | None = None) -> Page:
-        """One page of a batch, retried within bounds; typed ApiError otherwise."""
+    async def fetch_page(
+        self,
+        batch_id: str,
+        token: str | None,
+        limit: int | None = None,
+        *,
+        stop: Callable[[], bool] | None = None,
+    ) -> Page:
+        """One page of a batch, retried within bounds; typed ApiError otherwise.
+
+        ``stop`` is asked before every attempt: once it is true, no new request is sent
+        (the batch is moving to another replica) and RequestAborted is raised.
+        """
         params = {"batchId": batch_id, "limit": str(limit or self.cfg.page_limit)}
         if token:
             params["nextPageToken"] = token
-        body = await self._get_with_retries("balances", "/v1/balances", params)
+        body = await self._get_with_retries("balances", "/v1/balances", params, stop)
         try:
             return parse_page(batch_id, body)
         except ApiMalformedResponse:
@@ -211,10 +227,16 @@ class RightfootClient:
             raise
 
     async def _get_with_retries(
-        self, endpoint: str, path: str, params: dict[str, str] | list[tuple[str, str]]
+        self,
+        endpoint: str,
+        path: str,
+        params: dict[str, str] | list[tuple[str, str]],
+        stop: Callable[[], bool] | None = None,
     ) -> bytes:
         failures = 0
         while True:
+            if stop is not None and stop():
+                raise RequestAborted("stopped before sending the request")
             try:
                 return await self._get_once(endpoint, path, params)
             except (ApiServerError, ApiTransportError, ApiRateLimited) as exc:

@@ -24,7 +24,7 @@ from typing import cast
 
 import structlog
 
-from service.api import ApiForbidden, RightfootClient
+from service.api import ApiForbidden, RequestAborted, RightfootClient
 from service.config import Settings
 from service.errors import (
     ApiBadRequest,
@@ -356,6 +356,8 @@ class Tracker:
             self.metrics.polls.labels("error").inc()
             await self._finish(w, b, "failed", f"api_{exc.status}: {exc.args[0]}")
             return None
+        except RequestAborted:
+            return None  # the partition is being released
         except ApiError as exc:
             return await self._backing_off(w, b, exc)
         self.metrics.polls.labels("ok").inc()
@@ -426,7 +428,7 @@ class Tracker:
         pending = _Pending()
         while True:
             try:
-                page = await self.client.fetch_page(b.batch_id, token)
+                page = await self.client.fetch_page(b.batch_id, token, stop=lambda: w.closed)
             except ApiBadRequest as exc:
                 if token is None:
                     raise
