@@ -1,0 +1,87 @@
+"""Scale out: replicas share the batches through the consumer group and take over a dead one's.
+
+Three replicas as separate processes, thirty batches with records appearing over
+time; one replica is SIGKILLed mid-run and a fourth joins later. Every record
+arrives exactly once, every batch completes exactly once, and the simulator's
+request log shows no batch requested by two instances in overlapping periods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import uuid
+from collections import Counter, defaultdict
+from typing import Any
+
+import pytest
+from conftest import SimServer, TopicReader, Topics, produce, service_env
+from eventschema import validate_message
+from test_durability import assert_exactly_once, served_ids, wait_completed
+
+pytestmark = pytest.mark.kafka
+
+
+def overlapping_requests(log: list[Any]) -> list[tuple[Any, Any]]:
+    """Pairs of requests for the same batch, from different instances, that overlap in time."""
+    by_batch: dict[str, list[Any]] = defaultdict(list)
+    for entry in log:
+        if entry.path == "/v1/balances" and entry.batch_id:
+            by_batch[entry.batch_id].append(entry)
+    clashes = []
+    for entries in by_batch.values():
+        entries.sort(key=lambda e: e.started)
+        latest_end: dict[str, float] = {}
+        for e in entries:
+            for instance, ended in latest_end.items():
+                if instance != e.instance and ended > e.started:
+                    clashes.append((instance, e))
+            latest_end[e.instance] = max(latest_end.get(e.instance, 0.0), e.ended)
+    return clashes
+
+
+async def test_replicas_share_batches_and_take_over_a_dead_one(
+    kafka: str,
+    sim_server: SimServer,
+    reader: TopicReader,
+    service_processes: Any,
+) -> None:
+    topics = Topics(prefix=f"t{uuid.uuid4().hex[:10]}", partitions=12)
+    sim = sim_server.sim
+    batches = [str(uuid.uuid4()) for _ in range(30)]
+    for i, b in enumerate(batches):
+        sim.generate_batch(b, 60 + 7 * i, spread_s=35.0, seed=100 + i)
+
+    def replica(name: str) -> Any:
+        env = service_env(topics, kafka, sim_server.url, RFP_INSTANCE_ID=name)
+        return service_processes(env, name)
+
+    replicas = [replica(f"replica-{n}") for n in range(3)]
+    for r in replicas:
+        r.start()
+    await asyncio.gather(*(r.ready() for r in replicas))
+    for b in batches:
+        body = {"batch_id": b, "expected_count": len(sim.all_records(b))}
+        await produce(kafka, topics.requests, b.encode(), json.dumps(body).encode())
+
+    await asyncio.sleep(8)
+    replicas[1].signal(signal.SIGKILL)  # mid-run, no goodbye
+    await asyncio.sleep(10)
+    fourth = replica("replica-3")
+    fourth.start()
+    await fourth.ready()
+
+    events = await wait_completed(reader, topics, batches, timeout=120)
+    for b in batches:
+        assert Counter(events[b]) == {"tracking_started": 1, "completed": 1}, (b, events[b])
+
+    balances = await reader.read_all(topics.balances)
+    for msg in balances[:200]:
+        validate_message("balance", msg.key, msg.value, msg.headers)
+    assert_exactly_once(balances, served_ids(sim, batches))
+
+    instances = Counter(e.instance for e in sim.request_log if e.path == "/v1/balances")
+    assert {"replica-0", "replica-1", "replica-2", "replica-3"} <= set(instances), instances
+    clashes = overlapping_requests(sim.request_log)
+    assert not clashes, f"{len(clashes)} overlapping requests, e.g. {clashes[:3]}"
