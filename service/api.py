@@ -219,7 +219,9 @@ class RightfootClient:
         params = {"batchId": batch_id, "limit": str(limit or self.cfg.page_limit)}
         if token:
             params["nextPageToken"] = token
-        body = await self._get_with_retries("balances", "/v1/balances", params, stop)
+        # Lines logged while fetching (retries) name the batch, whoever asked for the page.
+        with structlog.contextvars.bound_contextvars(batch_id=batch_id):
+            body = await self._get_with_retries("balances", "/v1/balances", params, stop)
         try:
             return parse_page(batch_id, body)
         except ApiMalformedResponse:

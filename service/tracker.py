@@ -321,7 +321,9 @@ class Tracker:
     async def _poll(self, w: PartitionWorker, b: BatchState, due: float) -> None:
         delay: float | None
         try:
-            delay = await self._poll_batch(w, b)
+            # Every line logged during the poll (the API client's retries too) names the batch.
+            with structlog.contextvars.bound_contextvars(batch_id=b.batch_id):
+                delay = await self._poll_batch(w, b)
         except PublishFailed:
             self.metrics.polls.labels("publish_failed").inc()
             return  # the partition is being restored from Kafka
