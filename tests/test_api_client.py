@@ -1,0 +1,348 @@
+"""The Rightfoot API client against the simulator: paging, retries, typed errors, metrics."""
+
+from __future__ import annotations
+
+import random
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+import pytest
+from aiohttp.test_utils import TestServer
+
+from service import __version__
+from service.api import ApiKey, RightfootClient
+from service.config import RightfootConfig
+from service.errors import (
+    ApiBadRequest,
+    ApiError,
+    ApiMalformedResponse,
+    ApiNotFound,
+    ApiRateLimited,
+    ApiServerError,
+    ApiTransportError,
+    ApiUnauthorized,
+)
+from service.metrics import Metrics
+from service.pacing import RateLimiter
+from service.simulator import Simulator, build_app
+
+KEY = "rf_test_key_5f1d0c9e8b7a6d5c4b3a"
+INSTANCE = "poller-test-0"
+BATCH = "6a1d2c3b-4e5f-4a6b-8c7d-000000000250"
+
+
+class Sleeps:
+    """An injected sleep: records the delays asked for and returns at once."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.delays.append(seconds)
+
+
+class Harness:
+    def __init__(self, sim: Simulator, url: str) -> None:
+        self.sim = sim
+        self.url = url
+        self.metrics = Metrics()
+        self.client_sleeps = Sleeps()
+        self.limiter_sleeps = Sleeps()
+        self.clients: list[RightfootClient] = []
+
+    async def client(self, key: str | None = KEY, **cfg: Any) -> RightfootClient:
+        return await self.client_with(ApiKey(key), **cfg)
+
+    async def client_with(self, api_key: ApiKey, **cfg: Any) -> RightfootClient:
+        settings: dict[str, Any] = {
+            "base_url": self.url,
+            "page_limit": 100,
+            "max_attempts": 4,
+            "backoff_base_s": 1.0,
+            "backoff_max_s": 8.0,
+            "timeout_s": 5.0,
+        }
+        settings.update(cfg)
+        client = RightfootClient(
+            RightfootConfig(**settings),
+            instance_id=INSTANCE,
+            metrics=self.metrics,
+            api_key=api_key,
+            limiter=RateLimiter(1000.0, sleep=self.limiter_sleeps),
+            rng=random.Random(0),
+            sleep=self.client_sleeps,
+        )
+        await client.start()
+        self.clients.append(client)
+        return client
+
+    def requests(self) -> list[int]:
+        return [e.status for e in self.sim.request_log]
+
+    def count(self, code: str) -> float:
+        value = self.metrics.registry.get_sample_value(
+            "rightfoot_poller_api_requests_total", {"endpoint": "balances", "code": code}
+        )
+        return value or 0.0
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[Harness]:
+    sim = Simulator(api_keys=[KEY], seed=11)
+    sim.generate_batch(BATCH, 250, seed=5)
+    server = TestServer(build_app(sim), host="127.0.0.1")
+    await server.start_server()
+    harness = Harness(sim, str(server.make_url("")).rstrip("/"))
+    try:
+        yield harness
+    finally:
+        for client in harness.clients:
+            await client.close()
+        await server.close()
+
+
+async def test_pages_a_batch_following_tokens(api: Harness) -> None:
+    client = await api.client()
+    pages = []
+    token = None
+    while True:
+        page = await client.fetch_page(BATCH, token)
+        pages.append(page)
+        if not page.has_more:
+            break
+        token = page.next_page_token
+    assert [len(p.records) for p in pages] == [100, 100, 50]
+    assert [p.has_more for p in pages] == [True, True, False]
+    assert pages[-1].next_page_token is None
+    got = [(r.authorizer_unique_id, r.balance) for p in pages for r in p.records]
+    expected = [
+        (r.authorizer_unique_id, None if r.balance is None else str(r.balance))
+        for r in api.sim.all_records(BATCH)
+    ]
+    assert got == expected
+    assert len({r.event_id for p in pages for r in p.records}) == 250
+
+    log = api.sim.request_log
+    assert [e.status for e in log] == [200, 200, 200]
+    queries = [parse_qs(e.query) for e in log]
+    assert all(q["batchId"] == [BATCH] and q["limit"] == ["100"] for q in queries)
+    assert "nextPageToken" not in queries[0]
+    assert queries[1]["nextPageToken"] == [pages[0].next_page_token]
+    assert queries[2]["nextPageToken"] == [pages[1].next_page_token]
+    for entry in log:
+        assert entry.path == "/v1/balances"
+        assert entry.user_agent == f"rightfoot-poller/{__version__} ({INSTANCE})"
+        assert entry.instance == INSTANCE
+    assert api.count("200") == 3
+
+
+async def test_limit_is_sent_as_configured(api: Harness) -> None:
+    client = await api.client(page_limit=30)
+    page = await client.fetch_page(BATCH, None)
+    assert len(page.records) == 30
+    assert parse_qs(api.sim.request_log[-1].query)["limit"] == ["30"]
+    page = await client.fetch_page(BATCH, None, limit=7)
+    assert len(page.records) == 7
+
+
+async def test_5xx_burst_shorter_than_max_attempts_is_retried(api: Harness) -> None:
+    api.sim.faults.error_5xx_next = 3
+    client = await api.client()
+    page = await client.fetch_page(BATCH, None)
+    assert len(page.records) == 100
+    assert api.requests() == [500, 502, 503, 200]
+    delays = api.client_sleeps.delays
+    assert len(delays) == 3
+    for failures, delay in enumerate(delays, start=1):
+        ceiling = min(8.0, 2 ** (failures - 1))
+        assert ceiling / 2 <= delay <= ceiling
+    assert [api.count(c) for c in ("500", "502", "503", "200")] == [1, 1, 1, 1]
+
+
+async def test_5xx_longer_than_max_attempts_raises_after_exactly_max_attempts(
+    api: Harness,
+) -> None:
+    api.sim.faults.error_5xx_next = 50
+    client = await api.client(max_attempts=3)
+    with pytest.raises(ApiServerError) as info:
+        await client.fetch_page(BATCH, None)
+    assert len(api.sim.request_log) == 3
+    assert info.value.status in (500, 502, 503)
+    assert len(api.client_sleeps.delays) == 2
+    assert api.count("200") == 0
+    assert api.count("500") + api.count("502") + api.count("503") == 3
+
+
+async def test_429_waits_at_least_retry_after_then_succeeds(api: Harness) -> None:
+    api.sim.faults.rate_limit_next = 1
+    api.sim.faults.retry_after_s = 3
+    client = await api.client(backoff_base_s=0.01, backoff_max_s=0.02)
+    page = await client.fetch_page(BATCH, None)
+    assert len(page.records) == 100
+    assert api.requests() == [429, 200]
+    assert len(api.client_sleeps.delays) == 1
+    assert api.client_sleeps.delays[0] >= 3.0
+    # Retry-After holds back the whole replica's limiter too, not just this request.
+    assert max(api.limiter_sleeps.delays) > 2.0
+    assert (api.count("429"), api.count("200")) == (1, 1)
+
+
+async def test_429_with_a_long_retry_after_is_not_waited_inline(api: Harness) -> None:
+    api.sim.faults.rate_limit_next = 1
+    api.sim.faults.retry_after_s = 120
+    client = await api.client()
+    with pytest.raises(ApiRateLimited) as info:
+        await client.fetch_page(BATCH, None)
+    assert info.value.retry_after == 120
+    assert api.requests() == [429]
+    assert api.client_sleeps.delays == []
+
+
+@pytest.mark.parametrize("key", ["wrong-key-0000000000", None])
+async def test_401_raises_without_retry(api: Harness, key: str | None) -> None:
+    client = await api.client(key=key)
+    with pytest.raises(ApiUnauthorized) as info:
+        await client.fetch_page(BATCH, None)
+    assert info.value.status == 401
+    assert info.value.code == "UNAUTHORIZED"
+    assert api.requests() == [401]
+    assert api.client_sleeps.delays == []
+    assert api.count("401") == 1
+
+
+async def test_rotated_key_file_is_picked_up(api: Harness, tmp_path: Path) -> None:
+    key_file = tmp_path / "api-key"
+    key_file.write_text("revoked-key-0000000000\n")
+    api_key = ApiKey("revoked-key-0000000000", key_file)
+    client = await api.client_with(api_key)
+    with pytest.raises(ApiUnauthorized):
+        await client.fetch_page(BATCH, None)
+    key_file.write_text(KEY + "\n")
+    api_key.refresh()
+    assert len((await client.fetch_page(BATCH, None)).records) == 100
+    assert api.requests() == [401, 200]
+
+
+async def test_404_raises_not_found(api: Harness) -> None:
+    client = await api.client()
+    with pytest.raises(ApiNotFound) as info:
+        await client.fetch_page("no-such-batch", None)
+    assert info.value.status == 404
+    assert info.value.code == "NOT_FOUND"
+    assert api.requests() == [404]
+    assert api.count("404") == 1
+
+
+async def test_400_on_an_invalidated_token(api: Harness) -> None:
+    client = await api.client()
+    first = await client.fetch_page(BATCH, None)
+    api.sim.invalidate_page_tokens()
+    with pytest.raises(ApiBadRequest) as info:
+        await client.fetch_page(BATCH, first.next_page_token)
+    assert info.value.status == 400
+    assert info.value.code == "INVALID_PAGE_TOKEN"
+    assert api.requests() == [200, 400]
+    # Starting over from the first page works.
+    again = await client.fetch_page(BATCH, None)
+    assert [r.event_id for r in again.records] == [r.event_id for r in first.records]
+
+
+async def test_a_hang_beyond_the_timeout_is_retried(api: Harness) -> None:
+    api.sim.faults.hang_next = 1
+    api.sim.faults.hang_s = 5
+    client = await api.client(timeout_s=0.3)
+    started = time.monotonic()
+    page = await client.fetch_page(BATCH, None)
+    elapsed = time.monotonic() - started
+    assert len(page.records) == 100
+    assert elapsed < 3.0
+    assert api.count("timeout") == 1
+    assert api.count("200") == 1
+    assert len(api.client_sleeps.delays) == 1
+
+
+async def test_timeouts_exhausting_attempts_raise_transport_error(api: Harness) -> None:
+    api.sim.faults.hang_next = 2
+    api.sim.faults.hang_s = 5
+    client = await api.client(timeout_s=0.2, max_attempts=2)
+    with pytest.raises(ApiTransportError) as info:
+        await client.fetch_page(BATCH, None)
+    assert info.value.code == "timeout"
+    assert api.count("timeout") == 2
+
+
+async def test_connection_refused_is_retried_then_raises(api: Harness) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    api.url = f"http://127.0.0.1:{port}"
+    client = await api.client(max_attempts=3)
+    with pytest.raises(ApiTransportError) as info:
+        await client.fetch_page(BATCH, None)
+    assert info.value.code == "connection_error"
+    assert api.count("connection_error") == 3
+    assert len(api.client_sleeps.delays) == 2
+
+
+async def test_malformed_bodies_raise(api: Harness) -> None:
+    api.sim.faults.malformed_next = 4  # one of each kind the simulator serves
+    client = await api.client()
+    for _ in range(4):
+        with pytest.raises(ApiMalformedResponse):
+            await client.fetch_page(BATCH, None)
+    assert api.requests() == [200, 200, 200, 200]
+    assert api.count("200") == 4
+    invalid = api.metrics.registry.get_sample_value(
+        "rightfoot_poller_invalid_input_total", {"source": "api", "reason": "malformed_page"}
+    )
+    assert invalid == 4
+    assert len((await client.fetch_page(BATCH, None)).records) == 100
+
+
+async def test_request_duration_is_observed(api: Harness) -> None:
+    client = await api.client()
+    await client.fetch_page(BATCH, None)
+    await client.fetch_page(BATCH, None)
+    count = api.metrics.registry.get_sample_value(
+        "rightfoot_poller_api_request_duration_seconds_count", {"endpoint": "balances"}
+    )
+    assert count == 2
+
+
+async def error_of(call: Awaitable[Any]) -> ApiError:
+    with pytest.raises(ApiError) as info:
+        await call
+    return info.value
+
+
+async def test_the_api_key_never_appears_in_errors(api: Harness) -> None:
+    client = await api.client()
+    faults = api.sim.faults
+    errors = [await error_of(client.fetch_page("missing", None))]
+    faults.error_5xx_next = 10
+    errors.append(await error_of(client.fetch_page(BATCH, None)))
+    faults.error_5xx_next, faults.malformed_next = 0, 1
+    errors.append(await error_of(client.fetch_page(BATCH, None)))
+    faults.malformed_next = 0
+    errors.append(await error_of(client.fetch_page(BATCH, "forged-token")))
+    faults.rate_limit_next, faults.retry_after_s = 1, 99
+    errors.append(await error_of(client.fetch_page(BATCH, None)))
+    api.sim.set_api_keys(["another-key-000000"])
+    errors.append(await error_of(client.fetch_page(BATCH, None)))
+    assert [type(e) for e in errors] == [
+        ApiNotFound,
+        ApiServerError,
+        ApiMalformedResponse,
+        ApiBadRequest,
+        ApiRateLimited,
+        ApiUnauthorized,
+    ]
+    for exc in errors:
+        text = " ".join(
+            [str(exc), repr(exc), repr(exc.args), repr(exc.__cause__), repr(exc.__context__)]
+        )
+        assert KEY not in text

@@ -1,0 +1,306 @@
+"""The HTTP surface: health, readiness, metrics and the admin API (tracking requests)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from service.http_api import HttpApi
+from service.metrics import Metrics
+from service.requests import TrackingRequest
+
+TOKEN = "admin-token-0a1b2c3d4e5f"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+class Boundary:
+    """What the HTTP API talks to: in-test stand-ins for the service behind it."""
+
+    def __init__(self) -> None:
+        self.submitted: list[TrackingRequest] = []
+        self.ready = True
+        self.ready_detail: dict[str, Any] = {"kafka": True, "state_restored": True}
+        self.batches: dict[str, dict[str, Any]] = {
+            "b-1": {"batch_id": "b-1", "status": "tracking", "records_published": 12},
+        }
+
+    async def submit(self, req: TrackingRequest) -> None:
+        self.submitted.append(req)
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        return self.ready, dict(self.ready_detail)
+
+    def get(self, batch_id: str) -> dict[str, Any] | None:
+        return self.batches.get(batch_id)
+
+    def list(self) -> list[dict[str, Any]]:
+        return list(self.batches.values())
+
+
+class Http:
+    def __init__(self, server: TestServer, boundary: Boundary, metrics: Metrics) -> None:
+        self.server = server
+        self.boundary = boundary
+        self.metrics = metrics
+        self.session = aiohttp.ClientSession()
+
+    def url(self, path: str) -> str:
+        return str(self.server.make_url(path))
+
+    async def call(
+        self, method: str, path: str, *, body: Any = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, Any, aiohttp.ClientResponse]:
+        data = body if isinstance(body, bytes | str) or body is None else json.dumps(body)
+        hdrs = {"Content-Type": "application/json", **(headers or {})}
+        async with self.session.request(method, self.url(path), data=data, headers=hdrs) as resp:
+            text = await resp.text()
+            try:
+                parsed: Any = json.loads(text)
+            except ValueError:
+                parsed = text
+            return resp.status, parsed, resp
+
+
+async def serve(admin_token: str | None, max_body_bytes: int = 1024) -> tuple[TestServer, Http]:
+    boundary, metrics = Boundary(), Metrics()
+    api = HttpApi(
+        metrics=metrics,
+        readiness=boundary.readiness,
+        submit=boundary.submit,
+        view=boundary,
+        admin_token=admin_token,
+        max_body_bytes=max_body_bytes,
+    )
+    server = TestServer(api.app(), host="127.0.0.1")
+    await server.start_server()
+    return server, Http(server, boundary, metrics)
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[Http]:
+    server, client = await serve(TOKEN)
+    try:
+        yield client
+    finally:
+        await client.session.close()
+        await server.close()
+
+
+@pytest.fixture
+async def http_without_token() -> AsyncIterator[Http]:
+    server, client = await serve(None)
+    try:
+        yield client
+    finally:
+        await client.session.close()
+        await server.close()
+
+
+async def test_post_batch_accepted(http: Http) -> None:
+    status, body, resp = await http.call(
+        "POST",
+        "/v1/batches",
+        body={"batch_id": "5d3c6bbb-fc1a-46a4-93da-1ce4a54b0d83", "expected_count": 123},
+        headers=AUTH,
+    )
+    assert status == 202
+    assert body["batch_id"] == "5d3c6bbb-fc1a-46a4-93da-1ce4a54b0d83"
+    assert resp.headers["Location"] == "/v1/batches/5d3c6bbb-fc1a-46a4-93da-1ce4a54b0d83"
+    assert http.boundary.submitted == [
+        TrackingRequest(batch_id="5d3c6bbb-fc1a-46a4-93da-1ce4a54b0d83", expected_count=123)
+    ]
+
+
+async def test_post_without_count_and_with_charset(http: Http) -> None:
+    status, _, _ = await http.call(
+        "POST",
+        "/v1/batches",
+        body=b'{"batch_id": "b-9"}',
+        headers={**AUTH, "Content-Type": "application/json; charset=utf-8"},
+    )
+    assert status == 202
+    assert http.boundary.submitted == [TrackingRequest(batch_id="b-9")]
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b"", "not valid JSON"),
+        (b"[]", ""),
+        (b"{}", "batch_id"),
+        (b'{"batch_id": "has space"}', "batch_id"),
+        (b'{"batch_id": "b", "expected_count": 0}', "expected_count"),
+        (b'{"batch_id": "b", "expected_count": -1}', "expected_count"),
+        (b'{"batch_id": "b", "colour": "red"}', "colour: unknown field"),
+        (b'{"batch_id": "b", "action": "stop"}', "DELETE"),
+    ],
+)
+async def test_post_bad_body_is_400_with_a_reason(http: Http, body: bytes, fragment: str) -> None:
+    status, answer, _ = await http.call("POST", "/v1/batches", body=body, headers=AUTH)
+    assert status == 400
+    assert isinstance(answer["error"], str) and answer["error"]
+    assert fragment in answer["error"]
+    assert http.boundary.submitted == []
+
+
+async def test_post_non_json_content_type_is_415(http: Http) -> None:
+    status, answer, _ = await http.call(
+        "POST",
+        "/v1/batches",
+        body=b"batch_id=b-1",
+        headers={**AUTH, "Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert status == 415
+    assert "application/json" in answer["error"]
+    assert http.boundary.submitted == []
+
+
+async def test_post_over_max_body_is_413(http: Http) -> None:
+    big = json.dumps({"batch_id": "b-1", "pad": "x" * 5000})
+    status, answer, _ = await http.call("POST", "/v1/batches", body=big, headers=AUTH)
+    assert status == 413
+    assert "1024" in answer["error"]
+    assert http.boundary.submitted == []
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer wrong-token"},
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": TOKEN},
+        {"Authorization": f"Bearer {TOKEN}x"},
+    ],
+    ids=["missing", "wrong", "basic", "no-scheme", "longer"],
+)
+async def test_wrong_token_is_401(http: Http, headers: dict[str, str]) -> None:
+    status, answer, resp = await http.call(
+        "POST", "/v1/batches", body={"batch_id": "b-1"}, headers=headers
+    )
+    assert status == 401
+    assert "token" in answer["error"]
+    assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+    status, _, _ = await http.call("DELETE", "/v1/batches/b-1", headers=headers)
+    assert status == 401
+    assert http.boundary.submitted == []
+    assert TOKEN not in json.dumps(answer)
+
+
+async def test_bearer_scheme_is_case_insensitive(http: Http) -> None:
+    status, _, _ = await http.call(
+        "POST",
+        "/v1/batches",
+        body={"batch_id": "b-1"},
+        headers={"Authorization": f"bearer {TOKEN}"},
+    )
+    assert status == 202
+
+
+async def test_without_admin_token_mutations_are_403_with_how_to(
+    http_without_token: Http,
+) -> None:
+    http = http_without_token
+    for method, path, body in (
+        ("POST", "/v1/batches", {"batch_id": "b-1"}),
+        ("DELETE", "/v1/batches/b-1", None),
+    ):
+        status, answer, _ = await http.call(method, path, body=body, headers=AUTH)
+        assert status == 403
+        assert "RFP_HTTP__ADMIN_TOKEN" in answer["error"]
+    assert http.boundary.submitted == []
+    # Reading stays open.
+    status, answer, _ = await http.call("GET", "/v1/batches")
+    assert status == 200
+
+
+async def test_delete_is_202_and_submits_a_stop(http: Http) -> None:
+    status, answer, _ = await http.call("DELETE", "/v1/batches/b-1", headers=AUTH)
+    assert status == 202
+    assert answer["batch_id"] == "b-1"
+    assert http.boundary.submitted == [TrackingRequest(batch_id="b-1", action="stop")]
+
+
+async def test_delete_invalid_batch_id_is_400(http: Http) -> None:
+    status, answer, _ = await http.call("DELETE", "/v1/batches/bad%20id", headers=AUTH)
+    assert status == 400
+    assert "batch_id" in answer["error"]
+    assert http.boundary.submitted == []
+
+
+async def test_get_list_and_one(http: Http) -> None:
+    status, answer, _ = await http.call("GET", "/v1/batches")
+    assert status == 200
+    assert answer == {"batches": [http.boundary.batches["b-1"]]}
+    status, answer, _ = await http.call("GET", "/v1/batches/b-1")
+    assert status == 200
+    assert answer == http.boundary.batches["b-1"]
+    status, answer, _ = await http.call("GET", "/v1/batches/unknown")
+    assert status == 404
+    assert answer["error"]
+
+
+async def test_readyz_follows_readiness(http: Http) -> None:
+    status, answer, _ = await http.call("GET", "/readyz")
+    assert status == 200
+    assert answer["status"] == "ready"
+    assert answer["kafka"] is True
+    http.boundary.ready = False
+    http.boundary.ready_detail = {"api_credentials": "rejected"}
+    status, answer, _ = await http.call("GET", "/readyz")
+    assert status == 503
+    assert answer["api_credentials"] == "rejected"
+    http.boundary.ready = True
+    status, _, _ = await http.call("GET", "/readyz")
+    assert status == 200
+
+
+async def test_healthz(http: Http) -> None:
+    status, answer, _ = await http.call("GET", "/healthz")
+    assert status == 200
+    assert answer["status"] == "ok"
+
+
+async def test_healthz_reports_a_stalled_loop() -> None:
+    api = HttpApi(
+        metrics=Metrics(),
+        readiness=lambda: (True, {}),
+        submit=Boundary().submit,
+        view=Boundary(),
+        admin_token=None,
+        max_body_bytes=1024,
+        liveness=lambda: False,
+    )
+    server = TestServer(api.app(), host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(str(server.make_url("/healthz"))) as resp,
+        ):
+            assert resp.status == 503
+    finally:
+        await server.close()
+
+
+async def test_metrics_page(http: Http) -> None:
+    await http.call("POST", "/v1/batches", body={"batch_id": "b-1"}, headers={})
+    status, text, resp = await http.call("GET", "/metrics")
+    assert status == 200
+    assert resp.headers["Content-Type"].startswith("text/plain")
+    assert isinstance(text, str)
+    names = {
+        line.split("{")[0].split(" ")[0]
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert names
+    assert all(name.startswith("rightfoot_poller_") for name in names), names
+    assert "rightfoot_poller_build_info" in names
+    assert 'rightfoot_poller_invalid_input_total{reason="unauthorized",source="http"} 1.0' in text

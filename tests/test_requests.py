@@ -1,0 +1,119 @@
+"""Tracking requests: the one format of the requests topic, the HTTP API and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from service.errors import RequestRejected
+from service.requests import TrackingRequest, decode_request, reject_reason
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (
+            b'{"batch_id": "5d3c6bbb-fc1a-46a4-93da-1ce4a54b0d83", "expected_count": 123}',
+            TrackingRequest(batch_id="5d3c6bbb-fc1a-46a4-93da-1ce4a54b0d83", expected_count=123),
+        ),
+        (b'{"batch_id": "batch_12345ABCDE"}', TrackingRequest(batch_id="batch_12345ABCDE")),
+        (
+            b'{"batch_id": "b.1:x-y_z", "expected_count": null}',
+            TrackingRequest(batch_id="b.1:x-y_z"),
+        ),
+        (
+            b'{"batch_id": "b", "action": "stop"}',
+            TrackingRequest(batch_id="b", action="stop"),
+        ),
+        (
+            json.dumps({"batch_id": "x" * 128, "expected_count": 100_000_000}).encode(),
+            TrackingRequest(batch_id="x" * 128, expected_count=100_000_000),
+        ),
+    ],
+)
+def test_accepts_the_contract_value(value: bytes, expected: TrackingRequest) -> None:
+    req = decode_request(value)
+    assert req == expected
+    assert req.action in ("track", "stop")
+
+
+def test_defaults() -> None:
+    req = decode_request(b'{"batch_id": "b-1"}')
+    assert (req.batch_id, req.expected_count, req.action) == ("b-1", None, "track")
+
+
+def test_encode_round_trip() -> None:
+    req = TrackingRequest(batch_id="b-1", expected_count=9)
+    assert json.loads(req.encode()) == {"batch_id": "b-1", "expected_count": 9, "action": "track"}
+    assert decode_request(req.encode()) == req
+    bare = TrackingRequest(batch_id="b-2")
+    assert "expected_count" not in json.loads(bare.encode())
+    assert decode_request(bare.encode()) == bare
+
+
+@pytest.mark.parametrize(
+    ("value", "label", "fragment"),
+    [
+        (None, "empty", "empty"),
+        (b"", "invalid_json", "not valid JSON"),
+        (b"{not json", "invalid_json", "not valid JSON"),
+        (b'{"batch_id": "b"', "invalid_json", "not valid JSON"),
+        (b"\xff\xfe\x00", "invalid_json", "not valid JSON"),
+        (b"[]", "invalid_field", ""),
+        (b'"b-1"', "invalid_field", ""),
+        (b"{}", "invalid_field", "batch_id"),
+        (b'{"batch_id": "b", "expectedCount": 5}', "invalid_field", "expectedCount: unknown field"),
+        (b'{"batch_id": "b", "extra": 1}', "invalid_field", "extra: unknown field"),
+        (b'{"batch_id": "b", "expected_count": 0}', "invalid_field", "expected_count"),
+        (b'{"batch_id": "b", "expected_count": -3}', "invalid_field", "expected_count"),
+        (b'{"batch_id": "b", "expected_count": 1.5}', "invalid_field", "expected_count"),
+        (
+            b'{"batch_id": "b", "expected_count": 100000001}',
+            "invalid_field",
+            "expected_count",
+        ),
+        (b'{"batch_id": "b", "expected_count": "many"}', "invalid_field", "expected_count"),
+        (b'{"batch_id": "has space"}', "invalid_field", "batch_id"),
+        (b'{"batch_id": ""}', "invalid_field", "batch_id"),
+        (b'{"batch_id": "b/../c"}', "invalid_field", "batch_id"),
+        (b'{"batch_id": "b\\n"}', "invalid_field", "batch_id"),
+        (json.dumps({"batch_id": "x" * 129}).encode(), "invalid_field", "batch_id"),
+        (b'{"batch_id": 12345}', "invalid_field", "batch_id"),
+        (b'{"batch_id": null}', "invalid_field", "batch_id"),
+        (b'{"batch_id": "b", "action": "delete"}', "invalid_field", "action"),
+        (b'{"batch_id": "b", "action": "TRACK"}', "invalid_field", "action"),
+        (b'{"batch_id": "b", "action": null}', "invalid_field", "action"),
+    ],
+)
+def test_rejects_with_a_reason_and_a_bounded_label(
+    value: bytes | None, label: str, fragment: str
+) -> None:
+    with pytest.raises(RequestRejected) as info:
+        decode_request(value)
+    message = str(info.value)
+    assert message
+    assert fragment in message
+    assert "\n" not in message
+    assert reject_reason(info.value) == label
+
+
+@pytest.mark.parametrize("count", ['"5"', "5.0", "true"])
+def test_expected_count_must_be_a_json_integer(count: str) -> None:
+    with pytest.raises(RequestRejected, match="expected_count"):
+        decode_request(f'{{"batch_id": "b", "expected_count": {count}}}'.encode())
+
+
+def test_reject_reason_labels_are_bounded() -> None:
+    labels = {
+        reject_reason(RequestRejected(text))
+        for text in (
+            "empty message value",
+            "not valid JSON: x",
+            "batch_id: String should match pattern",
+            "anything else at all",
+            "",
+        )
+    }
+    assert labels <= {"empty", "invalid_json", "invalid_field"}
+    assert labels == {"empty", "invalid_json", "invalid_field"}
