@@ -33,7 +33,7 @@ json_values = st.recursive(
     lambda children: (
         st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5)
     ),
-    max_leaves=20,
+    max_leaves=8,
 )
 record_like = st.fixed_dictionaries(
     {},
@@ -70,7 +70,7 @@ def test_arbitrary_json_into_parse_page(value: Any) -> None:
 
 @FUZZ
 @given(
-    st.lists(json_values | record_like, max_size=8),
+    st.lists(json_values | record_like, max_size=6),
     st.booleans(),
     st.none() | st.text(max_size=10),
 )
