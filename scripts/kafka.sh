@@ -22,6 +22,25 @@
 #   KAFKA_EXTRA_PROPS=""                  file whose properties are appended to server.properties
 #   KAFKA_KEEP_DATA=0                     1 = keep the formatted data dir across start
 #   KAFKA_READY_TIMEOUT=120               seconds to wait for readiness
+#
+# Secured listeners (off by default; PLAINTEXT stays the listener for inter-broker traffic
+# and the readiness check). Each port set adds one listener on 127.0.0.1:
+#   KAFKA_SASL_SSL_PORT=""        SASL_SSL: TLS, then PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512
+#   KAFKA_SASL_PLAINTEXT_PORT=""  SASL_PLAINTEXT: the same mechanisms without TLS
+#   KAFKA_SSL_PORT=""             SSL: TLS only; client certificates required when KAFKA_SSL_CA
+#                                 is set (mutual TLS)
+#   KAFKA_SSL_CERT=""             broker certificate chain, PEM, leaf first; its SANs must name
+#                                 127.0.0.1 (needed by the SASL_SSL and SSL listeners)
+#   KAFKA_SSL_KEY=""              the broker certificate's key: PEM, unencrypted PKCS#8
+#                                 ("BEGIN PRIVATE KEY")
+#   KAFKA_SSL_CA=""               PEM CA(s) that client certificates must chain to (SSL listener)
+#   KAFKA_SASL_USERS_FILE=""      users of the SASL listeners, one "name password" per line:
+#                                 their SCRAM-SHA-256 and SCRAM-SHA-512 credentials are created
+#                                 when the storage is formatted, and they are the PLAIN users of
+#                                 the listeners' JAAS configuration (server.properties is then
+#                                 mode 600)
+# Whoever starts the broker makes the certificates (the tests make theirs with Python's
+# cryptography, see tests/certs.py and docs/security.md).
 set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -37,6 +56,14 @@ KAFKA_EXTRA_PROPS="${KAFKA_EXTRA_PROPS:-}"
 KAFKA_KEEP_DATA="${KAFKA_KEEP_DATA:-0}"
 KAFKA_READY_TIMEOUT="${KAFKA_READY_TIMEOUT:-120}"
 KAFKA_STOP_TIMEOUT="${KAFKA_STOP_TIMEOUT:-30}"
+KAFKA_SASL_SSL_PORT="${KAFKA_SASL_SSL_PORT:-}"
+KAFKA_SASL_PLAINTEXT_PORT="${KAFKA_SASL_PLAINTEXT_PORT:-}"
+KAFKA_SSL_PORT="${KAFKA_SSL_PORT:-}"
+KAFKA_SSL_CERT="${KAFKA_SSL_CERT:-}"
+KAFKA_SSL_KEY="${KAFKA_SSL_KEY:-}"
+KAFKA_SSL_CA="${KAFKA_SSL_CA:-}"
+KAFKA_SASL_USERS_FILE="${KAFKA_SASL_USERS_FILE:-}"
+SASL_MECHANISMS=(PLAIN SCRAM-SHA-256 SCRAM-SHA-512)
 
 POM="$SCRIPT_DIR/kafka/pom.xml"
 LOG4J_CONFIG="$SCRIPT_DIR/kafka/log4j2.properties"
@@ -50,6 +77,7 @@ LOG_DIR="$KAFKA_DIR/logs"
 LOG_FILE="$LOG_DIR/server.log"  # log4j2 (scripts/kafka/log4j2.properties)
 OUT_FILE="$LOG_DIR/kafka.out"   # JVM stdout/stderr (crashes, GC errors)
 PID_FILE="$KAFKA_DIR/kafka.pid"
+KEYSTORE_FILE="$KAFKA_DIR/broker-keystore.pem"  # KAFKA_SSL_KEY + KAFKA_SSL_CERT, mode 600
 LOCK_FILE="$KAFKA_DIR.lock"     # outside KAFKA_DIR, which may be wiped
 # Put on the broker's command line so `stop` only ever signals the broker of this dir.
 PROC_MARKER="-Dkafka.sh.dir=$KAFKA_DIR"
@@ -181,11 +209,97 @@ show_logs() {
 # ---------------------------------------------------------------- configuration
 
 # One listener per line: NAME PROTOCOL PORT ADVERTISED(yes|no).
-# To add a listener (e.g. SASL_SSL), add a line here and its ssl.*/sasl.* properties
-# via KAFKA_EXTRA_PROPS (or a block in write_properties).
+# The secured listeners' ssl.*/sasl.* properties come from write_security_props.
 listener_table() {
   echo "PLAINTEXT PLAINTEXT $KAFKA_PORT yes"
   echo "CONTROLLER PLAINTEXT $KAFKA_CONTROLLER_PORT no"
+  [[ -z "$KAFKA_SASL_SSL_PORT" ]] || echo "SASL_SSL SASL_SSL $KAFKA_SASL_SSL_PORT yes"
+  [[ -z "$KAFKA_SASL_PLAINTEXT_PORT" ]] ||
+    echo "SASL_PLAINTEXT SASL_PLAINTEXT $KAFKA_SASL_PLAINTEXT_PORT yes"
+  [[ -z "$KAFKA_SSL_PORT" ]] || echo "SSL SSL $KAFKA_SSL_PORT yes"
+}
+
+uses_tls() { [[ -n "$KAFKA_SASL_SSL_PORT" || -n "$KAFKA_SSL_PORT" ]]; }
+uses_sasl() { [[ -n "$KAFKA_SASL_SSL_PORT" || -n "$KAFKA_SASL_PLAINTEXT_PORT" ]]; }
+
+# The "name password" lines of KAFKA_SASL_USERS_FILE, checked; blank and # lines skipped.
+sasl_users() {
+  local name password rest
+  while read -r name password rest || [[ -n "$name" ]]; do
+    [[ -z "$name" || "$name" == \#* ]] && continue
+    [[ -n "$password" && -z "$rest" ]] ||
+      die "KAFKA_SASL_USERS_FILE: each line must be 'name password' (user $name)"
+    [[ "$name$password" =~ ^[A-Za-z0-9._@+-]+$ ]] ||
+      die "KAFKA_SASL_USERS_FILE: user $name: only letters, digits and ._@+- are supported"
+    echo "$name $password"
+  done < "$KAFKA_SASL_USERS_FILE"
+}
+
+# Checked before the data dir is wiped and formatted.
+check_security_settings() {
+  local port
+  for port in "$KAFKA_SASL_SSL_PORT" "$KAFKA_SASL_PLAINTEXT_PORT" "$KAFKA_SSL_PORT"; do
+    [[ -z "$port" ]] && continue
+    [[ "$port" =~ ^[0-9]+$ ]] || die "listener port '$port' is not a number"
+    port_open "$port" && die "port $port is in use"
+  done
+  if uses_tls; then
+    [[ -f "$KAFKA_SSL_CERT" && -f "$KAFKA_SSL_KEY" ]] ||
+      die "the SASL_SSL and SSL listeners need KAFKA_SSL_CERT and KAFKA_SSL_KEY (PEM files)"
+    grep -q -- "-----BEGIN PRIVATE KEY-----" "$KAFKA_SSL_KEY" ||
+      die "KAFKA_SSL_KEY must be an unencrypted PKCS#8 PEM key (BEGIN PRIVATE KEY)"
+  fi
+  [[ -z "$KAFKA_SSL_CA" || -f "$KAFKA_SSL_CA" ]] || die "KAFKA_SSL_CA=$KAFKA_SSL_CA is not a file"
+  if uses_sasl; then
+    [[ -f "$KAFKA_SASL_USERS_FILE" ]] ||
+      die "the SASL listeners need KAFKA_SASL_USERS_FILE (lines 'name password')"
+    local users
+    users="$(sasl_users)" || exit 1
+    [[ -n "$users" ]] || die "KAFKA_SASL_USERS_FILE lists no user"
+  fi
+  return 0
+}
+
+# ssl.* and sasl.* properties of the secured listeners (nothing when none is configured).
+write_security_props() {
+  if uses_tls; then
+    # Kafka reads a PEM "keystore": one file with the private key and the certificate chain.
+    (umask 077 && cat "$KAFKA_SSL_KEY" "$KAFKA_SSL_CERT" > "$KEYSTORE_FILE")
+    echo "ssl.keystore.type=PEM"
+    echo "ssl.keystore.location=$KEYSTORE_FILE"
+    echo "ssl.enabled.protocols=TLSv1.2,TLSv1.3"
+    if [[ -n "$KAFKA_SSL_CA" ]]; then
+      echo "ssl.truststore.type=PEM"
+      echo "ssl.truststore.location=$KAFKA_SSL_CA"
+      [[ -z "$KAFKA_SSL_PORT" ]] || echo "listener.name.ssl.ssl.client.auth=required"
+    fi
+  fi
+  if uses_sasl; then
+    local mechanisms listener mech plain="" name password
+    mechanisms="$(IFS=, && echo "${SASL_MECHANISMS[*]}")"
+    echo "sasl.enabled.mechanisms=$mechanisms"
+    while read -r name password; do
+      plain+=" user_$name=\"$password\""
+    done < <(sasl_users)
+    for listener in sasl_ssl sasl_plaintext; do
+      echo "listener.name.$listener.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required$plain;"
+      for mech in scram-sha-256 scram-sha-512; do
+        echo "listener.name.$listener.$mech.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;"
+      done
+    done
+  fi
+  return 0
+}
+
+# --add-scram arguments of StorageTool format, one per line: each user, both SCRAM mechanisms.
+scram_format_args() {
+  uses_sasl || return 0
+  local name password mech
+  while read -r name password; do
+    for mech in SCRAM-SHA-256 SCRAM-SHA-512; do
+      printf '%s\n' --add-scram "$mech=[name=$name,password=$password]"
+    done
+  done < <(sasl_users)
 }
 
 write_listener_props() {
@@ -240,12 +354,14 @@ background.threads=4
 log.retention.hours=168
 log.segment.bytes=67108864
 EOF
+    write_security_props
     if [[ -n "$KAFKA_EXTRA_PROPS" ]]; then
       echo "# --- appended from KAFKA_EXTRA_PROPS=$KAFKA_EXTRA_PROPS"
       cat "$KAFKA_EXTRA_PROPS"
       echo
     fi
   } > "$PROPS_FILE.tmp"
+  if uses_sasl; then chmod 600 "$PROPS_FILE.tmp"; fi # the PLAIN users' passwords
   mv -f "$PROPS_FILE.tmp" "$PROPS_FILE"
 }
 
@@ -258,8 +374,11 @@ format_storage() {
   local cluster_id
   cluster_id="$(run_tool kafka.tools.StorageTool random-uuid 2>> "$LOG_DIR/format.log")" ||
     { show_logs; die "StorageTool random-uuid failed"; }
+  local scram=()
+  mapfile -t scram < <(scram_format_args)
   run_tool kafka.tools.StorageTool format -t "$cluster_id" -c "$PROPS_FILE" \
-    >> "$LOG_DIR/format.log" 2>&1 || { show_logs; die "StorageTool format failed"; }
+    ${scram[@]+"${scram[@]}"} >> "$LOG_DIR/format.log" 2>&1 ||
+    { show_logs; die "StorageTool format failed"; }
 }
 
 # ---------------------------------------------------------------- commands
@@ -315,6 +434,7 @@ start_broker() {
 
   [[ -z "$KAFKA_EXTRA_PROPS" || -f "$KAFKA_EXTRA_PROPS" ]] ||
     die "KAFKA_EXTRA_PROPS=$KAFKA_EXTRA_PROPS is not a file"
+  check_security_settings
   ensure_classpath
   mkdir -p "$KAFKA_DIR"
   if [[ "$KAFKA_KEEP_DATA" == 1 && -f "$DATA_DIR/meta.properties" ]]; then

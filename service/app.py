@@ -26,11 +26,14 @@ from service.errors import ApiError, ApiUnauthorized, RequestRejected
 from service.events import EventFactory
 from service.http_api import HttpApi
 from service.kafka import (
+    KafkaConnectionProblem,
     PartitionLost,
     PartitionPublisher,
+    classify_connection_error,
     client_args,
     ensure_topics,
     make_producer,
+    probe_brokers,
 )
 from service.metrics import Metrics
 from service.pacing import RateLimiter
@@ -90,6 +93,7 @@ class PollerService:
         self._restored: set[int] = set()
         self._joined = False
         self._kafka_ok = False
+        self._kafka_problem: dict[str, Any] | None = None  # why Kafka refuses us, for /readyz
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._runner: web.AppRunner | None = None
@@ -109,11 +113,14 @@ class PollerService:
         }
         ready = all(checks.values()) and not self._stopping.is_set()
         self.metrics.ready.set(1 if ready else 0)
-        return ready, {
+        detail: dict[str, Any] = {
             "checks": checks,
             "owned_partitions": sorted(self._restored & self._assigned),
             "instance_id": self.instance,
         }
+        if self._kafka_problem is not None and not self._kafka_ok:
+            detail["kafka_error"] = self._kafka_problem
+        return ready, detail
 
     def liveness(self) -> bool:
         return time.monotonic() - self._last_tick < 30
@@ -135,10 +142,18 @@ class PollerService:
         log.info("started", http_port=self.http_port)
 
     async def _connect_kafka(self) -> None:
-        """Connect, retrying with backoff: a broker that is down or refuses us is waited for."""
+        """Connect, retrying with backoff: a broker that is down or refuses us is waited for.
+
+        A refused password, an untrusted certificate or an unreachable broker gives one
+        ERROR line per attempt (reason and what to check), a ``kafka_error`` on /readyz
+        and ``kafka_connection_errors_total{reason}``; attempts back off from 1 s to 60 s.
+        """
         delay = 1.0
         while not self._stopping.is_set():
             try:
+                # aiokafka reports a refused login or certificate only as "Unable to
+                # bootstrap": one probe connection first names the real cause.
+                await probe_brokers(self.kcfg, f"rightfoot-poller-probe-{self.instance}")
                 partitions = await ensure_topics(
                     self.kcfg, f"rightfoot-poller-admin-{self.instance}"
                 )
@@ -159,12 +174,21 @@ class PollerService:
                 self.consumer.subscribe([self.kcfg.requests_topic], listener=_Rebalance(self))
                 await self.consumer.start()
                 self._kafka_ok = True
+                self._kafka_problem = None
                 return
-            except (KafkaError, OSError, ApiError) as exc:
-                self.metrics.publish_errors.labels("connect").inc()
-                log.error(
-                    "kafka_unavailable", error=f"{type(exc).__name__}: {exc}", retry_in_s=delay
+            except (KafkaConnectionProblem, KafkaError, OSError, ApiError) as exc:
+                reason = classify_connection_error(exc)
+                message = (
+                    str(exc)
+                    if isinstance(exc, KafkaConnectionProblem)
+                    else f"{type(exc).__name__}: {exc}"
                 )
+                for secret in self.settings.secrets():
+                    message = message.replace(secret, "[redacted]")
+                self.metrics.publish_errors.labels("connect").inc()
+                self.metrics.kafka_connection_errors.labels(reason).inc()
+                self._kafka_problem = {"reason": reason, "error": message}
+                log.error("kafka_unavailable", reason=reason, error=message, retry_in_s=delay)
                 await self._close_clients()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), delay)

@@ -14,6 +14,14 @@ from service import __version__
 
 PREFIX = "rightfoot_poller"
 
+# Why a connection to Kafka failed (service.kafka.classify_connection_error).
+KAFKA_CONNECTION_ERROR_REASONS: tuple[str, ...] = (
+    "authentication",
+    "authorization",
+    "tls",
+    "unreachable",
+)
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
@@ -134,3 +142,12 @@ class Metrics:
             ["action", "result"],
             registry=r,
         )
+        self.kafka_connection_errors = Counter(
+            f"{PREFIX}_kafka_connection_errors",
+            "Failed attempts to connect to Kafka, by reason (authentication, authorization, "
+            "tls, unreachable).",
+            ["reason"],
+            registry=r,
+        )
+        for reason in KAFKA_CONNECTION_ERROR_REASONS:
+            self.kafka_connection_errors.labels(reason)
