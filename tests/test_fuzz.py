@@ -106,7 +106,7 @@ def record_json(record: dict[str, Any]) -> str:
 
 
 @FUZZ
-@given(st.lists(st.tuples(st.booleans(), good_records, json_values | record_like), max_size=10))
+@given(st.lists(st.tuples(st.booleans(), good_records, json_values | record_like), max_size=6))
 def test_good_records_survive_any_neighbours(rows: list[tuple[bool, Any, Any]]) -> None:
     items: list[str] = []
     good: list[dict[str, Any]] = []
