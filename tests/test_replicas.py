@@ -51,7 +51,7 @@ async def test_replicas_share_batches_and_take_over_a_dead_one(
     sim = sim_server.sim
     batches = [str(uuid.uuid4()) for _ in range(30)]
     for i, b in enumerate(batches):
-        sim.generate_batch(b, 60 + 7 * i, spread_s=35.0, seed=100 + i)
+        sim.generate_batch(b, 60 + 7 * i, spread_s=50.0, seed=100 + i)
 
     def replica(name: str) -> Any:
         env = service_env(topics, kafka, sim_server.url, RFP_INSTANCE_ID=name)
@@ -67,7 +67,7 @@ async def test_replicas_share_batches_and_take_over_a_dead_one(
 
     await asyncio.sleep(8)
     replicas[1].signal(signal.SIGKILL)  # mid-run, no goodbye
-    await asyncio.sleep(10)
+    await asyncio.sleep(6)
     fourth = replica("replica-3")
     fourth.start()
     await fourth.ready()
