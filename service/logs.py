@@ -34,7 +34,13 @@ class Redactor:
             return [self._clean(v) for v in value]
         if isinstance(value, BaseException):
             return self._clean(repr(value))
-        return value
+        if value is None or isinstance(value, bool | int | float):
+            return value
+        if isinstance(value, bytes | bytearray):
+            return self._clean(bytes(value).decode("utf-8", "replace"))
+        if isinstance(value, set | frozenset):
+            return [self._clean(v) for v in value]
+        return self._clean(repr(value))  # what the JSON renderer would print, redacted
 
     def __call__(
         self, _logger: Any, _name: str, event_dict: MutableMapping[str, Any]

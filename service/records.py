@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -107,25 +108,41 @@ class _Record(BaseModel):
     timestamp: StrictStr
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 def loads_exact(text: str | bytes) -> Any:
     """json.loads with every non-integer number as an exact Decimal."""
-    return json.loads(text, parse_float=Decimal, parse_constant=_reject_constant)
+    return json.loads(text, parse_float=Decimal, parse_constant=Decimal)
+
+
+class _Text(str):
+    """JSON text already rendered, on dumps_exact's work stack."""
 
 
 def dumps_exact(value: Any) -> str:
-    """JSON text of a value from ``loads_exact``, numbers with their original digits."""
-    if isinstance(value, Decimal):
-        return str(value)
-    if isinstance(value, dict):
-        items = (f"{json.dumps(str(k))}:{dumps_exact(v)}" for k, v in value.items())
-        return "{" + ",".join(items) + "}"
-    if isinstance(value, list):
-        return "[" + ",".join(dumps_exact(v) for v in value) + "]"
-    return json.dumps(value)
+    """JSON text of a value from ``loads_exact``, numbers with their original digits.
+
+    Iterative, so whatever nesting json.loads accepted can be written back.
+    """
+    out: list[str] = []
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, _Text):
+            out.append(item)
+        elif isinstance(item, Decimal):
+            out.append(str(item))
+        elif isinstance(item, dict):
+            parts: list[Any] = [_Text("{")]
+            for i, (k, v) in enumerate(item.items()):
+                parts += [_Text(("," if i else "") + json.dumps(str(k)) + ":"), v]
+            stack.extend(reversed([*parts, _Text("}")]))
+        elif isinstance(item, list):
+            parts = [_Text("[")]
+            for i, v in enumerate(item):
+                parts += [_Text(","), v] if i else [v]
+            stack.extend(reversed([*parts, _Text("]")]))
+        else:
+            out.append(json.dumps(item))
+    return "".join(out)
 
 
 def _plain(balance: Decimal) -> str:
@@ -138,13 +155,20 @@ def _invalid(batch_id: str, item: Any, reason: str, detail: str) -> InvalidRecor
     return InvalidRecord(reason=reason, detail=detail, raw=raw, event_id=event_id)
 
 
+_RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
+
+
 def _is_timestamp(text: str) -> bool:
-    if len(text) < 10 or "T" not in text:
+    """RFC 3339 date-time with an offset, as the event schema and ce_time require."""
+    if not _RFC3339.fullmatch(text):
         return False
     try:
-        return datetime.fromisoformat(text).tzinfo is not None
+        datetime.fromisoformat(text.upper())  # also refuses month 13, hour 25...
     except ValueError:
         return False
+    return True
 
 
 def parse_record(batch_id: str, item: Any) -> BalanceRecord | InvalidRecord:
@@ -196,7 +220,7 @@ def parse_page(batch_id: str, body: bytes) -> Page:
     """Parse one response body; raise ApiMalformedResponse if the envelope is not understood."""
     try:
         data = loads_exact(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:
         raise ApiMalformedResponse(f"response body is not JSON: {exc}", status=200) from None
     if not isinstance(data, dict):
         raise ApiMalformedResponse("response body is not a JSON object", status=200)

@@ -362,11 +362,6 @@ def test_check_config_invalid_exits_2_with_one_line(
     assert needle in err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="config.py load_settings: the YAML parser's multi-line message is put in the "
-    "ConfigError as is, so check-config prints several lines",
-)
 def test_check_config_invalid_yaml_is_one_line(
     tmp_path: Path, clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -133,11 +133,6 @@ class Holder:
         return f"Holder(key={SECRET})"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="logs.py Redactor._clean only cleans str/dict/list/tuple/exceptions; other "
-    "values (bytes, sets, objects) are rendered by repr() after redaction and leak the secret",
-)
 @pytest.mark.parametrize(
     "make",
     [lambda: SECRET.encode(), lambda: {SECRET}, Holder],

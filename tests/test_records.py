@@ -227,11 +227,6 @@ def test_invalid_records_are_returned_apart_with_reason_and_raw_text(
         assert "1.5" in bad.raw
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="records.py loads_exact: a NaN/Infinity literal fails the whole page "
-    "(ApiMalformedResponse) instead of one invalid record, so the batch is stuck on that page",
-)
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
 def test_non_finite_balance_is_one_invalid_record(literal: str) -> None:
     body = page_of(record_text(balance=literal), record_text(authorizer_unique_id="ok"))
@@ -302,12 +297,6 @@ def test_malformed_envelopes_raise(body: bytes) -> None:
     assert info.value.metric_code == "malformed"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="records.py: a deeply nested JSON value raises RecursionError (json.loads in "
-    "loads_exact, dumps_exact for the raw text of an invalid record) instead of "
-    "ApiMalformedResponse / an invalid record",
-)
 @pytest.mark.parametrize("depth", [600, 5000])
 def test_deeply_nested_values_do_not_escape_as_recursion_error(depth: int) -> None:
     nested = "[" * depth + "]" * depth
@@ -340,12 +329,6 @@ def test_rfc3339_timestamps_are_kept_as_sent(timestamp: str) -> None:
     assert one_record(record_text(timestamp=timestamp)).timestamp == timestamp
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="records.py _is_timestamp uses datetime.fromisoformat, which accepts ISO 8601 "
-    "forms that are not RFC 3339; they become balance events that break "
-    "schemas/balance-event.schema.json (format date-time) and the ce_time header",
-)
 @pytest.mark.parametrize(
     "timestamp",
     [
