@@ -738,7 +738,7 @@ def test_service_request_parser_agrees_with_the_request_schema() -> None:
     for kind, doc in GOOD:
         if kind == "request":
             requests.decode_request(json.dumps(doc).encode())
-    for case, kind, doc, _ in BAD:
+    for _case, kind, doc, _ in BAD:
         if kind == "request":
             with pytest.raises(errors.RequestRejected):
                 requests.decode_request(json.dumps(doc).encode())
