@@ -2,6 +2,10 @@
 
 Names start with ``rightfoot_poller_``; label values come from small fixed sets
 (HTTP codes, status names, outcomes), never from batch IDs or record contents.
+
+Every label value known in advance is exported at 0 from the start, so a
+dashboard shows zero instead of nothing and ``increase()``/``rate()`` see the
+first event (a series that appears with value 1 has no increase to Prometheus).
 """
 
 from __future__ import annotations
@@ -9,10 +13,64 @@ from __future__ import annotations
 import platform
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import disable_created_metrics as _disable_created_metrics
 
 from service import __version__
+from service.records import ALL_STATUS_NAMES
 
 PREFIX = "rightfoot_poller"
+
+# No ``*_created`` series next to every counter and histogram: they would double the
+# number of series (every label value below is pre-initialised) and nothing reads them.
+_disable_created_metrics()  # type: ignore[no-untyped-call]
+
+# The label values known in advance (pre-initialised at 0). Other values may still
+# appear (an HTTP status the API is not documented to send, an exception class name as
+# a publish error kind), but every label comes from a small, closed set of such values.
+API_ENDPOINTS: tuple[str, ...] = ("balances",)  # "export" is used by the export CLI only
+API_CODES: tuple[str, ...] = (
+    "200",
+    "400",
+    "401",
+    "403",
+    "404",
+    "429",
+    "500",
+    "502",
+    "503",
+    "504",
+    "timeout",
+    "connection_error",
+)
+POLL_RESULTS: tuple[str, ...] = ("ok", "error", "not_found", "unauthorized", "publish_failed")
+BATCH_OUTCOMES: tuple[str, ...] = ("completed", "expired", "failed", "stopped")
+TRANSACTION_RESULTS: tuple[str, ...] = ("commit", "abort")
+# "connect": the broker could not be reached at start; "fenced": another replica took
+# the partition over; any other failure is counted under its exception class name.
+PUBLISH_ERROR_KINDS: tuple[str, ...] = ("connect", "fenced")
+DLQ_REASONS: tuple[str, ...] = (
+    "not_an_object",
+    "missing_authorizer_unique_id",
+    "invalid_balance",
+    "invalid_field",
+)
+_REQUEST_REJECTS = ("invalid_json", "empty", "invalid_field")
+INVALID_INPUT: tuple[tuple[str, str], ...] = (
+    *(("api", r) for r in (*DLQ_REASONS, "malformed_page", "page_token_rejected")),
+    *(("requests_topic", r) for r in _REQUEST_REJECTS),
+    *(("state_topic", r) for r in ("no_key", "invalid_state")),
+    *(
+        ("http", r)
+        for r in ("unauthorized", "content_type", "too_large", "malformed_http", *_REQUEST_REJECTS)
+    ),
+)
+TRACKING_REQUESTS: tuple[tuple[str, str], ...] = (
+    *(
+        ("track", r)
+        for r in ("started", "updated", "already_tracked", "already_finished", "forwarded")
+    ),
+    *(("stop", r) for r in ("stopped", "not_tracked", "forwarded")),
+)
 
 # Why a connection to Kafka failed (service.kafka.classify_connection_error).
 KAFKA_CONNECTION_ERROR_REASONS: tuple[str, ...] = (
@@ -51,7 +109,7 @@ class Metrics:
         self.api_requests = Counter(
             f"{PREFIX}_api_requests",
             "Requests to the Rightfoot API by endpoint and HTTP status (or timeout, "
-            "connection_error, malformed).",
+            "connection_error, error).",
             ["endpoint", "code"],
             registry=r,
         )
@@ -151,3 +209,28 @@ class Metrics:
         )
         for reason in KAFKA_CONNECTION_ERROR_REASONS:
             self.kafka_connection_errors.labels(reason)
+        self._initialise_labels()
+
+    def _initialise_labels(self) -> None:
+        """Export every known label value at 0 (see the module docstring)."""
+        for endpoint in API_ENDPOINTS:
+            self.api_duration.labels(endpoint)
+            for code in API_CODES:
+                self.api_requests.labels(endpoint, code)
+        for result in POLL_RESULTS:
+            self.polls.labels(result)
+        for status in ALL_STATUS_NAMES:
+            self.records_published.labels(status)
+        for outcome in BATCH_OUTCOMES:
+            self.batches_finished.labels(outcome)
+        for kind in PUBLISH_ERROR_KINDS:
+            self.publish_errors.labels(kind)
+        for result in TRANSACTION_RESULTS:
+            self.transactions.labels(result)
+        for reason in DLQ_REASONS:
+            self.dlq_records.labels(reason)
+        for source, reason in INVALID_INPUT:
+            self.invalid_input.labels(source, reason)
+        for action, result in TRACKING_REQUESTS:
+            self.requests_received.labels(action, result)
+        self.api_unauthorized.set(0)
