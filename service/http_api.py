@@ -1,13 +1,25 @@
-"""The HTTP surface: /healthz, /readyz, /metrics and the admin API on one aiohttp server."""
+"""The HTTP surface: /healthz, /readyz, /metrics and the admin API on one aiohttp server.
+
+Described by ``service/openapi.yaml`` (served at ``GET /openapi.yaml``). Every answer
+but /metrics and that document is JSON, errors included: an unknown path (404), a method
+a path does not support (405, with ``Allow``), a body over ``http.max_body_bytes`` (413)
+and anything unexpected (500, logged, with no detail) all get ``{"error": ...}``.
+"""
 
 from __future__ import annotations
 
 import hmac
+import logging
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable
+from importlib import resources
 from typing import Any, Protocol
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiokafka.errors import KafkaError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.errors import RequestRejected
@@ -34,6 +46,81 @@ def _error(status: int, message: str, **extra: Any) -> web.Response:
     return web.json_response({"error": message, **extra}, status=status)
 
 
+def openapi_document() -> bytes:
+    """The OpenAPI document of this API, as packaged with the service."""
+    return resources.files("service").joinpath("openapi.yaml").read_bytes()
+
+
+class MalformedRequestLogFilter(logging.Filter):
+    """aiohttp logs a request it cannot parse (bad header bytes, a broken request line) as
+    an ERROR with a traceback, one per request: anyone who can connect could flood the
+    logs. Such a request (answered 400 by aiohttp) becomes one WARNING line without the
+    traceback, at most ``burst`` per ``window_s``; the rest are only counted.
+    """
+
+    def __init__(self, metrics: Metrics | None = None, burst: int = 5, window_s: float = 60.0):
+        super().__init__("malformed-http")
+        self.metrics = metrics
+        self.burst = burst
+        self.window_s = window_s
+        self._recent: deque[float] = deque()
+
+    def reset(self) -> None:
+        self._recent.clear()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        if self.metrics is not None:
+            self.metrics.invalid_input.labels("http", "malformed_http").inc()
+        now = time.monotonic()
+        while self._recent and now - self._recent[0] > self.window_s:
+            self._recent.popleft()
+        if len(self._recent) >= self.burst:
+            return False
+        self._recent.append(now)
+        detail = (exc.message or type(exc).__name__).splitlines()[0][:200]
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.msg, record.args = f"malformed HTTP request refused (400): {detail}", ()
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _install_malformed_request_filter(metrics: Metrics) -> None:
+    server_log = logging.getLogger("aiohttp.server")
+    for existing in server_log.filters:
+        if isinstance(existing, MalformedRequestLogFilter):
+            existing.metrics = metrics
+            return
+    server_log.addFilter(MalformedRequestLogFilter(metrics))
+
+
+# Headers of an aiohttp HTTPException worth keeping on its JSON replacement.
+_KEPT_HEADERS = ("Allow", "WWW-Authenticate", "Retry-After", "Location")
+
+
+@web.middleware
+async def json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """aiohttp's own error answers (404, 405, 413, ...) and crashes as JSON ``Error``s."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else None
+        response = _error(exc.status, message or exc.reason)
+        for name in _KEPT_HEADERS:
+            if name in exc.headers:
+                response.headers[name] = exc.headers[name]
+        return response
+    except Exception:
+        log.exception("http_handler_failed", method=request.method, path=request.path)
+        return _error(500, "internal error (logged)")
+
+
 class HttpApi:
     def __init__(
         self,
@@ -55,12 +142,14 @@ class HttpApi:
         self.liveness = liveness
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.max_body_bytes)
+        _install_malformed_request_filter(self.metrics)
+        app = web.Application(client_max_size=self.max_body_bytes, middlewares=[json_errors])
         app.add_routes(
             [
                 web.get("/healthz", self.healthz),
                 web.get("/readyz", self.readyz),
                 web.get("/metrics", self.metrics_page),
+                web.get("/openapi.yaml", self.openapi),
                 web.post("/v1/batches", self.post_batch),
                 web.get("/v1/batches", self.list_batches),
                 web.get("/v1/batches/{batch_id}", self.get_batch),
@@ -68,6 +157,20 @@ class HttpApi:
             ]
         )
         return app
+
+    async def openapi(self, _request: web.Request) -> web.Response:
+        return web.Response(body=openapi_document(), content_type="application/yaml")
+
+    async def _submit(self, req: TrackingRequest) -> web.Response | None:
+        """Hand a request to Kafka; a 503 answer if Kafka cannot take it now."""
+        try:
+            await self.submit(req)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            log.warning("http_submit_failed", batch_id=req.batch_id, error=type(exc).__name__)
+            response = _error(503, "Kafka cannot take the request now; try again later")
+            response.headers["Retry-After"] = "5"
+            return response
+        return None
 
     async def healthz(self, _request: web.Request) -> web.Response:
         if self.liveness():
@@ -90,7 +193,9 @@ class HttpApi:
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         expected = self.admin_token.encode()
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), expected):
+        # Header bytes that are not UTF-8 arrive as surrogate escapes: compare them as sent.
+        given = token.encode("utf-8", "surrogateescape")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given, expected):
             self.metrics.invalid_input.labels("http", "unauthorized").inc()
             return web.json_response(
                 {"error": "missing or wrong admin token"},
@@ -119,7 +224,9 @@ class HttpApi:
             return _error(400, str(exc))
         if req.action != "track":
             return _error(400, "action: use DELETE /v1/batches/{batch_id} to stop tracking")
-        await self.submit(req)
+        failed = await self._submit(req)
+        if failed is not None:
+            return failed
         return web.json_response(
             {"batch_id": req.batch_id, "status": "accepted"},
             status=202,
@@ -135,7 +242,9 @@ class HttpApi:
             req = TrackingRequest(batch_id=batch_id, action="stop")
         except ValueError:
             return _error(400, f"batch_id must match {BATCH_ID_PATTERN}")
-        await self.submit(req)
+        failed = await self._submit(req)
+        if failed is not None:
+            return failed
         return web.json_response({"batch_id": batch_id, "status": "stopping"}, status=202)
 
     async def list_batches(self, _request: web.Request) -> web.Response:

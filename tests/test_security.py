@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import signal
@@ -25,8 +26,10 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaTimeoutError
 from certs import CertificateAuthority, Issued
 from conftest import (
     ADMIN_TOKEN,
@@ -39,12 +42,14 @@ from conftest import (
     service_env,
     wait_for,
 )
+from prometheus_client import generate_latest
 from pydantic import SecretStr
 
 from service.api import ApiKey, RightfootClient
 from service.app import PollerService
 from service.config import KafkaConfig, load_settings
 from service.errors import ApiTransportError, ConfigError
+from service.http_api import HttpApi, MalformedRequestLogFilter
 from service.kafka import KafkaConnectionProblem, client_args, probe_brokers
 from service.metrics import Metrics
 from service.pacing import RateLimiter
@@ -601,3 +606,122 @@ async def test_api_key_from_file_never_leaks(
     everything = "\n".join(said)
     for secret in secrets:
         assert secret not in everything
+
+
+# --------------------------------------------------------------------------- the admin API
+
+
+class _Boundary:
+    def __init__(self, fail_with: BaseException | None = None) -> None:
+        self.fail_with = fail_with
+        self.submitted: list[Any] = []
+
+    async def submit(self, req: Any) -> None:
+        if self.fail_with is not None:
+            raise self.fail_with
+        self.submitted.append(req)
+
+    def get(self, batch_id: str) -> dict[str, Any] | None:
+        return None
+
+    def list(self) -> list[dict[str, Any]]:
+        return []
+
+
+@pytest.fixture
+async def admin_api() -> AsyncIterator[tuple[str, Metrics, _Boundary]]:
+    metrics, boundary = Metrics(), _Boundary()
+    api = HttpApi(
+        metrics=metrics,
+        readiness=lambda: (True, {}),
+        submit=boundary.submit,
+        view=boundary,
+        admin_token=ADMIN_TOKEN,
+        max_body_bytes=1024,
+    )
+    server = TestServer(api.app(), host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield str(server.make_url("")).rstrip("/"), metrics, boundary
+    finally:
+        await server.close()
+
+
+async def raw_request(url: str, request: bytes) -> bytes:
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(request)
+    await writer.drain()
+    answer = await reader.read(4096)
+    writer.close()
+    await writer.wait_closed()
+    return answer
+
+
+async def test_admin_api_errors_are_json_and_never_5xx(
+    admin_api: tuple[str, Metrics, _Boundary],
+) -> None:
+    url, _, boundary = admin_api
+    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    async with aiohttp.ClientSession() as http:
+
+        async def call(method: str, path: str, **kw: Any) -> tuple[int, Any, Any]:
+            async with http.request(method, url + path, **kw) as resp:
+                return resp.status, await resp.json(), resp.headers
+
+        # A method a path does not have: 405, JSON, with Allow.
+        status, body, headers = await call("PATCH", "/v1/batches", headers=auth)
+        assert status == 405 and "error" in body and "POST" in headers["Allow"]
+        # An unknown path: 404, JSON.
+        status, body, _ = await call("GET", "/v1/nothing-here")
+        assert status == 404 and "error" in body
+        # JSON only, and bounded.
+        status, body, _ = await call("POST", "/v1/batches", headers=auth, data="batch_id=x")
+        assert status == 415 and "application/json" in body["error"]
+        big = json.dumps({"batch_id": "b", "pad": "x" * 5000})
+        headers_json = {**auth, "Content-Type": "application/json"}
+        status, body, _ = await call("POST", "/v1/batches", headers=headers_json, data=big)
+        assert status == 413 and "1024" in body["error"]
+        # A token that is not even UTF-8 is a wrong token, not a crash.
+        status, body, _ = await call(
+            "POST", "/v1/batches", headers={"Authorization": "Bearer é\u2603"}, json={}
+        )
+        assert status == 401
+        # Kafka cannot take the request: 503 with Retry-After, not a 500.
+        boundary.fail_with = KafkaTimeoutError()
+        status, body, headers = await call(
+            "POST", "/v1/batches", headers=auth, json={"batch_id": "b-1"}
+        )
+        assert status == 503 and headers["Retry-After"] == "5" and "Kafka" in body["error"]
+        boundary.fail_with = None
+        status, body, _ = await call("POST", "/v1/batches", headers=auth, json={"batch_id": "b-1"})
+        assert status == 202 and body == {"batch_id": "b-1", "status": "accepted"}
+        # A Unicode batch ID is refused with a reason, not tracked.
+        status, body, _ = await call("DELETE", "/v1/batches/b%C3%A9", headers=auth)
+        assert status == 400 and "batch_id" in body["error"]
+    assert [r.batch_id for r in boundary.submitted] == ["b-1"]
+
+
+async def test_malformed_http_is_one_warning_not_an_error_flood(
+    admin_api: tuple[str, Metrics, _Boundary], caplog: pytest.LogCaptureFixture
+) -> None:
+    url, metrics, _ = admin_api
+    caplog.set_level("DEBUG", logger="aiohttp.server")
+    for installed in logging.getLogger("aiohttp.server").filters:
+        if isinstance(installed, MalformedRequestLogFilter):
+            installed.reset()  # a fresh budget of warning lines for this test
+    for _ in range(12):
+        answer = await raw_request(
+            url, b"GET /healthz HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \x00\xff\r\n\r\n"
+        )
+        assert answer.startswith(b"HTTP/1.") and b" 400 " in answer.split(b"\r\n")[0]
+    server_records = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert server_records, "the first malformed requests are logged"
+    assert len(server_records) <= 5
+    assert all(r.levelname == "WARNING" and r.exc_info is None for r in server_records)
+    counted = metric_value(
+        generate_latest(metrics.registry).decode(),
+        "rightfoot_poller_invalid_input_total",
+        'reason="malformed_http",source="http"',
+    )
+    assert counted == 12
