@@ -20,6 +20,7 @@ cleanup() {
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
   if [ "$kafka_started" = 1 ]; then scripts/kafka.sh stop; fi
   echo "== stopped"
+  exit 0
 }
 trap cleanup INT TERM EXIT
 

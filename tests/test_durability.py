@@ -256,3 +256,76 @@ async def test_at_least_once_loses_nothing_and_duplicates_keep_their_event_id(
     assert set(by_id) == served_ids(sim, batches)  # nothing lost
     # A duplicate is the same event: same event_id, same bytes.
     assert all(len(values) == 1 for values in by_id.values())
+
+
+async def test_401_pauses_polling_turns_readiness_red_and_recovers(
+    kafka: str,
+    topics: Topics,
+    sim_server: SimServer,
+    reader: TopicReader,
+    start_service: Any,
+) -> None:
+    sim = sim_server.sim
+    batch = str(uuid.uuid4())
+    sim.generate_batch(batch, 300, spread_s=6.0, seed=50)
+    service = await start_service()
+    await track(kafka, topics, batch, 300)
+    await wait_for(lambda: any(r.batch_id == batch for r in sim.request_log), 20, "a poll")
+    good_keys = sim.api_keys
+    sim.set_api_keys(["a-key-the-service-does-not-have"])
+    await wait_for(lambda: not service.readiness()[0], 10, "readiness red")
+    _ready, detail = service.readiness()
+    assert detail["checks"]["api_key_accepted"] is False
+    assert service.metrics.registry.get_sample_value("rightfoot_poller_api_unauthorized") == 1
+    # Polling stops: only the occasional key probe (every 0.5 s here) reaches the API.
+    await asyncio.sleep(0.5)
+    before = len(sim.request_log)
+    await asyncio.sleep(3.0)
+    assert len(sim.request_log) - before <= 8
+    assert service.view.get(batch)["status"] == "tracking"  # type: ignore[index]
+    sim.set_api_keys(good_keys)
+    await wait_for(lambda: service.readiness()[0], 10, "readiness green again")
+    await wait_completed(reader, topics, [batch], timeout=60)
+    balances = await reader.read_all(topics.balances)
+    assert_exactly_once(balances, served_ids(sim, [batch]))
+
+
+async def test_404_grace_survives_a_restart(
+    kafka: str,
+    topics: Topics,
+    sim_server: SimServer,
+    reader: TopicReader,
+    service_processes: Any,
+) -> None:
+    missing = str(uuid.uuid4())  # never exists
+    env = service_env(
+        topics,
+        kafka,
+        sim_server.url,
+        RFP_INSTANCE_ID="grace",
+        RFP_POLLING__NOT_FOUND_GRACE_S="6",
+    )
+    service = service_processes(env, "grace")
+    service.start()
+    await service.ready()
+    await track(kafka, topics, missing)
+    await wait_for(
+        lambda: sum(1 for r in sim_server.sim.request_log if r.batch_id == missing) >= 2,
+        20,
+        "two 404s",
+    )
+    first_404 = min(r.started for r in sim_server.sim.request_log if r.batch_id == missing)
+    await asyncio.sleep(2.0)
+    service.kill()
+    service.start()
+    await service.ready()
+    events = await lifecycle_by_batch(reader, topics)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while "failed" not in events.get(missing, []) and loop.time() < deadline:
+        await asyncio.sleep(0.5)
+        events = await lifecycle_by_batch(reader, topics)
+    assert events[missing] == ["tracking_started", "failed"]
+    last_404 = max(r.started for r in sim_server.sim.request_log if r.batch_id == missing)
+    # The grace was counted from the first 404, not from the restart.
+    assert last_404 - first_404 < 6 + 2.0
