@@ -44,6 +44,9 @@ from service.view import StateView
 
 log = structlog.get_logger(__name__)
 
+# Partition resets closer together than this count as one streak, and back off.
+RESET_STREAK_WINDOW_S = 60.0
+
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, service: PollerService) -> None:
@@ -98,6 +101,7 @@ class PollerService:
         self._tasks: list[asyncio.Task[Any]] = []
         self._runner: web.AppRunner | None = None
         self._last_tick = time.monotonic()
+        self._resets: dict[int, tuple[float, int]] = {}
         self.http_port: int | None = None
 
     # ---- readiness --------------------------------------------------------------------
@@ -392,19 +396,37 @@ class PollerService:
         task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
 
     async def _reset(self, p: int, fenced: bool) -> None:
-        """Drop a partition's in-memory state and restore it from Kafka, with backoff."""
-        delay = 1.0
+        """Drop a partition's in-memory state and restore it from Kafka, with backoff.
+
+        Failures that repeat (a broker that is down, a message Kafka refuses) back off
+        exponentially, so a partition that cannot commit does not hammer the API or Kafka.
+        """
         tp = TopicPartition(self.kcfg.requests_topic, p)
-        while not self._stopping.is_set():
-            async with self._partition_lock:
-                if p not in self._assigned:
-                    return
-                await self.tracker.remove_worker(p, timeout=5.0)
-                self._restored.discard(p)
-                if self.consumer is not None:
+        async with self._partition_lock:
+            if p not in self._assigned:
+                return
+            await self.tracker.remove_worker(p, timeout=5.0)
+            self._restored.discard(p)
+            if self.consumer is not None:
+                with contextlib.suppress(KafkaError, AssertionError):
                     self.consumer.pause(tp)
-                if fenced:
-                    # Another instance owns it now; the coming rebalance will tell us.
+            if fenced:
+                # Another instance owns it now; the coming rebalance will tell us.
+                return
+        now = time.monotonic()
+        last, streak = self._resets.get(p, (0.0, 0))
+        streak = streak + 1 if now - last < RESET_STREAK_WINDOW_S else 0
+        self._resets[p] = (now, streak)
+        delay = min(30.0, 0.5 * 2**streak) if streak else 0.0
+        while not self._stopping.is_set():
+            if delay:
+                log.warning("partition_reset_backoff", partition=p, delay_s=delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+                if self._stopping.is_set():
+                    return
+            async with self._partition_lock:
+                if p not in self._assigned or p in self._restored:
                     return
                 try:
                     if self.consumer is not None:
@@ -414,8 +436,7 @@ class PollerService:
                     return
                 except (KafkaError, OSError) as exc:
                     log.error("partition_reset_failed", partition=p, error=repr(exc))
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
+            delay = min(max(delay * 2, 1.0), 30.0)
 
     # ---- loops ------------------------------------------------------------------------
 

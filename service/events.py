@@ -82,7 +82,7 @@ class EventFactory:
 
     def invalid(self, batch_id: str, rec: InvalidRecord) -> OutMessage:
         at = utc_now_iso()
-        value = {
+        value: dict[str, object] = {
             "event_id": rec.event_id,
             "batch_id": batch_id,
             "reason": rec.reason,
@@ -90,6 +90,8 @@ class EventFactory:
             "raw": rec.raw,
             "at": at,
         }
+        if rec.raw_truncated:
+            value["raw_truncated"] = True
         return OutMessage(
             topic=self.dlq_topic,
             key=batch_id.encode(),

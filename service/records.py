@@ -36,6 +36,11 @@ STATUS_NAMES: dict[int, str] = {
 UNKNOWN_STATUS = "UNKNOWN"
 ALL_STATUS_NAMES: tuple[str, ...] = (*STATUS_NAMES.values(), UNKNOWN_STATUS)
 
+# A dead-lettered record keeps at most this much of its raw text, so that its event
+# always fits in a Kafka message; longer authorizer IDs are refused for the same reason.
+MAX_RAW_CHARS = 64 * 1024
+MAX_ID_CHARS = 1024
+
 EVENT_NAMESPACE = uuid.UUID("3f0c4a52-7d0e-5b8a-9a51-6c2f1e0b7d11")
 
 
@@ -70,8 +75,9 @@ class BalanceRecord:
 class InvalidRecord:
     reason: str  # machine-readable: not_an_object, missing_authorizer_unique_id, ...
     detail: str
-    raw: str
+    raw: str  # at most MAX_RAW_CHARS of the record's JSON text
     event_id: str
+    raw_truncated: bool = False
 
 
 @dataclass(slots=True)
@@ -152,7 +158,14 @@ def _plain(balance: Decimal) -> str:
 def _invalid(batch_id: str, item: Any, reason: str, detail: str) -> InvalidRecord:
     raw = dumps_exact(item)
     event_id = str(uuid.uuid5(EVENT_NAMESPACE, f"{batch_id}\x1finvalid\x1f{raw}"))
-    return InvalidRecord(reason=reason, detail=detail, raw=raw, event_id=event_id)
+    truncated = len(raw) > MAX_RAW_CHARS
+    return InvalidRecord(
+        reason=reason,
+        detail=detail,
+        raw=raw[:MAX_RAW_CHARS] if truncated else raw,
+        event_id=event_id,
+        raw_truncated=truncated,
+    )
 
 
 _RFC3339 = re.compile(
@@ -175,6 +188,10 @@ def parse_record(batch_id: str, item: Any) -> BalanceRecord | InvalidRecord:
     if not isinstance(item, dict):
         return _invalid(batch_id, item, "not_an_object", "the record is not a JSON object")
     uid = item.get("authorizer_unique_id")
+    if isinstance(uid, str) and len(uid) > MAX_ID_CHARS:
+        return _invalid(
+            batch_id, item, "invalid_field", f"authorizer_unique_id is over {MAX_ID_CHARS} chars"
+        )
     if not isinstance(uid, str) or not uid:
         return _invalid(
             batch_id,

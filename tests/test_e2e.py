@@ -12,6 +12,7 @@ import asyncio
 import json
 import uuid
 from collections import Counter
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -29,7 +30,7 @@ from conftest import (
 from eventschema import validate_message
 
 from service.records import balance_event_id, status_name
-from service.simulator import DEMO_CODES_BATCH_ID, DEMO_MISSING_BATCH_ID
+from service.simulator import DEMO_CODES_BATCH_ID, DEMO_MISSING_BATCH_ID, SimRecord
 
 pytestmark = pytest.mark.kafka
 
@@ -159,3 +160,47 @@ async def test_three_doors_every_record_exactly_once(
     seen = len(sim.request_log)
     await asyncio.sleep(1.0)
     assert all(r.batch_id not in outcomes for r in sim.request_log[seen:])
+
+
+async def test_a_huge_malformed_record_is_dead_lettered_truncated_and_blocks_nothing(
+    kafka: str, topics: Topics, sim_server: SimServer, start_service: Any, reader: TopicReader
+) -> None:
+    sim = sim_server.sim
+    batch = str(uuid.uuid4())
+    good = sim.generate_batch(batch, 5, seed=3)
+    huge = '{"authorizer_unique_id": 7, "note": "' + "x" * 2_000_000 + '"}'
+    sim.add_batch(
+        f"{batch}-x",
+        [
+            *(replace(r, visible_at=0.0) for r in good),
+            SimRecord(
+                authorizer_unique_id="",
+                balance=None,
+                balance_status_code=0,
+                timestamp="2024-08-09T18:10:44Z",
+                visible_at=0.0,
+                raw_override=huge,
+            ),
+        ],
+    )
+    await start_service()
+    bad_batch = f"{batch}-x"
+    await produce(
+        kafka,
+        topics.requests,
+        bad_batch.encode(),
+        json.dumps({"batch_id": bad_batch, "expected_count": 6}).encode(),
+    )
+    events = []
+    for _ in range(60):
+        events = [json.loads(m.value) for m in await reader.read_all(topics.events, idle_s=0.5)]
+        if any(e["event"] == "completed" for e in events):
+            break
+    assert [e["event"] for e in events] == ["tracking_started", "completed"]
+    balances = await reader.read_all(topics.balances)
+    assert len(balances) == 5
+    dlq = await reader.read_all(topics.dlq)
+    assert len(dlq) == 1
+    value = validate_message("dlq", dlq[0].key, dlq[0].value, dlq[0].headers)
+    assert value["raw_truncated"] is True and value["reason"] == "missing_authorizer_unique_id"
+    assert len(value["raw"]) == 64 * 1024 and value["raw"].startswith('{"authorizer_unique_id":7')
