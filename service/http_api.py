@@ -197,6 +197,13 @@ class HttpApi:
         given = token.encode("utf-8", "surrogateescape")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given, expected):
             self.metrics.invalid_input.labels("http", "unauthorized").inc()
+            log.warning(
+                "admin_request_unauthorized",
+                method=request.method,
+                path=request.path,
+                remote=request.remote,
+                token_given=bool(token),
+            )
             return web.json_response(
                 {"error": "missing or wrong admin token"},
                 status=401,
