@@ -694,6 +694,7 @@ SOURCE = "http://127.0.0.1:8099/v1/balances"
 
 def test_service_events_match_the_schemas_and_headers() -> None:
     from service import events, records
+
     factory = events.EventFactory(
         balances_topic="rightfoot.balances",
         batch_events_topic="rightfoot.batch-events",
@@ -735,6 +736,7 @@ def test_service_events_match_the_schemas_and_headers() -> None:
 
 def test_service_request_parser_agrees_with_the_request_schema() -> None:
     from service import errors, requests
+
     for kind, doc in GOOD:
         if kind == "request":
             requests.decode_request(json.dumps(doc).encode())
