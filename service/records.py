@@ -184,6 +184,15 @@ def _is_timestamp(text: str) -> bool:
     return True
 
 
+def _is_utf8(text: str) -> bool:
+    """JSON may escape a lone UTF-16 surrogate ("\\ud800"), which no UTF-8 key can hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def parse_record(batch_id: str, item: Any) -> BalanceRecord | InvalidRecord:
     if not isinstance(item, dict):
         return _invalid(batch_id, item, "not_an_object", "the record is not a JSON object")
@@ -198,6 +207,13 @@ def parse_record(batch_id: str, item: Any) -> BalanceRecord | InvalidRecord:
             item,
             "missing_authorizer_unique_id",
             "authorizer_unique_id is missing or not a non-empty string",
+        )
+    if not _is_utf8(uid):
+        return _invalid(
+            batch_id,
+            item,
+            "invalid_field",
+            "authorizer_unique_id is not valid Unicode (a lone surrogate escape)",
         )
     balance = item.get("balance")
     if balance is not None and (
