@@ -197,12 +197,14 @@ class HttpApi:
         given = token.encode("utf-8", "surrogateescape")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given, expected):
             self.metrics.invalid_input.labels("http", "unauthorized").inc()
+            about = {"batch_id": request.match_info["batch_id"]} if request.match_info else {}
             log.warning(
                 "admin_request_unauthorized",
                 method=request.method,
                 path=request.path,
                 remote=request.remote,
                 token_given=bool(token),
+                **about,
             )
             return web.json_response(
                 {"error": "missing or wrong admin token"},
