@@ -26,6 +26,7 @@ from conftest import (
     service_env,
     wait_for,
 )
+from eventschema import validate_message
 
 from service.records import balance_event_id
 
@@ -50,7 +51,7 @@ async def track(kafka: str, topics: Topics, batch_id: str, count: int | None = N
 async def lifecycle_by_batch(reader: TopicReader, topics: Topics) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for msg in await reader.read_all(topics.events, idle_s=1.0):
-        value = json.loads(msg.value)
+        value = validate_message("batch", msg.key, msg.value, msg.headers)
         out.setdefault(value["batch_id"], []).append(value["event"])
     return out
 
@@ -70,7 +71,10 @@ async def wait_completed(
 
 
 def assert_exactly_once(balances: list[Any], expected: set[str]) -> None:
-    ids = Counter(json.loads(m.value)["event_id"] for m in balances)
+    """Every served record published once; every event as the schema says."""
+    ids = Counter(
+        validate_message("balance", m.key, m.value, m.headers)["event_id"] for m in balances
+    )
     duplicates = {k: n for k, n in ids.items() if n > 1}
     assert not duplicates, f"{len(duplicates)} duplicated events"
     assert set(ids) == expected, (
