@@ -461,7 +461,13 @@ class PollerService:
                     continue
                 for msg in messages:
                     req = self._decode(msg.value, tp.partition, msg.offset)
-                    waits.append(self.tracker.handle_request(worker, req, msg.value, msg.offset))
+                    done = self.tracker.handle_request(worker, req, msg.value, msg.offset)
+                    waits.append(done)
+                    if req is not None and req.action == "stop":
+                        # A stop waits for the batch's poll; later requests must not
+                        # commit their offsets before it.
+                        await asyncio.gather(*waits, return_exceptions=True)
+                        waits.clear()
             if waits:
                 await asyncio.gather(*waits, return_exceptions=True)
 
