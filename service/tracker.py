@@ -115,7 +115,6 @@ class Tracker:
         self._auth_ok = asyncio.Event()
         self._auth_ok.set()
         self._backoff: set[str] = set()
-        self.lateness: list[float] = []  # kept short: the latest values, for benchmarks
         self.on_publish_failure: Callable[[int, BaseException], None] | None = None
 
     # ---- partitions -------------------------------------------------------------------
