@@ -33,6 +33,7 @@ def _add_config(p: argparse.ArgumentParser) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from service.app import run_service
+    from service.runtime import tune_gc
 
     settings = _settings(args)
     configure_logging(
@@ -41,6 +42,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         instance_id=settings.instance_id,
         secrets=settings.secrets(),
     )
+    tune_gc()
     return asyncio.run(run_service(settings))
 
 

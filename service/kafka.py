@@ -318,6 +318,26 @@ async def _partition_counts(
         await asyncio.sleep(0.2)
 
 
+async def delivered(futures: list[asyncio.Future[Any]]) -> None:
+    """Wait for every delivery future; raise the first failure, as ``gather(*futures)`` would.
+
+    ``gather`` adds a done-callback to every future, one scheduled call per message.
+    A produce request settles all the futures of its batch at once, so waiting on
+    the first one not yet done leaves the others of its batch done already: one wait
+    per batch, then a plain check of each future (which marks its exception retrieved).
+    """
+    for future in futures:
+        if not future.done():
+            await asyncio.wait((future,))
+    failure: BaseException | None = None
+    for future in futures:
+        exc = future.exception()  # CancelledError if it was cancelled, as gather raises
+        if exc is not None and failure is None:
+            failure = exc
+    if failure is not None:
+        raise failure
+
+
 @dataclass(slots=True)
 class Unit:
     """Messages that commit together, with the requests offset they consume up to."""
@@ -458,8 +478,7 @@ class PartitionPublisher:
             )
             for m in messages
         ]
-        if futures:
-            await asyncio.gather(*futures)
+        await delivered(futures)
 
     async def _commit_transaction(
         self, messages: list[OutMessage], commit_to: dict[TopicPartition, int] | None

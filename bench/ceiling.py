@@ -1,0 +1,150 @@
+"""The ceiling of this stack: fetch the pages with aiohttp, produce with aiokafka, nothing else.
+
+For the given batches it reads every page of ``GET /v1/balances`` (``limit=100``,
+following ``next_page_token``) with the same concurrency as the service
+(``rightfoot.max_concurrent_requests``, 16), and sends one Kafka message per record
+with a producer configured as ``service.kafka.make_producer`` configures the
+service's (idempotent, ``acks=all``, the same linger and batch size), to its own
+topic. It takes nothing from the service's code.
+
+What it produces, per record: key = ``authorizer_unique_id``; value = the record's
+own JSON, re-serialised compactly (about 60% of the size of the service's event);
+headers = a constant CloudEvents set with the service's names and value sizes. So:
+the same number of messages with the same keys and comparable bytes. It validates
+nothing, deduplicates nothing, keeps no state, commits no transaction, and keeps no
+delivery future (``flush()`` at the end waits for every acknowledgement; the
+benchmark checks the topic's end offsets against the records served). Whatever the
+service does on top is its own cost: these figures are a ceiling, never a flattering
+one. The benchmark runs it with the service's garbage-collector settings
+(``--gc-threshold``, see ``service/runtime.py``), so that both interpreters are tuned
+alike.
+
+    uv run python bench/ceiling.py --api-url URL --api-key KEY --bootstrap HOST:PORT \\
+        --topic TOPIC BATCH_ID [BATCH_ID ...]
+
+Prints one JSON line: records, pages, seconds (first request to the last
+acknowledgement), records_per_s and cpu_s (this process, user + system).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+import aiohttp
+from aiokafka import AIOKafkaProducer
+
+# Same names and value sizes as the service's CloudEvents headers (ids are 36 characters).
+HEADERS = [
+    ("ce_specversion", b"1.0"),
+    ("ce_id", b"00000000-0000-5000-8000-000000000000"),
+    ("ce_type", b"com.rightfoot.balance.retrieved"),
+    ("ce_source", b"http://127.0.0.1:00000/v1/balances"),
+    ("ce_time", b"2024-08-09T12:00:00Z"),
+    ("ce_subject", b"00000000-0000-4000-8000-000000000000"),
+    ("content-type", b"application/json"),
+]
+
+
+async def fetch_and_produce(
+    http: aiohttp.ClientSession,
+    producer: AIOKafkaProducer,
+    url: str,
+    topic: str,
+    batch_id: str,
+) -> tuple[int, int]:
+    """Every page of one batch, in order; (records, pages)."""
+    records = pages = 0
+    token: str | None = None
+    while True:
+        params = {"batchId": batch_id, "limit": "100"}
+        if token:
+            params["nextPageToken"] = token
+        async with http.get(url, params=params) as resp:
+            resp.raise_for_status()
+            page = json.loads(await resp.read())
+        pages += 1
+        for record in page["balances"]:
+            value = json.dumps(record, separators=(",", ":")).encode()
+            key = record["authorizer_unique_id"].encode()
+            await producer.send(topic, value, key=key, headers=HEADERS)
+        records += len(page["balances"])
+        if not page.get("has_more"):
+            return records, pages
+        token = page["next_page_token"]
+
+
+async def run(args: argparse.Namespace) -> dict[str, object]:
+    producer = AIOKafkaProducer(
+        bootstrap_servers=args.bootstrap,
+        client_id="rightfoot-poller-ceiling",
+        enable_idempotence=True,
+        acks="all",
+        linger_ms=2,
+        max_batch_size=256 * 1024,
+    )
+    await producer.start()
+    headers = {"Authorization": f"Bearer {args.api_key}", "User-Agent": "bench-ceiling"}
+    connector = aiohttp.TCPConnector(limit=args.concurrency * 2)
+    url = args.api_url.rstrip("/") + "/v1/balances"
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    for batch_id in args.batch_ids:
+        queue.put_nowait(batch_id)
+    totals = [0, 0]
+    try:
+        async with aiohttp.ClientSession(connector=connector, headers=headers) as http:
+
+            async def worker() -> None:
+                while not queue.empty():
+                    batch_id = queue.get_nowait()
+                    records, pages = await fetch_and_produce(
+                        http, producer, url, args.topic, batch_id
+                    )
+                    totals[0] += records
+                    totals[1] += pages
+
+            cpu_before, started = os.times(), time.monotonic()
+            await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+            await producer.flush()  # every message acknowledged (acks=all)
+            seconds, cpu_after = time.monotonic() - started, os.times()
+    finally:
+        await producer.stop()
+    cpu = (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
+    return {
+        "records": totals[0],
+        "pages": totals[1],
+        "seconds": round(seconds, 3),
+        "records_per_s": round(totals[0] / seconds, 1) if seconds > 0 else None,
+        "cpu_s": round(cpu, 3),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--api-url", required=True)
+    parser.add_argument("--api-key", required=True)
+    parser.add_argument("--bootstrap", required=True)
+    parser.add_argument("--topic", required=True)
+    parser.add_argument("--concurrency", type=int, default=16, help="requests in flight")
+    parser.add_argument(
+        "--gc-threshold",
+        help="A,B,C: freeze start-up objects and set these GC thresholds, as the service does",
+    )
+    parser.add_argument("batch_ids", nargs="+", metavar="BATCH_ID")
+    args = parser.parse_args(argv)
+    if args.gc_threshold:
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(*(int(n) for n in args.gc_threshold.split(",")))
+    print(json.dumps(asyncio.run(run(args)), separators=(",", ":")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""Throughput: the service against the stack's own ceiling, on the same pages, in the same run.
+
+The simulator (its own process, no added latency) serves ``--batches`` batches of
+``--records`` records each, all visible at once (1,000,000 records by default). Then,
+one after the other, against the same broker:
+
+1. ``bench/ceiling.py`` fetches every page and produces every record (see its docstring);
+2. the service (``python -m service run``, its own process, fresh topics) with a
+   zero-length polling window, no practical request-rate ceiling and
+   ``kafka.delivery=exactly_once``: every batch is tracked at once through the requests
+   topic with its ``expected_count``; the clock runs from the first tracking request to
+   the moment the last ``completed`` lifecycle event is readable with read_committed
+   (that event commits in the same transaction as the batch's last records);
+3. the same with ``kafka.delivery=at_least_once``.
+
+For each service run: records/s, CPU seconds per million records (user + system of the
+service process, from /proc), and throughput_ratio = service records/s / ceiling
+records/s. The records the lifecycle events report are checked against the records
+served. ``--py-spy DIR`` also records a py-spy profile of each service run there.
+
+    uv run python bench/throughput.py --bootstrap 127.0.0.1:29092 [--batches 200 --records 5000]
+
+Prints a line per run, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from harness import (
+    API_KEY,
+    ROOT,
+    SimulatorProcess,
+    Topics,
+    create_topic,
+    end_offsets_total,
+    log,
+    send_tracking_requests,
+    service,
+    service_env,
+    simulator,
+    wait_lifecycle,
+)
+
+from service.runtime import GC_THRESHOLDS
+
+
+async def run_ceiling(
+    sim: SimulatorProcess, bootstrap: str, batch_ids: list[str]
+) -> dict[str, Any]:
+    topic = f"{Topics().prefix}.ceiling"
+    await create_topic(bootstrap, topic)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(ROOT / "bench" / "ceiling.py"),
+        "--api-url",
+        sim.base_url,
+        "--api-key",
+        API_KEY,
+        "--bootstrap",
+        bootstrap,
+        "--topic",
+        topic,
+        "--gc-threshold",
+        ",".join(str(n) for n in GC_THRESHOLDS),
+        *batch_ids,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+    )
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"the ceiling script exited with {proc.returncode}")
+    result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    produced = await end_offsets_total(bootstrap, topic)
+    if produced != result["records"]:
+        raise RuntimeError(f"ceiling: {produced} messages in {topic}, {result['records']} sent")
+    return result
+
+
+async def run_service(
+    sim: SimulatorProcess,
+    bootstrap: str,
+    batch_ids: list[str],
+    records: int,
+    delivery: str,
+    *,
+    workdir: Path,
+    py_spy: Path | None,
+    timeout_s: float,
+    service_command: list[str] | None = None,
+) -> dict[str, Any]:
+    topics = Topics()
+    env = service_env(
+        topics,
+        bootstrap,
+        sim.base_url,
+        RFP_KAFKA__DELIVERY=delivery,
+        RFP_POLLING__INTERVAL_MIN_S="0",
+        RFP_POLLING__INTERVAL_MAX_S="0",
+        RFP_POLLING__COMPLETE_AFTER_IDLE_S="3600",
+        RFP_RIGHTFOOT__MAX_REQUESTS_PER_S="1000000",
+    )
+    command = ("-m", "service", "run") if not service_command else tuple(service_command)
+    log_path = workdir / f"service-{delivery}.log"
+    async with service(env, command=command, log_path=log_path) as svc:
+        profiler = _start_py_spy(py_spy, svc.pid, delivery)
+        watcher = asyncio.create_task(
+            wait_lifecycle(bootstrap, topics.events, set(batch_ids), "completed", timeout_s)
+        )
+        cpu_before, started = svc.cpu_seconds(), time.monotonic()
+        await send_tracking_requests(
+            bootstrap, topics.requests, [(batch_id, records) for batch_id in batch_ids]
+        )
+        finished, completed = await watcher
+        cpu = svc.cpu_seconds() - cpu_before
+        memory = svc.memory_mb()
+        _stop_py_spy(profiler)
+    seconds = finished - started
+    published = sum(int(event["records_published"]) for event in completed)
+    expected = records * len(batch_ids)
+    if published != expected:
+        raise RuntimeError(f"{delivery}: {published} records published, {expected} served")
+    return {
+        "delivery": delivery,
+        "records": published,
+        "seconds": round(seconds, 3),
+        "records_per_s": round(published / seconds, 1),
+        "cpu_s": round(cpu, 3),
+        "cpu_s_per_million": round(cpu / published * 1e6, 3),
+        "rss_peak_mb": round(memory.get("VmHWM", 0.0), 1),
+    }
+
+
+def _start_py_spy(directory: Path | None, pid: int, name: str) -> subprocess.Popen[bytes] | None:
+    if directory is None:
+        return None
+    exe = shutil.which("py-spy")
+    if exe is None:
+        log("py-spy is not installed (uv run --with py-spy ...): no profile")
+        return None
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"throughput-{name}.speedscope.json"
+    command = [exe, "record", "-p", str(pid), "-f", "speedscope", "-o", str(target), "-r", "50"]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _stop_py_spy(profiler: subprocess.Popen[bytes] | None) -> None:
+    if profiler is not None:
+        profiler.send_signal(2)  # SIGINT: py-spy writes the profile and exits
+        profiler.wait(timeout=60)
+
+
+async def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    async with simulator(workdir / "simulator.log") as sim:
+        log(f"creating {args.batches} batches of {args.records} records")
+        batch_ids = await sim.create_batches(args.batches, args.records)
+        runs: dict[str, dict[str, Any]] = {}
+        log("ceiling")
+        runs["ceiling"] = await run_ceiling(sim, args.bootstrap, batch_ids)
+        print(f"ceiling        {_line(runs['ceiling'])}", flush=True)
+        for delivery in ("exactly_once", "at_least_once"):
+            log(f"service, {delivery}")
+            runs[delivery] = await run_service(
+                sim,
+                args.bootstrap,
+                batch_ids,
+                args.records,
+                delivery,
+                workdir=workdir,
+                py_spy=args.py_spy,
+                timeout_s=args.timeout,
+                service_command=args.service_command,
+            )
+            runs[delivery]["throughput_ratio"] = round(
+                runs[delivery]["records_per_s"] / runs["ceiling"]["records_per_s"], 3
+            )
+            print(f"{delivery:<14} {_line(runs[delivery])}", flush=True)
+    eo, alo = runs["exactly_once"], runs["at_least_once"]
+    return {
+        "records": eo["records"],
+        "batches": args.batches,
+        "ceiling_records_per_s": runs["ceiling"]["records_per_s"],
+        "ceiling_cpu_s_per_million": round(
+            runs["ceiling"]["cpu_s"] / runs["ceiling"]["records"] * 1e6, 3
+        ),
+        "records_per_s": eo["records_per_s"],
+        "cpu_s_per_million": eo["cpu_s_per_million"],
+        "throughput_ratio": eo["throughput_ratio"],
+        "alo_records_per_s": alo["records_per_s"],
+        "alo_cpu_s_per_million": alo["cpu_s_per_million"],
+        "alo_throughput_ratio": alo["throughput_ratio"],
+        "runs": runs,
+    }
+
+
+def _line(run: dict[str, Any]) -> str:
+    text = f"{run['records']:>9,} records in {run['seconds']:7.2f} s  "
+    text += f"{run['records_per_s']:>9,.0f} records/s  CPU {run['cpu_s']:6.2f} s"
+    if "throughput_ratio" in run:
+        text += f"  ({run['cpu_s_per_million']:.2f} CPU s/M, ratio {run['throughput_ratio']:.3f})"
+    return text
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batches", type=int, default=200)
+    parser.add_argument("--records", type=int, default=5_000, help="records per batch")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per service run")
+    parser.add_argument("--py-spy", type=Path, help="record py-spy profiles of the service here")
+    parser.add_argument(
+        "--service-command",
+        nargs="+",
+        help="python arguments that run the service (default: -m service run)",
+    )
+    parser.add_argument("--workdir", type=Path, help="keep the logs here (default: a temp dir)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--bootstrap", required=True, help="Kafka bootstrap servers")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench-throughput-") as tmp:
+        workdir = args.workdir or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        summary = asyncio.run(measure(args, workdir))
+    print(json.dumps(summary, separators=(",", ":")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""The per-record fast paths give exactly what the general code gives.
+
+``balance_event_id`` computes uuid5 without a UUID object, ``parse_record`` skips
+pydantic when the fields are of exactly the JSON types it accepts, and
+``EventFactory.balance`` writes the event's JSON directly: each is checked here
+against the general path on generated input (see bench/ and service/runtime.py
+for why they exist).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from service import records
+from service.events import EventFactory
+from service.records import EVENT_NAMESPACE, BalanceRecord, balance_event_id, parse_record
+
+text = st.text(max_size=24)
+codes = st.one_of(st.none(), st.integers(-(2**70), 2**70), st.sampled_from([0, 3000, 3300]))
+balances = st.one_of(
+    st.none(),
+    st.decimals(allow_nan=False, allow_infinity=False),
+    st.integers(-(10**30), 10**30),
+    st.booleans(),
+    text,
+)
+timestamps = st.one_of(
+    st.sampled_from(
+        ["2024-08-09T12:00:00Z", "2024-08-09T12:00:00.123+02:00", "2024-13-01T00:00:00Z"]
+    ),
+    text,
+    st.integers(),
+    st.none(),
+)
+fields = st.sampled_from(
+    ["authorizer_unique_id", "balance", "balance_status_code", "status_code", "timestamp", "x"]
+)
+
+
+@st.composite
+def record_items(draw: Any) -> Any:
+    item: dict[str, Any] = {
+        "authorizer_unique_id": draw(st.one_of(text, st.integers(), st.none())),
+        "balance": draw(balances),
+        "balance_status_code": draw(st.one_of(codes, st.booleans(), text)),
+        "status_code": draw(st.one_of(codes, st.booleans())),
+        "timestamp": draw(timestamps),
+    }
+    for name in draw(st.lists(fields, max_size=3)):
+        item.pop(name, None)
+    return item
+
+
+@st.composite
+def plausible_items(draw: Any) -> Any:
+    """Mostly well-formed records: the shortcut's common case, with its edges."""
+    item: dict[str, Any] = {
+        "authorizer_unique_id": draw(st.text(min_size=1, max_size=12)),
+        "balance": draw(
+            st.one_of(st.none(), st.decimals(allow_nan=False, allow_infinity=False), st.integers())
+        ),
+        "balance_status_code": draw(codes),
+        "status_code": draw(codes),
+        "timestamp": draw(st.sampled_from(["2024-08-09T12:00:00Z", "2024-08-09t12:00:00.5-01:00"])),
+        "institution_id": draw(text),
+    }
+    for name in draw(st.lists(fields, max_size=2)):
+        item.pop(name, None)
+    return item
+
+
+@settings(max_examples=300, deadline=None)
+@given(text, text, text)
+def test_event_id_is_uuid5(batch_id: str, uid: str, timestamp: str) -> None:
+    name = f"{batch_id}\x1f{uid}\x1f{timestamp}"
+    try:
+        expected = str(uuid.uuid5(EVENT_NAMESPACE, name))
+    except UnicodeEncodeError:
+        with pytest.raises(UnicodeEncodeError):
+            balance_event_id(batch_id, uid, timestamp)
+        return
+    assert balance_event_id(batch_id, uid, timestamp) == expected
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    batch_id=st.text(min_size=1, max_size=12),
+    item=st.one_of(record_items(), plausible_items()),
+)
+def test_parse_record_same_with_and_without_the_shortcut(batch_id: str, item: Any) -> None:
+    fast = parse_record(batch_id, item)
+    shortcut = records._exact_fields
+    records._exact_fields = lambda _item: None  # type: ignore[assignment]
+    try:
+        general = parse_record(batch_id, item)
+    finally:
+        records._exact_fields = shortcut  # type: ignore[assignment]
+    assert fast == general
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    batch_id=text,
+    uid=text,
+    balance=st.one_of(st.none(), text, st.decimals(allow_nan=False).map(str)),
+    code=st.integers(-(2**70), 2**70),
+    timestamp=text,
+    event_id=text,
+)
+def test_balance_event_bytes_match_the_general_path(
+    batch_id: str, uid: str, balance: str | None, code: int, timestamp: str, event_id: str
+) -> None:
+    factory = EventFactory(balances_topic="b", batch_events_topic="e", source="http://x/v1")
+    rec = BalanceRecord(uid, balance, code, timestamp, event_id)
+    try:
+        general = factory._balance_general(batch_id, rec)
+    except UnicodeEncodeError:
+        with pytest.raises(UnicodeEncodeError):
+            factory.balance(batch_id, rec)
+        return
+    assert factory.balance(batch_id, rec) == general
+    # and again for the same batch (its quoted ID and subject header are cached)
+    assert factory.balance(batch_id, rec) == general
+
+
+def test_balance_event_general_path_for_unusual_types() -> None:
+    factory = EventFactory(balances_topic="b", batch_events_topic="e", source="http://x/v1")
+    rec = BalanceRecord("a", "1.5", True, "2024-08-09T12:00:00Z", "id")  # type: ignore[arg-type]
+    assert factory.balance("batch", rec) == factory._balance_general("batch", rec)
+    assert json.loads(factory.balance("batch", rec).value or b"")["balance_status_code"] is True
+    assert factory.balance("", rec) == factory._balance_general("", rec)
+    assert Decimal(json.loads(factory.balance("x", rec).value or b"")["balance"]) == Decimal("1.5")
