@@ -124,3 +124,20 @@ lint-deploy: tools
 sync-deploy-copies:
 	cp deploy/prometheus/alerts.yaml $(DEPLOY_CHART)/files/alerts.yaml
 	cp dashboards/rightfoot-poller.json $(DEPLOY_CHART)/files/rightfoot-poller.json
+
+# ---------------------------------------------------------------------------
+# Performance (issue 6; bench/run_all.py says what each figure is): throughput against
+# an aiohttp+aiokafka ceiling on 1,000,000 records, 10,000 batches on one replica for
+# 3 minutes, latency from the API to Kafka. About 12 minutes. Runs its own broker on
+# BENCH_KAFKA_PORT and stops it afterwards; BENCH_ARGS are passed on (e.g. --workdir DIR).
+# tests/test_bench_smoke.py runs the same at toy sizes within `make test`.
+# ---------------------------------------------------------------------------
+BENCH_KAFKA_PORT ?= 29092
+BENCH_ARGS ?=
+
+bench: export PATH := $(UV_PATH)
+bench: install
+	KAFKA_PORT=$(BENCH_KAFKA_PORT) scripts/kafka.sh start
+	@rc=0; $(UV) run --frozen python bench/run_all.py \
+	  --bootstrap 127.0.0.1:$(BENCH_KAFKA_PORT) $(BENCH_ARGS) || rc=$$?; \
+	  KAFKA_PORT=$(BENCH_KAFKA_PORT) scripts/kafka.sh stop; exit $$rc

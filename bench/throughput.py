@@ -13,14 +13,18 @@ one after the other, against the same broker:
    (that event commits in the same transaction as the batch's last records);
 3. the same with ``kafka.delivery=at_least_once``.
 
-For each service run: records/s, CPU seconds per million records (user + system of the
-service process, from /proc), and throughput_ratio = service records/s / ceiling
-records/s. The records the lifecycle events report are checked against the records
-served. ``--py-spy DIR`` also records a py-spy profile of each service run there.
+That is one round; ``--rounds`` (default 2) are run, every other one in reverse order,
+and the figures are the medians over rounds: this machine is shared and noisy, and
+a ratio is taken within a round, between runs minutes apart. For each service run:
+records/s, CPU seconds per million records (user + system of the service process,
+from /proc), and throughput_ratio = service records/s / the ceiling's. The records
+the lifecycle events report are checked against the records served, and the ceiling
+topic's message count too. ``--py-spy DIR`` also records a py-spy profile of each
+service run there (``uv run --with py-spy ...``).
 
     uv run python bench/throughput.py --bootstrap 127.0.0.1:29092 [--batches 200 --records 5000]
 
-Prints a line per run, then one JSON line.
+Prints a line per run, a summary line, then one JSON line.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import argparse
 import asyncio
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -161,46 +166,68 @@ def _stop_py_spy(profiler: subprocess.Popen[bytes] | None) -> None:
 
 
 async def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """``--rounds`` rounds of ceiling, exactly_once, at_least_once (every other one reversed)."""
+    rounds: list[dict[str, dict[str, Any]]] = []
     async with simulator(workdir / "simulator.log") as sim:
         log(f"creating {args.batches} batches of {args.records} records")
         batch_ids = await sim.create_batches(args.batches, args.records)
-        runs: dict[str, dict[str, Any]] = {}
-        log("ceiling")
-        runs["ceiling"] = await run_ceiling(sim, args.bootstrap, batch_ids)
-        print(f"ceiling        {_line(runs['ceiling'])}", flush=True)
-        for delivery in ("exactly_once", "at_least_once"):
-            log(f"service, {delivery}")
-            runs[delivery] = await run_service(
-                sim,
-                args.bootstrap,
-                batch_ids,
-                args.records,
-                delivery,
-                workdir=workdir,
-                py_spy=args.py_spy,
-                timeout_s=args.timeout,
-                service_command=args.service_command,
-            )
-            runs[delivery]["throughput_ratio"] = round(
-                runs[delivery]["records_per_s"] / runs["ceiling"]["records_per_s"], 3
-            )
-            print(f"{delivery:<14} {_line(runs[delivery])}", flush=True)
-    eo, alo = runs["exactly_once"], runs["at_least_once"]
+        for number in range(args.rounds):
+            order = ["ceiling", "exactly_once", "at_least_once"]
+            runs: dict[str, dict[str, Any]] = {}
+            for name in order if number % 2 == 0 else order[::-1]:
+                log(f"round {number + 1}: {name}")
+                if name == "ceiling":
+                    runs[name] = await run_ceiling(sim, args.bootstrap, batch_ids)
+                else:
+                    runs[name] = await run_service(
+                        sim,
+                        args.bootstrap,
+                        batch_ids,
+                        args.records,
+                        name,
+                        workdir=workdir,
+                        py_spy=args.py_spy,
+                        timeout_s=args.timeout,
+                        service_command=args.service_command,
+                    )
+            for name in ("exactly_once", "at_least_once"):
+                ratio = runs[name]["records_per_s"] / runs["ceiling"]["records_per_s"]
+                runs[name]["throughput_ratio"] = round(ratio, 3)
+            for name in order:
+                print(f"round {number + 1}  {name:<14} {_line(runs[name])}", flush=True)
+            rounds.append(runs)
+
+    def median_of(name: str, key: str) -> float:
+        return round(statistics.median(r[name][key] for r in rounds), 3)
+
+    ceiling_cpu = statistics.median(r["ceiling"]["cpu_s"] / r["ceiling"]["records"] for r in rounds)
     return {
-        "records": eo["records"],
+        "records": rounds[0]["exactly_once"]["records"],
         "batches": args.batches,
-        "ceiling_records_per_s": runs["ceiling"]["records_per_s"],
-        "ceiling_cpu_s_per_million": round(
-            runs["ceiling"]["cpu_s"] / runs["ceiling"]["records"] * 1e6, 3
-        ),
-        "records_per_s": eo["records_per_s"],
-        "cpu_s_per_million": eo["cpu_s_per_million"],
-        "throughput_ratio": eo["throughput_ratio"],
-        "alo_records_per_s": alo["records_per_s"],
-        "alo_cpu_s_per_million": alo["cpu_s_per_million"],
-        "alo_throughput_ratio": alo["throughput_ratio"],
-        "runs": runs,
+        "rounds": args.rounds,
+        "ceiling_records_per_s": median_of("ceiling", "records_per_s"),
+        "ceiling_cpu_s_per_million": round(ceiling_cpu * 1e6, 3),
+        "records_per_s": median_of("exactly_once", "records_per_s"),
+        "cpu_s_per_million": median_of("exactly_once", "cpu_s_per_million"),
+        "throughput_ratio": median_of("exactly_once", "throughput_ratio"),
+        "alo_records_per_s": median_of("at_least_once", "records_per_s"),
+        "alo_cpu_s_per_million": median_of("at_least_once", "cpu_s_per_million"),
+        "alo_throughput_ratio": median_of("at_least_once", "throughput_ratio"),
+        "service_rss_peak_mb": max(r["exactly_once"]["rss_peak_mb"] for r in rounds),
+        "runs": rounds,
     }
+
+
+def summary_line(result: dict[str, Any]) -> str:
+    return (
+        f"throughput: {result['records']:,} records, median of {result['rounds']} rounds: "
+        f"ceiling {result['ceiling_records_per_s']:,.0f}/s "
+        f"({result['ceiling_cpu_s_per_million']} CPU s/M); "
+        f"exactly_once {result['records_per_s']:,.0f}/s ({result['cpu_s_per_million']} CPU s/M, "
+        f"ratio {result['throughput_ratio']}); "
+        f"at_least_once {result['alo_records_per_s']:,.0f}/s "
+        f"({result['alo_cpu_s_per_million']} CPU s/M, ratio {result['alo_throughput_ratio']})"
+    )
 
 
 def _line(run: dict[str, Any]) -> str:
@@ -214,6 +241,7 @@ def _line(run: dict[str, Any]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batches", type=int, default=200)
     parser.add_argument("--records", type=int, default=5_000, help="records per batch")
+    parser.add_argument("--rounds", type=int, default=2, help="median over this many rounds")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per service run")
     parser.add_argument("--py-spy", type=Path, help="record py-spy profiles of the service here")
     parser.add_argument(
@@ -233,6 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         summary = asyncio.run(measure(args, workdir))
+    print(summary_line(summary), flush=True)
     print(json.dumps(summary, separators=(",", ":")))
     return 0
 

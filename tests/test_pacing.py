@@ -117,6 +117,44 @@ async def test_pause_until_delays_everyone() -> None:
     assert starts[2] == pytest.approx(1005.02)
 
 
+async def test_a_late_wake_up_releases_no_burst() -> None:
+    t = FakeTime()
+    late = [0.35]  # the first wait overruns (a busy event loop), the others do not
+
+    async def oversleep(seconds: float) -> None:
+        t.now += seconds + (late.pop() if late else 0.0)
+
+    limiter = RateLimiter(10.0, clock=t.clock, sleep=oversleep)
+    released: list[float] = []
+
+    async def one() -> None:
+        await limiter.acquire()
+        released.append(t.now)
+
+    await asyncio.gather(*(one() for _ in range(8)))
+    gaps = [b - a for a, b in itertools.pairwise(released)]
+    assert all(gap >= 0.1 - 1e-9 for gap in gaps), gaps
+    assert released[1] == pytest.approx(1000.45)  # its slot was 1000.1: it went late
+
+
+async def test_pause_during_a_wait_is_honoured() -> None:
+    t = FakeTime()
+    gate = asyncio.Event()
+
+    async def sleep(seconds: float) -> None:
+        await gate.wait()
+        t.now += seconds
+
+    limiter = RateLimiter(1.0, clock=t.clock, sleep=sleep)
+    await limiter.acquire()
+    second = asyncio.ensure_future(limiter.acquire())
+    await asyncio.sleep(0)  # it now waits for its slot at 1001
+    limiter.pause_until(1010.0)
+    gate.set()
+    await second
+    assert t.now == pytest.approx(1010.0)
+
+
 async def test_pause_in_the_past_changes_nothing() -> None:
     t = FakeTime()
     limiter = RateLimiter(2.0, clock=t.clock, sleep=t.sleep)
@@ -124,3 +162,33 @@ async def test_pause_in_the_past_changes_nothing() -> None:
     limiter.pause_until(t.now - 100.0)
     await limiter.acquire()
     assert t.now == pytest.approx(1000.5)
+
+
+def _most_in_window(times: list[float], width: float) -> int:
+    best, start = 0, 0
+    for end, t in enumerate(times):
+        while t - times[start] >= width - 1e-9:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(3))
+async def test_ceiling_holds_and_late_wake_ups_cost_no_capacity(seed: int) -> None:
+    rng = random.Random(seed)
+    t = FakeTime()
+
+    async def late_sleep(seconds: float) -> None:
+        t.now += seconds + rng.uniform(0.0, 0.002)  # a busy loop wakes callers late
+
+    limiter = RateLimiter(300.0, clock=t.clock, sleep=late_sleep)
+    assert limiter.depth == 6
+    released: list[float] = []
+    for _ in range(3000):  # always someone waiting: the ceiling is the only limit
+        await limiter.acquire()
+        released.append(t.now)
+        if rng.random() < 0.01:
+            t.now += rng.uniform(0.0, 0.05)  # now and then nobody asks for a while
+    assert _most_in_window(released, 1.0) <= 301
+    assert _most_in_window(released, 0.1) <= 6 + 30
+    assert released[-1] - released[0] <= 3000 / 295 + 0.02 * 30 + 0.5

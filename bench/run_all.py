@@ -1,0 +1,150 @@
+"""``make bench``: throughput against the ceiling, scale, and latency, in one run on one broker.
+
+Runs ``bench/throughput.py``, ``bench/scale.py`` and ``bench/latency.py`` one after
+the other (each docstring says what it measures and how) against the broker at
+``--bootstrap``, prints their figures, whether each target of issue 6 is met, and
+ends with one JSON line:
+
+    throughput_ratio            exactly_once records/s over the ceiling's (target >= 0.8)
+    records_per_s               exactly_once records/s into Kafka
+    cpu_s_per_million           service CPU seconds per million records (exactly_once)
+    scale_p99_lateness_s        10,000 batches, 30-60 s window: poll lateness p99 (< 2)
+    scale_rss_mb                peak RSS of that replica (< 300)
+    loop_lag_p99_ms             its event-loop lag p99 (< 50)
+    latency_p99_over_window_s   visible at the API -> readable in Kafka, p99 - window (<= 1)
+
+and more figures besides (at_least_once, the ceiling's own, request rates, ...).
+``--smoke`` runs all three at toy sizes in well under a minute (tests/test_bench_smoke.py);
+its figures mean nothing beyond "the benchmark works".
+
+    uv run python bench/run_all.py --bootstrap 127.0.0.1:29092 [--smoke] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import latency
+import scale
+import throughput
+
+SMOKE = {
+    "throughput": {"batches": 10, "records": 1000, "rounds": 1, "timeout": 60},
+    "scale": {"batches": 300, "ramp": 2.0, "duration": 8.0, "window_min": 2.0, "window_max": 4.0},
+    "latency": {
+        "batches": 4,
+        "records": 30,
+        "spread": 5.0,
+        "warmup": 1.0,
+        "window_min": 0.5,
+        "window_max": 1.0,
+        "timeout": 30.0,
+    },
+}
+
+# name, JSON key, test, as printed
+TARGETS: list[tuple[str, Callable[[float], bool], str]] = [
+    ("throughput_ratio", lambda v: v >= 0.8, ">= 0.8"),
+    ("scale_p99_lateness_s", lambda v: v < 2, "< 2 s"),
+    ("scale_rss_mb", lambda v: v < 300, "< 300 MiB"),
+    ("loop_lag_p99_ms", lambda v: v < 50, "< 50 ms"),
+    ("latency_p99_over_window_s", lambda v: v <= 1, "<= 1 s"),
+]
+
+
+def sub_args(
+    add_arguments: Callable[[argparse.ArgumentParser], None], bootstrap: str, **overrides: Any
+) -> argparse.Namespace:
+    """A benchmark's defaults, with ``overrides``."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args([])
+    vars(args).update(overrides, bootstrap=bootstrap)
+    return args
+
+
+async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    sizes: dict[str, dict[str, Any]] = SMOKE if args.smoke else {}
+    for name in ("throughput", "scale", "latency"):
+        (workdir / name).mkdir(parents=True, exist_ok=True)
+    t = await throughput.measure(
+        sub_args(throughput.add_arguments, args.bootstrap, **sizes.get("throughput", {})),
+        workdir / "throughput",
+    )
+    print(throughput.summary_line(t), flush=True)
+    s = await scale.measure(
+        sub_args(scale.add_arguments, args.bootstrap, **sizes.get("scale", {})), workdir / "scale"
+    )
+    print(scale.summary_line(s), flush=True)
+    lat = await latency.measure(
+        sub_args(latency.add_arguments, args.bootstrap, **sizes.get("latency", {})),
+        workdir / "latency",
+    )
+    print(latency.summary_line(lat), flush=True)
+    return {
+        "throughput_ratio": t["throughput_ratio"],
+        "records_per_s": t["records_per_s"],
+        "cpu_s_per_million": t["cpu_s_per_million"],
+        "scale_p99_lateness_s": s["p99_lateness_s"],
+        "scale_rss_mb": s["rss_mb"],
+        "loop_lag_p99_ms": s["loop_lag_p99_ms"],
+        "latency_p99_over_window_s": lat["p99_over_window_s"],
+        "alo_throughput_ratio": t["alo_throughput_ratio"],
+        "alo_records_per_s": t["alo_records_per_s"],
+        "alo_cpu_s_per_million": t["alo_cpu_s_per_million"],
+        "ceiling_records_per_s": t["ceiling_records_per_s"],
+        "ceiling_cpu_s_per_million": t["ceiling_cpu_s_per_million"],
+        "throughput_records": t["records"],
+        "scale_batches": s["tracked"],
+        "scale_duration_s": s["duration_s"],
+        "scale_p50_lateness_s": s["p50_lateness_s"],
+        "scale_max_lateness_s": s["max_lateness_s"],
+        "scale_rps_mean": s["rps_mean"],
+        "scale_rps_max_1s": s["rps_max_1s"],
+        "scale_requests_max_100ms": s["requests_max_100ms"],
+        "scale_rps_ceiling": s["rps_ceiling"],
+        "loop_lag_max_ms": s["loop_lag_max_ms"],
+        "latency_p50_s": lat["p50_s"],
+        "latency_p99_s": lat["p99_s"],
+        "latency_window_s": lat["window_s"],
+        "smoke": bool(args.smoke),
+    }
+
+
+def targets_line(result: dict[str, Any]) -> str:
+    parts = []
+    for key, test, wanted in TARGETS:
+        value = result.get(key)
+        ok = value is not None and not math.isnan(value) and test(value)
+        parts.append(f"{key} {value} ({wanted}: {'met' if ok else 'MISSED'})")
+    ceiling = result["scale_rps_ceiling"]
+    ok = result["scale_rps_max_1s"] <= ceiling + 1
+    parts.append(f"scale_rps_max_1s {result['scale_rps_max_1s']} (<= {ceiling:g}: ")
+    parts[-1] += "met)" if ok else "MISSED)"
+    return "targets: " + "; ".join(parts)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--bootstrap", required=True, help="Kafka bootstrap servers")
+    parser.add_argument("--smoke", action="store_true", help="toy sizes: checks that it runs")
+    parser.add_argument("--workdir", type=Path, help="keep the logs here (default: a temp dir)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        workdir = args.workdir or Path(tmp)
+        result = asyncio.run(run(args, workdir))
+    print(targets_line(result), flush=True)
+    print(json.dumps(result, separators=(",", ":")), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

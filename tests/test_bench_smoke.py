@@ -1,0 +1,58 @@
+"""``make bench`` at toy sizes: the three benchmarks run and report every figure.
+
+``bench/run_all.py --smoke`` against the test broker: throughput (ceiling,
+exactly_once, at_least_once), scale and latency, each with its own simulator and
+service processes. Only that the scripts work is checked, never a timing target:
+those are for ``make bench`` on its full sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+pytestmark = pytest.mark.kafka
+
+POSITIVE = (
+    "throughput_ratio",
+    "records_per_s",
+    "cpu_s_per_million",
+    "alo_throughput_ratio",
+    "ceiling_records_per_s",
+    "scale_rss_mb",
+    "scale_rps_mean",
+    "latency_p50_s",
+    "latency_p99_s",
+)
+NOT_NEGATIVE = ("scale_p99_lateness_s", "scale_max_lateness_s", "loop_lag_p99_ms")
+
+
+def test_bench_smoke(kafka: str) -> None:
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run_all.py"), "--bootstrap", kafka, "--smoke"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert lines[-2].startswith("targets: ")
+    for key in (*POSITIVE, *NOT_NEGATIVE, "latency_p99_over_window_s"):
+        value = result[key]
+        assert isinstance(value, int | float) and math.isfinite(value), (key, value)
+    for key in POSITIVE:
+        assert result[key] > 0, (key, result[key])
+    for key in NOT_NEGATIVE:
+        assert result[key] >= 0, (key, result[key])
+    assert result["scale_batches"] == 300
+    assert result["scale_rps_max_1s"] <= result["scale_rps_ceiling"] + 1
+    assert result["throughput_records"] == 10_000
+    assert result["smoke"] is True
