@@ -100,43 +100,6 @@ def parse_metrics(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
     return samples
 
 
-def metric_sum(metrics: dict[str, list[tuple[dict[str, str], float]]], name: str) -> float:
-    return sum(value for _, value in metrics.get(name, []))
-
-
-def histogram_buckets(
-    metrics: dict[str, list[tuple[dict[str, str], float]]], name: str
-) -> list[tuple[float, float]]:
-    """Cumulative (upper bound, count) pairs of an unlabelled histogram."""
-    buckets = [(float(labels["le"]), value) for labels, value in metrics.get(f"{name}_bucket", [])]
-    return sorted(buckets)
-
-
-def histogram_quantile(buckets: list[tuple[float, float]], q: float) -> float:
-    """Prometheus' histogram_quantile (linear within a bucket) on cumulative buckets."""
-    if not buckets or buckets[-1][1] <= 0:
-        return math.nan
-    total = buckets[-1][1]
-    rank = q * total
-    lower, below = 0.0, 0.0
-    for upper, count in buckets:
-        if count >= rank:
-            if math.isinf(upper):
-                return lower
-            inside = count - below
-            return lower + (upper - lower) * ((rank - below) / inside if inside else 1.0)
-        lower, below = upper, count
-    return lower
-
-
-def bucket_delta(
-    after: list[tuple[float, float]], before: list[tuple[float, float]]
-) -> list[tuple[float, float]]:
-    """The histogram of what was observed between two scrapes."""
-    earlier = dict(before)
-    return [(upper, count - earlier.get(upper, 0.0)) for upper, count in after]
-
-
 # --------------------------------------------------------------------------- simulator
 
 
