@@ -126,7 +126,7 @@ sync-deploy-copies:
 	cp dashboards/rightfoot-poller.json $(DEPLOY_CHART)/files/rightfoot-poller.json
 
 # ---------------------------------------------------------------------------
-# Performance (issue 6; docs/performance.md, bench/run_all.py): throughput against an
+# Performance (docs/performance.md, bench/run_all.py): throughput against an
 # aiohttp+aiokafka ceiling on 1,000,000 records, 10,000 batches on one replica for 3
 # minutes, latency from the API to Kafka; about 9 minutes, one JSON line at the end.
 # Runs its own broker on BENCH_KAFKA_PORT and stops it; BENCH_ARGS are passed on (e.g.

@@ -2,7 +2,7 @@
 
 Runs ``bench/throughput.py``, ``bench/scale.py`` and ``bench/latency.py`` one after
 the other (each docstring says what it measures and how) against the broker at
-``--bootstrap``, prints their figures, whether each target of issue 6 is met, and
+``--bootstrap``, prints their figures, whether each performance target is met, and
 ends with one JSON line:
 
     throughput_ratio            exactly_once records/s over the ceiling's (target >= 0.8)

@@ -96,7 +96,7 @@ CONTRACT: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "gauge",
         (),
     ),
-    # Issue 4: the producer figures worth graphing, and a build_info.
+    # The producer figures worth graphing, and a build_info.
     "records in flight": ("rightfoot_poller_records_in_flight", "gauge", ()),
     "transaction commits and aborts": (
         "rightfoot_poller_transactions_total",
