@@ -511,6 +511,18 @@ class Tracker:
         outcome: tuple[str, str] | None,
     ) -> BatchState:
         now = self.wall()
+        unchanged = (
+            not pending.messages
+            and outcome is None
+            and cursor == b.cursor
+            and b.failures == 0
+            and b.not_found_since is None
+        )
+        if unchanged:
+            # Nothing new: the stored progress still holds, so nothing is written (a batch
+            # that stays quiet costs no state writes). Only the local poll time moves.
+            b.last_poll_at = now
+            return b
         counts = Counter(b.counts)
         counts.update(pending.counts)
         updated = replace(
