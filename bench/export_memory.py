@@ -19,7 +19,6 @@ import contextlib
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,26 +31,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness import clean_env, free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "bench-export-key"
 MIB = 1024 * 1024
 _SUMMARY_RE = re.compile(r"exported (\d+) rows \((\d+) bytes\) to .* in ([0-9.]+) s")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The environment without any RFP_*/RIGHTFOOT_* setting of the caller, plus ``extra``."""
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("RFP_", "RIGHTFOOT_", "POD_NAME"))
-    }
-    env.update(extra)
-    return env
 
 
 @dataclass

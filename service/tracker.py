@@ -80,6 +80,15 @@ class _Pending:
         return self.new_records + self.dead_lettered
 
 
+def _first_sight(b: BatchState, pending: _Pending, event_id: str) -> bool:
+    """True, and remembered, if this event was neither published nor read earlier in this poll."""
+    d = digest(event_id)
+    if d in b.seen or d in pending.digests:
+        return False
+    pending.digests.add(d)
+    return True
+
+
 class Tracker:
     def __init__(
         self,
@@ -466,18 +475,14 @@ class Tracker:
         pending: _Pending,
     ) -> None:
         for rec in records:
-            d = digest(rec.event_id)
-            if d in b.seen or d in pending.digests:
+            if not _first_sight(b, pending, rec.event_id):
                 continue
-            pending.digests.add(d)
             pending.messages.append(self.factory.balance(b.batch_id, rec))
             pending.counts[rec.balance_status] += 1
             pending.new_records += 1
         for bad in invalid:
-            d = digest(bad.event_id)
-            if d in b.seen or d in pending.digests:
+            if not _first_sight(b, pending, bad.event_id):
                 continue
-            pending.digests.add(d)
             pending.messages.append(self.factory.invalid(b.batch_id, bad))
             pending.dead_lettered += 1
             pending.dlq_reasons[bad.reason] += 1

@@ -65,6 +65,9 @@ MISSING = "00000000-0000-4000-8000-000000000404"
 
 
 def _load_bench() -> ModuleType:
+    # As when the script runs: its own folder is on the path (for bench/harness.py).
+    if str(ROOT / "bench") not in sys.path:
+        sys.path.insert(0, str(ROOT / "bench"))
     spec = importlib.util.spec_from_file_location(
         "export_memory_bench", ROOT / "bench" / "export_memory.py"
     )
