@@ -1,7 +1,8 @@
 """The per-record fast paths give exactly what the general code gives.
 
-``balance_event_id`` computes uuid5 without a UUID object, ``parse_record`` skips
-pydantic when the fields are of exactly the JSON types it accepts, and
+``balance_event_id`` computes uuid5 without a UUID object, ``parse_page`` takes a
+page of valid records in one pass of msgspec, ``parse_record`` skips pydantic when
+the fields are of exactly the JSON types it accepts, and
 ``EventFactory.balance`` writes the event's JSON directly: each is checked here
 against the general path on generated input (see bench/ and service/runtime.py
 for why they exist).
@@ -19,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service import records
+from service.errors import ApiMalformedResponse
 from service.events import EventFactory
 from service.records import EVENT_NAMESPACE, BalanceRecord, balance_event_id, parse_record
 
@@ -137,3 +139,97 @@ def test_balance_event_general_path_for_unusual_types() -> None:
     assert json.loads(factory.balance("batch", rec).value or b"")["balance_status_code"] is True
     assert factory.balance("", rec) == factory._balance_general("", rec)
     assert Decimal(json.loads(factory.balance("x", rec).value or b"")["balance"]) == Decimal("1.5")
+
+
+def _general_or_error(batch_id: str, body: bytes) -> records.Page | str:
+    try:
+        return records._parse_page_general(batch_id, body)
+    except ApiMalformedResponse as exc:
+        return f"malformed: {exc}"
+
+
+@st.composite
+def page_bodies(draw: Any) -> bytes:
+    """Pages as the API might send them: envelope variations, odd records, odd bytes."""
+    items = draw(st.lists(st.one_of(plausible_items(), record_items()), max_size=6))
+    doc: dict[str, Any] = {"balances": items}
+    if draw(st.booleans()):
+        doc["batch_id"] = draw(st.one_of(text, st.none(), st.integers()))
+    if draw(st.booleans()):
+        doc["total_processed"] = draw(st.one_of(st.integers(-(2**70), 2**70), st.none(), text))
+    has_more = draw(st.one_of(st.booleans(), st.none(), st.integers(0, 1)))
+    if has_more is not None:
+        doc["has_more"] = has_more
+    if draw(st.booleans()):
+        doc["next_page_token"] = draw(st.one_of(text, st.none()))
+    for name in draw(st.lists(st.sampled_from(["balances", "has_more", "x"]), max_size=1)):
+        doc.pop(name, None)
+    body = records.dumps_exact(doc).encode("utf-8", "surrogatepass")
+    cut = draw(st.one_of(st.none(), st.integers(0, max(len(body) - 1, 0))))
+    if cut is not None and draw(st.integers(0, 4)) == 0:  # now and then: broken bytes
+        body = body[:cut] + draw(st.binary(max_size=3)) + body[cut + 1 :]
+    return body
+
+
+@settings(max_examples=500, deadline=None)
+@given(batch_id=st.text(min_size=1, max_size=12), body=page_bodies())
+def test_parse_page_fast_path_agrees_with_the_general_path(batch_id: str, body: bytes) -> None:
+    fast = records._parse_page_fast(batch_id, body)
+    general = _general_or_error(batch_id, body)
+    if fast is not None:
+        assert fast == general
+    if isinstance(general, str):
+        with pytest.raises(ApiMalformedResponse):
+            records.parse_page(batch_id, body)
+    else:
+        assert records.parse_page(batch_id, body) == general
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    batch_id=st.text(min_size=1, max_size=12),
+    items=st.lists(
+        st.fixed_dictionaries(
+            {
+                "authorizer_unique_id": st.text(min_size=1, max_size=12),
+                "balance": st.one_of(
+                    st.none(), st.decimals(allow_nan=False, allow_infinity=False), st.integers()
+                ),
+                "balance_status_code": st.integers(0, 9999),
+                "timestamp": st.sampled_from(["2024-08-09T12:00:00Z", "2024-08-09T12:00:01.5Z"]),
+            }
+        ),
+        max_size=5,
+    ),
+)
+def test_parse_page_fast_path_takes_pages_of_valid_records(
+    batch_id: str, items: list[dict[str, Any]]
+) -> None:
+    body = records.dumps_exact({"balances": items, "has_more": False}).encode(
+        "utf-8", "surrogatepass"
+    )
+    general = _general_or_error(batch_id, body)
+    assert isinstance(general, records.Page)
+    if general.invalid:  # e.g. a lone surrogate in an ID: only the general path dead-letters
+        assert records._parse_page_fast(batch_id, body) is None
+        return
+    assert records._parse_page_fast(batch_id, body) == general
+
+
+def test_parse_page_fast_path_keeps_every_digit() -> None:
+    body = (
+        b'{"balances":[{"authorizer_unique_id":"a","balance":98765432109876543.21,'
+        b'"balance_status_code":0,"timestamp":"2024-08-09T12:00:00Z"},'
+        b'{"authorizer_unique_id":"b","balance":1E-7,"status_code":3200,'
+        b'"timestamp":"2024-08-09T12:00:00Z"},'
+        b'{"authorizer_unique_id":"c","balance":123456789012345678901234567890,'
+        b'"balance_status_code":0,"timestamp":"2024-08-09T12:00:00Z"}],"has_more":false}'
+    )
+    page = records._parse_page_fast("b-1", body)
+    assert page is not None
+    assert [r.balance for r in page.records] == [
+        "98765432109876543.21",
+        "0.0000001",
+        "123456789012345678901234567890",
+    ]
+    assert [r.balance_status_code for r in page.records] == [0, 3200, 0]
