@@ -17,7 +17,7 @@ import contextlib
 import os
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -45,7 +45,7 @@ from aiokafka.partitioner import murmur2
 
 from service.config import KafkaConfig
 from service.errors import PollerError
-from service.events import OutMessage
+from service.events import BalanceEvents, OutMessage, Publishable, message_count
 from service.metrics import Metrics
 
 log = structlog.get_logger(__name__)
@@ -342,9 +342,10 @@ async def delivered(futures: list[asyncio.Future[Any]]) -> None:
 class Unit:
     """Messages that commit together, with the requests offset they consume up to."""
 
-    messages: list[OutMessage]
+    messages: Sequence[Publishable]
     request_offset: int | None
     received_at: float
+    size: int  # messages, balance events included
     future: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -383,12 +384,14 @@ class PartitionPublisher:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"publisher-{self.partition}")
 
-    async def publish(self, messages: list[OutMessage], request_offset: int | None = None) -> None:
+    async def publish(
+        self, messages: Sequence[Publishable], request_offset: int | None = None
+    ) -> None:
         """Queue a unit of work and wait until it is committed; PublishFailed otherwise."""
         if self.failure is not None:
             raise PublishFailed(f"partition {self.partition} publisher failed: {self.failure}")
-        unit = Unit(messages, request_offset, time.monotonic())
-        self.metrics.records_in_flight.inc(len(messages))
+        unit = Unit(messages, request_offset, time.monotonic(), message_count(messages))
+        self.metrics.records_in_flight.inc(unit.size)
         self._queue.put_nowait(unit)
         try:
             await asyncio.shield(unit.future)
@@ -413,11 +416,11 @@ class PartitionPublisher:
         while True:
             first = await self._queue.get()
             units = [first]
-            size = len(first.messages)
+            size = first.size
             while not self._queue.empty() and size < self.MAX_MESSAGES_PER_COMMIT:
                 unit = self._queue.get_nowait()
                 units.append(unit)
-                size += len(unit.messages)
+                size += unit.size
             try:
                 await self._commit(units)
             except asyncio.CancelledError:
@@ -432,7 +435,7 @@ class PartitionPublisher:
         now = time.monotonic()
         for unit in units:
             self._queue.task_done()
-            self.metrics.records_in_flight.dec(len(unit.messages))
+            self.metrics.records_in_flight.dec(unit.size)
             if unit.future.done():
                 continue
             if exc is None:
@@ -471,17 +474,21 @@ class PartitionPublisher:
         else:
             await self._commit_at_least_once(messages, commit_to)
 
-    async def _send_all(self, messages: list[OutMessage]) -> None:
-        futures = [
-            await self.producer.send(
-                m.topic, m.value, key=m.key, headers=m.headers, partition=m.partition
-            )
-            for m in messages
-        ]
+    async def _send_all(self, parts: list[Publishable]) -> None:
+        send = self.producer.send
+        futures: list[asyncio.Future[Any]] = []
+        append = futures.append
+        for part in parts:
+            if isinstance(part, BalanceEvents):
+                for topic, key, value, headers, partition in part:
+                    append(await send(topic, value, key=key, headers=headers, partition=partition))
+            else:
+                topic, key, value, headers, partition = part
+                append(await send(topic, value, key=key, headers=headers, partition=partition))
         await delivered(futures)
 
     async def _commit_transaction(
-        self, messages: list[OutMessage], commit_to: dict[TopicPartition, int] | None
+        self, messages: list[Publishable], commit_to: dict[TopicPartition, int] | None
     ) -> None:
         await self.producer.begin_transaction()
         try:
@@ -500,11 +507,14 @@ class PartitionPublisher:
         self.metrics.transactions.labels("commit").inc()
 
     async def _commit_at_least_once(
-        self, messages: list[OutMessage], commit_to: dict[TopicPartition, int] | None
+        self, messages: list[Publishable], commit_to: dict[TopicPartition, int] | None
     ) -> None:
         # Events first, then the state that says they were published, then the offsets.
-        state = [m for m in messages if m.topic == self.cfg.state_topic]
-        events = [m for m in messages if m.topic != self.cfg.state_topic]
+        def is_state(m: Publishable) -> bool:
+            return type(m) is OutMessage and m.topic == self.cfg.state_topic
+
+        state = [m for m in messages if is_state(m)]
+        events = [m for m in messages if not is_state(m)]
         await self._send_all(events)
         await self._send_all(state)
         if commit_to:

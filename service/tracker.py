@@ -33,10 +33,10 @@ from service.errors import (
     ApiRateLimited,
     ApiUnauthorized,
 )
-from service.events import EventFactory, OutMessage
+from service.events import BalanceEvents, EventFactory, OutMessage, Publishable
 from service.kafka import PartitionPublisher, PublishFailed, canonical_partition
 from service.metrics import Metrics
-from service.records import BalanceRecord, InvalidRecord, digest
+from service.records import BalanceRecord, InvalidRecord, digest, status_name
 from service.requests import TrackingRequest
 from service.state import RESUMABLE, BatchState, Status, encode_state
 
@@ -67,9 +67,10 @@ class PartitionWorker:
 class _Pending:
     """What one poll has read and not yet committed."""
 
-    messages: list[OutMessage] = field(default_factory=list)
+    messages: list[OutMessage] = field(default_factory=list)  # dead letters
+    records: list[BalanceRecord] = field(default_factory=list)  # new, to publish as events
     digests: set[int] = field(default_factory=set)
-    counts: Counter[str] = field(default_factory=Counter)
+    codes: Counter[int] = field(default_factory=Counter)  # new records per status code
     new_records: int = 0
     dead_lettered: int = 0
     dlq_reasons: Counter[str] = field(default_factory=Counter)
@@ -78,6 +79,14 @@ class _Pending:
     @property
     def size(self) -> int:
         return self.new_records + self.dead_lettered
+
+    @property
+    def counts(self) -> Counter[str]:
+        """New records per ``balance_status`` name."""
+        counts: Counter[str] = Counter()
+        for code, n in self.codes.items():
+            counts[status_name(code)] += n
+        return counts
 
 
 def _first_sight(b: BatchState, pending: _Pending, event_id: str) -> bool:
@@ -474,12 +483,17 @@ class Tracker:
         invalid: list[InvalidRecord],
         pending: _Pending,
     ) -> None:
+        # Once per record: _first_sight and the counters inlined, lookups hoisted; the
+        # events are written when they are sent (events.BalanceEvents).
+        seen, fresh, append, codes = b.seen, pending.digests, pending.records.append, pending.codes
         for rec in records:
-            if not _first_sight(b, pending, rec.event_id):
+            d = digest(rec.event_id)
+            if d in seen or d in fresh:
                 continue
-            pending.messages.append(self.factory.balance(b.batch_id, rec))
-            pending.counts[rec.balance_status] += 1
-            pending.new_records += 1
+            fresh.add(d)
+            append(rec)
+            codes[rec.balance_status_code] += 1
+        pending.new_records = len(pending.records)
         for bad in invalid:
             if not _first_sight(b, pending, bad.event_id):
                 continue
@@ -518,6 +532,7 @@ class Tracker:
         now = self.wall()
         unchanged = (
             not pending.messages
+            and not pending.records
             and outcome is None
             and cursor == b.cursor
             and b.failures == 0
@@ -528,8 +543,9 @@ class Tracker:
             # that stays quiet costs no state writes). Only the local poll time moves.
             b.last_poll_at = now
             return b
+        new_counts = pending.counts
         counts = Counter(b.counts)
-        counts.update(pending.counts)
+        counts.update(new_counts)
         updated = replace(
             b,
             cursor=cursor,
@@ -542,14 +558,16 @@ class Tracker:
             not_found_since=None,
             failures=0,
         )
-        messages = pending.messages
+        messages: list[Publishable] = [*pending.messages]
+        if pending.records:
+            messages.append(BalanceEvents(self.factory, b.batch_id, pending.records))
         if outcome is not None:
             updated.status, updated.reason = cast(Status, outcome[0]), outcome[1]
-            messages = [*messages, self._lifecycle(updated, outcome[0])]
+            messages.append(self._lifecycle(updated, outcome[0]))
         messages.append(self._state_msg(updated))
         await w.publisher.publish(messages)
         self._commit_local(w, updated)
-        for status, n in pending.counts.items():
+        for status, n in new_counts.items():
             self.metrics.records_published.labels(status).inc(n)
         for reason, n in pending.dlq_reasons.items():
             self.metrics.dlq_records.labels(reason).inc(n)
