@@ -368,6 +368,33 @@ async def end_offsets_total(bootstrap: str, topic: str) -> int:
         await consumer.stop()
 
 
+async def count_committed(bootstrap: str, topic: str, timeout_s: float = 300.0) -> int:
+    """Messages a read_committed consumer reads from the whole topic, up to its end offsets."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        isolation_level="read_committed",
+        enable_auto_commit=False,
+        max_partition_fetch_bytes=8 * 1024 * 1024,
+    )
+    await consumer.start()
+    try:
+        await consumer._client.force_metadata_update()
+        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)  # read_committed: the last stable offsets
+        deadline = time.monotonic() + timeout_s
+        count = 0
+        while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{topic}: {count} messages read in {timeout_s} s")
+            batches = await consumer.getmany(timeout_ms=500, max_records=50_000)
+            count += sum(len(messages) for messages in batches.values())
+        return count
+    finally:
+        await consumer.stop()
+
+
 def committed_consumer(bootstrap: str, topic: str, **kwargs: Any) -> AIOKafkaConsumer:
     """A read_committed consumer of a whole topic from its beginning, as downstream reads it."""
     return AIOKafkaConsumer(

@@ -10,7 +10,8 @@ one after the other, against the same broker:
    ``kafka.delivery=exactly_once``: every batch is tracked at once through the requests
    topic with its ``expected_count``; the clock runs from the first tracking request to
    the moment the last ``completed`` lifecycle event is readable with read_committed
-   (that event commits in the same transaction as the batch's last records);
+   (that event commits in the same transaction as the batch's last records); afterwards
+   (off the clock) a read_committed consumer counts the balance events in the topic;
 3. the same with ``kafka.delivery=at_least_once``.
 
 That is one round; ``--rounds`` (default 2) are run, every other one in reverse order,
@@ -18,9 +19,10 @@ and the figures are the medians over rounds: this machine is shared and noisy, a
 a ratio is taken within a round, between runs minutes apart. For each service run:
 records/s, CPU seconds per million records (user + system of the service process,
 from /proc), and throughput_ratio = service records/s / the ceiling's. The records
-the lifecycle events report are checked against the records served, and the ceiling
-topic's message count too. ``--py-spy DIR`` also records a py-spy profile of each
-service run there (``uv run --with py-spy ...``).
+the lifecycle events report, and the balance events a read_committed consumer reads,
+are checked against the records served, and the ceiling topic's message count too.
+``--py-spy DIR`` also records a py-spy profile of each service run there
+(``uv run --with py-spy ...``).
 
     uv run python bench/throughput.py --bootstrap 127.0.0.1:29092 [--batches 200 --records 5000]
 
@@ -47,6 +49,7 @@ from harness import (
     ROOT,
     SimulatorProcess,
     Topics,
+    count_committed,
     create_topic,
     end_offsets_total,
     log,
@@ -135,6 +138,9 @@ async def run_service(
     expected = records * len(batch_ids)
     if published != expected:
         raise RuntimeError(f"{delivery}: {published} records published, {expected} served")
+    in_topic = await count_committed(bootstrap, topics.balances)
+    if in_topic != expected:
+        raise RuntimeError(f"{delivery}: {in_topic} balance events readable, {expected} served")
     return {
         "delivery": delivery,
         "records": published,
