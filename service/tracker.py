@@ -365,23 +365,29 @@ class Tracker:
             return None
         try:
             finished = await self._read_pages(w, b)
-        except ApiUnauthorized as exc:
-            self.metrics.polls.labels("unauthorized").inc()
-            self._set_unauthorized(exc, w, b)
-            return self._window()
-        except ApiNotFound as exc:
-            return await self._not_found(w, b, exc)
-        except (ApiForbidden, ApiBadRequest) as exc:
-            self.metrics.polls.labels("error").inc()
-            await self._finish(w, b, "failed", f"api_{exc.status}: {exc.args[0]}")
-            return None
         except RequestAborted:
             return None  # the partition is being released
         except ApiError as exc:
-            return await self._backing_off(w, b, exc)
+            # A long poll commits as it goes: what it committed before the error stands,
+            # and the error is recorded on top of it, not on the state the poll began with.
+            return await self._poll_failed(w, w.batches.get(b.batch_id, b), exc)
         self.metrics.polls.labels("ok").inc()
         self._backoff.discard(b.batch_id)
         return None if finished else self._window()
+
+    async def _poll_failed(self, w: PartitionWorker, b: BatchState, exc: ApiError) -> float | None:
+        """Record a failed poll; return the delay to the next poll, or None if the batch failed."""
+        if isinstance(exc, ApiUnauthorized):
+            self.metrics.polls.labels("unauthorized").inc()
+            self._set_unauthorized(exc, w, b)
+            return self._window()
+        if isinstance(exc, ApiNotFound):
+            return await self._not_found(w, b, exc)
+        if isinstance(exc, ApiForbidden | ApiBadRequest):
+            self.metrics.polls.labels("error").inc()
+            await self._finish(w, b, "failed", f"api_{exc.status}: {exc.args[0]}")
+            return None
+        return await self._backing_off(w, b, exc)
 
     async def _not_found(self, w: PartitionWorker, b: BatchState, exc: ApiNotFound) -> float | None:
         self.metrics.polls.labels("not_found").inc()

@@ -191,6 +191,44 @@ async def test_api_faults_sustained_5xx_429_timeouts_malformed_and_token_400(
     ) >= 3
 
 
+async def test_api_error_after_a_commit_keeps_the_progress_committed_in_that_poll(
+    kafka: str,
+    topics: Topics,
+    sim_server: SimServer,
+    reader: TopicReader,
+    start_service: Any,
+) -> None:
+    """A poll commits every 200 records; a later page of the same poll fails.
+
+    The failure is recorded on top of what that poll committed, not on the state the
+    poll started from: the next poll goes on from the committed cursor, and nothing
+    that was published is published again.
+    """
+    sim = sim_server.sim
+    batch = str(uuid.uuid4())
+    sim.generate_batch(batch, 1000, spread_s=0.0, seed=41)
+    sim.faults.update({"latency_s": 0.1, "only_batch": batch})
+    await start_service(
+        RFP_POLLING__MAX_RECORDS_PER_TRANSACTION="200",
+        RFP_POLLING__INTERVAL_MIN_S="0.5",
+        RFP_POLLING__INTERVAL_MAX_S="1",
+    )
+    await track(kafka, topics, batch, 1000)
+
+    def pages_served() -> int:
+        return sum(1 for r in sim.request_log if r.batch_id == batch and r.status == 200)
+
+    await wait_for(lambda: pages_served() >= 4, 30, "two transactions of the first poll")
+    sim.faults.update({"malformed_next": 1, "latency_s": 0.0})
+    await wait_completed(reader, topics, [batch], timeout=60)
+    assert sim.faults.malformed_next == 0, "the broken page was served"
+    balances = await reader.read_all(topics.balances)
+    assert_exactly_once(balances, served_ids(sim, [batch]))
+    # the next poll resumed from the stored cursor: at most the 10 pages and the one
+    # broken page, plus the page read again after it, were served
+    assert pages_served() <= 12, pages_served()
+
+
 async def test_sigterm_during_poll_exits_zero_within_grace(
     kafka: str,
     topics: Topics,
