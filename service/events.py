@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import json.encoder
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import NamedTuple
 
@@ -55,13 +55,21 @@ class BalanceEvents:
         self.batch_id = batch_id
         self.records = records
 
+    @property
+    def topic(self) -> str:
+        return self._factory.balances_topic
+
     def __len__(self) -> int:
         return len(self.records)
 
     def __iter__(self) -> Iterator[OutMessage]:
-        balance, batch_id = self._factory.balance, self.batch_id
-        for rec in self.records:
-            yield balance(batch_id, rec)
+        topic = self.topic
+        for key, value, headers in self.wire():
+            yield OutMessage(topic, key, value, headers)
+
+    def wire(self) -> Iterator[tuple[bytes, bytes, Headers]]:
+        """Key, value and headers of each event: what the producer takes."""
+        return self._factory.balance_wire(self.batch_id, self.records)
 
 
 # What a unit of work publishes: single messages, and balance events written when sent.
@@ -109,53 +117,68 @@ class EventFactory:
         self.batch_events_topic = batch_events_topic
         self.dlq_topic = f"{balances_topic}.dlq"
         self.source = source
-        self._source = (source, ("ce_source", source.encode()))
-        self._batch: tuple[str, str, tuple[str, bytes]] = ("", '""', ("ce_subject", b""))
 
     def balance(self, batch_id: str, rec: BalanceRecord) -> OutMessage:
-        # Once per record: the value is written directly, byte for byte what _dumps writes
-        # for the same dict (the same C string quoting, keys in the same order), and the
-        # constant headers are shared; anything unusual takes the general path.
-        uid, balance, code = rec.authorizer_unique_id, rec.balance, rec.balance_status_code
-        event_id, timestamp = rec.event_id, rec.timestamp
-        if not (
-            type(batch_id) is str
-            and type(uid) is str
-            and type(event_id) is str
-            and type(timestamp) is str
-            and type(code) is int
-            and (balance is None or type(balance) is str)
-        ):
-            return self._balance_general(batch_id, rec)
-        if self._batch[0] != batch_id:
-            self._batch = (batch_id, _quote(batch_id), ("ce_subject", batch_id.encode()))
-        _, quoted_batch, subject = self._batch
-        if self._source[0] is not self.source:
-            self._source = (self.source, ("ce_source", self.source.encode()))
-        quoted_balance = "null" if balance is None else _quote(balance)
-        value = (
-            f'{{"event_id":{_quote(event_id)},"batch_id":{quoted_batch},'
-            f'"authorizer_unique_id":{_quote(uid)},"balance":{quoted_balance},'
-            f'"balance_status_code":{int.__repr__(code)},'
-            f'"balance_status":{_QUOTED_STATUS.get(code, _QUOTED_UNKNOWN)},'
-            f'"timestamp":{_quote(timestamp)}}}'
-        )
-        return OutMessage(
-            self.balances_topic,
-            uid.encode(),
-            value.encode(),
-            [
-                _SPECVERSION,
-                ("ce_id", event_id.encode()),
-                _BALANCE_TYPE_HEADER,
-                self._source[1],
-                ("ce_time", timestamp.encode()),
-                subject,
-                _CONTENT_TYPE,
-            ],
-        )
+        """The event of one valid record."""
+        key, value, headers = next(self.balance_wire(batch_id, (rec,)))
+        return OutMessage(self.balances_topic, key, value, headers)
+
+    def balance_wire(
+        self, batch_id: str, records: Iterable[BalanceRecord]
+    ) -> Iterator[tuple[bytes, bytes, Headers]]:
+        """Key, value and headers of each record's event, in order: once per record.
+
+        The value is written directly, byte for byte what ``_dumps`` writes for the same
+        dict (the same C string quoting, keys in the same order); what is the same for
+        the whole batch is written once, and the constant headers are shared. Anything
+        unusual takes the general path.
+        """
+        if type(batch_id) is not str:
+            for rec in records:
+                yield self._balance_general_wire(batch_id, rec)
+            return
+        quoted_batch = _quote(batch_id)
+        subject = ("ce_subject", batch_id.encode())
+        source = ("ce_source", self.source.encode())
+        for rec in records:
+            uid, balance, code, timestamp, event_id = rec
+            if not (
+                type(uid) is str
+                and type(event_id) is str
+                and type(timestamp) is str
+                and type(code) is int
+                and (balance is None or type(balance) is str)
+            ):
+                yield self._balance_general_wire(batch_id, rec)
+                continue
+            value = (
+                f'{{"event_id":{_quote(event_id)},"batch_id":{quoted_batch},'
+                f'"authorizer_unique_id":{_quote(uid)},'
+                f'"balance":{"null" if balance is None else _quote(balance)},'
+                f'"balance_status_code":{int.__repr__(code)},'
+                f'"balance_status":{_QUOTED_STATUS.get(code, _QUOTED_UNKNOWN)},'
+                f'"timestamp":{_quote(timestamp)}}}'
+            )
+            yield (
+                uid.encode(),
+                value.encode(),
+                [
+                    _SPECVERSION,
+                    ("ce_id", event_id.encode()),
+                    _BALANCE_TYPE_HEADER,
+                    source,
+                    ("ce_time", timestamp.encode()),
+                    subject,
+                    _CONTENT_TYPE,
+                ],
+            )
 
     def _balance_general(self, batch_id: str, rec: BalanceRecord) -> OutMessage:
+        return OutMessage(self.balances_topic, *self._balance_general_wire(batch_id, rec))
+
+    def _balance_general_wire(
+        self, batch_id: str, rec: BalanceRecord
+    ) -> tuple[bytes, bytes, Headers]:
         value = {
             "event_id": rec.event_id,
             "batch_id": batch_id,
@@ -165,11 +188,10 @@ class EventFactory:
             "balance_status": rec.balance_status,
             "timestamp": rec.timestamp,
         }
-        return OutMessage(
-            topic=self.balances_topic,
-            key=rec.authorizer_unique_id.encode(),
-            value=_dumps(value),
-            headers=_headers(rec.event_id, BALANCE_TYPE, self.source, rec.timestamp, batch_id),
+        return (
+            rec.authorizer_unique_id.encode(),
+            _dumps(value),
+            _headers(rec.event_id, BALANCE_TYPE, self.source, rec.timestamp, batch_id),
         )
 
     def invalid(self, batch_id: str, rec: InvalidRecord) -> OutMessage:

@@ -480,11 +480,19 @@ class PartitionPublisher:
         append = futures.append
         for part in parts:
             if isinstance(part, BalanceEvents):
-                for topic, key, value, headers, partition in part:
-                    append(await send(topic, value, key=key, headers=headers, partition=partition))
+                topic = part.topic
+                for key, value, headers in part.wire():
+                    append(await send(topic, value, key=key, headers=headers))
             else:
-                topic, key, value, headers, partition = part
-                append(await send(topic, value, key=key, headers=headers, partition=partition))
+                append(
+                    await send(
+                        part.topic,
+                        part.value,
+                        key=part.key,
+                        headers=part.headers,
+                        partition=part.partition,
+                    )
+                )
         await delivered(futures)
 
     async def _commit_transaction(

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from service import records
 from service.errors import ApiMalformedResponse
-from service.events import EventFactory
+from service.events import BalanceEvents, EventFactory
 from service.records import EVENT_NAMESPACE, BalanceRecord, balance_event_id, parse_record
 
 text = st.text(max_size=24)
@@ -233,3 +233,34 @@ def test_parse_page_fast_path_keeps_every_digit() -> None:
         "123456789012345678901234567890",
     ]
     assert [r.balance_status_code for r in page.records] == [0, 3200, 0]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    batch_id=st.one_of(text, st.just("b-1")),
+    rows=st.lists(
+        st.tuples(
+            st.text(min_size=1, max_size=12),
+            st.one_of(st.none(), st.decimals(allow_nan=False).map(str), st.booleans()),
+            st.one_of(st.integers(-(2**70), 2**70), st.booleans()),
+            text,
+            text,
+        ),
+        max_size=6,
+    ),
+)
+def test_balance_events_of_a_poll_match_the_general_path(
+    batch_id: str, rows: list[tuple[Any, ...]]
+) -> None:
+    factory = EventFactory(balances_topic="b", batch_events_topic="e", source="http://x/v1")
+    recs = [BalanceRecord(*row) for row in rows]
+    try:
+        general = [factory._balance_general(batch_id, rec) for rec in recs]
+    except UnicodeEncodeError:
+        with pytest.raises(UnicodeEncodeError):
+            list(BalanceEvents(factory, batch_id, recs))
+        return
+    events = BalanceEvents(factory, batch_id, recs)
+    assert len(events) == len(recs)
+    assert list(events) == general
+    assert [("b", *wire) for wire in events.wire()] == [m[:4] for m in general]
