@@ -69,8 +69,17 @@ def balance_event_id(batch_id: str, authorizer_unique_id: str, timestamp: str) -
     return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
 
 
-def digest(event_id: str) -> int:
-    """A 64-bit fingerprint of an event id, to remember what was published compactly."""
+def fingerprint(event_id: str) -> int:
+    """A 64-bit fingerprint of an event id, to remember what was published compactly.
+
+    An event id is a name-based UUID, a SHA-1 digest already: its last 64 bits
+    (62 of them from SHA-1, 2 fixed variant bits) serve as they are.
+    """
+    return int(event_id[19:23] + event_id[24:], 16)
+
+
+def legacy_fingerprint(event_id: str) -> int:
+    """The fingerprint of state version 1 (64-bit BLAKE2b), kept to resume its batches."""
     return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "big")
 
 
@@ -300,12 +309,16 @@ def parse_record(batch_id: str, item: Any) -> BalanceRecord | InvalidRecord:
     )
 
 
+class _Number(str):
+    """The JSON text of a non-integer number, exactly as the API sent it."""
+
+
 class _FastRecord(msgspec.Struct, gc=False):
     """BalanceRecord as ``_parse_page_fast`` reads it (unknown fields are skipped)."""
 
     authorizer_unique_id: str
     timestamp: str
-    balance: Any = None  # a Decimal (exact, see _FAST_PAGE), an int, or anything to refuse
+    balance: Any = None  # a _Number (see _FAST_PAGE), an int, or anything to refuse
     balance_status_code: int | None = None
     status_code: int | None = None
 
@@ -318,8 +331,8 @@ class _FastPage(msgspec.Struct, gc=False):
     next_page_token: str | None = None
 
 
-# Non-integer numbers reach float_hook as their JSON text: Decimal(text) is exact.
-_FAST_PAGE = msgspec.json.Decoder(_FastPage, float_hook=Decimal)
+# Non-integer numbers reach float_hook as their JSON text, which is kept as it is.
+_FAST_PAGE = msgspec.json.Decoder(_FastPage, float_hook=_Number)
 
 
 def _parse_page_fast(batch_id: str, body: bytes) -> Page | None:
@@ -340,8 +353,7 @@ def _parse_page_fast(batch_id: str, body: bytes) -> Page | None:
     if env.has_more and not env.next_page_token:
         return None
     records: list[BalanceRecord] = []
-    append = records.append
-    is_timestamp = _is_timestamp
+    append, new_record, is_timestamp = records.append, tuple.__new__, _is_timestamp
     for r in env.balances:
         uid, timestamp, balance = r.authorizer_unique_id, r.timestamp, r.balance
         code = r.balance_status_code
@@ -352,18 +364,23 @@ def _parse_page_fast(batch_id: str, body: bytes) -> Page | None:
         if not uid or len(uid) > MAX_ID_CHARS or not is_timestamp(timestamp):
             return None
         kind = type(balance)
-        if kind is Decimal:
-            if not balance.is_finite():
-                return None
-            text: str | None = format(balance, "f")
+        if kind is _Number:
+            # JSON's digits are plain decimal notation already, unless there is an exponent
+            text: str | None = (
+                format(Decimal(balance), "f") if "e" in balance or "E" in balance else str(balance)
+            )
         elif balance is None:
             text = None
         elif kind is int:
             text = str(balance)
         else:
             return None
+        # tuple.__new__: the same BalanceRecord, without the Python-level __new__ per record
         append(
-            BalanceRecord(uid, text, code, timestamp, balance_event_id(batch_id, uid, timestamp))
+            new_record(
+                BalanceRecord,
+                (uid, text, code, timestamp, balance_event_id(batch_id, uid, timestamp)),
+            )
         )
     return Page(
         batch_id=env.batch_id,

@@ -20,7 +20,8 @@ Status = Literal["tracking", "completed", "expired", "failed", "stopped"]
 FINAL: frozenset[str] = frozenset({"completed", "expired", "failed", "stopped"})
 # A re-track request resumes these; completed and expired batches are done for good.
 RESUMABLE: frozenset[str] = frozenset({"failed", "stopped"})
-STATE_VERSION = 1
+# 2: ``seen`` holds records.fingerprint values; 1: records.legacy_fingerprint values.
+STATE_VERSION = 2
 
 
 def pack_seen(seen: set[int]) -> str:
@@ -50,7 +51,8 @@ class BatchState:
     published: int = 0  # balance events
     dead_lettered: int = 0  # records sent to the DLQ
     counts: dict[str, int] = field(default_factory=dict)
-    seen: set[int] = field(default_factory=set)  # digests of every event published
+    seen: set[int] = field(default_factory=set)  # fingerprints of every event published
+    fingerprints: int = STATE_VERSION  # the state version whose fingerprints ``seen`` holds
     last_new_at: float | None = None
     last_poll_at: float | None = None
     not_found_since: float | None = None
@@ -90,7 +92,7 @@ class _StateDoc(BaseModel):
 def encode_state(state: BatchState) -> bytes:
     keep_seen = state.status == "tracking" or state.status in RESUMABLE
     doc: dict[str, Any] = {
-        "v": STATE_VERSION,
+        "v": state.fingerprints,
         "batch_id": state.batch_id,
         "expected_count": state.expected_count,
         "generation": state.generation,
@@ -130,4 +132,5 @@ def decode_state(value: bytes, partition: int) -> BatchState:
         not_found_since=doc.not_found_since,
         failures=doc.failures,
         reason=doc.reason,
+        fingerprints=1 if doc.v == 1 else STATE_VERSION,
     )

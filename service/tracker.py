@@ -36,9 +36,15 @@ from service.errors import (
 from service.events import BalanceEvents, EventFactory, OutMessage, Publishable
 from service.kafka import PartitionPublisher, PublishFailed, canonical_partition
 from service.metrics import Metrics
-from service.records import BalanceRecord, InvalidRecord, digest, status_name
+from service.records import (
+    BalanceRecord,
+    InvalidRecord,
+    fingerprint,
+    legacy_fingerprint,
+    status_name,
+)
 from service.requests import TrackingRequest
-from service.state import RESUMABLE, BatchState, Status, encode_state
+from service.state import RESUMABLE, STATE_VERSION, BatchState, Status, encode_state
 
 log = structlog.get_logger(__name__)
 
@@ -69,8 +75,7 @@ class _Pending:
 
     messages: list[OutMessage] = field(default_factory=list)  # dead letters
     records: list[BalanceRecord] = field(default_factory=list)  # new, to publish as events
-    digests: set[int] = field(default_factory=set)
-    codes: Counter[int] = field(default_factory=Counter)  # new records per status code
+    digests: set[int] = field(default_factory=set)  # fingerprints
     new_records: int = 0
     dead_lettered: int = 0
     dlq_reasons: Counter[str] = field(default_factory=Counter)
@@ -84,14 +89,14 @@ class _Pending:
     def counts(self) -> Counter[str]:
         """New records per ``balance_status`` name."""
         counts: Counter[str] = Counter()
-        for code, n in self.codes.items():
+        for code, n in Counter(rec.balance_status_code for rec in self.records).items():
             counts[status_name(code)] += n
         return counts
 
 
 def _first_sight(b: BatchState, pending: _Pending, event_id: str) -> bool:
     """True, and remembered, if this event was neither published nor read earlier in this poll."""
-    d = digest(event_id)
+    d = fingerprint(event_id) if b.fingerprints == STATE_VERSION else legacy_fingerprint(event_id)
     if d in b.seen or d in pending.digests:
         return False
     pending.digests.add(d)
@@ -458,7 +463,7 @@ class Tracker:
                 if token is None:
                     raise
                 # The page token is no longer valid: read again from the first page;
-                # what was published is recognised by its digest and skipped.
+                # what was published is recognised by its fingerprint and skipped.
                 log.warning("page_token_rejected", batch_id=b.batch_id, restarts=restarts)
                 self.metrics.invalid_input.labels("api", "page_token_rejected").inc()
                 restarts += 1
@@ -491,14 +496,19 @@ class Tracker:
     ) -> None:
         # Once per record: _first_sight and the counters inlined, lookups hoisted; the
         # events are written when they are sent (events.BalanceEvents).
-        seen, fresh, append, codes = b.seen, pending.digests, pending.records.append, pending.codes
-        for rec in records:
-            d = digest(rec.event_id)
-            if d in seen or d in fresh:
-                continue
-            fresh.add(d)
-            append(rec)
-            codes[rec.balance_status_code] += 1
+        seen, fresh, append = b.seen, pending.digests, pending.records.append
+        if b.fingerprints != STATE_VERSION:  # a batch resumed from an older state version
+            for rec in records:
+                if _first_sight(b, pending, rec.event_id):
+                    append(rec)
+        else:
+            for rec in records:
+                eid = rec.event_id
+                d = int(eid[19:23] + eid[24:], 16)  # records.fingerprint, inlined
+                if d in seen or d in fresh:
+                    continue
+                fresh.add(d)
+                append(rec)
         pending.new_records = len(pending.records)
         for bad in invalid:
             if not _first_sight(b, pending, bad.event_id):

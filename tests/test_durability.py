@@ -28,7 +28,8 @@ from conftest import (
 )
 from eventschema import validate_message
 
-from service.records import balance_event_id
+from service.records import balance_event_id, legacy_fingerprint, status_name
+from service.state import BatchState, encode_state
 
 pytestmark = [pytest.mark.kafka, pytest.mark.faults]
 
@@ -227,6 +228,49 @@ async def test_api_error_after_a_commit_keeps_the_progress_committed_in_that_pol
     # the next poll resumed from the stored cursor: at most the 10 pages and the one
     # broken page, plus the page read again after it, were served
     assert pages_served() <= 12, pages_served()
+
+
+async def test_a_batch_stored_by_state_version_1_resumes_without_duplicates(
+    kafka: str,
+    topics: Topics,
+    sim_server: SimServer,
+    reader: TopicReader,
+    start_service: Any,
+) -> None:
+    """An upgrade: the stored progress holds version 1 (BLAKE2b) fingerprints.
+
+    The batch goes on from its first page (no cursor stored) and publishes only the
+    records that progress does not hold.
+    """
+    sim = sim_server.sim
+    batch = str(uuid.uuid4())
+    sim.generate_batch(batch, 300, spread_s=0.0, seed=43)
+    records = sim.all_records(batch)
+    done, rest = records[:120], records[120:]
+    first = await start_service()  # creates the topics
+    await first.stop()
+
+    def event_id(r: Any) -> str:
+        return balance_event_id(batch, r.authorizer_unique_id, r.timestamp)
+
+    stored = BatchState(
+        batch_id=batch,
+        partition=0,
+        expected_count=300,
+        tracked_at=time.time(),
+        published=len(done),
+        counts=dict(Counter(status_name(r.balance_status_code) for r in done)),
+        seen={legacy_fingerprint(event_id(r)) for r in done},
+        fingerprints=1,
+    )
+    value = encode_state(stored)
+    assert json.loads(value)["v"] == 1
+    await produce(kafka, topics.state, batch.encode(), value)
+    await start_service(RFP_INSTANCE_ID="test-upgraded")
+    events = await wait_completed(reader, topics, [batch], timeout=60)
+    assert events[batch] == ["completed"]
+    balances = await reader.read_all(topics.balances)
+    assert_exactly_once(balances, {event_id(r) for r in rest})
 
 
 async def test_sigterm_during_poll_exits_zero_within_grace(

@@ -213,7 +213,12 @@ def test_parse_page_fast_path_takes_pages_of_valid_records(
     if general.invalid:  # e.g. a lone surrogate in an ID: only the general path dead-letters
         assert records._parse_page_fast(batch_id, body) is None
         return
-    assert records._parse_page_fast(batch_id, body) == general
+    fast = records._parse_page_fast(batch_id, body)
+    assert fast == general
+    # exactly the built-in types, which the event writer's own fast path requires
+    assert fast is not None and all(
+        type(r) is BalanceRecord and type(r.balance) in (str, type(None)) for r in fast.records
+    )
 
 
 def test_parse_page_fast_path_keeps_every_digit() -> None:

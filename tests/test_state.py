@@ -7,10 +7,10 @@ from dataclasses import asdict
 
 import pytest
 
-from service.records import balance_event_id, digest
+from service.records import balance_event_id, fingerprint
 from service.state import BatchState, decode_state, encode_state, pack_seen, unpack_seen
 
-SEEN = {digest(balance_event_id("b-1", str(i), "2024-08-09T18:10:44Z")) for i in range(250)}
+SEEN = {fingerprint(balance_event_id("b-1", str(i), "2024-08-09T18:10:44Z")) for i in range(250)}
 
 
 def full_state(**changes: object) -> BatchState:
@@ -66,9 +66,9 @@ def test_partition_comes_from_where_it_was_read() -> None:
 def test_encoded_state_is_compact_json() -> None:
     value = encode_state(full_state())
     doc = json.loads(value)
-    assert doc["v"] == 1
+    assert doc["v"] == 2
     assert doc["batch_id"] == "b-1"
-    # 8 bytes per digest, base64: far smaller than the event ids themselves.
+    # 8 bytes per fingerprint, base64: far smaller than the event ids themselves.
     assert len(value) < 8 * len(SEEN) * 4 // 3 + 1000
 
 
@@ -133,3 +133,21 @@ def test_invalid_fields_are_a_value_error(field: str, value: object) -> None:
     doc[field] = value
     with pytest.raises(ValueError):
         decode_state(json.dumps(doc).encode(), partition=0)
+
+
+def test_new_states_are_version_2() -> None:
+    state = full_state()
+    assert state.fingerprints == 2
+    assert json.loads(encode_state(state))["v"] == 2
+    assert decode_state(encode_state(state), 3).fingerprints == 2
+
+
+def test_a_version_1_state_keeps_its_fingerprints_and_version() -> None:
+    # Written before fingerprints were taken from the event id: its seen set holds
+    # BLAKE2b fingerprints, which the tracker keeps using for this batch.
+    doc = json.loads(encode_state(full_state()))
+    doc["v"] = 1
+    restored = decode_state(json.dumps(doc).encode(), 3)
+    assert restored.fingerprints == 1
+    assert restored.seen == full_state().seen
+    assert json.loads(encode_state(restored))["v"] == 1
