@@ -94,6 +94,16 @@ class _Pending:
         return counts
 
 
+@dataclass(slots=True)
+class _Commit:
+    """A poll's progress, ready to publish: the state after it and its messages."""
+
+    state: BatchState
+    messages: list[Publishable]
+    counts: Counter[str]
+    dlq_reasons: Counter[str]
+
+
 def _first_sight(b: BatchState, pending: _Pending, event_id: str) -> bool:
     """True, and remembered, if this event was neither published nor read earlier in this poll."""
     d = fingerprint(event_id) if b.fingerprints == STATE_VERSION else legacy_fingerprint(event_id)
@@ -452,40 +462,58 @@ class Tracker:
         return None
 
     async def _read_pages(self, w: PartitionWorker, b: BatchState) -> bool:
-        """Page from the cursor to the end; return True if the batch finished."""
+        """Page from the cursor to the end; return True if the batch finished.
+
+        Progress is committed every ``polling.max_records_per_transaction`` records, and
+        the next pages are read while that commit is under way: at most one commit of the
+        poll is in flight, and the partition's publisher keeps them in order.
+        """
         token = b.cursor
         restarts = 0
         pending = _Pending()
-        while True:
-            try:
-                page = await self.client.fetch_page(b.batch_id, token, stop=lambda: w.closed)
-            except ApiBadRequest as exc:
-                if token is None:
-                    raise
-                # The page token is no longer valid: read again from the first page;
-                # what was published is recognised by its fingerprint and skipped.
-                log.warning("page_token_rejected", batch_id=b.batch_id, restarts=restarts)
-                self.metrics.invalid_input.labels("api", "page_token_rejected").inc()
-                restarts += 1
-                if restarts > MAX_TOKEN_RESTARTS:
-                    raise PageTokenRejected(str(exc.args[0]), status=400) from None
-                token = None
-                continue
-            if not pending.received_at:
-                pending.received_at = self.clock()
-            self._collect(b, page.records, page.invalid, pending)
-            used = token
-            if page.has_more:
-                token = page.next_page_token
-            last = not page.has_more
-            if last or pending.size >= self.cfg.max_records_per_transaction:
-                outcome = self._completion(b, pending) if last else None
-                b = await self._commit_progress(w, b, pending, token if not last else used, outcome)
-                pending = _Pending()
-                if outcome is not None:
-                    return True
-            if last:
-                return False
+        committing: asyncio.Future[None] | None = None
+        try:
+            while True:
+                try:
+                    page = await self.client.fetch_page(b.batch_id, token, stop=lambda: w.closed)
+                except ApiBadRequest as exc:
+                    if token is None:
+                        raise
+                    # The page token is no longer valid: read again from the first page;
+                    # what was published is recognised by its fingerprint and skipped.
+                    log.warning("page_token_rejected", batch_id=b.batch_id, restarts=restarts)
+                    self.metrics.invalid_input.labels("api", "page_token_rejected").inc()
+                    restarts += 1
+                    if restarts > MAX_TOKEN_RESTARTS:
+                        raise PageTokenRejected(str(exc.args[0]), status=400) from None
+                    token = None
+                    continue
+                if not pending.received_at:
+                    pending.received_at = self.clock()
+                self._collect(b, page.records, page.invalid, pending)
+                used = token
+                if page.has_more:
+                    token = page.next_page_token
+                last = not page.has_more
+                if last or pending.size >= self.cfg.max_records_per_transaction:
+                    outcome = self._completion(b, pending) if last else None
+                    commit = self._prepare_commit(b, pending, token if not last else used, outcome)
+                    pending = _Pending()
+                    if commit is not None:
+                        b = commit.state
+                        if committing is not None:
+                            await committing
+                        committing = asyncio.ensure_future(self._publish_commit(w, commit))
+                if last:
+                    if committing is not None:
+                        await committing
+                    return b.status != "tracking"
+        except BaseException:
+            # What this poll committed stands; a commit that failed (the partition is
+            # being restored) outranks the error that ended the poll.
+            if committing is not None and not committing.cancelled():
+                await committing
+            raise
 
     def _collect(
         self,
@@ -537,14 +565,14 @@ class Tracker:
             return "expired", "tracked longer than polling.max_age_s"
         return None
 
-    async def _commit_progress(
+    def _prepare_commit(
         self,
-        w: PartitionWorker,
         b: BatchState,
         pending: _Pending,
         cursor: str | None,
         outcome: tuple[str, str] | None,
-    ) -> BatchState:
+    ) -> _Commit | None:
+        """The progress to commit after ``pending``; None when nothing needs writing."""
         now = self.wall()
         unchanged = (
             not pending.messages
@@ -558,7 +586,7 @@ class Tracker:
             # Nothing new: the stored progress still holds, so nothing is written (a batch
             # that stays quiet costs no state writes). Only the local poll time moves.
             b.last_poll_at = now
-            return b
+            return None
         new_counts = pending.counts
         counts = Counter(b.counts)
         counts.update(new_counts)
@@ -581,15 +609,18 @@ class Tracker:
             updated.status, updated.reason = cast(Status, outcome[0]), outcome[1]
             messages.append(self._lifecycle(updated, outcome[0]))
         messages.append(self._state_msg(updated))
-        await w.publisher.publish(messages)
+        return _Commit(updated, messages, new_counts, pending.dlq_reasons)
+
+    async def _publish_commit(self, w: PartitionWorker, commit: _Commit) -> None:
+        await w.publisher.publish(commit.messages)
+        updated = commit.state
         self._commit_local(w, updated)
-        for status, n in new_counts.items():
+        for status, n in commit.counts.items():
             self.metrics.records_published.labels(status).inc(n)
-        for reason, n in pending.dlq_reasons.items():
+        for reason, n in commit.dlq_reasons.items():
             self.metrics.dlq_records.labels(reason).inc(n)
-        if outcome is not None:
+        if updated.status != "tracking":
             self._finished(updated)
-        return updated
 
     async def _finish(
         self,
