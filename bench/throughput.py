@@ -14,7 +14,7 @@ one after the other, against the same broker:
    (off the clock) a read_committed consumer counts the balance events in the topic;
 3. the same with ``kafka.delivery=at_least_once``.
 
-That is one round; ``--rounds`` (default 2) are run, every other one in reverse order,
+That is one round; ``--rounds`` (default 3) are run, every other one in reverse order,
 and the figures are the medians over rounds: this machine is shared and noisy, and
 a ratio is taken within a round, between runs minutes apart. For each service run:
 records/s, CPU seconds per million records (user + system of the service process,
@@ -247,7 +247,7 @@ def _line(run: dict[str, Any]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batches", type=int, default=200)
     parser.add_argument("--records", type=int, default=5_000, help="records per batch")
-    parser.add_argument("--rounds", type=int, default=2, help="median over this many rounds")
+    parser.add_argument("--rounds", type=int, default=3, help="median over this many rounds")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per service run")
     parser.add_argument("--py-spy", type=Path, help="record py-spy profiles of the service here")
     parser.add_argument(

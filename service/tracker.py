@@ -17,7 +17,7 @@ import heapq
 import itertools
 import random
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import cast
@@ -51,6 +51,8 @@ log = structlog.get_logger(__name__)
 # Restarts from the first page within one poll after page tokens are rejected (400);
 # past that the poll backs off like any transient failure and tries again later.
 MAX_TOKEN_RESTARTS = 3
+# A poll goes on reading while this many of its commits are under way.
+MAX_COMMITS_IN_FLIGHT = 2
 
 
 class PageTokenRejected(ApiError):
@@ -102,6 +104,19 @@ class _Commit:
     messages: list[Publishable]
     counts: Counter[str]
     dlq_reasons: Counter[str]
+
+
+async def _settled(commits: deque[asyncio.Future[None]]) -> None:
+    """Wait for each commit in order; the first failure is raised (the later ones fail too)."""
+    try:
+        while commits:
+            commit = commits.popleft()
+            if not commit.cancelled():
+                await commit
+    finally:
+        for commit in commits:
+            commit.add_done_callback(lambda f: f.cancelled() or f.exception())
+        commits.clear()
 
 
 def _first_sight(b: BatchState, pending: _Pending, event_id: str) -> bool:
@@ -465,13 +480,14 @@ class Tracker:
         """Page from the cursor to the end; return True if the batch finished.
 
         Progress is committed every ``polling.max_records_per_transaction`` records, and
-        the next pages are read while that commit is under way: at most one commit of the
-        poll is in flight, and the partition's publisher keeps them in order.
+        the next pages are read while that commit is under way: at most
+        MAX_COMMITS_IN_FLIGHT commits of the poll are in flight, and the partition's
+        publisher keeps them in order.
         """
         token = b.cursor
         restarts = 0
         pending = _Pending()
-        committing: asyncio.Future[None] | None = None
+        committing: deque[asyncio.Future[None]] = deque()
         try:
             while True:
                 try:
@@ -501,18 +517,16 @@ class Tracker:
                     pending = _Pending()
                     if commit is not None:
                         b = commit.state
-                        if committing is not None:
-                            await committing
-                        committing = asyncio.ensure_future(self._publish_commit(w, commit))
+                        if len(committing) >= MAX_COMMITS_IN_FLIGHT:
+                            await committing.popleft()
+                        committing.append(asyncio.ensure_future(self._publish_commit(w, commit)))
                 if last:
-                    if committing is not None:
-                        await committing
+                    await _settled(committing)
                     return b.status != "tracking"
         except BaseException:
             # What this poll committed stands; a commit that failed (the partition is
             # being restored) outranks the error that ended the poll.
-            if committing is not None and not committing.cancelled():
-                await committing
+            await _settled(committing)
             raise
 
     def _collect(
