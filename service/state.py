@@ -11,10 +11,13 @@ import base64
 import json
 import sys
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from service.records import fingerprint, legacy_fingerprint
 
 Status = Literal["tracking", "completed", "expired", "failed", "stopped"]
 FINAL: frozenset[str] = frozenset({"completed", "expired", "failed", "stopped"})
@@ -52,7 +55,7 @@ class BatchState:
     dead_lettered: int = 0  # records sent to the DLQ
     counts: dict[str, int] = field(default_factory=dict)
     seen: set[int] = field(default_factory=set)  # fingerprints of every event published
-    fingerprints: int = STATE_VERSION  # the state version whose fingerprints ``seen`` holds
+    seen_version: int = STATE_VERSION  # the state version whose fingerprints ``seen`` holds
     last_new_at: float | None = None
     last_poll_at: float | None = None
     not_found_since: float | None = None
@@ -62,6 +65,11 @@ class BatchState:
     @property
     def active(self) -> bool:
         return self.status == "tracking"
+
+    @property
+    def fingerprint(self) -> Callable[[str], int]:
+        """How ``seen`` fingerprints an event id: the way of the version that stored it."""
+        return fingerprint if self.seen_version == STATE_VERSION else legacy_fingerprint
 
     @property
     def records_seen(self) -> int:
@@ -92,7 +100,7 @@ class _StateDoc(BaseModel):
 def encode_state(state: BatchState) -> bytes:
     keep_seen = state.status == "tracking" or state.status in RESUMABLE
     doc: dict[str, Any] = {
-        "v": state.fingerprints,
+        "v": state.seen_version,
         "batch_id": state.batch_id,
         "expected_count": state.expected_count,
         "generation": state.generation,
@@ -132,5 +140,5 @@ def decode_state(value: bytes, partition: int) -> BatchState:
         not_found_since=doc.not_found_since,
         failures=doc.failures,
         reason=doc.reason,
-        fingerprints=1 if doc.v == 1 else STATE_VERSION,
+        seen_version=1 if doc.v == 1 else STATE_VERSION,
     )

@@ -36,15 +36,9 @@ from service.errors import (
 from service.events import BalanceEvents, EventFactory, OutMessage, Publishable
 from service.kafka import PartitionPublisher, PublishFailed, canonical_partition
 from service.metrics import Metrics
-from service.records import (
-    BalanceRecord,
-    InvalidRecord,
-    fingerprint,
-    legacy_fingerprint,
-    status_name,
-)
+from service.records import BalanceRecord, InvalidRecord, fingerprint, status_name
 from service.requests import TrackingRequest
-from service.state import RESUMABLE, STATE_VERSION, BatchState, Status, encode_state
+from service.state import RESUMABLE, BatchState, Status, encode_state
 
 log = structlog.get_logger(__name__)
 
@@ -78,10 +72,13 @@ class _Pending:
     messages: list[OutMessage] = field(default_factory=list)  # dead letters
     records: list[BalanceRecord] = field(default_factory=list)  # new, to publish as events
     digests: set[int] = field(default_factory=set)  # fingerprints
-    new_records: int = 0
     dead_lettered: int = 0
     dlq_reasons: Counter[str] = field(default_factory=Counter)
     received_at: float = 0.0
+
+    @property
+    def new_records(self) -> int:
+        return len(self.records)
 
     @property
     def size(self) -> int:
@@ -121,7 +118,7 @@ async def _settled(commits: deque[asyncio.Future[None]]) -> None:
 
 def _first_sight(b: BatchState, pending: _Pending, event_id: str) -> bool:
     """True, and remembered, if this event was neither published nor read earlier in this poll."""
-    d = fingerprint(event_id) if b.fingerprints == STATE_VERSION else legacy_fingerprint(event_id)
+    d = b.fingerprint(event_id)
     if d in b.seen or d in pending.digests:
         return False
     pending.digests.add(d)
@@ -539,7 +536,7 @@ class Tracker:
         # Once per record: _first_sight and the counters inlined, lookups hoisted; the
         # events are written when they are sent (events.BalanceEvents).
         seen, fresh, append = b.seen, pending.digests, pending.records.append
-        if b.fingerprints != STATE_VERSION:  # a batch resumed from an older state version
+        if b.fingerprint is not fingerprint:  # a batch resumed from an older state version
             for rec in records:
                 if _first_sight(b, pending, rec.event_id):
                     append(rec)
@@ -551,7 +548,6 @@ class Tracker:
                     continue
                 fresh.add(d)
                 append(rec)
-        pending.new_records = len(pending.records)
         for bad in invalid:
             if not _first_sight(b, pending, bad.event_id):
                 continue

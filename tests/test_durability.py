@@ -261,7 +261,7 @@ async def test_a_batch_stored_by_state_version_1_resumes_without_duplicates(
         published=len(done),
         counts=dict(Counter(status_name(r.balance_status_code) for r in done)),
         seen={legacy_fingerprint(event_id(r)) for r in done},
-        fingerprints=1,
+        seen_version=1,
     )
     value = encode_state(stored)
     assert json.loads(value)["v"] == 1

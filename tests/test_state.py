@@ -7,7 +7,7 @@ from dataclasses import asdict
 
 import pytest
 
-from service.records import balance_event_id, fingerprint
+from service.records import balance_event_id, fingerprint, legacy_fingerprint
 from service.state import BatchState, decode_state, encode_state, pack_seen, unpack_seen
 
 SEEN = {fingerprint(balance_event_id("b-1", str(i), "2024-08-09T18:10:44Z")) for i in range(250)}
@@ -137,9 +137,9 @@ def test_invalid_fields_are_a_value_error(field: str, value: object) -> None:
 
 def test_new_states_are_version_2() -> None:
     state = full_state()
-    assert state.fingerprints == 2
+    assert state.seen_version == 2
     assert json.loads(encode_state(state))["v"] == 2
-    assert decode_state(encode_state(state), 3).fingerprints == 2
+    assert decode_state(encode_state(state), 3).seen_version == 2
 
 
 def test_a_version_1_state_keeps_its_fingerprints_and_version() -> None:
@@ -148,6 +148,8 @@ def test_a_version_1_state_keeps_its_fingerprints_and_version() -> None:
     doc = json.loads(encode_state(full_state()))
     doc["v"] = 1
     restored = decode_state(json.dumps(doc).encode(), 3)
-    assert restored.fingerprints == 1
+    assert restored.seen_version == 1
+    assert restored.fingerprint is legacy_fingerprint
+    assert full_state().fingerprint is fingerprint
     assert restored.seen == full_state().seen
     assert json.loads(encode_state(restored))["v"] == 1
