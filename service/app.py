@@ -38,7 +38,7 @@ from service.kafka import (
 from service.metrics import Metrics
 from service.pacing import RateLimiter
 from service.requests import TrackingRequest, decode_request, reject_reason
-from service.state import BatchState, decode_state
+from service.state import BatchState, StateRestore
 from service.tracker import PartitionWorker, Tracker
 from service.view import StateView
 
@@ -349,36 +349,31 @@ class PollerService:
             **client_args(self.kcfg, f"rightfoot-poller-restore-{self.instance}"),
             enable_auto_commit=False,
             isolation_level="read_committed",
+            max_partition_fetch_bytes=4 * 1024 * 1024,
         )
         await consumer.start()
-        batches: dict[str, BatchState] = {}
+        restore = StateRestore(p)
         try:
             consumer.assign([tp])
             await consumer.seek_to_beginning(tp)
             end = (await consumer.end_offsets([tp]))[tp]
             while await consumer.position(tp) < end:
-                chunk = await consumer.getmany(tp, timeout_ms=1000, max_records=2000)
+                chunk = await consumer.getmany(tp, timeout_ms=1000, max_records=5000)
                 for msg in chunk.get(tp, []):
-                    self._apply_state(batches, msg.key, msg.value, p)
+                    try:
+                        restore.apply(msg.key, msg.value)
+                    except ValueError as exc:
+                        self._state_unreadable(None, exc)
         finally:
             await consumer.stop()
-        return batches
+        return restore.batches(self._state_unreadable)
 
-    def _apply_state(
-        self, batches: dict[str, BatchState], key: bytes | None, value: bytes | None, p: int
-    ) -> None:
-        if key is None:
+    def _state_unreadable(self, batch_id: str | None, exc: ValueError) -> None:
+        if batch_id is None and str(exc) == "no key":
             self.metrics.invalid_input.labels("state_topic", "no_key").inc()
-            return
-        batch_id = key.decode(errors="replace")
-        if value is None:
-            batches.pop(batch_id, None)
-            return
-        try:
-            batches[batch_id] = decode_state(value, p)
-        except ValueError as exc:
+        else:
             self.metrics.invalid_input.labels("state_topic", "invalid_state").inc()
-            log.error("state_unreadable", batch_id=batch_id, error=str(exc)[:300])
+        log.error("state_unreadable", batch_id=batch_id, error=str(exc)[:300])
 
     async def _commit_offsets(self, offsets: dict[TopicPartition, int]) -> None:
         if self.consumer is None:

@@ -70,6 +70,13 @@ class PollingConfig(_Section):
     complete_after_idle_s: float = Field(900.0, gt=0)
     max_age_s: float = Field(7 * 86400.0, gt=0)
     max_records_per_transaction: int = Field(1000, ge=1)
+    # Reconciliation with the API's count (total_processed) of a batch's records.
+    sweep_interval_s: float = Field(
+        300.0, gt=0, description="without a count from the API: read the whole batch this often"
+    )
+    sweep_backoff_max_s: float = Field(
+        3600.0, gt=0, description="longest wait between sweeps that keep finding nothing"
+    )
 
     @model_validator(mode="after")
     def _check_window(self) -> PollingConfig:

@@ -47,6 +47,7 @@ from service.config import KafkaConfig
 from service.errors import PollerError
 from service.events import BalanceEvents, OutMessage, Publishable, message_count
 from service.metrics import Metrics
+from service.state import MAX_MESSAGE_BYTES
 
 log = structlog.get_logger(__name__)
 
@@ -255,6 +256,7 @@ def make_producer(
         acks="all",
         linger_ms=2,
         max_batch_size=256 * 1024,
+        max_request_size=MAX_MESSAGE_BYTES,
         transactional_id=transactional_id,
         transaction_timeout_ms=cfg.transaction_timeout_ms,
     )
@@ -278,7 +280,12 @@ async def ensure_topics(cfg: KafkaConfig, client_id: str) -> int:
                 cfg.state_topic,
                 cfg.partitions,
                 rf,
-                topic_configs={"cleanup.policy": "compact", "max.message.bytes": "8388608"},
+                topic_configs={
+                    "cleanup.policy": "compact",
+                    # What the producer may send (max_request_size), with room for the
+                    # record batch's own header.
+                    "max.message.bytes": str(MAX_MESSAGE_BYTES + 1024),
+                },
             ),
             NewTopic(cfg.balances_topic, cfg.partitions, rf),
             NewTopic(cfg.batch_events_topic, cfg.partitions, rf),

@@ -44,6 +44,9 @@ API_CODES: tuple[str, ...] = (
 )
 POLL_RESULTS: tuple[str, ...] = ("ok", "error", "not_found", "unauthorized", "publish_failed")
 BATCH_OUTCOMES: tuple[str, ...] = ("completed", "expired", "failed", "stopped")
+# What a sweep (a read of a whole batch again, because the API's count says records
+# are missing) came to: it found them all, found some, or found none.
+SWEEP_OUTCOMES: tuple[str, ...] = ("reconciled", "partial", "nothing")
 TRANSACTION_RESULTS: tuple[str, ...] = ("commit", "abort")
 # "connect": the broker could not be reached at start; "fenced": another replica took
 # the partition over; any other failure is counted under its exception class name.
@@ -200,6 +203,33 @@ class Metrics:
             ["action", "result"],
             registry=r,
         )
+        self.sweeps = Counter(
+            f"{PREFIX}_sweeps",
+            "Reads of a whole batch from its first page because the API's count "
+            "(total_processed) was ahead of the records seen, by outcome.",
+            ["outcome"],
+            registry=r,
+        )
+        self.sweep_records = Counter(
+            f"{PREFIX}_sweep_records",
+            "Records found by sweeps: listed behind the cursor after it had passed them.",
+            registry=r,
+        )
+        self.sweep_pages = Counter(
+            f"{PREFIX}_sweep_pages",
+            "Pages read by sweeps (each one API request that succeeded).",
+            registry=r,
+        )
+        self.records_behind = Gauge(
+            f"{PREFIX}_records_behind_count",
+            "Records the API counts (total_processed) that tracked batches have not seen.",
+            registry=r,
+        )
+        self.state_bytes = Counter(
+            f"{PREFIX}_state_bytes",
+            "Bytes (keys and values) written to the state topic.",
+            registry=r,
+        )
         self.kafka_connection_errors = Counter(
             f"{PREFIX}_kafka_connection_errors",
             "Failed attempts to connect to Kafka, by reason (authentication, authorization, "
@@ -223,6 +253,8 @@ class Metrics:
             self.records_published.labels(status)
         for outcome in BATCH_OUTCOMES:
             self.batches_finished.labels(outcome)
+        for outcome in SWEEP_OUTCOMES:
+            self.sweeps.labels(outcome)
         for kind in PUBLISH_ERROR_KINDS:
             self.publish_errors.labels(kind)
         for result in TRANSACTION_RESULTS:

@@ -18,7 +18,7 @@ from decimal import Decimal
 from typing import Any, NamedTuple
 
 import msgspec
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from service.errors import ApiMalformedResponse
 
@@ -42,6 +42,8 @@ ALL_STATUS_NAMES: tuple[str, ...] = (*STATUS_NAMES.values(), UNKNOWN_STATUS)
 # always fits in a Kafka message; longer authorizer IDs are refused for the same reason.
 MAX_RAW_CHARS = 64 * 1024
 MAX_ID_CHARS = 1024
+# A page token is stored with the batch's progress, so it is bounded too.
+MAX_PAGE_TOKEN_CHARS = 8 * 1024
 
 EVENT_NAMESPACE = uuid.UUID("3f0c4a52-7d0e-5b8a-9a51-6c2f1e0b7d11")
 
@@ -122,10 +124,10 @@ class _Envelope(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     batch_id: StrictStr | None = None
-    total_processed: StrictInt | None = None
+    total_processed: StrictInt | None = Field(default=None, ge=0)
     balances: list[Any]
     has_more: StrictBool = False
-    next_page_token: StrictStr | None = None
+    next_page_token: StrictStr | None = Field(default=None, max_length=MAX_PAGE_TOKEN_CHARS)
 
 
 class _Record(BaseModel):
@@ -351,6 +353,10 @@ def _parse_page_fast(batch_id: str, body: bytes) -> Page | None:
     except (UnicodeDecodeError, msgspec.DecodeError):  # ValidationError included
         return None
     if env.has_more and not env.next_page_token:
+        return None
+    if (env.next_page_token and len(env.next_page_token) > MAX_PAGE_TOKEN_CHARS) or (
+        env.total_processed is not None and env.total_processed < 0
+    ):
         return None
     records: list[BalanceRecord] = []
     append, new_record, is_timestamp = records.append, tuple.__new__, _is_timestamp

@@ -3,6 +3,22 @@
 The state topic is keyed by batch ID and has as many partitions as the
 requests topic, so whoever owns requests partition *p* restores its batches
 from state partition *p*. Nothing else stores the service's progress.
+
+A batch takes two kinds of record there, both on its partition:
+
+- its **summary**, key ``<batch_id>``: a small JSON document (cursor, counts,
+  status, sweep schedule), rewritten by every commit;
+- its **fingerprint chunks**, key ``<batch_id>/fp/<n>``: the 64-bit fingerprints
+  of the events it published, 8 bytes each, at most ``CHUNK_FPS`` to a chunk.
+  Only the newest chunk is open: a commit rewrites it with the new
+  fingerprints, and it is sealed once it is full or has been written
+  ``CHUNK_MAX_WRITES`` times. So a commit writes O(new records) plus at most
+  one open chunk, never the whole batch, and no record grows with the batch.
+
+Batch IDs never contain ``/``, so the two kinds of key cannot collide. A batch
+that finishes for good tombstones its chunks. Summaries of versions 1 and 2
+carried the fingerprints inline; they are read as they are, and their
+fingerprints move into chunks with the batch's next commit.
 """
 
 from __future__ import annotations
@@ -11,35 +27,127 @@ import base64
 import json
 import sys
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.records import fingerprint, legacy_fingerprint
+from service.seen import SeenSet
 
 Status = Literal["tracking", "completed", "expired", "failed", "stopped"]
 FINAL: frozenset[str] = frozenset({"completed", "expired", "failed", "stopped"})
 # A re-track request resumes these; completed and expired batches are done for good.
 RESUMABLE: frozenset[str] = frozenset({"failed", "stopped"})
-# 2: ``seen`` holds records.fingerprint values; 1: records.legacy_fingerprint values.
-STATE_VERSION = 2
+
+# 3: summary and fingerprint chunks; 2 and 1: one record with the fingerprints inline.
+STATE_VERSION = 3
+# Which fingerprint function a batch's fingerprints come from: 2 records.fingerprint,
+# 1 records.legacy_fingerprint (batches first stored by state version 1).
+FP_VERSION = 2
+
+# The largest message the service produces, and the state topic's max.message.bytes:
+# the producer refuses anything larger before it reaches a broker.
+MAX_MESSAGE_BYTES = 1024 * 1024
+CHUNK_FPS = 2048  # 16 KiB of fingerprints
+CHUNK_MAX_WRITES = 8  # so a batch fed a few records at a time does not rewrite its chunk forever
+CHUNK_MAGIC = b"F1"
+CHUNK_SEPARATOR = "/fp/"
+# Strings that come from outside are bounded so that a summary always fits: a page token
+# (records.MAX_PAGE_TOKEN_CHARS, longer ones are refused as a malformed page) and the
+# reason, which may quote an API error message.
+MAX_REASON_CHARS = 1024
+MAX_SUMMARY_BYTES = 64 * 1024
 
 
-def pack_seen(seen: set[int]) -> str:
-    arr = array("Q", seen)
+def pack_seen(seen: Iterable[int]) -> str:
+    """The inline form of versions 1 and 2 (kept to read and test them)."""
+    return base64.b64encode(_fp_bytes(array("Q", seen))).decode()
+
+
+def unpack_seen(text: str) -> array[int]:
+    return _fp_array(base64.b64decode(text, validate=True))
+
+
+def _fp_bytes(arr: array[int]) -> bytes:
     if sys.byteorder != "little":
+        arr = array("Q", arr)
         arr.byteswap()
-    return base64.b64encode(arr.tobytes()).decode()
+    return arr.tobytes()
 
 
-def unpack_seen(text: str) -> set[int]:
+def _fp_array(raw: bytes) -> array[int]:
     arr = array("Q")
-    arr.frombytes(base64.b64decode(text, validate=True))
+    arr.frombytes(raw)  # ValueError unless a whole number of 8-byte fingerprints
     if sys.byteorder != "little":
         arr.byteswap()
-    return set(arr)
+    return arr
+
+
+def chunk_key(batch_id: str, seq: int) -> bytes:
+    return f"{batch_id}{CHUNK_SEPARATOR}{seq}".encode()
+
+
+def parse_key(key: bytes) -> tuple[str, int | None]:
+    """The batch ID of a state-topic key, and its chunk number (None for a summary)."""
+    text = key.decode()
+    batch_id, sep, seq = text.partition(CHUNK_SEPARATOR)
+    if not sep:
+        return text, None
+    if not seq.isdigit() or not batch_id:
+        raise ValueError(f"not a state key: {text[:200]!r}")
+    return batch_id, int(seq)
+
+
+def encode_chunk(fps: array[int]) -> bytes:
+    return CHUNK_MAGIC + _fp_bytes(fps)
+
+
+def decode_chunk(value: bytes) -> array[int]:
+    if not value.startswith(CHUNK_MAGIC):
+        raise ValueError("not a fingerprint chunk")
+    return _fp_array(value[len(CHUNK_MAGIC) :])
+
+
+@dataclass(slots=True)
+class ChunkLog:
+    """Where a batch's fingerprints stand on the state topic.
+
+    Chunks ``0 .. open_seq - 1`` are sealed; chunk ``open_seq`` holds ``open``.
+    ``unsaved`` are fingerprints in the seen set that no chunk holds yet.
+    """
+
+    open_seq: int = 0
+    open: array[int] = field(default_factory=lambda: array("Q"))
+    writes: int = 0  # times the open chunk was written
+    unsaved: array[int] = field(default_factory=lambda: array("Q"))
+
+    def add(self, fps: Iterable[int]) -> None:
+        self.unsaved.extend(fps)
+
+    def flush(self) -> list[tuple[int, bytes]]:
+        """The chunk records that save ``unsaved``: (chunk number, value) pairs."""
+        if not self.unsaved:
+            return []
+        pending, self.unsaved = self.unsaved, array("Q")
+        out: list[tuple[int, bytes]] = []
+        start = 0
+        while start < len(pending):
+            room = CHUNK_FPS - len(self.open)
+            self.open.extend(pending[start : start + room])
+            start += room
+            self.writes += 1
+            out.append((self.open_seq, encode_chunk(self.open)))
+            if len(self.open) >= CHUNK_FPS or self.writes >= CHUNK_MAX_WRITES:
+                self.open_seq += 1
+                self.open = array("Q")
+                self.writes = 0
+        return out
+
+    def written(self) -> range:
+        """The chunk numbers that may hold data on the topic."""
+        return range(self.open_seq + (1 if self.open else 0))
 
 
 @dataclass(slots=True)
@@ -54,13 +162,19 @@ class BatchState:
     published: int = 0  # balance events
     dead_lettered: int = 0  # records sent to the DLQ
     counts: dict[str, int] = field(default_factory=dict)
-    seen: set[int] = field(default_factory=set)  # fingerprints of every event published
-    seen_version: int = STATE_VERSION  # the state version whose fingerprints ``seen`` holds
+    seen: SeenSet = field(default_factory=SeenSet)  # fingerprints of every event published
+    seen_version: int = FP_VERSION  # the fingerprint function ``seen`` was made with
+    chunks: ChunkLog = field(default_factory=ChunkLog)
     last_new_at: float | None = None
     last_poll_at: float | None = None
     not_found_since: float | None = None
     failures: int = 0
     reason: str | None = None
+    # Reconciliation with the API's count (``total_processed``) of the records that exist.
+    total_processed: int | None = None  # the last count the API gave (None: never given)
+    last_sweep_at: float | None = None  # the last read of the whole batch from its first page
+    sweep_failures: int = 0  # sweeps in a row that found nothing the count said was missing
+    next_sweep_at: float | None = None  # no sweep before this (wall clock), after those
 
     @property
     def active(self) -> bool:
@@ -69,17 +183,31 @@ class BatchState:
     @property
     def fingerprint(self) -> Callable[[str], int]:
         """How ``seen`` fingerprints an event id: the way of the version that stored it."""
-        return fingerprint if self.seen_version == STATE_VERSION else legacy_fingerprint
+        return fingerprint if self.seen_version == FP_VERSION else legacy_fingerprint
 
     @property
     def records_seen(self) -> int:
         return self.published + self.dead_lettered
 
+    @property
+    def records_behind(self) -> int:
+        """Records the API counts that the batch has not seen (0 when it gives no count)."""
+        if self.total_processed is None:
+            return 0
+        return max(0, self.total_processed - self.records_seen)
+
+    def remember(self, fps: Iterable[int]) -> None:
+        """Record newly published fingerprints; they are saved with the next state write."""
+        fps = list(fps)
+        self.seen.update(fps)
+        self.chunks.add(fps)
+
 
 class _StateDoc(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    v: int = Field(ge=1)
+    v: int = Field(ge=1, le=STATE_VERSION)
+    fp: int = Field(default=FP_VERSION, ge=1, le=FP_VERSION)
     batch_id: str = Field(min_length=1)
     expected_count: int | None = Field(default=None, ge=1)
     generation: int = Field(ge=1)
@@ -89,18 +217,26 @@ class _StateDoc(BaseModel):
     published: int = Field(ge=0)
     dead_lettered: int = Field(default=0, ge=0)
     counts: dict[str, int] = Field(default_factory=dict)
-    seen: str = ""
+    seen: str = ""  # versions 1 and 2 only
     last_new_at: float | None = None
     last_poll_at: float | None = None
     not_found_since: float | None = None
     failures: int = Field(default=0, ge=0)
     reason: str | None = None
+    total_processed: int | None = Field(default=None, ge=0)
+    last_sweep_at: float | None = None
+    sweep_failures: int = Field(default=0, ge=0)
+    next_sweep_at: float | None = None
 
 
 def encode_state(state: BatchState) -> bytes:
-    keep_seen = state.status == "tracking" or state.status in RESUMABLE
+    """The batch's summary record (without its fingerprints: see ``state_records``)."""
+    reason = state.reason
+    if reason is not None and len(reason) > MAX_REASON_CHARS:
+        reason = reason[: MAX_REASON_CHARS - 1] + "…"
     doc: dict[str, Any] = {
-        "v": state.seen_version,
+        "v": STATE_VERSION,
+        "fp": state.seen_version,
         "batch_id": state.batch_id,
         "expected_count": state.expected_count,
         "generation": state.generation,
@@ -110,20 +246,48 @@ def encode_state(state: BatchState) -> bytes:
         "published": state.published,
         "dead_lettered": state.dead_lettered,
         "counts": state.counts,
-        "seen": pack_seen(state.seen) if keep_seen else "",
         "last_new_at": state.last_new_at,
         "last_poll_at": state.last_poll_at,
         "not_found_since": state.not_found_since,
         "failures": state.failures,
-        "reason": state.reason,
+        "reason": reason,
+        "total_processed": state.total_processed,
+        "last_sweep_at": state.last_sweep_at,
+        "sweep_failures": state.sweep_failures,
+        "next_sweep_at": state.next_sweep_at,
     }
-    return json.dumps(doc, separators=(",", ":")).encode()
+    value = json.dumps(doc, separators=(",", ":")).encode()
+    if len(value) > MAX_SUMMARY_BYTES:  # bounded inputs make this unreachable; never send it
+        raise ValueError(f"state summary of {state.batch_id} is {len(value)} bytes")
+    return value
+
+
+def state_records(state: BatchState) -> list[tuple[bytes, bytes | None]]:
+    """Every state-topic record (key, value) that saves the batch as it stands now.
+
+    The fingerprints not yet saved go into chunks; a batch finished for good
+    tombstones its chunks; the summary comes last, so that with ``at_least_once``
+    (no transaction) a summary is never ahead of its fingerprints.
+    """
+    out: list[tuple[bytes, bytes | None]] = []
+    if state.status in FINAL and state.status not in RESUMABLE:
+        out.extend((chunk_key(state.batch_id, n), None) for n in state.chunks.written())
+        state.chunks = ChunkLog()
+    else:
+        out.extend((chunk_key(state.batch_id, n), v) for n, v in state.chunks.flush())
+    out.append((state.batch_id.encode(), encode_state(state)))
+    return out
 
 
 def decode_state(value: bytes, partition: int) -> BatchState:
-    """Raise ValueError if the stored state is not understood."""
+    """A summary record; raise ValueError if it is not understood.
+
+    The state of versions 1 and 2 carries its fingerprints inline: they are in the
+    seen set and marked unsaved, so the next state write puts them into chunks.
+    """
     doc = _StateDoc.model_validate_json(value)
-    return BatchState(
+    inline = unpack_seen(doc.seen) if doc.seen and doc.v < 3 else array("Q")
+    state = BatchState(
         batch_id=doc.batch_id,
         partition=partition,
         expected_count=doc.expected_count,
@@ -134,11 +298,74 @@ def decode_state(value: bytes, partition: int) -> BatchState:
         published=doc.published,
         dead_lettered=doc.dead_lettered,
         counts=dict(doc.counts),
-        seen=unpack_seen(doc.seen) if doc.seen else set(),
+        seen=SeenSet(inline),
+        seen_version=1 if doc.v == 1 else doc.fp,
         last_new_at=doc.last_new_at,
         last_poll_at=doc.last_poll_at,
         not_found_since=doc.not_found_since,
         failures=doc.failures,
         reason=doc.reason,
-        seen_version=1 if doc.v == 1 else STATE_VERSION,
+        total_processed=doc.total_processed,
+        last_sweep_at=doc.last_sweep_at,
+        sweep_failures=doc.sweep_failures,
+        next_sweep_at=doc.next_sweep_at,
     )
+    state.chunks.add(inline)
+    return state
+
+
+class StateRestore:
+    """Rebuilds the batches of one state partition from its records, read in order."""
+
+    def __init__(self, partition: int) -> None:
+        self.partition = partition
+        self._summaries: dict[str, bytes] = {}
+        self._chunks: dict[str, dict[int, bytes]] = {}
+
+    def apply(self, key: bytes | None, value: bytes | None) -> None:
+        """Take one record; ValueError if its key is not a state key."""
+        if key is None:
+            raise ValueError("no key")
+        batch_id, seq = parse_key(key)
+        if seq is None:
+            if value is None:
+                self._summaries.pop(batch_id, None)
+            else:
+                self._summaries[batch_id] = value
+        elif value is None:
+            self._chunks.get(batch_id, {}).pop(seq, None)
+        else:
+            self._chunks.setdefault(batch_id, {})[seq] = value
+
+    def batches(self, on_error: Callable[[str, ValueError], None]) -> dict[str, BatchState]:
+        """The restored batches; a batch whose records are not understood is left out."""
+        out: dict[str, BatchState] = {}
+        for batch_id, value in self._summaries.items():
+            chunks = self._chunks.pop(batch_id, {})
+            try:
+                state = decode_state(value, self.partition)
+                if state.active or state.status in RESUMABLE:
+                    _load_chunks(state, chunks)
+            except ValueError as exc:
+                on_error(batch_id, exc)
+                continue
+            out[batch_id] = state
+        self._summaries.clear()
+        self._chunks.clear()
+        return out
+
+
+def _load_chunks(state: BatchState, chunks: dict[int, bytes]) -> None:
+    if not chunks:
+        return
+    arrays = {n: decode_chunk(v) for n, v in chunks.items()}
+    every = array("Q", state.seen)
+    for arr in arrays.values():
+        every.extend(arr)
+    state.seen = SeenSet(every)
+    last = max(arrays)
+    log = state.chunks
+    log.open_seq = last
+    log.open = arrays[last]
+    if len(log.open) >= CHUNK_FPS:
+        log.open_seq, log.open = last + 1, array("Q")

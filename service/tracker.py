@@ -17,6 +17,7 @@ import heapq
 import itertools
 import random
 import time
+from bisect import bisect_left
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -36,9 +37,10 @@ from service.errors import (
 from service.events import BalanceEvents, EventFactory, OutMessage, Publishable
 from service.kafka import PartitionPublisher, PublishFailed, canonical_partition
 from service.metrics import Metrics
-from service.records import BalanceRecord, InvalidRecord, fingerprint, status_name
+from service.records import BalanceRecord, InvalidRecord, Page, fingerprint, status_name
 from service.requests import TrackingRequest
-from service.state import RESUMABLE, BatchState, Status, encode_state
+from service.seen import SeenSet
+from service.state import RESUMABLE, BatchState, Status, state_records
 
 log = structlog.get_logger(__name__)
 
@@ -91,6 +93,25 @@ class _Pending:
         for code, n in Counter(rec.balance_status_code for rec in self.records).items():
             counts[status_name(code)] += n
         return counts
+
+
+@dataclass(slots=True)
+class _FullRead:
+    """A read of a whole batch from its first page, within one poll."""
+
+    sweep: bool  # started because the API's count was ahead of the records seen
+    seen_before: int  # records seen when it began
+    pages: int = 0
+
+
+@dataclass(slots=True)
+class _Read:
+    """Where one poll stands in its batch's pages."""
+
+    token: str | None  # the page to read next
+    cursor: str | None  # where the next poll starts: moves only with pages read in order
+    full: _FullRead | None = None  # set while the poll reads the batch from its first page
+    restarts: int = 0  # page tokens rejected in this poll
 
 
 @dataclass(slots=True)
@@ -239,7 +260,7 @@ class Tracker:
             if req.expected_count is not None and b.expected_count is None:
                 b.expected_count = req.expected_count
                 self.metrics.requests_received.labels("track", "updated").inc()
-                return self._publish(w, [self._state_msg(b)], next_offset)
+                return self._publish(w, self._state_msgs(b), next_offset)
             self.metrics.requests_received.labels("track", "already_tracked").inc()
             return self._publish(w, [], next_offset)
         if b is not None and b.status not in RESUMABLE:
@@ -264,7 +285,7 @@ class Tracker:
         )
         self.metrics.requests_received.labels("track", "started").inc()
         log.info("tracking_started", batch_id=b.batch_id, expected_count=b.expected_count)
-        fut = self._publish(w, [started, self._state_msg(b)], next_offset)
+        fut = self._publish(w, [started, *self._state_msgs(b)], next_offset)
         self._schedule(w, b.batch_id, self.clock())
         self._update_gauges()
         return fut
@@ -356,8 +377,9 @@ class Tracker:
         return max(0.0, self.clock() - head[0]) if head else 0.0
 
     def _update_gauges(self) -> None:
-        active = sum(1 for w in self.workers.values() for b in w.batches.values() if b.active)
-        self.metrics.tracked_batches.set(active)
+        active = [b for w in self.workers.values() for b in w.batches.values() if b.active]
+        self.metrics.tracked_batches.set(len(active))
+        self.metrics.records_behind.set(sum(b.records_behind for b in active))
         self.metrics.batches_in_backoff.set(len(self._backoff))
 
     # ---- polling ----------------------------------------------------------------------
@@ -388,7 +410,8 @@ class Tracker:
     async def _poll_batch(self, w: PartitionWorker, b: BatchState) -> float | None:
         """Poll once; return the delay to the next poll, or None if the batch finished."""
         if self.wall() - b.tracked_at >= self.cfg.max_age_s:
-            await self._finish(w, b, "expired", "tracked longer than polling.max_age_s")
+            reason = self._expired_reason(b, b.records_seen, b.total_processed)
+            await self._finish(w, b, "expired", reason)
             return None
         try:
             finished = await self._read_pages(w, b)
@@ -425,7 +448,7 @@ class Tracker:
             return None
         log.info("batch_not_found_yet", batch_id=b.batch_id, since_s=round(now - first, 1))
         updated = replace(b, not_found_since=first, last_poll_at=now)
-        await w.publisher.publish([self._state_msg(updated)])
+        await w.publisher.publish(self._state_msgs(updated))
         self._commit_local(w, updated)
         return self._window()
 
@@ -446,7 +469,7 @@ class Tracker:
             retry_in_s=round(delay, 2),
         )
         updated = replace(b, failures=failures, last_poll_at=self.wall())
-        await w.publisher.publish([self._state_msg(updated)])
+        await w.publisher.publish(self._state_msgs(updated))
         self._commit_local(w, updated)
         self._backoff.add(b.batch_id)
         return delay
@@ -474,43 +497,37 @@ class Tracker:
         return None
 
     async def _read_pages(self, w: PartitionWorker, b: BatchState) -> bool:
-        """Page from the cursor to the end; return True if the batch finished.
+        """Page from the cursor to the end, sweeping if the API's count says so.
 
-        Progress is committed every ``polling.max_records_per_transaction`` records, and
-        the next pages are read while that commit is under way: at most
-        MAX_COMMITS_IN_FLIGHT commits of the poll are in flight, and the partition's
-        publisher keeps them in order.
+        Returns True if the batch finished. Progress is committed every
+        ``polling.max_records_per_transaction`` records, and the next pages are read
+        while that commit is under way: at most MAX_COMMITS_IN_FLIGHT commits of the
+        poll are in flight, and the partition's publisher keeps them in order.
+
+        The API lists a batch in an order it does not document, and a record may be
+        listed behind the cursor after the poll has passed its place. When the last
+        page's ``total_processed`` is ahead of the records seen, the poll sweeps: it
+        reads the batch again from its first page, keeps what is new (fingerprints
+        recognise the rest) and stops once the count is reached. The cursor moves only
+        with the pages read in order, never with a sweep.
         """
-        token = b.cursor
-        restarts = 0
+        read = _Read(token=b.cursor, cursor=b.cursor)
+        if b.cursor is None:
+            read.full = _FullRead(sweep=False, seen_before=b.records_seen)
         pending = _Pending()
         committing: deque[asyncio.Future[None]] = deque()
         try:
             while True:
-                try:
-                    page = await self.client.fetch_page(b.batch_id, token, stop=lambda: w.closed)
-                except ApiBadRequest as exc:
-                    if token is None:
-                        raise
-                    # The page token is no longer valid: read again from the first page;
-                    # what was published is recognised by its fingerprint and skipped.
-                    log.warning("page_token_rejected", batch_id=b.batch_id, restarts=restarts)
-                    self.metrics.invalid_input.labels("api", "page_token_rejected").inc()
-                    restarts += 1
-                    if restarts > MAX_TOKEN_RESTARTS:
-                        raise PageTokenRejected(str(exc.args[0]), status=400) from None
-                    token = None
-                    continue
+                page = await self._fetch(w, b, read, pending)
                 if not pending.received_at:
                     pending.received_at = self.clock()
                 self._collect(b, page.records, page.invalid, pending)
-                used = token
-                if page.has_more:
-                    token = page.next_page_token
-                last = not page.has_more
+                last = self._advance(b, read, page, pending)
                 if last or pending.size >= self.cfg.max_records_per_transaction:
-                    outcome = self._completion(b, pending) if last else None
-                    commit = self._prepare_commit(b, pending, token if not last else used, outcome)
+                    total = page.total_processed
+                    updates = self._after_read(b, pending, total, read.full) if last else {}
+                    outcome = self._completion(b, pending, updates) if last else None
+                    commit = self._prepare_commit(b, pending, read.cursor, outcome, updates)
                     pending = _Pending()
                     if commit is not None:
                         b = commit.state
@@ -526,6 +543,47 @@ class Tracker:
             await _settled(committing)
             raise
 
+    async def _fetch(
+        self, w: PartitionWorker, b: BatchState, read: _Read, pending: _Pending
+    ) -> Page:
+        """The page at ``read.token``; a rejected page token restarts from the first page."""
+        while True:
+            try:
+                return await self.client.fetch_page(b.batch_id, read.token, stop=lambda: w.closed)
+            except ApiBadRequest as exc:
+                if read.token is None:
+                    raise
+                # The page token is no longer valid: read again from the first page;
+                # what was published is recognised by its fingerprint and skipped.
+                log.warning("page_token_rejected", batch_id=b.batch_id, restarts=read.restarts)
+                self.metrics.invalid_input.labels("api", "page_token_rejected").inc()
+                read.restarts += 1
+                if read.restarts > MAX_TOKEN_RESTARTS:
+                    raise PageTokenRejected(str(exc.args[0]), status=400) from None
+                read.token = None
+                if read.full is None:
+                    read.full = _FullRead(sweep=False, seen_before=b.records_seen + pending.size)
+
+    def _advance(self, b: BatchState, read: _Read, page: Page, pending: _Pending) -> bool:
+        """Move past ``page``; True when the poll has read all it will."""
+        used = read.token
+        if page.has_more:
+            read.token = page.next_page_token
+        last = not page.has_more
+        total = page.total_processed
+        sweeping = read.full is not None and read.full.sweep
+        if read.full is not None:
+            read.full.pages += 1
+        if not sweeping:
+            read.cursor = used if last else read.token
+        elif total is not None and b.records_seen + pending.size >= total:
+            return True  # the sweep found every record the count says exists
+        if last and read.full is None and self._sweep_due(b, pending, total):
+            read.full = _FullRead(sweep=True, seen_before=b.records_seen + pending.size)
+            read.token = None
+            return False
+        return last
+
     def _collect(
         self,
         b: BatchState,
@@ -535,17 +593,23 @@ class Tracker:
     ) -> None:
         # Once per record: _first_sight and the counters inlined, lookups hoisted; the
         # events are written when they are sent (events.BalanceEvents).
-        seen, fresh, append = b.seen, pending.digests, pending.records.append
+        fresh, append = pending.digests, pending.records.append
         if b.fingerprint is not fingerprint:  # a batch resumed from an older state version
             for rec in records:
                 if _first_sight(b, pending, rec.event_id):
                     append(rec)
         else:
+            recent, remembered = b.seen.recent, b.seen.sorted  # SeenSet.__contains__, inlined
+            n = len(remembered)
             for rec in records:
                 eid = rec.event_id
                 d = int(eid[19:23] + eid[24:], 16)  # records.fingerprint, inlined
-                if d in seen or d in fresh:
+                if d in recent or d in fresh:
                     continue
+                if n:
+                    i = bisect_left(remembered, d)
+                    if i < n and remembered[i] == d:
+                        continue
                 fresh.add(d)
                 append(rec)
         for bad in invalid:
@@ -559,21 +623,122 @@ class Tracker:
                 "record_dead_lettered", batch_id=b.batch_id, reason=bad.reason, detail=bad.detail
             )
 
-    def _completion(self, b: BatchState, pending: _Pending) -> tuple[str, str] | None:
-        now = self.wall()
-        total = b.records_seen + pending.size
-        if b.expected_count is not None:
-            if total >= b.expected_count:
-                return "completed", f"{total} of {b.expected_count} expected records published"
-        elif (
+    # ---- reconciliation and completion ---------------------------------------------------
+
+    def _idle(self, b: BatchState, pending: _Pending, now: float) -> bool:
+        """No new record for ``polling.complete_after_idle_s`` (and some record ever)."""
+        return (
             pending.size == 0
             and b.last_new_at is not None
             and now - b.last_new_at >= self.cfg.complete_after_idle_s
+        )
+
+    def _sweep_due(self, b: BatchState, pending: _Pending, total: int | None) -> bool:
+        """Whether a poll that reached the end should read the batch again from page 1."""
+        now = self.wall()
+        if total is not None:
+            if total <= b.records_seen + pending.size:
+                return False  # nothing missing by the count (a smaller count: see README)
+            return b.next_sweep_at is None or now >= b.next_sweep_at
+        # No count: only a full read can tell what was listed behind the cursor. One runs
+        # every sweep_interval_s, and one more before the batch completes for idleness.
+        if b.last_sweep_at is None or now - b.last_sweep_at >= self.cfg.sweep_interval_s:
+            return True
+        return (
+            self._idle(b, pending, now)
+            and b.last_new_at is not None
+            and b.last_sweep_at < b.last_new_at
+        )
+
+    def _after_read(
+        self, b: BatchState, pending: _Pending, total: int | None, full: _FullRead | None
+    ) -> dict[str, object]:
+        """What a poll that reached the end changes in the batch's reconciliation state."""
+        updates: dict[str, object] = {"total_processed": total}
+        if full is None:
+            return updates
+        now = self.wall()
+        seen = b.records_seen + pending.size
+        found = seen - full.seen_before
+        behind = 0 if total is None else total - seen
+        # A poll that began at the first page (a batch of one page, a new batch) is a full
+        # read too; it stands for a sweep only when one was due.
+        if (
+            not full.sweep
+            and behind <= 0
+            and (total is not None or not self._sweep_due(b, pending, None))
         ):
-            return "completed", "no new records for polling.complete_after_idle_s"
+            return updates
+        fruitless = behind > 0 and found == 0
+        failures = b.sweep_failures + 1 if fruitless else 0
+        retry_in: float | None = None
+        if fruitless:  # the count may be wrong: space the next sweeps out
+            retry_in = min(
+                self.cfg.sweep_backoff_max_s, self._window() * float(2 ** min(failures - 1, 20))
+            )
+        updates.update(
+            last_sweep_at=now,
+            sweep_failures=failures,
+            next_sweep_at=None if retry_in is None else now + retry_in,
+        )
+        if full.sweep:
+            outcome = "reconciled" if behind <= 0 else "partial" if found else "nothing"
+            self.metrics.sweeps.labels(outcome).inc()
+            self.metrics.sweep_records.inc(found)
+            self.metrics.sweep_pages.inc(full.pages)
+            log.info(
+                "sweep_finished",
+                batch_id=b.batch_id,
+                outcome=outcome,
+                found=found,
+                pages=full.pages,
+                total_processed=total,
+                behind=max(0, behind),
+                next_sweep_in_s=None if retry_in is None else round(retry_in, 1),
+            )
+        return updates
+
+    def _completion(
+        self, b: BatchState, pending: _Pending, updates: dict[str, object]
+    ) -> tuple[str, str] | None:
+        """Whether the batch is finished, after a poll that read to the end.
+
+        With ``expected_count``: once that many records were seen. Without it: once no
+        new record came for ``polling.complete_after_idle_s`` and nothing is missing by
+        the API's count; when the API gives no count, once a full read of the batch
+        after the last new record found nothing more.
+        """
+        now = self.wall()
+        seen = b.records_seen + pending.size
+        total = cast(int | None, updates.get("total_processed", b.total_processed))
+        if b.expected_count is not None:
+            if seen >= b.expected_count:
+                return "completed", f"{seen} of {b.expected_count} expected records published"
+        elif self._idle(b, pending, now):
+            last_full = cast(float | None, updates.get("last_sweep_at", b.last_sweep_at))
+            if total is not None and seen >= total:
+                return "completed", (
+                    f"no new records for polling.complete_after_idle_s; {seen} records seen, "
+                    f"the API counts {total}"
+                )
+            if total is None and last_full is not None and last_full >= cast(float, b.last_new_at):
+                return "completed", (
+                    "no new records for polling.complete_after_idle_s, nor in a full read of "
+                    "the batch (the API gives no count)"
+                )
         if now - b.tracked_at >= self.cfg.max_age_s:
-            return "expired", "tracked longer than polling.max_age_s"
+            return "expired", self._expired_reason(b, seen, total)
         return None
+
+    @staticmethod
+    def _expired_reason(b: BatchState, seen: int, total: int | None) -> str:
+        reason = "tracked longer than polling.max_age_s"
+        if b.expected_count is not None and seen < b.expected_count:
+            missing = b.expected_count - seen
+            return f"{reason}; {missing} of {b.expected_count} expected records never listed"
+        if total is not None and seen < total:
+            return f"{reason}; {total - seen} of the {total} records the API counts never listed"
+        return reason
 
     def _prepare_commit(
         self,
@@ -581,6 +746,7 @@ class Tracker:
         pending: _Pending,
         cursor: str | None,
         outcome: tuple[str, str] | None,
+        updates: dict[str, object],
     ) -> _Commit | None:
         """The progress to commit after ``pending``; None when nothing needs writing."""
         now = self.wall()
@@ -591,6 +757,7 @@ class Tracker:
             and cursor == b.cursor
             and b.failures == 0
             and b.not_found_since is None
+            and all(getattr(b, name) == value for name, value in updates.items())
         )
         if unchanged:
             # Nothing new: the stored progress still holds, so nothing is written (a batch
@@ -606,19 +773,21 @@ class Tracker:
             published=b.published + pending.new_records,
             dead_lettered=b.dead_lettered + pending.dead_lettered,
             counts=dict(counts),
-            seen=b.seen | pending.digests if pending.digests else b.seen,
             last_new_at=now if pending.size else b.last_new_at,
             last_poll_at=now,
             not_found_since=None,
             failures=0,
+            **updates,  # type: ignore[arg-type]
         )
+        if pending.digests:
+            updated.remember(pending.digests)
         messages: list[Publishable] = [*pending.messages]
         if pending.records:
             messages.append(BalanceEvents(self.factory, b.batch_id, pending.records))
         if outcome is not None:
             updated.status, updated.reason = cast(Status, outcome[0]), outcome[1]
             messages.append(self._lifecycle(updated, outcome[0]))
-        messages.append(self._state_msg(updated))
+        messages.extend(self._state_msgs(updated))
         return _Commit(updated, messages, new_counts, pending.dlq_reasons)
 
     async def _publish_commit(self, w: PartitionWorker, commit: _Commit) -> None:
@@ -642,7 +811,7 @@ class Tracker:
     ) -> None:
         updated = replace(b, status=cast(Status, outcome), reason=reason, last_poll_at=self.wall())
         await w.publisher.publish(
-            [self._lifecycle(updated, outcome), self._state_msg(updated)], next_offset
+            [self._lifecycle(updated, outcome), *self._state_msgs(updated)], next_offset
         )
         self._commit_local(w, updated)
         self._finished(updated)
@@ -660,7 +829,7 @@ class Tracker:
             dead_lettered=b.dead_lettered,
         )
         if b.status not in RESUMABLE:
-            b.seen = set()  # never needed again: a finished batch is not tracked again
+            b.seen = SeenSet()  # never needed again: a finished batch is not tracked again
         self._update_gauges()
 
     def _commit_local(self, w: PartitionWorker, b: BatchState) -> None:
@@ -677,13 +846,15 @@ class Tracker:
             counts_by_status=dict(b.counts),
             reason=b.reason,
             records_dead_lettered=b.dead_lettered,
+            total_processed=b.total_processed,
         )
 
-    def _state_msg(self, b: BatchState) -> OutMessage:
-        return OutMessage(
-            topic=self.settings.kafka.state_topic,
-            key=b.batch_id.encode(),
-            value=encode_state(b),
-            headers=[],
-            partition=b.partition,
-        )
+    def _state_msgs(self, b: BatchState) -> list[OutMessage]:
+        """The state-topic messages that save ``b`` (its summary, and chunks as needed)."""
+        topic = self.settings.kafka.state_topic
+        out = [
+            OutMessage(topic=topic, key=key, value=value, headers=[], partition=b.partition)
+            for key, value in state_records(b)
+        ]
+        self.metrics.state_bytes.inc(sum(len(m.key or b"") + len(m.value or b"") for m in out))
+        return out

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from service.config import KafkaConfig
 from service.kafka import client_args
+from service.state import CHUNK_SEPARATOR
 
 log = structlog.get_logger(__name__)
 
@@ -33,6 +34,7 @@ class _Summary(BaseModel):
     last_poll_at: float | None = None
     failures: int = 0
     reason: str | None = None
+    total_processed: int | None = None
 
 
 class StateView:
@@ -85,8 +87,8 @@ class StateView:
                 self.loaded = all(pos >= ends[tp] for pos, tp in zip(positions, tps, strict=True))
 
     def _apply(self, key: bytes | None, value: bytes | None) -> None:
-        if key is None:
-            return
+        if key is None or CHUNK_SEPARATOR.encode() in key:
+            return  # a batch's fingerprints: the view reads summaries only
         batch_id = key.decode(errors="replace")
         if value is None:
             self.batches.pop(batch_id, None)

@@ -8,12 +8,15 @@ or with duplicates that carry their original event_id (at_least_once).
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import random
 import signal
 import time
 import uuid
+from array import array
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,7 +32,6 @@ from conftest import (
 from eventschema import validate_message
 
 from service.records import balance_event_id, legacy_fingerprint, status_name
-from service.state import BatchState, encode_state
 
 pytestmark = [pytest.mark.kafka, pytest.mark.faults]
 
@@ -237,9 +239,10 @@ async def test_a_batch_stored_by_state_version_1_resumes_without_duplicates(
     reader: TopicReader,
     start_service: Any,
 ) -> None:
-    """An upgrade: the stored progress holds version 1 (BLAKE2b) fingerprints.
+    """An upgrade: the stored progress holds version 1 (BLAKE2b) fingerprints, inline.
 
-    The batch goes on from its first page (no cursor stored) and publishes only the
+    The record is written here as version 1 wrote it, not by today's encoder. The
+    batch goes on from its first page (no cursor stored) and publishes only the
     records that progress does not hold.
     """
     sim = sim_server.sim
@@ -253,24 +256,62 @@ async def test_a_batch_stored_by_state_version_1_resumes_without_duplicates(
     def event_id(r: Any) -> str:
         return balance_event_id(batch, r.authorizer_unique_id, r.timestamp)
 
-    stored = BatchState(
-        batch_id=batch,
-        partition=0,
-        expected_count=300,
-        tracked_at=time.time(),
-        published=len(done),
-        counts=dict(Counter(status_name(r.balance_status_code) for r in done)),
-        seen={legacy_fingerprint(event_id(r)) for r in done},
-        seen_version=1,
-    )
-    value = encode_state(stored)
-    assert json.loads(value)["v"] == 1
+    fps = array("Q", [legacy_fingerprint(event_id(r)) for r in done])
+    value = json.dumps(
+        {
+            "v": 1,
+            "batch_id": batch,
+            "expected_count": 300,
+            "generation": 1,
+            "status": "tracking",
+            "tracked_at": time.time(),
+            "cursor": None,
+            "published": len(done),
+            "dead_lettered": 0,
+            "counts": dict(Counter(status_name(r.balance_status_code) for r in done)),
+            "seen": base64.b64encode(fps.tobytes()).decode(),
+            "last_new_at": None,
+            "last_poll_at": None,
+            "not_found_since": None,
+            "failures": 0,
+            "reason": None,
+        }
+    ).encode()
     await produce(kafka, topics.state, batch.encode(), value)
     await start_service(RFP_INSTANCE_ID="test-upgraded")
     events = await wait_completed(reader, topics, [batch], timeout=60)
     assert events[batch] == ["completed"]
     balances = await reader.read_all(topics.balances)
     assert_exactly_once(balances, {event_id(r) for r in rest})
+
+
+async def test_a_batch_stored_by_state_version_2_resumes_without_duplicates(
+    kafka: str,
+    topics: Topics,
+    sim_server: SimServer,
+    reader: TopicReader,
+    start_service: Any,
+) -> None:
+    """An upgrade from the previous release: a literal version 2 record (tests/fixtures).
+
+    It was written by that release for the batch below with 120 of its 300 records
+    published. The batch resumes, publishes the other 180 once, and its next commits
+    move its fingerprints into chunks.
+    """
+    fixture = (Path(__file__).parent / "fixtures" / "state-v2.json").read_bytes().strip()
+    batch = json.loads(fixture)["batch_id"]
+    sim = sim_server.sim
+    sim.generate_batch(batch, 300, spread_s=0.0, seed=43)
+    records = sim.all_records(batch)
+    first = await start_service()  # creates the topics
+    await first.stop()
+    await produce(kafka, topics.state, batch.encode(), fixture)
+    await start_service(RFP_INSTANCE_ID="test-upgraded", RFP_POLLING__MAX_AGE_S="1e10")
+    events = await wait_completed(reader, topics, [batch], timeout=60)
+    assert events[batch] == ["completed"]
+    balances = await reader.read_all(topics.balances)
+    rest = {balance_event_id(batch, r.authorizer_unique_id, r.timestamp) for r in records[120:]}
+    assert_exactly_once(balances, rest)
 
 
 async def test_sigterm_during_poll_exits_zero_within_grace(

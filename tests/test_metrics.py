@@ -29,6 +29,7 @@ from service.metrics import (
     KAFKA_CONNECTION_ERROR_REASONS,
     POLL_RESULTS,
     PUBLISH_ERROR_KINDS,
+    SWEEP_OUTCOMES,
     TRACKING_REQUESTS,
     TRANSACTION_RESULTS,
     Metrics,
@@ -65,6 +66,11 @@ EXPECTED: dict[str, tuple[str, tuple[str, ...]]] = {
     "rightfoot_poller_event_loop_lag_seconds": ("histogram", ()),
     "rightfoot_poller_tracking_requests_total": ("counter", ("action", "result")),
     "rightfoot_poller_kafka_connection_errors_total": ("counter", ("reason",)),
+    "rightfoot_poller_sweeps_total": ("counter", ("outcome",)),
+    "rightfoot_poller_sweep_records_total": ("counter", ()),
+    "rightfoot_poller_sweep_pages_total": ("counter", ()),
+    "rightfoot_poller_records_behind_count": ("gauge", ()),
+    "rightfoot_poller_state_bytes_total": ("counter", ()),
 }
 
 # What the contract ("Operating it") requires, with the labels it names.
@@ -114,6 +120,7 @@ INITIAL: dict[str, set[tuple[str, ...]]] = {
     "rightfoot_poller_polls_total": {(r,) for r in POLL_RESULTS},
     "rightfoot_poller_records_published_total": {(s,) for s in ALL_STATUS_NAMES},
     "rightfoot_poller_batches_finished_total": {(o,) for o in BATCH_OUTCOMES},
+    "rightfoot_poller_sweeps_total": {(o,) for o in SWEEP_OUTCOMES},
     "rightfoot_poller_publish_errors_total": {(k,) for k in PUBLISH_ERROR_KINDS},
     "rightfoot_poller_transactions_total": {(r,) for r in TRANSACTION_RESULTS},
     "rightfoot_poller_dlq_records_total": {(r,) for r in DLQ_REASONS},
@@ -143,12 +150,14 @@ NON_LITERAL_LABELS: dict[tuple[str, str], str] = {
         '"fenced" if fenced else type(exc).__name__',
     ): "'fenced' or the class name of the exception a Kafka commit raised",
     ("kafka_connection_errors", "reason"): "kafka.classify_connection_error: a Literal of four",
+    ("sweeps", "outcome"): "tracker._after_read: one of SWEEP_OUTCOMES",
 }
 # Metric attribute -> the label values a string literal may have, per label position.
 DECLARED: dict[str, list[set[str]]] = {
     "api_requests": [set(API_ENDPOINTS), set(API_CODES)],
     "polls": [set(POLL_RESULTS)],
     "batches_finished": [set(BATCH_OUTCOMES)],
+    "sweeps": [set(SWEEP_OUTCOMES)],
     "publish_errors": [set(PUBLISH_ERROR_KINDS)],
     "transactions": [set(TRANSACTION_RESULTS)],
     "dlq_records": [set(DLQ_REASONS)],

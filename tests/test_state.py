@@ -1,15 +1,35 @@
-"""The state-topic form of a batch's progress: round trip, what is kept, what is refused."""
+"""The state-topic form of a batch's progress: summary and fingerprint chunks.
+
+Round trips through ``state_records`` and ``StateRestore`` (what the tracker writes
+and what a restore reads back), the bounds that keep every record small whatever
+the batch size, the cost of a commit, and the records of earlier versions.
+"""
 
 from __future__ import annotations
 
+import base64
 import json
-from dataclasses import asdict
+import random
+from array import array
+from pathlib import Path
 
 import pytest
 
 from service.records import balance_event_id, fingerprint, legacy_fingerprint
-from service.state import BatchState, decode_state, encode_state, pack_seen, unpack_seen
+from service.state import (
+    CHUNK_FPS,
+    MAX_MESSAGE_BYTES,
+    MAX_SUMMARY_BYTES,
+    STATE_VERSION,
+    BatchState,
+    StateRestore,
+    decode_state,
+    encode_state,
+    parse_key,
+    state_records,
+)
 
+FIXTURES = Path(__file__).parent / "fixtures"
 SEEN = {fingerprint(balance_event_id("b-1", str(i), "2024-08-09T18:10:44Z")) for i in range(250)}
 
 
@@ -25,76 +45,252 @@ def full_state(**changes: object) -> BatchState:
         published=240,
         dead_lettered=10,
         counts={"SUCCESS": 200, "NO_SSN_MATCH": 30, "UNKNOWN": 10},
-        seen=set(SEEN) | {0, 2**64 - 1},
         last_new_at=1_723_220_100.5,
         last_poll_at=1_723_220_130.75,
         not_found_since=1_723_220_001.0,
         failures=3,
         reason=None,
+        total_processed=260,
+        last_sweep_at=1_723_220_120.0,
+        sweep_failures=2,
+        next_sweep_at=1_723_220_300.0,
     )
+    state.remember(SEEN | {0, 2**64 - 1})
     for name, value in changes.items():
         setattr(state, name, value)
     return state
 
 
+class Topic:
+    """A compacted state partition: every record kept in order, as a restore reads it."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[bytes, bytes | None]] = []
+
+    def write(self, state: BatchState) -> list[tuple[bytes, bytes | None]]:
+        records = state_records(state)
+        self.log.extend(records)
+        return records
+
+    def restore(self, partition: int = 3) -> dict[str, BatchState]:
+        restore = StateRestore(partition)
+        for key, value in self.log:
+            restore.apply(key, value)
+        errors: list[tuple[str, ValueError]] = []
+        batches = restore.batches(lambda b, e: errors.append((b, e)))
+        assert not errors
+        return batches
+
+    def compacted(self) -> list[tuple[bytes, bytes | None]]:
+        last = {key: value for key, value in self.log}
+        return [(k, v) for k, v in last.items() if v is not None]
+
+
+SCALARS = [
+    "batch_id",
+    "expected_count",
+    "generation",
+    "status",
+    "tracked_at",
+    "cursor",
+    "published",
+    "dead_lettered",
+    "counts",
+    "last_new_at",
+    "last_poll_at",
+    "not_found_since",
+    "failures",
+    "reason",
+    "total_processed",
+    "last_sweep_at",
+    "sweep_failures",
+    "next_sweep_at",
+    "seen_version",
+]
+
+
+def scalars(state: BatchState) -> dict[str, object]:
+    return {name: getattr(state, name) for name in SCALARS}
+
+
 def test_round_trip_keeps_everything() -> None:
+    topic = Topic()
     state = full_state()
-    back = decode_state(encode_state(state), partition=3)
-    assert asdict(back) == asdict(state)
-    assert back.seen == state.seen
+    topic.write(state)
+    (back,) = topic.restore().values()
+    assert scalars(back) == scalars(state)
+    assert back.seen == SEEN | {0, 2**64 - 1}
     assert back.records_seen == 250
+    assert back.records_behind == 10
+    assert back.partition == 3
     assert back.active
 
 
 def test_round_trip_with_none_fields_and_empty_seen() -> None:
+    topic = Topic()
     state = BatchState(batch_id="b:2", partition=0, tracked_at=5.0)
-    back = decode_state(encode_state(state), partition=0)
-    assert asdict(back) == asdict(state)
-    assert back.expected_count is None
-    assert back.cursor is None
-    assert back.last_new_at is None
-    assert back.last_poll_at is None
-    assert back.not_found_since is None
+    assert [parse_key(k) for k, _ in topic.write(state)] == [("b:2", None)]  # no chunk
+    (back,) = topic.restore(0).values()
+    assert scalars(back) == scalars(state)
     assert back.seen == set()
+    assert back.records_behind == 0
 
 
 def test_partition_comes_from_where_it_was_read() -> None:
-    back = decode_state(encode_state(full_state()), partition=7)
-    assert back.partition == 7
+    topic = Topic()
+    topic.write(full_state())
+    assert topic.restore(partition=7)["b-1"].partition == 7
 
 
-def test_encoded_state_is_compact_json() -> None:
-    value = encode_state(full_state())
-    doc = json.loads(value)
-    assert doc["v"] == 2
-    assert doc["batch_id"] == "b-1"
-    # 8 bytes per fingerprint, base64: far smaller than the event ids themselves.
-    assert len(value) < 8 * len(SEEN) * 4 // 3 + 1000
+def test_summary_is_small_json_without_fingerprints() -> None:
+    (summary,) = [v for k, v in state_records(full_state()) if parse_key(k)[1] is None]
+    assert summary is not None
+    doc = json.loads(summary)
+    assert doc["v"] == STATE_VERSION == 3
+    assert "seen" not in doc
+    assert len(summary) < 1000
+
+
+def test_fingerprints_accumulate_across_commits_and_restores() -> None:
+    rng = random.Random(7)
+    topic = Topic()
+    state = BatchState(batch_id="big", partition=1, tracked_at=1.0)
+    everything: set[int] = set()
+    for commit in range(60):
+        new = {rng.getrandbits(64) for _ in range(rng.choice((1, 3, 250, 1000, 5000)))}
+        everything |= new
+        state.remember(new)
+        state.published += len(new)
+        topic.write(state)
+        if commit % 17 == 16:  # a restart: go on from what the topic holds
+            state = topic.restore(1)["big"]
+            assert state.seen == everything
+    restored = topic.restore(1)["big"]
+    assert restored.seen == everything
+    # What compaction keeps restores the same.
+    topic.log = topic.compacted()
+    assert topic.restore(1)["big"].seen == everything
+
+
+def test_every_record_is_bounded_whatever_the_commit_size() -> None:
+    state = BatchState(batch_id="b", partition=0)
+    state.remember(range(1, 10 * CHUNK_FPS + 17))
+    records = state_records(state)
+    assert len(records) == 12  # 11 chunks and the summary
+    assert max(len(v or b"") for _, v in records) <= 2 + 8 * CHUNK_FPS
+    assert 8 * CHUNK_FPS < MAX_SUMMARY_BYTES < MAX_MESSAGE_BYTES
+
+
+def test_a_summary_with_the_longest_inputs_fits() -> None:
+    # Page tokens are refused past 8,192 characters; the worst JSON escape is 6 bytes.
+    state = full_state(cursor="\x01" * 8192, reason="\x02" * 50_000, batch_id="b" * 128)
+    summary = encode_state(state)
+    assert len(summary) <= MAX_SUMMARY_BYTES
+    assert len(json.loads(summary)["reason"]) == 1024
+
+
+def test_a_commit_writes_what_is_new_not_the_batch() -> None:
+    """1,000,000 records in commits of 1,000: bytes per record stay flat and small."""
+    state = BatchState(batch_id="1m", partition=0, tracked_at=1.0, expected_count=1_000_000)
+    written = 0
+    largest = 0
+    for start in range(0, 1_000_000, 1000):
+        state.remember(range(start + 1, start + 1001))
+        state.published += 1000
+        size = sum(len(k) + len(v or b"") for k, v in state_records(state))
+        written += size
+        largest = max(largest, size)
+    assert written / 1_000_000 <= 32
+    # At most the chunk it seals, the new fingerprints and the summary.
+    assert largest <= 8 * CHUNK_FPS + 8 * 1000 + 1000
+
+
+def test_a_trickle_seals_its_chunk_after_a_few_writes() -> None:
+    state = BatchState(batch_id="slow", partition=0)
+    keys = []
+    for i in range(40):
+        state.remember([i + 1])
+        keys += [parse_key(k)[1] for k, _ in state_records(state)]
+    chunks = {k for k in keys if k is not None}
+    assert chunks == {0, 1, 2, 3, 4}  # sealed every 8 writes, so the rewrites stay small
 
 
 @pytest.mark.parametrize("status", ["completed", "expired"])
-def test_finished_for_good_drops_the_seen_set(status: str) -> None:
-    state = full_state(status=status, reason="done")
-    back = decode_state(encode_state(state), partition=3)
+def test_finished_for_good_tombstones_its_chunks(status: str) -> None:
+    topic = Topic()
+    state = full_state()
+    state.remember(range(1, 3 * CHUNK_FPS))
+    topic.write(state)
+    state.status, state.reason = status, "done"  # type: ignore[assignment]
+    written = topic.write(state)
+    tombstones = [parse_key(k) for k, v in written if v is None]
+    assert tombstones == [("b-1", n) for n in range(4)]  # 252 + 6,143 fingerprints
+    assert all(parse_key(k)[1] is None for k, _ in topic.compacted())  # only the summary
+    back = topic.restore()["b-1"]
     assert back.seen == set()
-    assert back.status == status
-    assert (back.published, back.counts, back.reason) == (240, state.counts, "done")
+    assert (back.status, back.published, back.reason) == (status, 240, "done")
     assert not back.active
 
 
 @pytest.mark.parametrize("status", ["failed", "stopped"])
-def test_resumable_outcomes_keep_the_seen_set(status: str) -> None:
-    state = full_state(status=status, reason="api_not_found: gone")
-    back = decode_state(encode_state(state), partition=3)
-    assert back.seen == state.seen
-    assert back.status == status
-    assert back.reason == "api_not_found: gone"
+def test_resumable_outcomes_keep_their_fingerprints(status: str) -> None:
+    topic = Topic()
+    topic.write(full_state(status=status, reason="api_not_found: gone"))
+    back = topic.restore()["b-1"]
+    assert back.seen == SEEN | {0, 2**64 - 1}
+    assert (back.status, back.reason) == (status, "api_not_found: gone")
 
 
-def test_pack_unpack_seen() -> None:
-    values = {0, 1, 2**63, 2**64 - 1, *SEEN}
-    assert unpack_seen(pack_seen(values)) == values
-    assert unpack_seen(pack_seen(set())) == set()
+def test_a_version_2_record_resumes_and_moves_its_fingerprints_into_chunks() -> None:
+    # Written by the previous version of the service (fingerprints inline, base64).
+    literal = (FIXTURES / "state-v2.json").read_bytes().strip()
+    doc = json.loads(literal)
+    assert doc["v"] == 2
+    topic = Topic()
+    topic.log.append((b"v2-fixture-batch", literal))
+    state = topic.restore(0)["v2-fixture-batch"]
+    assert (state.published, state.expected_count, state.cursor) == (120, 300, None)
+    assert len(state.seen) == 120
+    assert state.fingerprint is fingerprint
+    inline = array("Q")
+    inline.frombytes(base64.b64decode(doc["seen"]))
+    assert state.seen == set(inline)
+    # The next write saves them as chunks and a version 3 summary.
+    records = topic.write(state)
+    assert [parse_key(k)[1] for k, _ in records] == [0, None]
+    assert json.loads(records[-1][1] or b"")["v"] == 3
+    topic.log = topic.compacted()
+    assert topic.restore(0)["v2-fixture-batch"].seen == set(inline)
+
+
+def test_a_version_1_record_keeps_its_fingerprint_function() -> None:
+    # Version 1 fingerprints are BLAKE2b of the event id; the batch keeps using them.
+    fps = array("Q", [legacy_fingerprint(f"id-{i}") for i in range(10)])
+    literal = json.dumps(
+        {
+            "v": 1,
+            "batch_id": "old",
+            "expected_count": 20,
+            "generation": 1,
+            "status": "tracking",
+            "tracked_at": 1.0,
+            "cursor": None,
+            "published": 10,
+            "counts": {"SUCCESS": 10},
+            "seen": base64.b64encode(fps.tobytes()).decode(),
+        }
+    ).encode()
+    topic = Topic()
+    topic.log.append((b"old", literal))
+    state = topic.restore()["old"]
+    assert state.fingerprint is legacy_fingerprint
+    assert state.seen == set(fps)
+    topic.write(state)
+    topic.log = topic.compacted()
+    again = topic.restore()["old"]
+    assert again.fingerprint is legacy_fingerprint
+    assert again.seen == set(fps)
+    assert full_state().fingerprint is fingerprint
 
 
 @pytest.mark.parametrize(
@@ -122,10 +318,11 @@ def test_garbage_is_a_value_error(value: bytes) -> None:
         ("generation", 0),
         ("published", -1),
         ("expected_count", 0),
-        ("seen", "not base64!"),
-        ("seen", "AAAA"),  # valid base64, not a whole number of 8-byte digests
         ("tracked_at", "yesterday"),
+        ("total_processed", -1),
         ("v", 0),
+        ("v", 4),  # written by a newer version: refused, not read as this one
+        ("fp", 3),
     ],
 )
 def test_invalid_fields_are_a_value_error(field: str, value: object) -> None:
@@ -135,21 +332,29 @@ def test_invalid_fields_are_a_value_error(field: str, value: object) -> None:
         decode_state(json.dumps(doc).encode(), partition=0)
 
 
-def test_new_states_are_version_2() -> None:
-    state = full_state()
-    assert state.seen_version == 2
-    assert json.loads(encode_state(state))["v"] == 2
-    assert decode_state(encode_state(state), 3).seen_version == 2
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        (b"b-1/fp/0", b"XX" + b"\x00" * 8),  # not a chunk
+        (b"b-1/fp/0", b"F1" + b"\x00" * 7),  # not whole fingerprints
+    ],
+)
+def test_a_broken_chunk_leaves_out_its_batch_only(key: bytes, value: bytes) -> None:
+    topic = Topic()
+    topic.write(full_state())
+    other = full_state(batch_id="other")
+    topic.write(other)
+    topic.log.append((key, value))
+    restore = StateRestore(3)
+    for k, v in topic.log:
+        restore.apply(k, v)
+    errors: list[str] = []
+    batches = restore.batches(lambda b, e: errors.append(b))
+    assert errors == ["b-1"]
+    assert list(batches) == ["other"]
 
 
-def test_a_version_1_state_keeps_its_fingerprints_and_version() -> None:
-    # Written before fingerprints were taken from the event id: its seen set holds
-    # BLAKE2b fingerprints, which the tracker keeps using for this batch.
-    doc = json.loads(encode_state(full_state()))
-    doc["v"] = 1
-    restored = decode_state(json.dumps(doc).encode(), 3)
-    assert restored.seen_version == 1
-    assert restored.fingerprint is legacy_fingerprint
-    assert full_state().fingerprint is fingerprint
-    assert restored.seen == full_state().seen
-    assert json.loads(encode_state(restored))["v"] == 1
+@pytest.mark.parametrize("key", [None, b"b-1/fp/x", b"/fp/1"])
+def test_keys_that_are_not_state_keys_are_refused(key: bytes | None) -> None:
+    with pytest.raises(ValueError):
+        StateRestore(0).apply(key, b"{}")
