@@ -8,9 +8,31 @@ It serves the two endpoints the project talks to, as the vendor pages describe t
   streamed in chunks.
 
 Batches are held in memory. Each record has a ``visible_at`` offset, so results appear
-over time the way a batch being processed does; a page token means "start after the
-first N records", which is stable because records only ever append. Time comes from an
-injectable clock, so tests can move it by hand.
+over time the way a batch being processed does. Time comes from an injectable clock, so
+tests can move it by hand.
+
+By default a batch is listed in completion order: records append as they finish,
+``total_processed`` is the visible count, and a page token means "start after the first
+N records", which is stable because records only ever append. The vendor pages allow
+other shapes (the order of the list is not documented, and their example lists
+timestamps out of time order; nothing bounds a batch's size), and a batch can be given
+them (:meth:`Simulator.add_batch`, :meth:`Simulator.generate_batch`, ``POST /_sim/batches``):
+
+* ``order="submission"``: the list is in submission order and each record is listed once
+  it has finished, possibly at a position a client has already paged past; a page token
+  names the position of the last record listed and the next page starts after it, so a
+  client that only resumes from its last token misses records that finish behind it
+  (a full re-read from the first page sees them). Timestamps (finish times) are then out
+  of time order in the list;
+* ``total_processed="absent"`` omits the field; ``count_skew`` (an integer) is added to
+  the served count (at least 0), a count that disagrees with what is ever listed;
+* ``lazy=True`` (automatic above ``LAZY_THRESHOLD`` = 100,000 records): no record objects
+  are held; each record is derived from (seed, position) with splitmix64 when read, and
+  the batch keeps about 8 bytes per record in completion order, 17 in submission order
+  (finish times, finish order, its inverse, a visibility byte map). A million records
+  take about a second to make. :meth:`Simulator.iter_records` and
+  :meth:`Simulator.record_count` read them without materialising the batch;
+  :meth:`Simulator.all_records` and :meth:`Simulator.records_served` build lists.
 
 Faults (5xx, 429, latency, hangs, malformed bodies, rejected page tokens) are set on
 :attr:`Simulator.faults`, directly or through the unauthenticated control API:
@@ -20,8 +42,10 @@ Faults (5xx, 429, latency, hangs, malformed bodies, rejected page tokens) are se
   current value ``GET`` returns as ``now``);
 * ``GET|POST /_sim/batches`` — list batches, or generate one
   (``{"batch_id", "count", "spread_s", "seed", "visible_after", "codes", "with_metadata",
-  "owner_key"}``, see :meth:`Simulator.generate_batch`);
-* ``GET /_sim/batches/{id}/records`` — the records visible now, balances as strings;
+  "owner_key", "order", "total_processed", "count_skew", "lazy"}``, see
+  :meth:`Simulator.generate_batch`; a bad value answers 400 ``{"error": ...}``);
+* ``GET /_sim/batches/{id}/records[?offset=&limit=]`` — the records visible now, in list
+  order, balances as strings (streamed for lazy batches);
 * ``GET /_sim/requests`` — the request log;
 * ``POST /_sim/keys`` (``{"api_keys": [...]}``) and ``POST /_sim/invalidate-tokens``.
 
@@ -44,6 +68,7 @@ import io
 import itertools
 import json
 import math
+import operator
 import random
 import re
 import secrets
@@ -51,6 +76,7 @@ import signal
 import time
 import typing
 import uuid
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime, timedelta
@@ -104,6 +130,15 @@ DEMO_MISSING_BATCH_ID = "00000000-0000-4000-8000-000000000404"
 DEMO_LARGE_COUNT = 1250
 DEMO_LATE_AFTER_S = 20.0
 
+#: How a batch lists its records (see :meth:`Simulator.add_batch`).
+ORDERS = ("completion", "submission")
+#: What a batch serves as ``total_processed`` (see :meth:`Simulator.add_batch`).
+TOTAL_PROCESSED_MODES = ("exact", "absent")
+#: :meth:`Simulator.generate_batch` makes bigger batches lazy unless told otherwise.
+LAZY_THRESHOLD = 100_000
+#: Positions of a lazy batch are 32-bit (``array("I")``).
+MAX_LAZY_COUNT = 2**32 - 1
+
 MALFORMED_KINDS = ("truncated_json", "not_an_object", "balances_not_a_list", "wrong_types")
 
 _UUID_RE = re.compile(
@@ -113,6 +148,12 @@ _USER_AGENT_RE = re.compile(r"rightfoot-poller/\S+ \((?P<instance>[^)]*)\)")
 _DIGITS_RE = re.compile(r"[0-9]{1,6}")
 _TOKEN_MAC_BYTES = 16
 _SYNTHETIC_EPOCH = datetime(2024, 8, 9, 12, 0, 0, tzinfo=UTC)
+# splitmix64: the k-th value of a stream is mix(seed + k * gamma); each lazy record owns
+# eight consecutive values (_G1.._G6 pick one).
+_MASK64 = (1 << 64) - 1
+_GAMMA = 0x9E3779B97F4A7C15
+_LAZY_STRIDE = 8 * _GAMMA
+_G1, _G2, _G3, _G4, _G5, _G6 = (k * _GAMMA for k in range(1, 7))
 
 
 # --------------------------------------------------------------------------- data
@@ -225,24 +266,275 @@ class RequestLogEntry:
         return asdict(self)
 
 
-@dataclass
+class _Shape:
+    """How a batch is listed and counted (see :meth:`Simulator.add_batch`)."""
+
+    __slots__ = ("count_skew", "order", "total_processed")
+
+    def __init__(self, order: str, total_processed: str, count_skew: int) -> None:
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {', '.join(map(repr, ORDERS))}")
+        if total_processed not in TOTAL_PROCESSED_MODES:
+            modes = ", ".join(map(repr, TOTAL_PROCESSED_MODES))
+            raise ValueError(f"total_processed must be one of {modes}")
+        if isinstance(count_skew, bool) or not isinstance(count_skew, int):
+            raise ValueError("count_skew must be an integer")
+        self.order = order
+        self.total_processed = total_processed
+        self.count_skew = count_skew
+
+
 class _Batch:
-    batch_id: str
-    records: list[SimRecord]  # sorted by (visible_at, insertion order)
-    appear_at: list[float]  # the records' visible_at, for bisection
-    added_at: float
-    visible_after: float
-    owner_key: str | None
+    """One batch: its records by position, when each appears, and how it is listed.
+
+    A record's *position* is its place in the full list. In completion order the list is
+    sorted by ``visible_at`` (ties keep insertion order), so the visible records are a
+    prefix and ``finish`` is None. In submission order the list keeps the submission
+    order; ``finish[r]`` is the position of the r-th record to appear, ``rank`` its
+    inverse, and ``visible`` a byte per position (1 once the record has appeared, kept up
+    to date lazily up to ``advanced`` appearances). Either way ``appear`` holds the
+    ``visible_at`` times in the order records appear, so the first ``k`` to appear by
+    ``now`` are found by bisection, and "visible at now" is "among the first k".
+    """
+
+    __slots__ = (
+        "added_at",
+        "advanced",
+        "appear",
+        "batch_id",
+        "count",
+        "finish",
+        "owner_key",
+        "rank",
+        "records",
+        "shape",
+        "source",
+        "visible",
+        "visible_after",
+    )
+
+    def __init__(
+        self,
+        batch_id: str,
+        *,
+        records: list[SimRecord] | None,
+        source: _LazySource | None,
+        appear: Sequence[float],
+        finish: array[int] | None,
+        shape: _Shape,
+        added_at: float,
+        visible_after: float,
+        owner_key: str | None,
+    ) -> None:
+        self.batch_id = batch_id
+        self.records = records  # eager batches: every record, by position
+        self.source = source  # lazy batches: records derived on demand
+        self.count = len(records) if records is not None else len(source or ())
+        self.appear = appear
+        self.finish = finish
+        self.rank: array[int] | None = None
+        self.visible: bytearray | None = None
+        self.advanced = 0
+        if finish is not None:
+            self.rank = array("I", bytes(4 * self.count))
+            for r, position in enumerate(finish):
+                self.rank[position] = r
+            self.visible = bytearray(self.count)
+        self.shape = shape
+        self.added_at = added_at
+        self.visible_after = visible_after
+        self.owner_key = owner_key
+
+    @property
+    def lazy(self) -> bool:
+        return self.source is not None
 
     def visible_count(self, now: float) -> int | None:
         """How many records are visible at ``now``; None while the batch does not exist."""
         elapsed = now - self.added_at - self.visible_after
         if elapsed < 0:
             return None
-        return bisect.bisect_right(self.appear_at, elapsed)
+        return bisect.bisect_right(self.appear, elapsed)
 
     def readable_by(self, key: str) -> bool:
         return self.owner_key is None or self.owner_key == key
+
+    def reported_total(self, count: int) -> int | None:
+        """``total_processed`` as served for ``count`` visible records; None: omitted."""
+        if self.shape.total_processed == "absent":
+            return None
+        return max(0, count + self.shape.count_skew)
+
+    def record_at(self, position: int) -> SimRecord:
+        if self.records is not None:
+            return self.records[position]
+        assert self.source is not None
+        return self.source.record(position)
+
+    def positions_after(self, count: int, after: int) -> Iterator[int]:
+        """Positions > ``after`` of the first ``count`` records to appear, in list order."""
+        if self.finish is None:
+            yield from range(max(after + 1, 0), count)
+            return
+        visible, rank = self._advance(count)
+        position = visible.find(1, after + 1)
+        while position != -1:
+            # the map may run ahead of ``count`` (an older snapshot, or a newer request)
+            if self.advanced == count or rank[position] < count:
+                yield position
+            position = visible.find(1, position + 1)
+
+    def _advance(self, count: int) -> tuple[bytearray, array[int]]:
+        """Bring the visibility map up to (at least) the first ``count`` appearances."""
+        visible, finish, rank = self.visible, self.finish, self.rank
+        assert visible is not None and finish is not None and rank is not None
+        if count > self.advanced:
+            if count == self.count:
+                visible[:] = b"\x01" * self.count
+            else:
+                for position in finish[self.advanced : count]:
+                    visible[position] = 1
+            self.advanced = count
+        return visible, rank
+
+    def page(self, count: int, cursor: int | None, limit: int) -> tuple[Sequence[int], int | None]:
+        """The positions of one page and the cursor of the next page (None: no more).
+
+        The cursor is what a page token carries. Completion order: the number of records
+        listed before the next page. Submission order: the position of the last record
+        listed, the next page starting after it.
+        """
+        if self.finish is None:
+            offset = cursor or 0
+            end = min(offset + limit, count)
+            return range(min(offset, count), end), (end if end < count else None)
+        after = -1 if cursor is None else cursor
+        positions = list(itertools.islice(self.positions_after(count, after), limit))
+        last = positions[-1] if positions else after
+        has_more = next(self.positions_after(count, last), None) is not None
+        return positions, (last if has_more else None)
+
+    def iter_visible(self, count: int) -> Iterator[SimRecord]:
+        """The first ``count`` records to appear, in list order."""
+        if self.records is not None and self.finish is None:
+            return itertools.islice(self.records, count)
+        return map(self.record_at, self.positions_after(count, -1))
+
+    def iter_all(self) -> Iterator[SimRecord]:
+        if self.records is not None:
+            return iter(self.records)
+        return map(self.record_at, range(self.count))
+
+    def meta_keys(self, count: int) -> set[str]:
+        """The metadata keys of the first ``count`` records to appear."""
+        if self.source is None:
+            keys: set[str] = set()
+            for record in self.iter_visible(count):
+                if record.metadata:
+                    keys.update(record.metadata)
+            return keys
+        return self.source.meta_keys(self.positions_after(count, -1))
+
+
+class _LazySource:
+    """Synthetic records derived on demand from (key, position): no SimRecord is kept.
+
+    Per record it holds only ``appear`` (8 bytes; the ``visible_at`` times in the order
+    records appear) and, in submission order, the batch's ``rank`` (4 bytes) to find a
+    position's time. Every other field comes from splitmix64 of the key and position.
+    """
+
+    __slots__ = ("_stamps", "appear", "codes", "first_id", "key", "rank", "start", "with_metadata")
+
+    def __init__(
+        self,
+        key: int,
+        appear: array[float],
+        codes: Sequence[int] | None,
+        with_metadata: bool,
+    ) -> None:
+        self.key = key
+        self.appear = appear
+        self.rank: array[int] | None = None  # set for submission order
+        self.codes = tuple(codes) if codes else ()
+        self.with_metadata = with_metadata
+        self.first_id = 1_000_000 + _mix64(key) % 7_000_000
+        self.start = _SYNTHETIC_EPOCH + timedelta(seconds=_mix64(key ^ 1) % (30 * 86_400))
+        self._stamps: dict[int, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.appear)
+
+    def visible_at(self, position: int) -> float:
+        return self.appear[position if self.rank is None else self.rank[position]]
+
+    def record(self, i: int) -> SimRecord:
+        if not 0 <= i < len(self.appear):
+            raise IndexError(i)
+        base = self.key + i * _LAZY_STRIDE
+        visible_at = self.visible_at(i)
+        code = self.codes[i % len(self.codes)] if self.codes else _lazy_code(_mix64(base + _G1))
+        return SimRecord(
+            authorizer_unique_id=f"{self.first_id + i:07d}",
+            balance=_lazy_balance(base) if code == 0 else None,
+            balance_status_code=code,
+            timestamp=self._stamp(int(visible_at)),
+            visible_at=visible_at,
+            institution=_INSTITUTIONS[i % len(_INSTITUTIONS)],
+            phone=f"+1{2_000_000_000 + _mix64(base + _G4) % 7_000_000_000}" if i % 3 else "",
+            zip=f"{501 + _mix64(base + _G5) % 99_000:05d}",
+            metadata=_synthetic_metadata(i) if self.with_metadata else {},
+        )
+
+    def _stamp(self, second: int) -> str:
+        stamp = self._stamps.get(second)
+        if stamp is None:
+            if len(self._stamps) >= 4096:
+                self._stamps.clear()
+            stamp = self._stamps[second] = _iso(self.start + timedelta(seconds=second))
+        return stamp
+
+    def meta_keys(self, positions: Iterable[int]) -> set[str]:
+        """The keys of :func:`_synthetic_metadata` over these positions, without records."""
+        keys: set[str] = set()
+        if not self.with_metadata:
+            return keys
+        for i in positions:
+            keys.update(("customer_ref", "region"))
+            if i % 3 == 0:
+                keys.add("loan_officer")
+                break
+        return keys
+
+
+class LazyRecords(Sequence[SimRecord]):
+    """The records of a lazy batch, in list order, each derived when it is read.
+
+    What :meth:`Simulator.generate_batch` returns for a lazy batch: ``len``, indexing and
+    iteration work without holding the records; ``list(...)`` materialises them.
+    """
+
+    def __init__(self, batch: _Batch) -> None:
+        self._batch = batch
+
+    def __len__(self) -> int:
+        return self._batch.count
+
+    @typing.overload
+    def __getitem__(self, index: int) -> SimRecord: ...
+
+    @typing.overload
+    def __getitem__(self, index: slice) -> list[SimRecord]: ...
+
+    def __getitem__(self, index: int | slice) -> SimRecord | list[SimRecord]:
+        if isinstance(index, slice):
+            return [self._batch.record_at(i) for i in range(self._batch.count)[index]]
+        if index < 0:
+            index += self._batch.count
+        return self._batch.record_at(index)
+
+    def __iter__(self) -> Iterator[SimRecord]:
+        return self._batch.iter_all()
 
 
 class _BadRequest(Exception):
@@ -253,7 +545,12 @@ class _BadRequest(Exception):
 
 
 class _PageTokens:
-    """Opaque, signed page tokens: base64url(mac || "generation:offset:batch_id")."""
+    """Opaque, signed page tokens: base64url(mac || "generation:offset:batch_id").
+
+    The number is the batch's cursor (see :meth:`_Batch.page`): in completion order how
+    many records were listed before the next page, in submission order the position of
+    the last record listed.
+    """
 
     def __init__(self) -> None:
         self._secret = secrets.token_bytes(32)
@@ -325,27 +622,49 @@ class Simulator:
         *,
         owner_key: str | None = None,
         visible_after: float = 0.0,
+        order: str = "completion",
+        total_processed: str = "exact",
+        count_skew: int = 0,
     ) -> None:
         """Add a batch; it answers 404 for ``visible_after`` seconds, then exists.
 
         Record ``visible_at`` offsets count from the moment the batch becomes visible.
         ``owner_key`` None means every configured key may read it.
+
+        ``order``: ``"completion"`` lists records in the order they appear (sorted by
+        ``visible_at``, ties in the given order), so new records only ever append;
+        ``"submission"`` lists them in the given order, each once it has appeared, so a
+        record can appear before positions a client has already paged past.
+        ``total_processed``: ``"exact"`` serves the visible count plus ``count_skew``
+        (at least 0); ``"absent"`` omits the field (``count_skew`` is then unused).
         """
+        shape = _Shape(order, total_processed, count_skew)
         if batch_id in self._batches:
             raise ValueError(f"batch {batch_id!r} already exists")
         for record in records:
             if record.balance is not None and not record.balance.is_finite():
                 raise ValueError(f"balance of {record.authorizer_unique_id!r} is not finite")
-        ordered = sorted(records, key=lambda r: r.visible_at)  # stable: ties keep insertion order
+        finish: array[int] | None = None
+        if order == "completion":
+            listed = sorted(records, key=lambda r: r.visible_at)  # stable: ties keep their order
+            appear = [r.visible_at for r in listed]
+        else:
+            listed = list(records)
+            ranked = sorted(range(len(listed)), key=lambda i: listed[i].visible_at)
+            finish = array("I", ranked)
+            appear = [listed[i].visible_at for i in ranked]
         self._batches[batch_id] = _Batch(
-            batch_id=batch_id,
-            records=ordered,
-            appear_at=[r.visible_at for r in ordered],
+            batch_id,
+            records=listed,
+            source=None,
+            appear=appear,
+            finish=finish,
+            shape=shape,
             added_at=self.clock(),
             visible_after=visible_after,
             owner_key=owner_key,
         )
-        log.info("simulator batch added", batch_id=batch_id, records=len(records))
+        log.info("simulator batch added", batch_id=batch_id, records=len(records), order=order)
 
     def generate_batch(
         self,
@@ -358,32 +677,139 @@ class Simulator:
         with_metadata: bool = False,
         owner_key: str | None = None,
         visible_after: float = 0.0,
-    ) -> list[SimRecord]:
+        order: str = "completion",
+        total_processed: str = "exact",
+        count_skew: int = 0,
+        lazy: bool | None = None,
+    ) -> Sequence[SimRecord]:
         """Add a batch of ``count`` deterministic synthetic records and return them.
 
-        Records appear at random times spread uniformly over ``spread_s`` seconds, in
-        ascending ID order. ``codes`` are assigned in turn (record i gets
-        ``codes[i % len(codes)]``); without them about 85% succeed. The same
-        (simulator seed, batch ID) or the same ``seed`` always gives the same records.
+        Records appear at random times spread uniformly over ``spread_s`` seconds; in
+        completion order in ascending ID order, in submission order each at its own
+        random time, so they finish out of ID order. ``codes`` are assigned in turn
+        (record i gets ``codes[i % len(codes)]``); without them about 85% succeed. The
+        same (simulator seed, batch ID) or the same ``seed`` always gives the same
+        records. ``order``, ``total_processed`` and ``count_skew``: see :meth:`add_batch`.
+
+        ``lazy`` (default: when ``count`` > ``LAZY_THRESHOLD``) keeps no record objects:
+        each record is derived from (seed, position) when read, at about 8 bytes per
+        record in completion order and 17 in submission order. Lazy records are not the
+        ones an eager batch of the same seed holds. The result is then a
+        :class:`LazyRecords` view; otherwise the list of records. Both are in list order.
         """
         if codes is not None and not codes:
             raise ValueError("codes must not be empty")
+        shape = _Shape(order, total_processed, count_skew)
+        if lazy or (lazy is None and count > LAZY_THRESHOLD):
+            return self._generate_lazy(
+                batch_id,
+                count,
+                spread_s=spread_s,
+                seed=seed,
+                codes=codes,
+                with_metadata=with_metadata,
+                owner_key=owner_key,
+                visible_after=visible_after,
+                shape=shape,
+            )
         rng = random.Random(f"batch:{self.seed}:{batch_id}" if seed is None else seed)
-        records = _synthetic_records(rng, count, spread_s, codes, with_metadata)
-        self.add_batch(batch_id, records, owner_key=owner_key, visible_after=visible_after)
+        sort_times = order == "completion"
+        records = _synthetic_records(rng, count, spread_s, codes, with_metadata, sort_times)
+        self.add_batch(
+            batch_id,
+            records,
+            owner_key=owner_key,
+            visible_after=visible_after,
+            order=order,
+            total_processed=total_processed,
+            count_skew=count_skew,
+        )
         return records
+
+    def _generate_lazy(
+        self,
+        batch_id: str,
+        count: int,
+        *,
+        spread_s: float,
+        seed: int | None,
+        codes: Sequence[int] | None,
+        with_metadata: bool,
+        owner_key: str | None,
+        visible_after: float,
+        shape: _Shape,
+    ) -> LazyRecords:
+        if batch_id in self._batches:
+            raise ValueError(f"batch {batch_id!r} already exists")
+        if not 0 <= count <= MAX_LAZY_COUNT:
+            raise ValueError(f"count of a lazy batch must be from 0 to {MAX_LAZY_COUNT}")
+        text = f"batch:{self.seed}:{batch_id}" if seed is None else f"seed:{seed}"
+        key = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+        rng = random.Random(key)
+        source = _LazySource(key, _sorted_uniform_times(rng, count, spread_s), codes, with_metadata)
+        finish = None
+        if shape.order == "submission":
+            finish = array("I", range(count))
+            rng.shuffle(finish)  # finish[r]: the position of the r-th record to appear
+        batch = _Batch(
+            batch_id,
+            records=None,
+            source=source,
+            appear=source.appear,
+            finish=finish,
+            shape=shape,
+            added_at=self.clock(),
+            visible_after=visible_after,
+            owner_key=owner_key,
+        )
+        source.rank = batch.rank
+        self._batches[batch_id] = batch
+        log.info("simulator lazy batch added", batch_id=batch_id, records=count, order=shape.order)
+        return LazyRecords(batch)
 
     def batch_ids(self) -> list[str]:
         return list(self._batches)
 
-    def records_served(self, batch_id: str) -> list[SimRecord]:
-        """The records visible now, in served order ([] while the batch is not visible)."""
+    def record_count(self, batch_id: str) -> int:
+        """How many records the batch holds, visible or not."""
+        return self._batches[batch_id].count
+
+    def visible_count(self, batch_id: str) -> int:
+        """How many records are visible now (0 while the batch is not visible)."""
+        return self._batches[batch_id].visible_count(self.clock()) or 0
+
+    def iter_records(self, batch_id: str, *, visible_only: bool = False) -> Iterator[SimRecord]:
+        """The batch's records in list order, each built as it is reached (lazy batches).
+
+        ``visible_only``: only those visible now (the set is fixed when this is called).
+        """
         batch = self._batches[batch_id]
-        return batch.records[: batch.visible_count(self.clock()) or 0]
+        if not visible_only:
+            return batch.iter_all()
+        return batch.iter_visible(batch.visible_count(self.clock()) or 0)
+
+    def records_served(self, batch_id: str) -> list[SimRecord]:
+        """The records visible now, in served order ([] while the batch is not visible).
+
+        Materialises them: for big lazy batches prefer :meth:`iter_records`.
+        """
+        return list(self.iter_records(batch_id, visible_only=True))
 
     def all_records(self, batch_id: str) -> list[SimRecord]:
-        """Every record of the batch, visible or not, in served order."""
-        return list(self._batches[batch_id].records)
+        """Every record of the batch, visible or not, in served order.
+
+        Materialises the whole batch (a list of ``record_count`` records): for big lazy
+        batches prefer :meth:`iter_records` and :meth:`record_count`.
+        """
+        return list(self.iter_records(batch_id))
+
+    def page_token_cursor(self, batch_id: str, token: str) -> int | None:
+        """What a page token of this batch names, or None if it is not valid now.
+
+        Completion order: how many records were listed before the next page. Submission
+        order: the position (submission index) of the last record listed.
+        """
+        return self._tokens.offset_for(token, batch_id)
 
     def seed_demo(self, *, spread_s: float = 120.0) -> list[str]:
         """Add the demo batches and return their IDs, in this order:
@@ -486,9 +912,14 @@ def _synthetic_records(
     spread_s: float,
     codes: Sequence[int] | None,
     with_metadata: bool,
+    sort_times: bool = True,
 ) -> list[SimRecord]:
     # int(rng.random() * n) rather than randrange: several times faster, for big batches
-    appear = sorted(spread_s * rng.random() for _ in range(count)) if spread_s > 0 else None
+    appear = None
+    if spread_s > 0:
+        appear = [spread_s * rng.random() for _ in range(count)]
+        if sort_times:
+            appear.sort()
     first_id = rng.randrange(1_000_000, 8_000_000)
     start = _SYNTHETIC_EPOCH + timedelta(seconds=rng.randrange(0, 30 * 86_400))
     stamps: dict[int, str] = {}
@@ -528,6 +959,58 @@ def _synthetic_balance(rng: random.Random) -> Decimal:
         cents = -1 - int(rng.random() * 500_000)
     else:
         cents = int(rng.random() * 5_000_000)
+    return Decimal(cents).scaleb(-2)
+
+
+def _sorted_uniform_times(rng: random.Random, count: int, spread_s: float) -> array[float]:
+    """``count`` sorted uniform times over [0, spread_s], without sorting a list of them.
+
+    The k-th of n sorted uniforms is the sum of k exponential gaps over the sum of n + 1;
+    with gaps log(1 - u) (negative), every step runs in C iterators.
+    """
+    if spread_s <= 0 or count == 0:
+        return array("d", bytes(8 * count))
+    uniforms = itertools.islice(iter(rng.random, -1.0), count + 1)
+    gaps = array("d", map(math.log, map(operator.sub, itertools.repeat(1.0), uniforms)))
+    total = math.fsum(gaps)
+    if total == 0:
+        return array("d", bytes(8 * count))
+    steps = itertools.accumulate(itertools.islice(gaps, count))
+    times = array("d", map(operator.mul, steps, itertools.repeat(spread_s / total)))
+    last = count - 1
+    while last >= 0 and times[last] > spread_s:  # rounding, at the very end only
+        times[last] = spread_s
+        last -= 1
+    return times
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's output function: a cheap, well-mixed 64-bit hash of ``x``."""
+    z = x & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _unit(h: int) -> float:
+    """A 64-bit hash as a float in [0, 1)."""
+    return (h >> 11) * 2.0**-53
+
+
+def _lazy_code(h: int) -> int:
+    return 0 if _unit(h) < 0.85 else _FAILURE_CODES[h % len(_FAILURE_CODES)]
+
+
+def _lazy_balance(base: int) -> Decimal:
+    """As :func:`_synthetic_balance`, from the hashes of one lazy record."""
+    roll = _unit(_mix64(base + _G2))
+    h = _mix64(base + _G3)
+    if roll < 0.01:
+        cents = 10**19 + ((h << 64) | _mix64(base + _G6)) % (9 * 10**19)
+    elif roll < 0.11:
+        cents = -1 - h % 500_000
+    else:
+        cents = h % 5_000_000
     return Decimal(cents).scaleb(-2)
 
 
@@ -608,21 +1091,24 @@ def _record_json(record: SimRecord, index: int) -> str:
 
 def _page_json(
     batch_id: str,
-    total: int,
+    total: int | None,
     balances_json: str,
     has_more: bool | str,
     token: str | None,
 ) -> str:
-    text = (
-        f'{{"batch_id":{json.dumps(batch_id)},"total_processed":{total},'
-        f'"balances":{balances_json},"has_more":{json.dumps(has_more)}'
-    )
+    """A page body; ``total`` None omits ``total_processed``."""
+    text = f'{{"batch_id":{json.dumps(batch_id)},'
+    if total is not None:
+        text += f'"total_processed":{total},'
+    text += f'"balances":{balances_json},"has_more":{json.dumps(has_more)}'
     if token is not None:
         text += f',"next_page_token":{json.dumps(token)}'
     return text + "}"
 
 
-def _malformed_page(kind: str, batch_id: str, total: int, items: str, token: str | None) -> str:
+def _malformed_page(
+    kind: str, batch_id: str, total: int | None, items: str, token: str | None
+) -> str:
     """A 200 body that a careful client must refuse, of the given kind."""
     if kind == "not_an_object":
         return f"[{items}]"
@@ -776,8 +1262,8 @@ async def _balances(request: web.Request) -> web.Response:
     if found is None:
         return _error(404, "NOT_FOUND", "The specified batch ID does not exist.")
     token = request.query.get("nextPageToken")
-    offset = 0 if token is None else _token_offset(sim, token, batch_id)
-    if offset is None:
+    offset = None if token is None else _token_offset(sim, token, batch_id)
+    if token is not None and offset is None:
         return _error(400, "INVALID_PAGE_TOKEN", "The page token is invalid or has expired.")
     return _page_response(sim, found[0], found[1], offset, limit)
 
@@ -789,18 +1275,20 @@ def _token_offset(sim: Simulator, token: str, batch_id: str) -> int | None:
 
 
 def _page_response(
-    sim: Simulator, batch: _Batch, total: int, offset: int, limit: int
+    sim: Simulator, batch: _Batch, total: int, offset: int | None, limit: int
 ) -> web.Response:
-    end = min(offset + limit, total)
-    items = ",".join(_record_json(batch.records[i], i) for i in range(min(offset, total), end))
-    has_more = end < total
-    token = sim._tokens.issue(batch.batch_id, end) if has_more else None
+    """One page of the ``total`` visible records, after the page token's ``offset``."""
+    positions, cursor = batch.page(total, offset, limit)
+    items = ",".join(_record_json(batch.record_at(i), i) for i in positions)
+    has_more = cursor is not None
+    token = sim._tokens.issue(batch.batch_id, cursor) if cursor is not None else None
+    reported = batch.reported_total(total)
     kind = sim._take_malformed(batch.batch_id)
     if kind is None:
-        body = _page_json(batch.batch_id, total, f"[{items}]", has_more, token)
+        body = _page_json(batch.batch_id, reported, f"[{items}]", has_more, token)
     else:
         log.debug("simulator malformed page", batch_id=batch.batch_id, kind=kind)
-        body = _malformed_page(kind, batch.batch_id, total, items, token)
+        body = _malformed_page(kind, batch.batch_id, reported, items, token)
     return web.Response(text=body, content_type="application/json")
 
 
@@ -857,15 +1345,14 @@ async def _stream_csv(request: web.Request, parts: list[tuple[_Batch, int]]) -> 
 
 def _visible(parts: list[tuple[_Batch, int]]) -> Iterator[tuple[str, SimRecord]]:
     for batch, count in parts:
-        for record in itertools.islice(batch.records, count):
+        for record in batch.iter_visible(count):
             yield batch.batch_id, record
 
 
 def _meta_keys(parts: list[tuple[_Batch, int]]) -> list[str]:
     keys: set[str] = set()
-    for _, record in _visible(parts):
-        if record.metadata:
-            keys.update(record.metadata)
+    for batch, count in parts:
+        keys.update(batch.meta_keys(count))
     return sorted(keys)
 
 
@@ -960,6 +1447,7 @@ async def _post_batch(request: web.Request) -> web.Response:
     visible_after = _number(body, "visible_after", 0.0)
     seed, owner_key = _optional(body, "seed", int), _optional(body, "owner_key", str)
     with_metadata = bool(_optional(body, "with_metadata", bool))
+    shape = _shape_options(body)
     if batch_id in sim.batch_ids():
         return web.json_response({"error": f"batch {batch_id!r} already exists"}, status=409)
     try:
@@ -972,10 +1460,34 @@ async def _post_batch(request: web.Request) -> web.Response:
             with_metadata=with_metadata,
             owner_key=owner_key,
             visible_after=visible_after,
+            **shape,
         )
     except ValueError as exc:
         raise _BadRequest(str(exc)) from exc
     return web.json_response({"batch_id": batch_id, "count": len(records)}, status=201)
+
+
+def _shape_options(body: Mapping[str, Any]) -> dict[str, Any]:
+    """``order``, ``total_processed``, ``count_skew`` and ``lazy`` of a batch, checked."""
+    options: dict[str, Any] = {}
+    order = _optional(body, "order", str)
+    if order is not None:
+        if order not in ORDERS:
+            raise _BadRequest(f"order must be one of {', '.join(map(repr, ORDERS))}")
+        options["order"] = order
+    total = _optional(body, "total_processed", str)
+    if total is not None:
+        if total not in TOTAL_PROCESSED_MODES:
+            modes = ", ".join(map(repr, TOTAL_PROCESSED_MODES))
+            raise _BadRequest(f"total_processed must be one of {modes}")
+        options["total_processed"] = total
+    skew = _optional(body, "count_skew", int)
+    if skew is not None:
+        options["count_skew"] = skew
+    lazy = _optional(body, "lazy", bool)
+    if lazy is not None:
+        options["lazy"] = lazy
+    return options
 
 
 async def _get_batches(request: web.Request) -> web.Response:
@@ -983,21 +1495,57 @@ async def _get_batches(request: web.Request) -> web.Response:
     batches = [
         {
             "batch_id": batch_id,
-            "visible": len(sim.records_served(batch_id)),
-            "total": len(sim.all_records(batch_id)),
+            "visible": sim.visible_count(batch_id),
+            "total": sim.record_count(batch_id),
         }
         for batch_id in sim.batch_ids()
     ]
     return web.json_response({"batches": batches})
 
 
-async def _get_batch_records(request: web.Request) -> web.Response:
+def _query_count(request: web.Request, name: str) -> int | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    if not raw.isdigit() or not raw.isascii():
+        raise _BadRequest(f"{name} must be an integer >= 0")
+    return int(raw)
+
+
+async def _get_batch_records(request: web.Request) -> web.StreamResponse:
+    """The visible records in list order; ``?offset=&limit=`` select a slice of them.
+
+    Lazy batches stream the (same) JSON in chunks rather than building it whole.
+    """
     sim = request.app[_SIM_KEY]
     batch_id = request.match_info["batch_id"]
     if batch_id not in sim.batch_ids():
         return web.json_response({"error": f"no batch {batch_id!r}"}, status=404)
-    records = [_record_control_json(r) for r in sim.records_served(batch_id)]
-    return web.json_response({"batch_id": batch_id, "count": len(records), "records": records})
+    offset = _query_count(request, "offset") or 0
+    limit = _query_count(request, "limit")
+    batch = sim._batches[batch_id]
+    visible = batch.visible_count(sim.clock()) or 0
+    end = visible if limit is None else min(visible, offset + limit)
+    selected = itertools.islice(batch.iter_visible(visible), offset, end)
+    if not batch.lazy:
+        records = [_record_control_json(r) for r in selected]
+        return web.json_response({"batch_id": batch_id, "count": len(records), "records": records})
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    await response.prepare(request)
+    head = json.dumps({"batch_id": batch_id, "count": max(0, end - offset)})
+    buffer = [head[:-1], ', "records": [']
+    size = 0
+    for i, record in enumerate(selected):
+        text = json.dumps(_record_control_json(record))
+        buffer.append(f", {text}" if i else text)
+        size += len(text)
+        if size >= EXPORT_CHUNK_BYTES:
+            await response.write("".join(buffer).encode())
+            buffer, size = [], 0
+    buffer.append("]}")
+    await response.write("".join(buffer).encode())
+    await response.write_eof()
+    return response
 
 
 async def _get_requests(request: web.Request) -> web.Response:
