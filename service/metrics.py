@@ -221,7 +221,7 @@ class Metrics:
             registry=r,
         )
         self.records_behind = Gauge(
-            f"{PREFIX}_records_behind_count",
+            f"{PREFIX}_records_behind",
             "Records the API counts (total_processed) that tracked batches have not seen.",
             registry=r,
         )

@@ -42,6 +42,8 @@ COUNTERS = frozenset(
         "rightfoot_poller_dlq_records_total",
         "rightfoot_poller_invalid_input_total",
         "rightfoot_poller_polls_total",
+        "rightfoot_poller_sweeps_total",
+        "rightfoot_poller_sweep_records_total",
     }
 )
 GAUGES = frozenset(
@@ -54,6 +56,7 @@ GAUGES = frozenset(
         "rightfoot_poller_ready",
         "rightfoot_poller_owned_partitions",
         "rightfoot_poller_build_info",
+        "rightfoot_poller_records_behind",
     }
 )
 HISTOGRAMS = frozenset(
