@@ -1,9 +1,9 @@
-"""``make bench``: throughput against the ceiling, scale, and latency, in one run on one broker.
+"""``make bench``: throughput against the ceiling, scale, latency and big batches, on one broker.
 
-Runs ``bench/throughput.py``, ``bench/scale.py`` and ``bench/latency.py`` one after
-the other (each docstring says what it measures and how) against the broker at
-``--bootstrap``, prints their figures, whether each performance target is met, and
-ends with one JSON line:
+Runs ``bench/throughput.py``, ``bench/scale.py``, ``bench/latency.py`` and
+``bench/big_batch.py`` one after the other (each docstring says what it measures and
+how) against the broker at ``--bootstrap``, prints their figures, whether each
+performance target is met, and ends with one JSON line:
 
     throughput_ratio            exactly_once records/s over the ceiling's (target >= 0.8)
     records_per_s               exactly_once records/s into Kafka
@@ -12,9 +12,19 @@ ends with one JSON line:
     scale_rss_mb                peak RSS of that replica (< 300)
     loop_lag_p99_ms             its event-loop lag p99 (< 50)
     latency_p99_over_window_s   visible at the API -> readable in Kafka, p99 - window (<= 1)
+    big_batch_resume_s          1,000,000 records, SIGKILL halfway: new process start ->
+                                its first committed event (< 15)
+    big_batch_peak_rss_mb       peak RSS of the service over both processes (< 300)
+    big_batch_state_bytes_per_record
+                                bytes written to the state topic per record (<= 32)
+    big_batch_records_per_s     records / s from tracking to `completed` (records appear
+                                over 60 s, and the kill is included)
+    sweep_requests_per_record   100,000 records finishing out of order: sweep pages / records
+                                the sweeps found (sweep_pages, sweep_records, sweeps beside)
 
-and more figures besides (at_least_once, the ceiling's own, request rates, ...).
-``--smoke`` runs all three at toy sizes in well under a minute (tests/test_bench_smoke.py);
+and more figures besides (at_least_once, the ceiling's own, request rates, ...). Every
+service run is checked for exactly-once delivery and raises if it was not.
+``--smoke`` runs all four at toy sizes in about a minute (tests/test_bench_smoke.py);
 its figures mean nothing beyond "the benchmark works".
 
     uv run python bench/run_all.py --bootstrap 127.0.0.1:29092 [--smoke] [--workdir DIR]
@@ -32,11 +42,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import big_batch
 import latency
 import scale
 import throughput
 
-SMOKE = {
+SMOKE: dict[str, dict[str, Any]] = {
     "throughput": {"batches": 10, "records": 1000, "rounds": 1, "timeout": 60},
     "scale": {"batches": 300, "ramp": 2.0, "duration": 8.0, "window_min": 2.0, "window_max": 4.0},
     "latency": {
@@ -48,6 +59,13 @@ SMOKE = {
         "window_max": 1.0,
         "timeout": 30.0,
     },
+    "big_batch": {
+        "records": 20_000,
+        "spread": 5.0,
+        "ooo_records": 5_000,
+        "ooo_spread": 5.0,
+        "timeout": 90.0,
+    },
 }
 
 # name, JSON key, test, as printed
@@ -57,6 +75,9 @@ TARGETS: list[tuple[str, Callable[[float], bool], str]] = [
     ("scale_rss_mb", lambda v: v < 300, "< 300 MiB"),
     ("loop_lag_p99_ms", lambda v: v < 50, "< 50 ms"),
     ("latency_p99_over_window_s", lambda v: v <= 1, "<= 1 s"),
+    ("big_batch_state_bytes_per_record", lambda v: v <= 32, "<= 32 B"),
+    ("big_batch_peak_rss_mb", lambda v: v < 300, "< 300 MiB"),
+    ("big_batch_resume_s", lambda v: v < 15, "< 15 s"),
 ]
 
 
@@ -73,7 +94,7 @@ def sub_args(
 
 async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     sizes: dict[str, dict[str, Any]] = SMOKE if args.smoke else {}
-    for name in ("throughput", "scale", "latency"):
+    for name in ("throughput", "scale", "latency", "big_batch"):
         (workdir / name).mkdir(parents=True, exist_ok=True)
     t = await throughput.measure(
         sub_args(throughput.add_arguments, args.bootstrap, **sizes.get("throughput", {})),
@@ -89,6 +110,12 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         workdir / "latency",
     )
     print(latency.summary_line(lat), flush=True)
+    bb = await big_batch.measure(
+        sub_args(big_batch.add_arguments, args.bootstrap, **sizes.get("big_batch", {})),
+        workdir / "big_batch",
+    )
+    print(big_batch.summary_line(bb), flush=True)
+    big, ooo = bb["big"], bb["ooo"]
     return {
         "throughput_ratio": t["throughput_ratio"],
         "records_per_s": t["records_per_s"],
@@ -115,6 +142,19 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "latency_p50_s": lat["p50_s"],
         "latency_p99_s": lat["p99_s"],
         "latency_window_s": lat["window_s"],
+        "big_batch_resume_s": big["resume_s"],
+        "big_batch_peak_rss_mb": big["peak_rss_mb"],
+        "big_batch_state_bytes_per_record": big["state_bytes_per_record"],
+        "big_batch_records_per_s": big["records_per_s"],
+        "big_batch_records": big["records"],
+        "big_batch_killed_at_published": big["killed_at_published"],
+        "big_batch_state_bytes": big["state_bytes"],
+        "sweep_requests_per_record": ooo["sweep_requests_per_record"],
+        "sweep_pages": ooo["sweep_pages"],
+        "sweep_records": ooo["sweep_records"],
+        "sweeps": ooo["sweeps"],
+        "ooo_records": ooo["records"],
+        "ooo_records_per_s": ooo["records_per_s"],
         "smoke": bool(args.smoke),
     }
 

@@ -1,9 +1,10 @@
-"""``make bench`` at toy sizes: the three benchmarks run and report every figure.
+"""``make bench`` at toy sizes: the four benchmarks run and report every figure.
 
 ``bench/run_all.py --smoke`` against the test broker: throughput (ceiling,
-exactly_once, at_least_once), scale and latency, each with its own simulator and
-service processes. Only that the scripts work is checked, never a timing target:
-those are for ``make bench`` on its full sizes.
+exactly_once, at_least_once), scale, latency and big batches (killed halfway, out of
+order), each with its own simulator and service processes. Only that the scripts
+work is checked, never a timing target: those are for ``make bench`` on its full
+sizes.
 """
 
 from __future__ import annotations
@@ -28,8 +29,19 @@ POSITIVE = (
     "scale_rps_mean",
     "latency_p50_s",
     "latency_p99_s",
+    "big_batch_resume_s",
+    "big_batch_peak_rss_mb",
+    "big_batch_state_bytes_per_record",
+    "big_batch_records_per_s",
 )
-NOT_NEGATIVE = ("scale_p99_lateness_s", "scale_max_lateness_s", "loop_lag_p99_ms")
+NOT_NEGATIVE = (
+    "scale_p99_lateness_s",
+    "scale_max_lateness_s",
+    "loop_lag_p99_ms",
+    "sweep_pages",
+    "sweep_records",
+    "sweeps",
+)
 
 
 def test_bench_smoke(kafka: str) -> None:
@@ -55,4 +67,8 @@ def test_bench_smoke(kafka: str) -> None:
     assert result["scale_batches"] == 300
     assert result["scale_rps_max_1s"] <= result["scale_rps_ceiling"] + 1
     assert result["throughput_records"] == 10_000
+    # big_batch.py raises unless each batch was published exactly once.
+    assert result["big_batch_records"] == 20_000
+    assert 0 < result["big_batch_killed_at_published"] < 20_000
+    assert result["ooo_records"] == 5_000
     assert result["smoke"] is True
