@@ -128,7 +128,8 @@ sync-deploy-copies:
 # ---------------------------------------------------------------------------
 # Performance (docs/performance.md, bench/run_all.py): throughput against an
 # aiohttp+aiokafka ceiling on 1,000,000 records, 10,000 batches on one replica for 3
-# minutes, latency from the API to Kafka; about 9 minutes, one JSON line at the end.
+# minutes, latency from the API to Kafka, one batch of 1,000,000 records SIGKILLed
+# halfway and 100,000 records finishing out of order; one JSON line at the end.
 # Runs its own broker on BENCH_KAFKA_PORT and stops it; BENCH_ARGS are passed on (e.g.
 # --workdir DIR). tests/test_bench_smoke.py runs the same at toy sizes in `make test`.
 # ---------------------------------------------------------------------------

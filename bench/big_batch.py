@@ -274,7 +274,7 @@ async def _progress(
                 f"published {total(m, PUBLISHED):,.0f}, sweeps {total(m, SWEEPS):,.0f}, "
                 f"sweep pages {total(m, SWEEP_PAGES):,.0f}, "
                 f"sweep records {total(m, SWEEP_RECORDS):,.0f}, "
-                f"behind {total(m, 'rightfoot_poller_records_behind_count'):,.0f}"
+                f"behind {total(m, 'rightfoot_poller_records_behind'):,.0f}"
             )
     return watcher.result()
 
