@@ -2,8 +2,8 @@
 
 The simulator runs in its own process (``python -m service simulate``); the batches are
 created through its control API (``POST /_sim/batches``); each export runs as
-``python -m service export … -o FILE`` in another process, whose peak RSS is read from
-``wait4()`` when it exits. Streaming means the peak barely moves while the file grows
+``python -m service export … -o FILE`` in another process, whose peak RSS (VmHWM) is
+read from ``/proc`` until it exits. Streaming means the peak barely moves while the file grows
 a few hundred times.
 
     uv run python bench/export_memory.py [--small 1000] [--large 250000] [--keep DIR]
@@ -142,7 +142,7 @@ def run_export(
     timeout_s: float = 300.0,
     stdout: Path | None = None,
 ) -> ExportRun:
-    """``python -m service export`` in a child process; its own peak RSS from wait4()."""
+    """``python -m service export`` in a child process, and its own peak RSS."""
     command = [sys.executable, "-m", "service", "export", *batch_ids, "-o", output, *extra_args]
     env = clean_env(
         RFP_RIGHTFOOT__BASE_URL=base_url,
@@ -157,18 +157,46 @@ def run_export(
         timer = threading.Timer(timeout_s, process.kill)
         timer.start()
         try:
-            _, status, usage = os.wait4(process.pid, 0)
+            status, peak = _wait_peak_rss(process.pid)
         finally:
             timer.cancel()
         wall = time.monotonic() - started
         process.returncode = os.waitstatus_to_exitcode(status)
         err.seek(0)
         text = err.read().decode("utf-8", "replace")
-    # ru_maxrss is in KiB on Linux, in bytes on macOS
-    peak = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     match = _SUMMARY_RE.search(text)
     rows, size, seconds = (int(match[1]), int(match[2]), float(match[3])) if match else (0, 0, 0.0)
     return ExportRun(process.returncode, rows, size, seconds, wall, peak, text)
+
+
+def _vm_hwm(pid: int) -> int:
+    """The process's own peak RSS in bytes (VmHWM), 0 if it cannot be read."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _wait_peak_rss(pid: int) -> tuple[int, int]:
+    """Wait for the child; its wait status and peak RSS in bytes.
+
+    Read from /proc (VmHWM, which starts afresh at exec) until it exits: wait4()'s
+    ru_maxrss would also count the parent's memory, which the child carries from the
+    fork until its exec. Elsewhere than Linux, ru_maxrss it is.
+    """
+    peak = 0
+    while True:
+        done, status, usage = os.wait4(pid, os.WNOHANG)
+        if done:
+            if not sys.platform.startswith("linux"):
+                # ru_maxrss is in KiB on Linux, in bytes on macOS
+                peak = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+            return status, peak
+        peak = max(peak, _vm_hwm(pid))
+        time.sleep(0.02)
 
 
 def measure(small: int, large: int, directory: Path) -> dict[str, object]:
