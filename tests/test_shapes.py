@@ -88,12 +88,14 @@ async def test_records_that_finish_behind_the_cursor_are_all_published_once(
     assert found is not None and found > 0
 
 
-async def test_without_total_processed_a_full_read_finds_them_before_completion(
+@pytest.mark.parametrize("with_count", [True, False], ids=["expected_count", "no_count"])
+async def test_without_total_processed_full_reads_find_them(
     kafka: str,
     topics: Topics,
     sim_server: SimServer,
     reader: TopicReader,
     start_service: Any,
+    with_count: bool,
 ) -> None:
     sim = sim_server.sim
     batch = str(uuid.uuid4())
@@ -101,12 +103,14 @@ async def test_without_total_processed_a_full_read_finds_them_before_completion(
         batch, 900, spread_s=6.0, seed=60, order="submission", total_processed="absent"
     )
     await start_service(RFP_POLLING__COMPLETE_AFTER_IDLE_S="3", RFP_POLLING__SWEEP_INTERVAL_S="2")
-    await track(kafka, topics, batch)
+    await track(kafka, topics, batch, 900 if with_count else None)
     events = await final_events(reader, topics, [batch], timeout=90)
     assert_exactly_once(await reader.read_all(topics.balances), served_ids(sim, [batch]))
     (final,) = [e for e in events[batch] if e["event"] != "tracking_started"]
     assert final["event"] == "completed"
-    assert "full read" in final["reason"]
+    assert "total_processed" not in final
+    if not with_count:
+        assert "full read" in final["reason"]  # not completed on idleness alone
 
 
 async def test_a_count_that_never_reconciles_is_said_in_the_final_event(
