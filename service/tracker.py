@@ -182,6 +182,10 @@ class Tracker:
         self._auth_ok.set()
         self._backoff: set[str] = set()
         self.on_publish_failure: Callable[[int, BaseException], None] | None = None
+        # Gauges over every batch are computed when scraped, not on each poll.
+        metrics.tracked_batches.set_function(lambda: len(self._active()))
+        metrics.records_behind.set_function(lambda: sum(b.records_behind for b in self._active()))
+        metrics.batches_in_backoff.set_function(lambda: len(self._backoff))
 
     # ---- partitions -------------------------------------------------------------------
 
@@ -198,7 +202,6 @@ class Tracker:
                 else:
                     due = now + max(0.0, b.last_poll_at + self._window() - wall)
                 self._schedule(worker, b.batch_id, due)
-        self._update_gauges()
 
     async def remove_worker(self, partition: int, timeout: float) -> None:
         """Stop polling a partition's batches and close its publisher (revocation, shutdown)."""
@@ -217,7 +220,6 @@ class Tracker:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         await worker.publisher.close(timeout=max(0.1, timeout / 2))
-        self._update_gauges()
 
     def _publisher_failed(self, worker: PartitionWorker, exc: BaseException) -> None:
         if self.on_publish_failure is not None and not worker.closed:
@@ -287,7 +289,6 @@ class Tracker:
         log.info("tracking_started", batch_id=b.batch_id, expected_count=b.expected_count)
         fut = self._publish(w, [started, *self._state_msgs(b)], next_offset)
         self._schedule(w, b.batch_id, self.clock())
-        self._update_gauges()
         return fut
 
     def _stop(
@@ -376,11 +377,8 @@ class Tracker:
         head = self._next_due()
         return max(0.0, self.clock() - head[0]) if head else 0.0
 
-    def _update_gauges(self) -> None:
-        active = [b for w in self.workers.values() for b in w.batches.values() if b.active]
-        self.metrics.tracked_batches.set(len(active))
-        self.metrics.records_behind.set(sum(b.records_behind for b in active))
-        self.metrics.batches_in_backoff.set(len(self._backoff))
+    def _active(self) -> list[BatchState]:
+        return [b for w in self.workers.values() for b in w.batches.values() if b.active]
 
     # ---- polling ----------------------------------------------------------------------
 
@@ -400,12 +398,10 @@ class Tracker:
         finally:
             w.polls.pop(b.batch_id, None)
         if delay is None or w.closed or self._stopping:
-            self._update_gauges()
             return
         current = w.batches.get(b.batch_id)
         if current is not None and current.active and b.batch_id not in self._due:
             self._schedule(w, b.batch_id, max(self.clock(), due + delay))
-        self._update_gauges()
 
     async def _poll_batch(self, w: PartitionWorker, b: BatchState) -> float | None:
         """Poll once; return the delay to the next poll, or None if the batch finished."""
@@ -830,7 +826,6 @@ class Tracker:
         )
         if b.status not in RESUMABLE:
             b.seen = SeenSet()  # never needed again: a finished batch is not tracked again
-        self._update_gauges()
 
     def _commit_local(self, w: PartitionWorker, b: BatchState) -> None:
         if not w.closed:

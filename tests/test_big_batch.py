@@ -21,7 +21,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from conftest import SimServer, Topics, service_env
 from prometheus_client.parser import text_string_to_metric_families
-from test_shapes import track
+from test_durability import track
 
 from service.records import balance_event_id
 from service.state import CHUNK_FPS, MAX_SUMMARY_BYTES, parse_key

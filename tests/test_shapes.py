@@ -11,23 +11,15 @@ and the lifecycle events say what happened, gaps included.
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from typing import Any
 
 import pytest
-from conftest import SimServer, TopicReader, Topics, produce
+from conftest import SimServer, TopicReader, Topics
 from eventschema import validate_message
-from test_durability import assert_exactly_once, served_ids
+from test_durability import assert_exactly_once, served_ids, track
 
 pytestmark = [pytest.mark.kafka]
-
-
-async def track(kafka: str, topics: Topics, batch_id: str, count: int | None = None) -> None:
-    body: dict[str, Any] = {"batch_id": batch_id}
-    if count is not None:
-        body["expected_count"] = count
-    await produce(kafka, topics.requests, batch_id.encode(), json.dumps(body).encode())
 
 
 async def final_events(
