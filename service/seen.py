@@ -74,7 +74,3 @@ class SeenSet:
         merged.sort()
         self.sorted = array("Q", merged)
         self.recent = set()
-
-    def nbytes(self) -> int:
-        """About how much memory the fingerprints take."""
-        return self.sorted.itemsize * len(self.sorted) + 60 * len(self.recent)

@@ -61,12 +61,8 @@ MAX_REASON_CHARS = 1024
 MAX_SUMMARY_BYTES = 64 * 1024
 
 
-def pack_seen(seen: Iterable[int]) -> str:
-    """The inline form of versions 1 and 2 (kept to read and test them)."""
-    return base64.b64encode(_fp_bytes(array("Q", seen))).decode()
-
-
 def unpack_seen(text: str) -> array[int]:
+    """The inline fingerprints of versions 1 and 2 (base64 of 8-byte little-endian ints)."""
     return _fp_array(base64.b64decode(text, validate=True))
 
 
