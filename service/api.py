@@ -34,6 +34,10 @@ from service.errors import (
     ApiTransportError,
     ApiUnauthorized,
 )
+
+# Still importable from here while callers move to service.errors.
+from service.errors import ApiForbidden as ApiForbidden
+from service.errors import RequestAborted as RequestAborted
 from service.metrics import Metrics
 from service.pacing import RateLimiter, Sleep, backoff_delay
 from service.records import Page, parse_page
@@ -43,14 +47,6 @@ log = structlog.get_logger(__name__)
 MAX_BODY_BYTES = 16 * 1024 * 1024
 # A 429 asking for a longer wait than this ends the attempt; the batch is rescheduled.
 MAX_INLINE_RETRY_AFTER_S = 30.0
-
-
-class RequestAborted(ApiError):
-    """The caller withdrew before the request was sent."""
-
-
-class ApiForbidden(ApiError):
-    """403: this key may not read that batch."""
 
 
 class _ErrorDetail(BaseModel):

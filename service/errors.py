@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 
 class PollerError(Exception):
     """Root of every error this service raises on purpose."""
@@ -41,6 +43,10 @@ class ApiUnauthorized(ApiError):
     """401/403: the API key is missing, wrong or not allowed; retrying will not help."""
 
 
+class ApiForbidden(ApiError):
+    """403: this key may not read that batch."""
+
+
 class ApiNotFound(ApiError):
     """404: the batch does not exist (yet)."""
 
@@ -73,5 +79,52 @@ class ApiMalformedResponse(ApiError):
         return "malformed"
 
 
+class RequestAborted(ApiError):
+    """The caller withdrew before the request was sent."""
+
+
 class RequestRejected(PollerError, ValueError):
     """A tracking request (Kafka message or HTTP body) is not valid."""
+
+
+# --------------------------------------------------------------------------- Kafka
+
+
+class PublishFailed(PollerError):
+    """A unit of work was not committed; the partition restarts from its stored state."""
+
+
+class PartitionLost(PublishFailed):
+    """Another instance took over this partition (this producer was fenced)."""
+
+
+ConnectionErrorReason = Literal["authentication", "authorization", "tls", "unreachable"]
+CONNECTION_ERROR_REASONS: tuple[ConnectionErrorReason, ...] = (
+    "authentication",
+    "authorization",
+    "tls",
+    "unreachable",
+)
+
+
+class KafkaConnectionProblem(PollerError):
+    """The brokers cannot be used: ``reason`` is one of CONNECTION_ERROR_REASONS.
+
+    The message is meant for operators: it names the broker, the cause and the setting to
+    check, and never contains the SASL password.
+    """
+
+    def __init__(self, reason: ConnectionErrorReason, message: str) -> None:
+        super().__init__(message)
+        self.reason: ConnectionErrorReason = reason
+
+
+# --------------------------------------------------------------------------- export
+
+
+class ExportUsageError(PollerError, ValueError):
+    """The command line cannot be used as given (a bad batch ID, an unusable output path)."""
+
+
+class ExportWriteError(PollerError):
+    """The CSV could not be written (disk full, permission denied, closed pipe…)."""

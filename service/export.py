@@ -50,6 +50,8 @@ from service.errors import (
     ApiRateLimited,
     ApiServerError,
     ApiTransportError,
+    ExportUsageError,
+    ExportWriteError,
     PollerError,
 )
 from service.metrics import Metrics
@@ -71,14 +73,6 @@ _RETRYABLE = (ApiServerError, ApiTransportError, ApiRateLimited)
 
 #: ``progress(rows, bytes, elapsed_s)``, called after each chunk written.
 ProgressCallback = Callable[[int, int, float], None]
-
-
-class ExportUsageError(PollerError, ValueError):
-    """The command line cannot be used as given (a bad batch ID, an unusable output path)."""
-
-
-class ExportWriteError(PollerError):
-    """The CSV could not be written (disk full, permission denied, closed pipe…)."""
 
 
 @dataclass(frozen=True, slots=True)

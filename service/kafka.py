@@ -20,7 +20,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaProducer, TopicPartition
@@ -44,20 +44,17 @@ from aiokafka.helpers import create_ssl_context
 from aiokafka.partitioner import murmur2
 
 from service.config import KafkaConfig
-from service.errors import PollerError
+from service.errors import ConnectionErrorReason, PollerError
+
+# Still importable from here while callers move to service.errors.
+from service.errors import KafkaConnectionProblem as KafkaConnectionProblem
+from service.errors import PartitionLost as PartitionLost
+from service.errors import PublishFailed as PublishFailed
 from service.events import BalanceEvents, OutMessage, Publishable, message_count
 from service.metrics import Metrics
 from service.state import MAX_MESSAGE_BYTES
 
 log = structlog.get_logger(__name__)
-
-
-class PublishFailed(PollerError):
-    """A unit of work was not committed; the partition restarts from its stored state."""
-
-
-class PartitionLost(PublishFailed):
-    """Another instance took over this partition (this producer was fenced)."""
 
 
 def canonical_partition(batch_id: str, partitions: int) -> int:
@@ -113,13 +110,6 @@ def client_args(cfg: KafkaConfig, client_id: str) -> dict[str, Any]:
     return args
 
 
-ConnectionErrorReason = Literal["authentication", "authorization", "tls", "unreachable"]
-CONNECTION_ERROR_REASONS: tuple[ConnectionErrorReason, ...] = (
-    "authentication",
-    "authorization",
-    "tls",
-    "unreachable",
-)
 _AUTHENTICATION_ERRORS = (
     SaslAuthenticationFailed,
     AuthenticationFailedError,
@@ -133,18 +123,6 @@ _AUTHORIZATION_ERRORS = (
     ClusterAuthorizationFailedError,
     TransactionalIdAuthorizationFailed,
 )
-
-
-class KafkaConnectionProblem(PollerError):
-    """The brokers cannot be used: ``reason`` is one of CONNECTION_ERROR_REASONS.
-
-    The message is meant for operators: it names the broker, the cause and the setting to
-    check, and never contains the SASL password.
-    """
-
-    def __init__(self, reason: ConnectionErrorReason, message: str) -> None:
-        super().__init__(message)
-        self.reason: ConnectionErrorReason = reason
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
@@ -375,8 +353,10 @@ class PartitionPublisher:
         producer: AIOKafkaProducer,
         transactional: bool,
         commit_offsets: OffsetCommitter,
+        owns_producer: bool = False,
     ) -> None:
         self.partition = partition
+        self.owns_producer = owns_producer  # stopped on close (a transactional producer)
         self.cfg = cfg
         self.metrics = metrics
         self.producer = producer
@@ -415,6 +395,9 @@ class PartitionPublisher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self._fail_pending(PublishFailed("publisher closed"))
+        if self.owns_producer:
+            with contextlib.suppress(Exception):
+                await self.producer.stop()
 
     async def _drained(self) -> None:
         await self._queue.join()

@@ -33,17 +33,18 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestServer
 
-from service.api import ApiForbidden, ApiKey, RightfootClient
+from service.api import ApiKey, RightfootClient
 from service.config import Settings, load_settings
 from service.errors import (
     ApiBadRequest,
+    ApiForbidden,
     ApiMalformedResponse,
     ApiTransportError,
     ApiUnauthorized,
+    ExportUsageError,
 )
 from service.export import (
     CsvRowCounter,
-    ExportUsageError,
     ProgressPrinter,
     download_export,
     export_csv,

@@ -18,8 +18,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from service import __version__
-from service.errors import RequestRejected
-from service.kafka import CONNECTION_ERROR_REASONS
+from service.errors import CONNECTION_ERROR_REASONS, RequestRejected
 from service.metrics import (
     API_CODES,
     API_ENDPOINTS,

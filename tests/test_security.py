@@ -48,9 +48,9 @@ from pydantic import SecretStr
 from service.api import ApiKey, RightfootClient
 from service.app import PollerService
 from service.config import KafkaConfig, load_settings
-from service.errors import ApiTransportError, ConfigError
+from service.errors import ApiTransportError, ConfigError, KafkaConnectionProblem
 from service.http_api import HttpApi, MalformedRequestLogFilter
-from service.kafka import KafkaConnectionProblem, client_args, probe_brokers
+from service.kafka import client_args, probe_brokers
 from service.metrics import Metrics
 from service.pacing import RateLimiter
 from service.simulator import Simulator, build_app
