@@ -14,7 +14,6 @@ import random
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +38,9 @@ from service.errors import (
 from service.errors import ApiForbidden as ApiForbidden
 from service.errors import RequestAborted as RequestAborted
 from service.metrics import Metrics
-from service.pacing import RateLimiter, Sleep, backoff_delay
+from service.pacing import RateLimiter, Sleep
 from service.records import Page, parse_page
+from service.retry import RetryPolicy, retrying
 
 log = structlog.get_logger(__name__)
 
@@ -135,14 +135,6 @@ class ApiKey:
             log.warning("api_key_file_unreadable", error=exc.strerror)
 
 
-@dataclass(slots=True)
-class Attempts:
-    """How many attempts one logical request may make, and what happened."""
-
-    max_attempts: int
-    made: int = 0
-
-
 class RightfootClient:
     def __init__(
         self,
@@ -160,8 +152,9 @@ class RightfootClient:
         self.api_key = api_key
         self.limiter = limiter
         self.user_agent = user_agent(instance_id)
-        self._rng = rng or random.Random()
-        self._sleep = sleep
+        self.rng = rng or random.Random()
+        self.sleep = sleep
+        self.retry_policy = RetryPolicy.from_config(cfg, max_retry_after_s=MAX_INLINE_RETRY_AFTER_S)
         self._sem = asyncio.Semaphore(cfg.max_concurrent_requests)
         self._session: aiohttp.ClientSession | None = None
         self._base = cfg.base_url.rstrip("/")
@@ -231,26 +224,19 @@ class RightfootClient:
         params: dict[str, str] | list[tuple[str, str]],
         stop: Callable[[], bool] | None = None,
     ) -> bytes:
-        failures = 0
-        while True:
+        """One GET, retried as ``retry_policy`` says; ``stop`` is asked before every attempt."""
+
+        async def attempt() -> bytes:
             if stop is not None and stop():
                 raise RequestAborted("stopped before sending the request")
-            try:
-                return await self._get_once(endpoint, path, params)
-            except (ApiServerError, ApiTransportError, ApiRateLimited) as exc:
-                failures += 1
-                if failures >= self.cfg.max_attempts:
-                    raise
-                delay = backoff_delay(
-                    failures, self.cfg.backoff_base_s, self.cfg.backoff_max_s, self._rng
-                )
-                if isinstance(exc, ApiRateLimited):
-                    wait = exc.retry_after if exc.retry_after is not None else delay
-                    if wait > MAX_INLINE_RETRY_AFTER_S:
-                        raise
-                    delay = max(delay, wait)
-                log.info("api_retry", endpoint=endpoint, error=str(exc), delay_s=round(delay, 3))
-                await self._sleep(delay)
+            return await self._get_once(endpoint, path, params)
+
+        def on_retry(exc: ApiError, _failures: int, delay: float) -> None:
+            log.info("api_retry", endpoint=endpoint, error=str(exc), delay_s=round(delay, 3))
+
+        return await retrying(
+            attempt, self.retry_policy, rng=self.rng, sleep=self.sleep, on_retry=on_retry
+        )
 
     async def _get_once(
         self, endpoint: str, path: str, params: dict[str, str] | list[tuple[str, str]]
@@ -271,9 +257,7 @@ class RightfootClient:
                     return body
                 retry_after = parse_retry_after(resp.headers.get("Retry-After"))
                 if resp.status == 429:
-                    self.limiter.pause_until(
-                        time.monotonic() + (retry_after if retry_after is not None else 1.0)
-                    )
+                    self.rate_limited(retry_after)
                 raise error_from_response(resp.status, body, retry_after)
         except TimeoutError:
             code = "timeout"
@@ -286,6 +270,12 @@ class RightfootClient:
         finally:
             self.metrics.api_requests.labels(endpoint, code).inc()
             self.metrics.api_duration.labels(endpoint).observe(time.perf_counter() - started)
+
+    def rate_limited(self, retry_after: float | None) -> None:
+        """A 429 applies to the whole API key: hold every request of this client back."""
+        self.limiter.pause_until(
+            time.monotonic() + (retry_after if retry_after is not None else 1.0)
+        )
 
     async def _read_body(self, resp: aiohttp.ClientResponse) -> bytes:
         if resp.content_length is not None and resp.content_length > MAX_BODY_BYTES:

@@ -10,8 +10,9 @@ rate limiter and metrics, endpoint label ``export``).
   fsynced and renamed over the target only once complete. On any failure
   (HTTP error, connection dropped mid-body, disk error, cancellation) the
   temporary file is removed and an existing target is left as it was.
-* 5xx, 429, timeouts and connection errors are retried with the poller's
-  backoff policy, ``rightfoot.max_attempts`` attempts in all. The CSV has no
+* 5xx, 429, timeouts and connection errors are retried by the poller's own
+  retry loop (service/retry.py), ``rightfoot.max_attempts`` attempts in all; a
+  429 may ask for a wait up to ``rightfoot.backoff_max_s``. The CSV has no
   resume: a download that fails after its body started is restarted from
   scratch into a fresh temporary file (to stdout, only while nothing has been
   written yet).
@@ -47,15 +48,14 @@ from service.config import Settings
 from service.errors import (
     ApiError,
     ApiMalformedResponse,
-    ApiRateLimited,
-    ApiServerError,
     ApiTransportError,
     ExportUsageError,
     ExportWriteError,
     PollerError,
 )
 from service.metrics import Metrics
-from service.pacing import RateLimiter, backoff_delay
+from service.pacing import RateLimiter
+from service.retry import RetryPolicy, retrying
 
 log = structlog.get_logger(__name__)
 
@@ -69,7 +69,6 @@ EXIT_USAGE = 2
 _UUID_RE = re.compile(
     r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 )
-_RETRYABLE = (ApiServerError, ApiTransportError, ApiRateLimited)
 
 #: ``progress(rows, bytes, elapsed_s)``, called after each chunk written.
 ProgressCallback = Callable[[int, int, float], None]
@@ -343,28 +342,26 @@ async def download_export(
 ) -> ExportResult:
     """:func:`export_csv` without validating the batch IDs: the API judges them."""
     output: _Output = _StreamOutput(sys.stdout.buffer) if dest is None else _FileOutput(dest)
-    cfg = client.cfg
-    rng = rng or random.Random()
+    # A 429 may ask for no longer a wait than the backoff's own cap.
+    policy = RetryPolicy.from_config(client.cfg, max_retry_after_s=client.cfg.backoff_max_s)
     started = time.monotonic()
-    failures = 0
-    while True:
-        try:
-            rows, size = await _attempt(client, batch_ids, output, progress, started)
-            return ExportResult(rows=rows, bytes=size, seconds=time.monotonic() - started)
-        except _RETRYABLE as exc:
-            failures += 1
-            if failures >= cfg.max_attempts:
-                raise _gave_up(exc, f"gave up after {failures} attempts") from None
-            if not output.restartable:
-                raise _gave_up(exc, "the output on stdout is incomplete") from None
-            delay = backoff_delay(failures, cfg.backoff_base_s, cfg.backoff_max_s, rng)
-            if isinstance(exc, ApiRateLimited):
-                wait = exc.retry_after if exc.retry_after is not None else delay
-                if wait > cfg.backoff_max_s:
-                    raise _gave_up(exc, f"Retry-After of {wait:.0f} s is too long") from None
-                delay = max(delay, wait)
-            log.info("export_retry", error=str(exc), attempt=failures, delay_s=round(delay, 3))
-            await asyncio.sleep(delay)
+
+    def blocker() -> str | None:
+        return None if output.restartable else "the output on stdout is incomplete"
+
+    def on_retry(exc: ApiError, failures: int, delay: float) -> None:
+        log.info("export_retry", error=str(exc), attempt=failures, delay_s=round(delay, 3))
+
+    rows, size = await retrying(
+        lambda: _attempt(client, batch_ids, output, progress, started),
+        policy,
+        rng=rng or client.rng,
+        sleep=client.sleep,
+        blocker=blocker,
+        on_retry=on_retry,
+        give_up=_gave_up,
+    )
+    return ExportResult(rows=rows, bytes=size, seconds=time.monotonic() - started)
 
 
 def _gave_up(exc: ApiError, why: str) -> ApiError:
@@ -457,9 +454,7 @@ async def _error_response(client: RightfootClient, resp: aiohttp.ClientResponse)
             break
     retry_after = parse_retry_after(resp.headers.get("Retry-After"))
     if resp.status == 429:
-        client.limiter.pause_until(
-            time.monotonic() + (retry_after if retry_after is not None else 1.0)
-        )
+        client.rate_limited(retry_after)
     return error_from_response(resp.status, bytes(body), retry_after)
 
 

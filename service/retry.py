@@ -1,0 +1,121 @@
+"""The one retry loop for a request to the API, used by the poller's client and the export.
+
+Bounded attempts; exponential backoff with jitter (``pacing.backoff_delay``) on 5xx,
+timeouts and connection errors; a 429 waits at least its ``Retry-After``, unless that is
+longer than the caller is willing to wait inline. Anything else propagates at once.
+
+The decision is a plain function of plain values (:meth:`RetryPolicy.next_delay`);
+:func:`retrying` is the thin loop around one attempt. Randomness and sleep are injected,
+so both are tested without sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from service.config import RightfootConfig
+from service.errors import ApiError, ApiRateLimited, ApiServerError, ApiTransportError
+from service.pacing import Sleep, backoff_delay
+
+T = TypeVar("T")
+
+#: Failures worth another attempt: 5xx, 429, timeouts and connection errors.
+RETRYABLE: tuple[type[ApiError], ...] = (ApiServerError, ApiTransportError, ApiRateLimited)
+
+#: ``on_retry(error, failures, delay_s)``: called before each wait (logging, metrics).
+OnRetry = Callable[[ApiError, int, float], None]
+#: ``give_up(error, reason)``: the exception to raise instead of the last error.
+OnGiveUp = Callable[[ApiError, str], BaseException]
+
+
+def transient(exc: ApiError) -> bool:
+    """The default classification: retry 5xx, 429, timeouts and connection errors."""
+    return isinstance(exc, RETRYABLE)
+
+
+@dataclass(frozen=True, slots=True)
+class GiveUp:
+    """No further attempt; ``reason`` says why, for the caller's message."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How many attempts one request may make, and how long to wait between them."""
+
+    max_attempts: int
+    backoff_base_s: float
+    backoff_max_s: float
+    #: A 429 asking for a longer wait than this ends the retries.
+    max_retry_after_s: float
+
+    @classmethod
+    def from_config(cls, cfg: RightfootConfig, *, max_retry_after_s: float) -> RetryPolicy:
+        return cls(
+            max_attempts=cfg.max_attempts,
+            backoff_base_s=cfg.backoff_base_s,
+            backoff_max_s=cfg.backoff_max_s,
+            max_retry_after_s=max_retry_after_s,
+        )
+
+    def next_delay(self, failures: int, exc: ApiError, rng: random.Random) -> float | GiveUp:
+        """The wait before the next attempt, after ``failures`` failed ones (the last: ``exc``).
+
+        Backoff with jitter, at most ``backoff_max_s``; for a 429, at least its Retry-After
+        (the backoff when it sent none), which may be longer than ``backoff_max_s`` but not
+        than ``max_retry_after_s``.
+        """
+        if failures >= self.max_attempts:
+            return GiveUp(f"gave up after {failures} attempts")
+        delay = backoff_delay(failures, self.backoff_base_s, self.backoff_max_s, rng)
+        if isinstance(exc, ApiRateLimited):
+            wait = exc.retry_after if exc.retry_after is not None else delay
+            if wait > self.max_retry_after_s:
+                return GiveUp(f"Retry-After of {wait:.0f} s is too long")
+            delay = max(delay, wait)
+        return delay
+
+
+async def retrying(
+    attempt: Callable[[], Awaitable[T]],
+    policy: RetryPolicy,
+    *,
+    rng: random.Random,
+    sleep: Sleep = asyncio.sleep,
+    retryable: Callable[[ApiError], bool] = transient,
+    blocker: Callable[[], str | None] | None = None,
+    on_retry: OnRetry | None = None,
+    give_up: OnGiveUp | None = None,
+) -> T:
+    """``await attempt()`` until it returns, retrying as ``policy`` says.
+
+    An ApiError that ``retryable`` refuses, and any other exception, propagates at once.
+    After a retryable failure, ``blocker`` (if given) may name a reason why no new attempt
+    can be made (an output that cannot be restarted). When retrying ends, the last error
+    is raised as it is, or ``give_up(error, reason)`` is raised instead when given.
+    """
+    failures = 0
+    while True:
+        try:
+            return await attempt()
+        except ApiError as exc:
+            if not retryable(exc):
+                raise
+            failures += 1
+            step = policy.next_delay(failures, exc, rng)
+            if not isinstance(step, GiveUp) and blocker is not None:
+                reason = blocker()
+                if reason is not None:
+                    step = GiveUp(reason)
+            if isinstance(step, GiveUp):
+                if give_up is None:
+                    raise
+                raise give_up(exc, step.reason) from None
+            if on_retry is not None:
+                on_retry(exc, failures, step)
+        await sleep(step)
