@@ -155,7 +155,8 @@ class RightfootClient:
         self.rng = rng or random.Random()
         self.sleep = sleep
         self.retry_policy = RetryPolicy.from_config(cfg, max_retry_after_s=MAX_INLINE_RETRY_AFTER_S)
-        self._sem = asyncio.Semaphore(cfg.max_concurrent_requests)
+        # Every request of this client holds one of these while in flight, the export's too.
+        self.concurrency = asyncio.Semaphore(cfg.max_concurrent_requests)
         self._session: aiohttp.ClientSession | None = None
         self._base = cfg.base_url.rstrip("/")
 
@@ -246,7 +247,7 @@ class RightfootClient:
         code = "error"
         try:
             async with (
-                self._sem,
+                self.concurrency,
                 self.session.get(
                     self._base + path, params=params, headers=self._auth_headers()
                 ) as resp,
@@ -289,6 +290,6 @@ class RightfootClient:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    # Used by the CSV export (service/export.py).
+    # Used by the CSV export (service/export.py), with limiter and concurrency.
     def request_args(self) -> dict[str, Any]:
         return {"headers": self._auth_headers()}

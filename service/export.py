@@ -2,7 +2,8 @@
 
 ``GET <base_url><export_path>?batch_ids=<id>&batch_ids=<id>`` through the same
 :class:`RightfootClient` the poller uses (its session, User-Agent, API key,
-rate limiter and metrics, endpoint label ``export``).
+rate limiter, concurrency limit and metrics, endpoint label ``export``): a
+download holds one of ``rightfoot.max_concurrent_requests`` slots while it runs.
 
 * Every batch ID is checked to be a UUID before any request is made.
 * The body is streamed to disk in 64 KiB chunks, never held in memory, into a
@@ -390,7 +391,10 @@ async def _attempt(
     code = "error"
     begun = False
     try:
-        async with client.session.get(url, params=params, headers=headers, timeout=timeout) as resp:
+        async with (
+            client.concurrency,
+            client.session.get(url, params=params, headers=headers, timeout=timeout) as resp,
+        ):
             code = str(resp.status)
             if resp.status != 200:
                 raise await _error_response(client, resp)

@@ -31,6 +31,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from service.api import ApiKey, RightfootClient
@@ -568,6 +569,106 @@ async def test_connection_refused_is_retried_then_reported(
     assert err.endswith("(gave up after 2 attempts)")
     assert KEY not in err
     assert listing(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- shared limits
+
+
+class CountingApi:
+    """A tiny API that holds each request a moment and notes how many it serves at once."""
+
+    def __init__(self, hold_s: float = 0.2) -> None:
+        self.hold_s = hold_s
+        self.in_flight = 0
+        self.peak = 0
+        self.paths: list[str] = []
+        self.app = web.Application()
+        self.app.router.add_get("/v1/balances", self.page)
+        self.app.router.add_get("/v1/balances/export", self.export)
+
+    def _enter(self, request: web.Request) -> None:
+        self.paths.append(request.path)
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+
+    async def page(self, request: web.Request) -> web.Response:
+        self._enter(request)
+        try:
+            await asyncio.sleep(self.hold_s)
+            return web.json_response({"batch_id": BATCH, "balances": [], "has_more": False})
+        finally:
+            self.in_flight -= 1
+
+    async def export(self, request: web.Request) -> web.StreamResponse:
+        self._enter(request)
+        try:
+            resp = web.StreamResponse(headers={"Content-Type": "text/csv; charset=utf-8"})
+            await resp.prepare(request)
+            await resp.write(b"Authorizer ID,Batch ID\r\n")
+            await asyncio.sleep(self.hold_s)
+            await resp.write(f"1000001,{BATCH}\r\n".encode())
+            return resp
+        finally:
+            self.in_flight -= 1
+
+
+@pytest.fixture
+async def counting_api() -> AsyncIterator[tuple[CountingApi, str]]:
+    api = CountingApi()
+    server = TestServer(api.app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield api, str(server.make_url("")).rstrip("/")
+    finally:
+        await server.close()
+
+
+@pytest.mark.parametrize("limit", [1, 2])
+async def test_the_export_takes_the_clients_concurrency_limit(
+    counting_api: tuple[CountingApi, str], tmp_path: Path, limit: int
+) -> None:
+    """A page fetch and an export at once: never more requests in flight than the limit
+    (with a limit of 2 the server does see both at once, so the check can fail)."""
+    api, url = counting_api
+    client = make_client(make_settings(url, RFP_RIGHTFOOT__MAX_CONCURRENT_REQUESTS=str(limit)))
+    await client.start()
+    try:
+        page, result = await asyncio.gather(
+            client.fetch_page(BATCH, None), export_csv(client, [BATCH], tmp_path / "x.csv")
+        )
+    finally:
+        await client.close()
+    assert page.records == [] and result.rows == 1
+    assert sorted(api.paths) == ["/v1/balances", "/v1/balances/export"]
+    assert api.peak == limit
+
+
+async def test_the_export_waits_its_turn_at_the_clients_rate_ceiling(
+    counting_api: tuple[CountingApi, str], tmp_path: Path
+) -> None:
+    api, url = counting_api
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    settings = make_settings(url)
+    client = RightfootClient(
+        settings.rightfoot,
+        instance_id=settings.instance_id,
+        metrics=Metrics(),
+        api_key=ApiKey(KEY),
+        limiter=RateLimiter(2.0, clock=lambda: 100.0, sleep=sleep),  # one request per 0.5 s
+    )
+    await client.start()
+    try:
+        await client.fetch_page(BATCH, None)
+        assert waits == []
+        await export_csv(client, [BATCH], tmp_path / "x.csv")
+    finally:
+        await client.close()
+    assert waits == [0.5]
+    assert api.paths == ["/v1/balances", "/v1/balances/export"]
 
 
 # --------------------------------------------------------------------------- broken bodies
