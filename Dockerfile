@@ -32,9 +32,11 @@ RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev --no-install-project
 
 # 2. The project itself, installed into site-packages (not editable: the source tree
-#    stays behind in this stage).
+#    stays behind in this stage). rightfoot_simulator is the API simulator behind
+#    `rightfoot-poller simulate`; the service never imports it.
 COPY pyproject.toml uv.lock README.md ./
 COPY service/ ./service/
+COPY rightfoot_simulator/ ./rightfoot_simulator/
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev --no-editable
 

@@ -17,15 +17,15 @@ install: tools-uv
 	$(UV) sync --frozen
 
 lint: install
-	$(UV) run --frozen ruff check service tests bench scripts examples
-	$(UV) run --frozen ruff format --check service tests bench scripts examples
+	$(UV) run --frozen ruff check service rightfoot_simulator tests bench scripts examples
+	$(UV) run --frozen ruff format --check service rightfoot_simulator tests bench scripts examples
 
 format: install
-	$(UV) run --frozen ruff format service tests bench scripts examples
-	$(UV) run --frozen ruff check --fix service tests bench scripts examples
+	$(UV) run --frozen ruff format service rightfoot_simulator tests bench scripts examples
+	$(UV) run --frozen ruff check --fix service rightfoot_simulator tests bench scripts examples
 
 typecheck: install
-	$(UV) run --frozen mypy service
+	$(UV) run --frozen mypy service rightfoot_simulator
 
 # Pure logic only; no broker needed.
 unit: install

@@ -6,7 +6,8 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import yaml
 from aiokafka.errors import KafkaError
@@ -15,6 +16,30 @@ from service import __version__
 from service.config import Settings, load_settings
 from service.errors import ConfigError, PollerError, RequestRejected
 from service.logs import configure_logging
+
+
+class _Subcommand(argparse.ArgumentParser):
+    """A subcommand's parser whose arguments may be added only when it is the one used.
+
+    ``simulate`` takes its options from ``rightfoot_simulator``, which is not part of the
+    service and must not be loaded by any other command: they are added when ``simulate``
+    is parsed (``rightfoot-poller simulate --help`` included), not when the parser is built.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._add_arguments = add_arguments
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        if self._add_arguments is not None:
+            add, self._add_arguments = self._add_arguments, None
+            add(self)
+        return super().parse_known_args(args, namespace)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -69,8 +94,15 @@ def _cmd_track(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_simulate_arguments(p: argparse.ArgumentParser) -> None:
+    from rightfoot_simulator import add_simulate_arguments
+
+    add_simulate_arguments(p)
+    p.add_argument("--log-level", default="INFO")
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from service.simulator import simulate_main
+    from rightfoot_simulator import simulate_main
 
     configure_logging(level=args.log_level, fmt="json")
     return asyncio.run(simulate_main(args))
@@ -90,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Poll Rightfoot balance batches and publish every record to Kafka.",
     )
     parser.add_argument("--version", action="version", version=f"rightfoot-poller {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Subcommand)
 
     p = sub.add_parser("run", help="run the service")
     _add_config(p)
@@ -109,11 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("simulate", help="run a local Rightfoot API simulator")
-    from service.simulator import add_simulate_arguments
-
-    add_simulate_arguments(p)
-    p.add_argument("--log-level", default="INFO")
+    p = sub.add_parser(
+        "simulate",
+        help="run a local Rightfoot API simulator",
+        add_arguments=_add_simulate_arguments,
+    )
     p.set_defaults(func=_cmd_simulate)
 
     p = sub.add_parser("check-config", help="print the effective configuration, secrets masked")

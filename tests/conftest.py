@@ -23,9 +23,9 @@ import pytest
 from aiohttp.test_utils import TestServer
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from rightfoot_simulator import Simulator, build_app
 from service.app import PollerService
 from service.config import Settings, load_settings
-from service.simulator import Simulator, build_app
 
 ROOT = Path(__file__).resolve().parent.parent
 KAFKA_PORT = int(os.environ.get("KAFKA_TEST_PORT", "19092"))

@@ -13,6 +13,7 @@ from urllib.parse import parse_qs
 import pytest
 from aiohttp.test_utils import TestServer
 
+from rightfoot_simulator import Simulator, build_app
 from service import __version__
 from service.api import ApiKey, RightfootClient
 from service.config import RightfootConfig
@@ -28,7 +29,6 @@ from service.errors import (
 )
 from service.metrics import Metrics
 from service.pacing import RateLimiter
-from service.simulator import Simulator, build_app
 
 KEY = "rf_test_key_5f1d0c9e8b7a6d5c4b3a"
 INSTANCE = "poller-test-0"

@@ -172,6 +172,9 @@ def test_dockerfile_installs_locked_dependencies_then_project_and_runs_unprivile
     source = next(i for i, line in enumerate(instructions) if line.startswith("COPY service/"))
     project = next(i for i, line in enumerate(instructions) if "--no-editable" in line)
     assert deps < source < project
+    # the simulator behind `rightfoot-poller simulate` is a package of its own
+    simulator = instructions.index("COPY rightfoot_simulator/ ./rightfoot_simulator/")
+    assert deps < simulator < project
     assert "uv sync --frozen --no-dev --no-install-project" in instructions[deps]
     assert "--mount=type=cache" in instructions[deps]
     runtime = instructions[instructions.index(froms[1]) :]
@@ -214,9 +217,17 @@ def test_dockerignore_keeps_the_context_to_what_the_image_needs() -> None:
         "helm/rightfoot-poller/values.yaml",
         ".env",
         "service/__pycache__/app.cpython-311.pyc",
+        "rightfoot_simulator/__pycache__/api.cpython-311.pyc",
     ):
         assert dockerignored(path, patterns), f"{path} would be sent to the docker build"
-    for path in ("pyproject.toml", "uv.lock", "README.md", "config.yaml", "service/app.py"):
+    for path in (
+        "pyproject.toml",
+        "uv.lock",
+        "README.md",
+        "config.yaml",
+        "service/app.py",
+        "rightfoot_simulator/server.py",
+    ):
         assert not dockerignored(path, patterns), f"{path} is needed by the Dockerfile"
 
 

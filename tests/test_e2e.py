@@ -29,8 +29,8 @@ from conftest import (
 )
 from eventschema import validate_message
 
+from rightfoot_simulator import DEMO_CODES_BATCH_ID, DEMO_MISSING_BATCH_ID, SimRecord
 from service.records import balance_event_id, status_name
-from service.simulator import DEMO_CODES_BATCH_ID, DEMO_MISSING_BATCH_ID, SimRecord
 
 pytestmark = pytest.mark.kafka
 

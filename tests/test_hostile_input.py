@@ -20,8 +20,8 @@ import aiohttp
 import pytest
 from conftest import ADMIN_TOKEN, SimServer, TopicReader, Topics, wait_for
 
+from rightfoot_simulator import SimRecord
 from service.records import BalanceRecord, parse_record
-from service.simulator import SimRecord
 
 pytestmark = pytest.mark.kafka
 

@@ -53,7 +53,7 @@ from conftest import (
     service_env,
 )
 
-from service.simulator import SimRecord, Simulator, build_app
+from rightfoot_simulator import SimRecord, Simulator, build_app
 
 pytestmark = pytest.mark.kafka
 

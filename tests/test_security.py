@@ -45,6 +45,7 @@ from conftest import (
 from prometheus_client import generate_latest
 from pydantic import SecretStr
 
+from rightfoot_simulator import Simulator, build_app
 from service.api import ApiKey, RightfootClient
 from service.app import PollerService
 from service.config import KafkaConfig, load_settings
@@ -53,7 +54,6 @@ from service.http_api import HttpApi, MalformedRequestLogFilter
 from service.kafka import client_args, probe_brokers
 from service.metrics import Metrics
 from service.pacing import RateLimiter
-from service.simulator import Simulator, build_app
 
 SASL_USERS = {"alice": "alice-Scram-0a9b8c7d6e", "bob": "bob-Plain-5f4e3d2c1b"}
 WRONG_PASSWORD = "not-the-password-3141592653"

@@ -10,17 +10,21 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from service.simulator import (
+from rightfoot_simulator import (
     DEMO_CODES_BATCH_ID,
     DEMO_LARGE_BATCH_ID,
     DEMO_LATE_BATCH_ID,
@@ -28,6 +32,7 @@ from service.simulator import (
     DEMO_MISSING_BATCH_ID,
     DOCUMENTED_STATUS_CODES,
     EXPORT_COLUMNS,
+    PageRequest,
     SimRecord,
     Simulator,
     add_simulate_arguments,
@@ -36,6 +41,7 @@ from service.simulator import (
     simulate_main,
 )
 
+ROOT = Path(__file__).resolve().parent.parent
 KEY = "sim-key"
 BATCH = "11111111-2222-4333-8444-555555555555"
 OTHER = "99999999-8888-4777-8666-555555555555"
@@ -712,3 +718,159 @@ async def test_simulate_main_stops_on_sigterm() -> None:
     assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # else SIGTERM kills pytest
     os.kill(os.getpid(), signal.SIGTERM)
     assert await asyncio.wait_for(task, timeout=10) == 0
+
+
+# --------------------------------------------------------------------------- page-request hook
+
+
+async def test_the_page_request_hook_sees_batch_token_cursor_and_sequence(api: Api) -> None:
+    api.sim.generate_batch(BATCH, 250)
+    api.sim.add_batch(OTHER, [record("x", at=2), record("y", at=1)], order="submission")
+    api.clock.advance(5)
+    seen: list[PageRequest] = []
+    api.sim.on_page_request = seen.append  # a plain function: nothing to wait for
+
+    pages = [await api.page(BATCH, limit="100")]
+    while pages[-1]["has_more"]:
+        pages.append(await api.page(BATCH, limit="100", nextPageToken=pages[-1]["next_page_token"]))
+    await api.page(BATCH, limit="100")  # a re-read from the first page
+    tokens = [p["next_page_token"] for p in pages[:-1]]
+    assert seen == [
+        PageRequest(BATCH, None, None, 0, 100, 1, "pod-a"),
+        PageRequest(BATCH, tokens[0], 100, 100, 100, 2, "pod-a"),
+        PageRequest(BATCH, tokens[1], 200, 200, 100, 3, "pod-a"),
+        PageRequest(BATCH, None, None, 0, 100, 4, "pod-a"),
+    ]
+
+    # Submission order: the cursor is the position of the last record listed, not an offset.
+    first = await api.page(OTHER, limit="1")
+    await api.page(OTHER, limit="1", nextPageToken=first["next_page_token"])
+    assert seen[-2:] == [
+        PageRequest(OTHER, None, None, 0, 1, 1, "pod-a"),
+        PageRequest(OTHER, first["next_page_token"], 0, None, 1, 2, "pod-a"),
+    ]
+
+    # Requests that are not answered with a page never reach it, nor count.
+    await api.get("/v1/balances", {"batchId": BATCH}, key="wrong-key")  # 401
+    await api.get("/v1/balances", {"batchId": BATCH, "limit": "0"})  # 400
+    await api.get("/v1/balances", {"batchId": DEMO_MISSING_BATCH_ID})  # 404
+    await api.get("/v1/balances", {"batchId": BATCH, "nextPageToken": "garbage"})  # 400
+    api.sim.faults.error_5xx_next = 1
+    await api.get("/v1/balances", {"batchId": BATCH})  # 500
+    await api.get("/v1/balances/export", [("batch_ids", BATCH)])  # not a page
+    assert len(seen) == 6
+    response, _ = await api.get("/v1/balances", {"batchId": BATCH})
+    assert response.status == 200
+    assert seen[-1].sequence == 5
+    async with api.session.get(
+        api.server.make_url("/v1/balances"),
+        params={"batchId": BATCH},
+        headers={"Authorization": f"Bearer {KEY}", "User-Agent": "curl/8.0"},
+    ) as anonymous:
+        assert anonymous.status == 200
+    assert (seen[-1].instance, seen[-1].sequence) == (None, 6)
+
+
+async def test_an_awaiting_page_request_hook_holds_the_response(api: Api) -> None:
+    api.sim.add_batch(BATCH, [record("a", at=0), record("b", at=10)])
+    called, release = asyncio.Event(), asyncio.Event()
+
+    async def hold(page_request: PageRequest) -> None:
+        called.set()
+        await release.wait()
+
+    api.sim.on_page_request = hold
+    response = asyncio.create_task(api.get("/v1/balances", {"batchId": BATCH}))
+    await asyncio.wait_for(called.wait(), timeout=5)
+    await asyncio.sleep(0.2)
+    assert not response.done()
+    assert api.sim.request_log == []  # still outstanding
+    api.clock.advance(10)  # "b" appears while the page is held: the page shows it
+    release.set()
+    answer, text = await asyncio.wait_for(response, timeout=5)
+    assert answer.status == 200
+    body = json.loads(text)
+    assert body["total_processed"] == 2
+    assert [b["authorizer_unique_id"] for b in body["balances"]] == ["a", "b"]
+    assert [e.status for e in api.sim.request_log] == [200]
+
+
+async def test_without_a_page_request_hook_pages_are_unchanged(api: Api) -> None:
+    api.sim.generate_batch(BATCH, 150)
+    params = {"batchId": BATCH, "limit": "100"}
+    _, plain = await api.get("/v1/balances", params)
+    token = json.loads(plain)["next_page_token"]
+    _, plain_next = await api.get("/v1/balances", {**params, "nextPageToken": token})
+
+    async def nothing(page_request: PageRequest) -> None:
+        return None
+
+    for hook in (lambda page_request: None, nothing):
+        api.sim.on_page_request = hook
+        assert (await api.get("/v1/balances", params))[1] == plain
+        assert (await api.get("/v1/balances", {**params, "nextPageToken": token}))[1] == plain_next
+    api.sim.on_page_request = None
+    assert (await api.get("/v1/balances", params))[1] == plain
+
+
+async def test_a_failing_page_request_hook_answers_500(api: Api) -> None:
+    api.sim.generate_batch(BATCH, 3)
+
+    async def fail(page_request: PageRequest) -> None:
+        raise RuntimeError("boom")
+
+    api.sim.on_page_request = fail
+    response, _ = await api.get("/v1/balances", {"batchId": BATCH})
+    assert response.status == 500
+    assert [e.status for e in api.sim.request_log] == [500]
+
+
+async def test_a_held_page_does_not_hold_up_shutdown() -> None:
+    sim = Simulator()
+    sim.generate_batch(BATCH, 5)
+    held: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    sim.on_page_request = lambda page_request: held  # never resolved by the test
+    server = TestServer(build_app(sim))
+    await server.start_server()
+    async with aiohttp.ClientSession() as session:
+        url = server.make_url("/v1/balances")
+        headers = {"Authorization": f"Bearer {KEY}"}
+        request = asyncio.create_task(session.get(url, params={"batchId": BATCH}, headers=headers))
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        await server.close()
+        assert time.monotonic() - started < 10
+        assert not held.cancelled()  # the hook's own future is left alone
+        outcome = (await asyncio.gather(request, return_exceptions=True))[0]
+        if isinstance(outcome, aiohttp.ClientResponse):
+            outcome.release()
+
+
+# --------------------------------------------------------------------------- not in the product
+
+
+def test_the_service_never_loads_the_simulator() -> None:
+    """No module of ``service`` imports ``rightfoot_simulator``, nor does any command but
+    ``simulate`` (whose options come from it, added only when it is parsed)."""
+    code = textwrap.dedent(
+        """
+        import importlib, pkgutil, sys
+        import service, service.app, service.cli
+
+        for module in pkgutil.iter_modules(service.__path__):
+            if module.name != "__main__":
+                importlib.import_module(f"service.{module.name}")
+        parser = service.cli.build_parser()
+        for argv in (["run"], ["track", "b"], ["export", "b", "-o", "-"], ["check-config"]):
+            parser.parse_args(argv)
+        loaded = [m for m in sys.modules if m.split(".")[0] == "rightfoot_simulator"]
+        assert not loaded, f"the service loaded {loaded}"
+        args = parser.parse_args(["simulate", "--port", "8100", "--no-demo"])
+        assert (args.port, args.no_demo, args.log_level) == (8100, True, "INFO")
+        assert "rightfoot_simulator" in sys.modules
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr

@@ -28,7 +28,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 from test_simulator import FakeClock
 
-from service.simulator import (
+from rightfoot_simulator import (
     EXPORT_COLUMNS,
     LAZY_THRESHOLD,
     LazyRecords,
