@@ -34,6 +34,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from rightfoot_simulator import EXPORT_COLUMNS, SimRecord, Simulator, build_app, export_status
 from service.api import ApiKey, RightfootClient
 from service.config import Settings, load_settings
 from service.errors import (
@@ -55,7 +56,6 @@ from service.export import (
 )
 from service.metrics import Metrics
 from service.pacing import RateLimiter
-from service.simulator import EXPORT_COLUMNS, SimRecord, Simulator, build_app, export_status
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-export-test-7f3a9c2e41"
