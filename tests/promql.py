@@ -52,6 +52,7 @@ GAUGES = frozenset(
         "rightfoot_poller_records_in_flight",
         "rightfoot_poller_oldest_overdue_poll_seconds",
         "rightfoot_poller_batches_in_backoff",
+        "rightfoot_poller_batches_unreadable",
         "rightfoot_poller_api_unauthorized",
         "rightfoot_poller_ready",
         "rightfoot_poller_owned_partitions",

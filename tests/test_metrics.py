@@ -60,6 +60,7 @@ EXPECTED: dict[str, tuple[str, tuple[str, ...]]] = {
     "rightfoot_poller_invalid_input_total": ("counter", ("source", "reason")),
     "rightfoot_poller_oldest_overdue_poll_seconds": ("gauge", ()),
     "rightfoot_poller_batches_in_backoff": ("gauge", ()),
+    "rightfoot_poller_batches_unreadable": ("gauge", ()),
     "rightfoot_poller_api_unauthorized": ("gauge", ()),
     "rightfoot_poller_poll_lateness_seconds": ("histogram", ()),
     "rightfoot_poller_event_loop_lag_seconds": ("histogram", ()),
