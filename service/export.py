@@ -54,6 +54,7 @@ from service.errors import (
     ExportWriteError,
     PollerError,
 )
+from service.logs import redact
 from service.metrics import Metrics
 from service.pacing import RateLimiter
 from service.retry import RetryPolicy, retrying
@@ -546,13 +547,6 @@ class ProgressPrinter:
 # --------------------------------------------------------------------------- command
 
 
-def _redact(text: str, secrets: Sequence[str]) -> str:
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "[redacted]")
-    return text
-
-
 def _describe_failure(exc: PollerError) -> str:
     """``HTTP 403 FORBIDDEN: <the API's message>``; without an HTTP status, just the message."""
     if isinstance(exc, ApiError) and exc.status is None:
@@ -604,7 +598,7 @@ async def export_main(settings: Settings, args: argparse.Namespace) -> int:
         if printer is not None:
             printer.abort()
         print(
-            f"rightfoot-poller: export failed: {_redact(_describe_failure(exc), secrets)}", file=err
+            f"rightfoot-poller: export failed: {redact(_describe_failure(exc), secrets)}", file=err
         )
         return EXIT_FAILED
     except asyncio.CancelledError:

@@ -16,18 +16,32 @@ import structlog
 REDACTED = "[redacted]"
 
 
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every secret in it replaced by ``[redacted]``.
+
+    The one redaction of the service, for log lines and the error messages it prints.
+    Empty secrets are ignored; longer ones go first, so that a secret containing
+    another is not left half shown.
+    """
+    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
 class Redactor:
-    """Replaces every known secret value, wherever it appears in a log line."""
+    """Replaces every known secret value, wherever it appears in a log line.
+
+    In log lines, secrets shorter than 4 characters are not redacted, so that a trivial
+    value cannot mangle every line.
+    """
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         self.secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
 
     def _clean(self, value: Any) -> Any:
         if isinstance(value, str):
-            for secret in self.secrets:
-                if secret in value:
-                    value = value.replace(secret, REDACTED)
-            return value
+            return redact(value, self.secrets)
         if isinstance(value, dict):
             return {k: self._clean(v) for k, v in value.items()}
         if isinstance(value, list | tuple):

@@ -512,6 +512,27 @@ async def test_400_is_reported_with_the_api_message(
     assert listing(tmp_path) == []
 
 
+async def test_a_secret_echoed_by_the_api_is_redacted_from_the_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def echo(request: web.Request) -> web.Response:
+        message = f"refused {request.headers['Authorization']}"
+        return web.json_response({"error": {"code": "BAD_REQUEST", "message": message}}, status=400)
+
+    app = web.Application()
+    app.router.add_get("/v1/balances/export", echo)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        settings = make_settings(str(server.make_url("")).rstrip("/"))
+        code = await export_main(settings, cli_args([BATCH], tmp_path / "x.csv"))
+    finally:
+        await server.close()
+    assert code == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "rightfoot-poller: export failed: HTTP 400 BAD_REQUEST: refused Bearer [redacted]"
+
+
 # --------------------------------------------------------------------------- retries
 
 

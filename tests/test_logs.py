@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import structlog
 
-from service.logs import REDACTED, configure_logging
+from service.logs import REDACTED, configure_logging, redact
 
 SECRET = "rf_live_9c8b7a6d5e4f3a2b1c0d"
 TOKEN = "admin-tok-0f1e2d3c4b5a"
@@ -144,3 +144,22 @@ def test_secret_inside_other_values_is_redacted(
     structlog.get_logger("service.test").info("value", value=make())
     lines(output)
     assert_no_secret(output)
+
+
+def test_redact_replaces_every_secret_everywhere() -> None:
+    text = f"key={SECRET}; again {SECRET}; token {TOKEN}."
+    assert redact(text, [SECRET, TOKEN]) == f"key={REDACTED}; again {REDACTED}; token {REDACTED}."
+    assert redact(text, []) == text
+    assert redact("nothing to hide", [SECRET]) == "nothing to hide"
+
+
+def test_redact_ignores_empty_secrets() -> None:
+    assert redact("plain text", ["", SECRET]) == "plain text"
+
+
+def test_redact_replaces_the_longer_of_two_overlapping_secrets_whole() -> None:
+    """A secret that contains another (a rotated key with a common prefix, say)."""
+    short, long = "sk-live-1234", "sk-live-1234-extra-5678"
+    for secrets in ([short, long], [long, short]):
+        assert redact(f"key {long}", secrets) == f"key {REDACTED}"
+        assert redact(f"key {short}", secrets) == f"key {REDACTED}"
