@@ -22,24 +22,23 @@ download holds one of ``rightfoot.max_concurrent_requests`` slots while it runs.
 * Rows are counted exactly: a newline inside a quoted field (RFC 4180) does not
   end a row, and the header row is not counted. A body that ends inside a
   quoted field is truncated, and treated like a connection dropped mid-body.
+
+The outputs (file or stdout) are in service/export_output.py, the progress line
+in service/export_progress.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import random
 import re
-import stat
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, BinaryIO, Protocol, TextIO
 
 import aiohttp
 import structlog
@@ -54,6 +53,8 @@ from service.errors import (
     ExportWriteError,
     PollerError,
 )
+from service.export_output import Output, open_output
+from service.export_progress import ProgressPrinter, progress_wanted
 from service.logs import redact
 from service.metrics import Metrics
 from service.pacing import RateLimiter
@@ -167,154 +168,6 @@ class CsvRowCounter:
         return max(0, self.records + (1 if self._open_record else 0) - 1)
 
 
-# --------------------------------------------------------------------------- outputs
-
-
-class _Output(Protocol):
-    """Where one export goes; ``begin`` starts each attempt afresh."""
-
-    @property
-    def restartable(self) -> bool: ...
-
-    def begin(self) -> None: ...
-
-    def write(self, data: bytes) -> None: ...
-
-    def commit(self) -> None: ...
-
-    def abort(self) -> None: ...
-
-
-def _new_file_mode(target: Path) -> int:
-    """The mode ``open()`` would give the target: an existing file's, else 0666 & ~umask."""
-    try:
-        return stat.S_IMODE(target.stat().st_mode)
-    except OSError:
-        umask = os.umask(0o022)
-        os.umask(umask)
-        return 0o666 & ~umask
-
-
-class _FileOutput:
-    """A temporary file next to the target, renamed over it once complete."""
-
-    restartable = True
-
-    def __init__(self, target: Path) -> None:
-        self.target = target
-        self._file: IO[bytes] | None = None
-        self.temp_path: Path | None = None
-
-    def begin(self) -> None:
-        self.abort()
-        try:
-            self._file = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in commit/abort
-                dir=self.target.parent,
-                prefix=f".{self.target.name}.",
-                suffix=".part",
-                delete=False,
-            )
-        except OSError as exc:
-            raise self._error(exc) from None
-        self.temp_path = Path(self._file.name)
-
-    def write(self, data: bytes) -> None:
-        assert self._file is not None
-        try:
-            self._file.write(data)
-        except OSError as exc:
-            raise self._error(exc) from None
-
-    def commit(self) -> None:
-        assert self._file is not None and self.temp_path is not None
-        try:
-            self._file.flush()
-            os.fchmod(self._file.fileno(), _new_file_mode(self.target))
-            os.fsync(self._file.fileno())
-            self._file.close()
-            os.replace(self.temp_path, self.target)
-        except OSError as exc:
-            raise self._error(exc) from None
-        self._file = self.temp_path = None
-        _fsync_directory(self.target.parent)
-
-    def abort(self) -> None:
-        if self._file is not None:
-            with contextlib.suppress(OSError):
-                self._file.close()
-            self._file = None
-        if self.temp_path is not None:
-            try:
-                self.temp_path.unlink(missing_ok=True)
-            except OSError as exc:
-                log.warning("export_temp_file_left", path=str(self.temp_path), error=exc.strerror)
-            self.temp_path = None
-
-    def _error(self, exc: OSError) -> ExportWriteError:
-        return ExportWriteError(f"cannot write {self.target}: {exc.strerror or exc}")
-
-
-def _fsync_directory(path: Path) -> None:
-    """Make the rename durable; not every platform or file system supports it."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-class _StreamOutput:
-    """A binary stream (stdout): can restart only while nothing has been written."""
-
-    def __init__(self, stream: BinaryIO) -> None:
-        self.stream = stream
-        self.written = 0
-
-    @property
-    def restartable(self) -> bool:
-        return self.written == 0
-
-    def begin(self) -> None:
-        pass
-
-    def write(self, data: bytes) -> None:
-        try:
-            self.stream.write(data)
-        except OSError as exc:
-            raise self._error(exc) from None
-        self.written += len(data)
-
-    def commit(self) -> None:
-        try:
-            self.stream.flush()
-        except OSError as exc:
-            raise self._error(exc) from None
-
-    def abort(self) -> None:
-        with contextlib.suppress(OSError):
-            self.stream.flush()
-
-    def _error(self, exc: OSError) -> ExportWriteError:
-        if isinstance(exc, BrokenPipeError):
-            _silence_stdout()
-        return ExportWriteError(f"cannot write to stdout: {exc.strerror or exc}")
-
-
-def _silence_stdout() -> None:
-    """After a broken pipe, point stdout at /dev/null so the interpreter exits quietly."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (OSError, ValueError):
-        pass
-
-
 # --------------------------------------------------------------------------- download
 
 
@@ -343,7 +196,7 @@ async def download_export(
     rng: random.Random | None = None,
 ) -> ExportResult:
     """:func:`export_csv` without validating the batch IDs: the API judges them."""
-    output: _Output = _StreamOutput(sys.stdout.buffer) if dest is None else _FileOutput(dest)
+    output = open_output(dest)
     # A 429 may ask for no longer a wait than the backoff's own cap.
     policy = RetryPolicy.from_config(client.cfg, max_retry_after_s=client.cfg.backoff_max_s)
     started = time.monotonic()
@@ -375,7 +228,7 @@ def _gave_up(exc: ApiError, why: str) -> ApiError:
 async def _attempt(
     client: RightfootClient,
     batch_ids: Sequence[str],
-    output: _Output,
+    output: Output,
     progress: ProgressCallback | None,
     started: float,
 ) -> tuple[int, int]:
@@ -461,87 +314,6 @@ async def _error_response(client: RightfootClient, resp: aiohttp.ClientResponse)
     if resp.status == 429:
         client.rate_limited(retry_after)
     return error_from_response(resp.status, bytes(body), retry_after)
-
-
-# --------------------------------------------------------------------------- progress
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
-def progress_wanted(mode: str, *, to_stdout: bool, stderr_is_tty: bool) -> bool:
-    """``--progress``: auto shows it on a terminal; nothing ever mixes with piped CSV."""
-    if mode == "never":
-        return False
-    if mode == "auto" or to_stdout:
-        return stderr_is_tty
-    return True
-
-
-class ProgressPrinter:
-    """Rows, bytes and rates on stderr: redrawn with ``\\r`` at most a few times per second
-    on a terminal, one line per second otherwise; nothing for exports shorter than
-    ``delay_s``."""
-
-    def __init__(
-        self,
-        stream: TextIO,
-        *,
-        tty: bool,
-        delay_s: float = 0.5,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.stream = stream
-        self.tty = tty
-        self.delay_s = delay_s
-        self.interval_s = 0.25 if tty else 1.0
-        self._clock = clock
-        self._last = -float("inf")
-        self._width = 0
-        self.shown = False
-
-    def __call__(self, rows: int, size: int, elapsed: float) -> None:
-        now = self._clock()
-        if elapsed < self.delay_s or now - self._last < self.interval_s:
-            return
-        self._last = now
-        self._emit(self._line(rows, size, elapsed), final=False)
-
-    def finish(self, result: ExportResult) -> None:
-        """The final figures, if progress was shown at all."""
-        if self.shown:
-            self._emit(self._line(result.rows, result.bytes, result.seconds), final=True)
-
-    def abort(self) -> None:
-        """End a half-drawn line so that an error message starts on its own line."""
-        if self.shown and self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
-            self.shown = False
-
-    @staticmethod
-    def _line(rows: int, size: int, elapsed: float) -> str:
-        rate = rows / elapsed if elapsed > 0 else 0.0
-        speed = size / elapsed if elapsed > 0 else 0.0
-        return (
-            f"{rows:,} rows  {_human_bytes(size)}  {elapsed:.1f} s  "
-            f"{rate:,.0f} rows/s  {_human_bytes(speed)}/s"
-        )
-
-    def _emit(self, line: str, *, final: bool) -> None:
-        if self.tty:
-            padded = line.ljust(self._width)
-            self._width = len(line)
-            self.stream.write("\r" + padded + ("\n" if final else ""))
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-        self.shown = not final
 
 
 # --------------------------------------------------------------------------- command

@@ -47,13 +47,12 @@ from service.errors import (
 )
 from service.export import (
     CsvRowCounter,
-    ProgressPrinter,
     download_export,
     export_csv,
     export_main,
-    progress_wanted,
     validate_batch_ids,
 )
+from service.export_progress import ProgressPrinter, progress_wanted
 from service.metrics import Metrics
 from service.pacing import RateLimiter
 
@@ -846,7 +845,7 @@ async def test_a_disk_error_leaves_nothing_and_keeps_the_old_file(
     def full_disk(fd: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr("service.export.os.fsync", full_disk)
+    monkeypatch.setattr("service.export_output.os.fsync", full_disk)
     code = await export_main(api.settings(), cli_args([BATCH], target))
 
     assert code == 1
