@@ -3,7 +3,7 @@
 For the given batches it reads every page of ``GET /v1/balances`` (``limit=100``,
 following ``next_page_token``) with the same concurrency as the service
 (``rightfoot.max_concurrent_requests``, 16), and sends one Kafka message per record
-with a producer configured as ``service.kafka.make_producer`` configures the
+with a producer configured as ``service.kafka_clients.make_producer`` configures the
 service's (idempotent, ``acks=all``, the same linger and batch size), to its own
 topic. It takes nothing from the service's code.
 

@@ -26,17 +26,15 @@ from service.config import RightfootConfig
 from service.errors import (
     ApiBadRequest,
     ApiError,
+    ApiForbidden,
     ApiMalformedResponse,
     ApiNotFound,
     ApiRateLimited,
     ApiServerError,
     ApiTransportError,
     ApiUnauthorized,
+    RequestAborted,
 )
-
-# Still importable from here while callers move to service.errors.
-from service.errors import ApiForbidden as ApiForbidden
-from service.errors import RequestAborted as RequestAborted
 from service.metrics import Metrics
 from service.pacing import RateLimiter, Sleep
 from service.records import Page, parse_page

@@ -1,10 +1,7 @@
-"""The running service: wires the parts together, owns partitions, starts and stops cleanly.
+"""The running service: wires the parts together, starts and stops cleanly.
 
 Replicas with the same configuration form one consumer group on the requests
-topic. When this replica is assigned requests partition *p* it fences any
-previous owner (exactly_once: by initialising the partition's transactional
-producer), restores the batches of state partition *p*, and polls them. On
-revocation it stops polling them before the partition moves.
+topic; which partitions this one owns, and their restore, is service.partitions.
 """
 
 from __future__ import annotations
@@ -22,41 +19,36 @@ from aiokafka.errors import KafkaError
 
 from service.api import ApiKey, RightfootClient
 from service.config import Settings
-from service.errors import ApiError, ApiUnauthorized, RequestRejected
+from service.errors import ApiError, ApiUnauthorized, KafkaConnectionProblem, RequestRejected
 from service.events import EventFactory
 from service.http_api import HttpApi
-from service.kafka import (
-    KafkaConnectionProblem,
-    PartitionLost,
-    PartitionPublisher,
+from service.kafka_clients import (
     classify_connection_error,
     client_args,
     ensure_topics,
     make_producer,
     probe_brokers,
 )
+from service.logs import redact
 from service.metrics import Metrics
 from service.pacing import RateLimiter
+from service.partitions import PartitionOwner
 from service.requests import TrackingRequest, decode_request, reject_reason
-from service.state import BatchState, StateRestore
-from service.tracker import PartitionWorker, Tracker
+from service.tracker import Tracker
 from service.view import StateView
 
 log = structlog.get_logger(__name__)
 
-# Partition resets closer together than this count as one streak, and back off.
-RESET_STREAK_WINDOW_S = 60.0
-
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, service: PollerService) -> None:
-        self.service = service
+    def __init__(self, owner: PartitionOwner) -> None:
+        self.owner = owner
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        await self.service.release([tp.partition for tp in revoked])
+        await self.owner.release([tp.partition for tp in revoked])
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        await self.service.acquire([tp.partition for tp in assigned])
+        await self.owner.acquire([tp.partition for tp in assigned])
 
 
 class PollerService:
@@ -85,41 +77,45 @@ class PollerService:
             source=source,
         )
         self.tracker = Tracker(
-            settings, client=self.client, metrics=self.metrics, factory=self.factory
+            settings, source=self.client, metrics=self.metrics, factory=self.factory
         )
-        self.tracker.on_publish_failure = self._on_publish_failure
         self.view = StateView(self.kcfg, client_id=f"rightfoot-poller-view-{self.instance}")
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None  # intake, and events in at_least_once
-        self._partition_lock = asyncio.Lock()
-        self._assigned: set[int] = set()
-        self._restored: set[int] = set()
-        self._joined = False
+        self._stopping = asyncio.Event()
+        self.partitions = PartitionOwner(
+            settings,
+            metrics=self.metrics,
+            tracker=self.tracker,
+            consumer=lambda: self.consumer,
+            producer=lambda: self.producer,
+            stopping=self._stopping,
+        )
         self._kafka_ok = False
         self._kafka_problem: dict[str, Any] | None = None  # why Kafka refuses us, for /readyz
-        self._stopping = asyncio.Event()
-        self._tasks: list[asyncio.Task[Any]] = []
+        self._monitor: asyncio.Task[None] | None = None
+        # Tasks that take work (stopped first at shutdown), then the state view.
+        self._workers: list[asyncio.Task[None]] = []
+        self._view_task: asyncio.Task[None] | None = None
         self._runner: web.AppRunner | None = None
         self._last_tick = time.monotonic()
-        self._resets: dict[int, tuple[float, int]] = {}
         self.http_port: int | None = None
 
     # ---- readiness --------------------------------------------------------------------
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
-        restored = self._assigned <= self._restored
+        """Whether this replica is ready, and why not (a query: it changes nothing)."""
         checks = {
             "kafka": self._kafka_ok,
-            "group_joined": self._joined,
-            "partitions_restored": restored,
+            "group_joined": self.partitions.joined,
+            "partitions_restored": self.partitions.all_restored,
             "api_key_accepted": not self.tracker.unauthorized,
             "view_loaded": self.view.loaded,
         }
         ready = all(checks.values()) and not self._stopping.is_set()
-        self.metrics.ready.set(1 if ready else 0)
         detail: dict[str, Any] = {
             "checks": checks,
-            "owned_partitions": sorted(self._restored & self._assigned),
+            "owned_partitions": self.partitions.owned,
             "instance_id": self.instance,
         }
         if self._kafka_problem is not None and not self._kafka_ok:
@@ -134,15 +130,15 @@ class PollerService:
     async def start(self) -> None:
         log.info("starting", delivery=self.kcfg.delivery, bootstrap=self.kcfg.bootstrap_servers)
         await self._start_http()
-        self._tasks.append(asyncio.create_task(self._loop_monitor(), name="loop-monitor"))
+        self._monitor = asyncio.create_task(self._loop_monitor(), name="loop-monitor")
         await self._connect_kafka()
         await self.client.start()
-        self._tasks += [
+        self._workers = [
             asyncio.create_task(self.tracker.run(), name="scheduler"),
             asyncio.create_task(self._consume(), name="requests-consumer"),
             asyncio.create_task(self._auth_probe(), name="auth-probe"),
-            asyncio.create_task(self.view.run(), name="state-view"),
         ]
+        self._view_task = asyncio.create_task(self.view.run(), name="state-view")
         log.info("started", http_port=self.http_port)
 
     async def _connect_kafka(self) -> None:
@@ -175,7 +171,9 @@ class PollerService:
                     heartbeat_interval_ms=max(500, self.kcfg.session_timeout_ms // 5),
                     max_poll_records=500,
                 )
-                self.consumer.subscribe([self.kcfg.requests_topic], listener=_Rebalance(self))
+                self.consumer.subscribe(
+                    [self.kcfg.requests_topic], listener=_Rebalance(self.partitions)
+                )
                 await self.consumer.start()
                 self._kafka_ok = True
                 self._kafka_problem = None
@@ -187,8 +185,7 @@ class PollerService:
                     if isinstance(exc, KafkaConnectionProblem)
                     else f"{type(exc).__name__}: {exc}"
                 )
-                for secret in self.settings.secrets():
-                    message = message.replace(secret, "[redacted]")
+                message = redact(message, self.settings.secrets())
                 self.metrics.publish_errors.labels("connect").inc()
                 self.metrics.kafka_connection_errors.labels(reason).inc()
                 self._kafka_problem = {"reason": reason, "error": message}
@@ -235,17 +232,14 @@ class PollerService:
         log.info("stopping", grace_s=grace)
         self._stopping.set()
         self.tracker.stop()
-        for task in self._tasks:
-            if task.get_name() in ("requests-consumer", "scheduler", "auth-probe"):
-                task.cancel()
-        async with self._partition_lock:
-            await asyncio.gather(
-                *(self.tracker.remove_worker(p, grace * 0.6) for p in list(self.tracker.workers))
-            )
-            self._restored.clear()
-        for task in self._tasks:
+        for task in self._workers:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        await self.partitions.release_all(grace * 0.6)
+        rest = [t for t in (self._view_task, self._monitor) if t is not None]
+        for task in rest:
+            task.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
         await self._close_clients()
         await self.view.close()
         await self.client.close()
@@ -262,176 +256,6 @@ class PollerService:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.producer.stop(), 10)
             self.producer = None
-
-    # ---- partitions -------------------------------------------------------------------
-
-    async def acquire(self, partitions: list[int]) -> None:
-        self._joined = True
-        async with self._partition_lock:
-            self._assigned = set(partitions)
-            results = await asyncio.gather(
-                *(self._restore(p) for p in partitions), return_exceptions=True
-            )
-            for p, result in zip(partitions, results, strict=True):
-                if isinstance(result, BaseException):
-                    log.error("restore_failed", partition=p, error=repr(result))
-                    self._schedule_reset(p)
-            self.metrics.owned_partitions.set(len(self._restored))
-        log.info("partitions_assigned", partitions=sorted(partitions))
-
-    async def release(self, partitions: list[int]) -> None:
-        async with self._partition_lock:
-            timeout = min(10.0, self.settings.shutdown_grace_s)
-            await asyncio.gather(*(self.tracker.remove_worker(p, timeout) for p in partitions))
-            self._assigned -= set(partitions)
-            self._restored -= set(partitions)
-            self.metrics.owned_partitions.set(len(self._restored))
-        if partitions:
-            log.info("partitions_revoked", partitions=sorted(partitions))
-
-    async def _restore(self, p: int) -> None:
-        if self._stopping.is_set():
-            return
-        started = time.monotonic()
-        if self.transactional:
-            producer = make_producer(
-                self.kcfg,
-                f"rightfoot-poller-{self.instance}-p{p}",
-                transactional_id=f"{self.kcfg.group_id}.{self.kcfg.requests_topic}.{p}",
-            )
-            await producer.start()  # initialises the transactional id: fences the old owner
-        else:
-            assert self.producer is not None
-            producer = self.producer
-        try:
-            batches = await self._read_state(p)
-        except BaseException:
-            if self.transactional:
-                await producer.stop()
-            raise
-        publisher = PartitionPublisher(
-            partition=p,
-            cfg=self.kcfg,
-            metrics=self.metrics,
-            producer=producer,
-            transactional=self.transactional,
-            commit_offsets=self._commit_offsets,
-        )
-        if self.transactional:
-            _close = publisher.close
-
-            async def close_and_stop(timeout: float) -> None:
-                await _close(timeout)
-                with contextlib.suppress(Exception):
-                    await producer.stop()
-
-            publisher.close = close_and_stop  # type: ignore[method-assign]
-        publisher.start()
-        self.tracker.add_worker(PartitionWorker(partition=p, publisher=publisher, batches=batches))
-        self._restored.add(p)
-        if self.consumer is not None:
-            tp = TopicPartition(self.kcfg.requests_topic, p)
-            with contextlib.suppress(KafkaError, AssertionError):
-                self.consumer.resume(tp)
-        active = sum(1 for b in batches.values() if b.active)
-        log.info(
-            "partition_restored",
-            partition=p,
-            batches=len(batches),
-            active=active,
-            took_s=round(time.monotonic() - started, 3),
-        )
-
-    async def _read_state(self, p: int) -> dict[str, BatchState]:
-        """Every batch of state partition p, as last committed."""
-        tp = TopicPartition(self.kcfg.state_topic, p)
-        consumer = AIOKafkaConsumer(
-            **client_args(self.kcfg, f"rightfoot-poller-restore-{self.instance}"),
-            enable_auto_commit=False,
-            isolation_level="read_committed",
-            max_partition_fetch_bytes=4 * 1024 * 1024,
-        )
-        await consumer.start()
-        restore = StateRestore(p)
-        try:
-            consumer.assign([tp])
-            await consumer.seek_to_beginning(tp)
-            end = (await consumer.end_offsets([tp]))[tp]
-            while await consumer.position(tp) < end:
-                chunk = await consumer.getmany(tp, timeout_ms=1000, max_records=5000)
-                for msg in chunk.get(tp, []):
-                    try:
-                        restore.apply(msg.key, msg.value)
-                    except ValueError as exc:
-                        self._state_unreadable(None, exc)
-        finally:
-            await consumer.stop()
-        return restore.batches(self._state_unreadable)
-
-    def _state_unreadable(self, batch_id: str | None, exc: ValueError) -> None:
-        if batch_id is None and str(exc) == "no key":
-            self.metrics.invalid_input.labels("state_topic", "no_key").inc()
-        else:
-            self.metrics.invalid_input.labels("state_topic", "invalid_state").inc()
-        log.error("state_unreadable", batch_id=batch_id, error=str(exc)[:300])
-
-    async def _commit_offsets(self, offsets: dict[TopicPartition, int]) -> None:
-        if self.consumer is None:
-            raise KafkaError("consumer closed")
-        await self.consumer.commit(offsets)
-
-    def _on_publish_failure(self, partition: int, exc: BaseException) -> None:
-        if isinstance(exc, PartitionLost):
-            log.warning("partition_fenced", partition=partition)
-        self._schedule_reset(partition, fenced=isinstance(exc, PartitionLost))
-
-    def _schedule_reset(self, partition: int, fenced: bool = False) -> None:
-        task = asyncio.create_task(self._reset(partition, fenced), name=f"reset-{partition}")
-        self._tasks.append(task)
-        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
-
-    async def _reset(self, p: int, fenced: bool) -> None:
-        """Drop a partition's in-memory state and restore it from Kafka, with backoff.
-
-        Failures that repeat (a broker that is down, a message Kafka refuses) back off
-        exponentially, so a partition that cannot commit does not hammer the API or Kafka.
-        """
-        tp = TopicPartition(self.kcfg.requests_topic, p)
-        async with self._partition_lock:
-            if p not in self._assigned:
-                return
-            await self.tracker.remove_worker(p, timeout=5.0)
-            self._restored.discard(p)
-            if self.consumer is not None:
-                with contextlib.suppress(KafkaError, AssertionError):
-                    self.consumer.pause(tp)
-            if fenced:
-                # Another instance owns it now; the coming rebalance will tell us.
-                return
-        now = time.monotonic()
-        last, streak = self._resets.get(p, (0.0, 0))
-        streak = streak + 1 if now - last < RESET_STREAK_WINDOW_S else 0
-        self._resets[p] = (now, streak)
-        delay = min(30.0, 0.5 * 2**streak) if streak else 0.0
-        while not self._stopping.is_set():
-            if delay:
-                log.warning("partition_reset_backoff", partition=p, delay_s=delay)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), delay)
-                if self._stopping.is_set():
-                    return
-            async with self._partition_lock:
-                if p not in self._assigned or p in self._restored:
-                    return
-                try:
-                    if self.consumer is not None:
-                        await self.consumer.seek_to_committed(tp)
-                    await self._restore(p)
-                    self.metrics.owned_partitions.set(len(self._restored))
-                    return
-                except (KafkaError, OSError) as exc:
-                    log.error("partition_reset_failed", partition=p, error=repr(exc))
-            delay = min(max(delay * 2, 1.0), 30.0)
 
     # ---- loops ------------------------------------------------------------------------
 
@@ -456,13 +280,7 @@ class PollerService:
                     continue
                 for msg in messages:
                     req = self._decode(msg.value, tp.partition, msg.offset)
-                    done = self.tracker.handle_request(worker, req, msg.value, msg.offset)
-                    waits.append(done)
-                    if req is not None and req.action == "stop":
-                        # A stop waits for the batch's poll; later requests must not
-                        # commit their offsets before it.
-                        await asyncio.gather(*waits, return_exceptions=True)
-                        waits.clear()
+                    waits.append(self.tracker.handle_request(worker, req, msg.value, msg.offset))
             if waits:
                 await asyncio.gather(*waits, return_exceptions=True)
 
@@ -505,7 +323,7 @@ class PollerService:
             self._last_tick = now
             self.metrics.loop_lag.observe(max(0.0, now - before - interval))
             self.metrics.oldest_overdue_poll.set(self.tracker.oldest_overdue())
-            self.readiness()
+            self.metrics.ready.set(1 if self.readiness()[0] else 0)
 
 
 async def run_service(settings: Settings) -> int:

@@ -79,6 +79,10 @@ class ApiMalformedResponse(ApiError):
         return "malformed"
 
 
+class PageTokenRejected(ApiError):
+    """Page tokens kept being rejected (400) within one poll."""
+
+
 class RequestAborted(ApiError):
     """The caller withdrew before the request was sent."""
 
@@ -128,3 +132,7 @@ class ExportUsageError(PollerError, ValueError):
 
 class ExportWriteError(PollerError):
     """The CSV could not be written (disk full, permission denied, closed pipe…)."""
+
+
+class UnknownStateVersion(PollerError, ValueError):
+    """A batch's stored state was written by a newer version of the service."""

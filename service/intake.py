@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from service.config import Settings
-from service.kafka import ensure_topics, make_producer
+from service.kafka_clients import ensure_topics, make_producer
 from service.requests import TrackingRequest
 
 

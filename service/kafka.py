@@ -1,4 +1,4 @@
-"""Where events are published: Kafka clients, topics, and per-partition commits.
+"""Where events are published: the per-partition commits (clients: service.kafka_clients).
 
 Each requests-topic partition this replica owns has a ``PartitionPublisher``.
 With ``exactly_once`` it owns a transactional producer whose id is derived from
@@ -14,45 +14,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.conn import create_conn
 from aiokafka.errors import (
-    AuthenticationFailedError,
-    AuthenticationMethodNotSupported,
-    ClusterAuthorizationFailedError,
-    GroupAuthorizationFailedError,
-    IllegalSaslStateError,
     KafkaError,
     ProducerFenced,
-    SaslAuthenticationFailed,
-    TopicAlreadyExistsError,
-    TopicAuthorizationFailedError,
-    TransactionalIdAuthorizationFailed,
-    UnsupportedSaslMechanismError,
 )
-from aiokafka.helpers import create_ssl_context
 from aiokafka.partitioner import murmur2
 
 from service.config import KafkaConfig
-from service.errors import ConnectionErrorReason, PollerError
-
-# Still importable from here while callers move to service.errors.
-from service.errors import KafkaConnectionProblem as KafkaConnectionProblem
-from service.errors import PartitionLost as PartitionLost
-from service.errors import PublishFailed as PublishFailed
+from service.errors import (
+    PartitionLost,
+    PublishFailed,
+)
 from service.events import BalanceEvents, OutMessage, Publishable, message_count
 from service.metrics import Metrics
-from service.state import MAX_MESSAGE_BYTES
 
 log = structlog.get_logger(__name__)
 
@@ -61,246 +42,6 @@ def canonical_partition(batch_id: str, partitions: int) -> int:
     """The requests/state partition of a batch: Kafka's default murmur2 partitioning."""
     hashed: int = murmur2(batch_id.encode())
     return (hashed & 0x7FFFFFFF) % partitions
-
-
-def sasl_password(cfg: KafkaConfig) -> str | None:
-    """The SASL password in effect.
-
-    A mounted password file (``RFP_KAFKA__SASL_PASSWORD_FILE``) is read again each time
-    clients are made, so a rotated Secret is picked up by the next connection attempt
-    without a restart. ``RFP_KAFKA__SASL_PASSWORD`` takes precedence, as at start.
-    """
-    configured = cfg.sasl_password.get_secret_value() if cfg.sasl_password else None
-    path = os.environ.get("RFP_KAFKA__SASL_PASSWORD_FILE")
-    if path and not os.environ.get("RFP_KAFKA__SASL_PASSWORD"):
-        with contextlib.suppress(OSError, UnicodeDecodeError):
-            return Path(path).read_text(encoding="utf-8").strip() or configured
-    return configured
-
-
-def client_args(cfg: KafkaConfig, client_id: str) -> dict[str, Any]:
-    """Connection and security settings shared by every Kafka client.
-
-    TLS (``SSL``, ``SASL_SSL``) always verifies the brokers' certificates and host names:
-    against ``ssl_cafile`` when given, else the system CAs. ``ssl_certfile``/``ssl_keyfile``
-    are the client certificate for mutual TLS.
-    """
-    args: dict[str, Any] = {
-        "bootstrap_servers": cfg.bootstrap_servers,
-        "client_id": client_id,
-        "security_protocol": cfg.security_protocol,
-    }
-    if cfg.security_protocol in ("SSL", "SASL_SSL"):
-        try:
-            args["ssl_context"] = create_ssl_context(
-                cafile=str(cfg.ssl_cafile) if cfg.ssl_cafile else None,
-                certfile=str(cfg.ssl_certfile) if cfg.ssl_certfile else None,
-                keyfile=str(cfg.ssl_keyfile) if cfg.ssl_keyfile else None,
-            )
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            raise KafkaConnectionProblem(
-                "tls",
-                "cannot load the TLS files (kafka.ssl_cafile / ssl_certfile / ssl_keyfile): "
-                f"{_describe_tls(exc)}",
-            ) from None
-    if cfg.security_protocol.startswith("SASL"):
-        args["sasl_mechanism"] = cfg.sasl_mechanism
-        args["sasl_plain_username"] = cfg.sasl_username
-        args["sasl_plain_password"] = sasl_password(cfg)
-    return args
-
-
-_AUTHENTICATION_ERRORS = (
-    SaslAuthenticationFailed,
-    AuthenticationFailedError,
-    AuthenticationMethodNotSupported,
-    UnsupportedSaslMechanismError,
-    IllegalSaslStateError,
-)
-_AUTHORIZATION_ERRORS = (
-    TopicAuthorizationFailedError,
-    GroupAuthorizationFailedError,
-    ClusterAuthorizationFailedError,
-    TransactionalIdAuthorizationFailed,
-)
-
-
-def _chain(exc: BaseException) -> list[BaseException]:
-    seen: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in seen:
-        seen.append(current)
-        current = current.__cause__ or current.__context__
-    return seen
-
-
-def _describe_tls(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"certificate verify failed: {exc.verify_message}"
-    if isinstance(exc, ssl.SSLError):
-        return exc.reason or str(exc)
-    return f"{type(exc).__name__}: {exc}"
-
-
-def classify_connection_error(exc: BaseException) -> ConnectionErrorReason:
-    """Why a Kafka client could not connect or was refused."""
-    chain = _chain(exc)
-    if any(isinstance(e, KafkaConnectionProblem) for e in chain):
-        return next(e.reason for e in chain if isinstance(e, KafkaConnectionProblem))
-    if any(isinstance(e, _AUTHENTICATION_ERRORS) for e in chain):
-        return "authentication"
-    if any(isinstance(e, _AUTHORIZATION_ERRORS) for e in chain):
-        return "authorization"
-    if any(isinstance(e, ssl.SSLError) for e in chain):
-        return "tls"
-    return "unreachable"
-
-
-def _problem(cfg: KafkaConfig, address: str, exc: BaseException) -> KafkaConnectionProblem:
-    reason = classify_connection_error(exc)
-    tls = next((e for e in _chain(exc) if isinstance(e, ssl.SSLError)), None)
-    if reason == "authentication":
-        return KafkaConnectionProblem(
-            reason,
-            f"Kafka authentication failed at {address} for user {cfg.sasl_username!r} "
-            f"({cfg.sasl_mechanism}): {exc}; check kafka.sasl_username and the password "
-            "(RFP_KAFKA__SASL_PASSWORD or the file named by RFP_KAFKA__SASL_PASSWORD_FILE)",
-        )
-    if reason == "tls" and tls is not None:
-        hint = (
-            "check kafka.ssl_cafile (the CA that signed the brokers' certificates)"
-            if isinstance(tls, ssl.SSLCertVerificationError)
-            else "check kafka.security_protocol and, for mutual TLS, "
-            "kafka.ssl_certfile / ssl_keyfile"
-        )
-        return KafkaConnectionProblem(
-            reason, f"TLS to the Kafka broker {address} failed: {_describe_tls(tls)}; {hint}"
-        )
-    detail = str(exc) or type(exc).__name__
-    return KafkaConnectionProblem(
-        reason, f"cannot connect to the Kafka broker {address}: {type(exc).__name__}: {detail}"
-    )
-
-
-def _bootstrap_addresses(bootstrap: str) -> list[tuple[str, int]]:
-    out: list[tuple[str, int]] = []
-    for item in bootstrap.split(","):
-        host, _, port = item.strip().rpartition(":")
-        if not host:
-            host, port = port, "9092"
-        with contextlib.suppress(ValueError):
-            out.append((host.strip("[]"), int(port)))
-    return out
-
-
-async def probe_brokers(cfg: KafkaConfig, client_id: str, timeout_s: float = 10.0) -> None:
-    """Open one connection to a bootstrap broker, with TLS and SASL as configured.
-
-    aiokafka reports a refused password or an untrusted certificate only as
-    "Unable to bootstrap"; this probe finds the real cause first. Raises
-    KafkaConnectionProblem (the cause of the first broker tried) when none accepts us.
-    """
-    args = client_args(cfg, client_id)
-    first: KafkaConnectionProblem | None = None
-    for host, port in _bootstrap_addresses(cfg.bootstrap_servers):
-        try:
-            conn = await create_conn(
-                host,
-                port,
-                client_id=client_id,
-                request_timeout_ms=int(timeout_s * 1000),
-                ssl_context=args.get("ssl_context"),
-                security_protocol=cfg.security_protocol,
-                sasl_mechanism=args.get("sasl_mechanism"),
-                sasl_plain_username=args.get("sasl_plain_username"),
-                sasl_plain_password=args.get("sasl_plain_password"),
-            )
-        except (OSError, TimeoutError, KafkaError) as exc:
-            first = first or _problem(cfg, f"{host}:{port}", exc)
-            continue
-        conn.close()
-        return
-    raise first or KafkaConnectionProblem(
-        "unreachable", f"kafka.bootstrap_servers names no broker: {cfg.bootstrap_servers!r}"
-    )
-
-
-def make_producer(
-    cfg: KafkaConfig, client_id: str, transactional_id: str | None = None
-) -> AIOKafkaProducer:
-    return AIOKafkaProducer(
-        **client_args(cfg, client_id),
-        enable_idempotence=True,
-        acks="all",
-        linger_ms=2,
-        max_batch_size=256 * 1024,
-        max_request_size=MAX_MESSAGE_BYTES,
-        transactional_id=transactional_id,
-        transaction_timeout_ms=cfg.transaction_timeout_ms,
-    )
-
-
-async def ensure_topics(cfg: KafkaConfig, client_id: str) -> int:
-    """Create missing topics; refuse a state topic not co-partitioned with the requests topic.
-
-    Returns the partition count of the requests topic.
-    """
-    admin = AIOKafkaAdminClient(**client_args(cfg, client_id))
-    await admin.start()
-    try:
-        rf = cfg.replication_factor
-        if rf == -1:
-            cluster = await admin.describe_cluster()
-            rf = max(1, min(3, len(cluster.get("brokers", []))))
-        wanted = [
-            NewTopic(cfg.requests_topic, cfg.partitions, rf),
-            NewTopic(
-                cfg.state_topic,
-                cfg.partitions,
-                rf,
-                topic_configs={
-                    "cleanup.policy": "compact",
-                    # What the producer may send (max_request_size), with room for the
-                    # record batch's own header.
-                    "max.message.bytes": str(MAX_MESSAGE_BYTES + 1024),
-                },
-            ),
-            NewTopic(cfg.balances_topic, cfg.partitions, rf),
-            NewTopic(cfg.batch_events_topic, cfg.partitions, rf),
-            NewTopic(cfg.dlq_topic, 1 if cfg.partitions < 3 else 3, rf),
-        ]
-        existing = set(await admin.list_topics())
-        missing = [t for t in wanted if t.name not in existing]
-        if missing and cfg.create_topics:
-            for topic in missing:
-                with contextlib.suppress(TopicAlreadyExistsError):
-                    await admin.create_topics([topic])
-                log.info("topic_created", topic=topic.name, partitions=topic.num_partitions)
-        elif missing:
-            names = ", ".join(t.name for t in missing)
-            raise PollerError(f"kafka: missing topics ({names}) and kafka.create_topics is false")
-        counts = await _partition_counts(admin, [cfg.requests_topic, cfg.state_topic])
-        if counts.get(cfg.requests_topic) != counts.get(cfg.state_topic):
-            raise PollerError(
-                f"kafka: {cfg.state_topic} has {counts.get(cfg.state_topic)} partitions but "
-                f"{cfg.requests_topic} has {counts.get(cfg.requests_topic)}; they must match"
-            )
-        return counts[cfg.requests_topic]
-    finally:
-        await admin.close()
-
-
-async def _partition_counts(
-    admin: AIOKafkaAdminClient, topics: list[str], timeout_s: float = 10.0
-) -> dict[str, int]:
-    """Partition count of each topic; a just-created topic may show none for a moment."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        described = await admin.describe_topics(topics)
-        counts = {d["topic"]: len(d["partitions"]) for d in described}
-        if all(counts.get(t) for t in topics) or time.monotonic() >= deadline:
-            return counts
-        await asyncio.sleep(0.2)
 
 
 async def delivered(futures: list[asyncio.Future[Any]]) -> None:

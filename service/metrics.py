@@ -61,7 +61,7 @@ _REQUEST_REJECTS = ("invalid_json", "empty", "invalid_field")
 INVALID_INPUT: tuple[tuple[str, str], ...] = (
     *(("api", r) for r in (*DLQ_REASONS, "malformed_page", "page_token_rejected")),
     *(("requests_topic", r) for r in _REQUEST_REJECTS),
-    *(("state_topic", r) for r in ("no_key", "invalid_state")),
+    *(("state_topic", r) for r in ("no_key", "invalid_state", "unknown_version")),
     *(
         ("http", r)
         for r in ("unauthorized", "content_type", "too_large", "malformed_http", *_REQUEST_REJECTS)
@@ -70,12 +70,19 @@ INVALID_INPUT: tuple[tuple[str, str], ...] = (
 TRACKING_REQUESTS: tuple[tuple[str, str], ...] = (
     *(
         ("track", r)
-        for r in ("started", "updated", "already_tracked", "already_finished", "forwarded")
+        for r in (
+            "started",
+            "updated",
+            "already_tracked",
+            "already_finished",
+            "forwarded",
+            "unreadable",
+        )
     ),
-    *(("stop", r) for r in ("stopped", "not_tracked", "forwarded")),
+    *(("stop", r) for r in ("stopped", "not_tracked", "forwarded", "unreadable")),
 )
 
-# Why a connection to Kafka failed (service.kafka.classify_connection_error).
+# Why a connection to Kafka failed (service.kafka_clients.classify_connection_error).
 KAFKA_CONNECTION_ERROR_REASONS: tuple[str, ...] = (
     "authentication",
     "authorization",
@@ -178,6 +185,12 @@ class Metrics:
         self.batches_in_backoff = Gauge(
             f"{PREFIX}_batches_in_backoff",
             "Batches whose next poll is delayed by backoff after errors.",
+            registry=r,
+        )
+        self.batches_unreadable = Gauge(
+            f"{PREFIX}_batches_unreadable",
+            "Batches of owned partitions whose stored state this version cannot read: "
+            "not polled, their requests refused, their state left as it is.",
             registry=r,
         )
         self.api_unauthorized = Gauge(

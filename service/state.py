@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.errors import UnknownStateVersion
 from service.records import fingerprint, legacy_fingerprint
 from service.seen import SeenSet
 
@@ -199,10 +200,18 @@ class BatchState:
         self.chunks.add(fps)
 
 
-class _StateDoc(BaseModel):
+class _Version(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    v: int = Field(ge=1, le=STATE_VERSION)
+    v: int = Field(ge=1)
+
+
+class StateSummary(BaseModel):
+    """The schema of a batch's summary record (every version; ``v`` says which)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    v: int = Field(ge=1)
     fp: int = Field(default=FP_VERSION, ge=1, le=FP_VERSION)
     batch_id: str = Field(min_length=1)
     expected_count: int | None = Field(default=None, ge=1)
@@ -281,7 +290,13 @@ def decode_state(value: bytes, partition: int) -> BatchState:
     The state of versions 1 and 2 carries its fingerprints inline: they are in the
     seen set and marked unsaved, so the next state write puts them into chunks.
     """
-    doc = _StateDoc.model_validate_json(value)
+    version = _Version.model_validate_json(value).v  # first: a newer form may differ in all
+    if version > STATE_VERSION:
+        raise UnknownStateVersion(
+            f"state version {version} is newer than this service reads (up to {STATE_VERSION}); "
+            "the batch is left as it is until a newer version of the service owns it"
+        )
+    doc = StateSummary.model_validate_json(value)
     inline = unpack_seen(doc.seen) if doc.seen and doc.v < 3 else array("Q")
     state = BatchState(
         batch_id=doc.batch_id,
@@ -334,7 +349,8 @@ class StateRestore:
             self._chunks.setdefault(batch_id, {})[seq] = value
 
     def batches(self, on_error: Callable[[str, ValueError], None]) -> dict[str, BatchState]:
-        """The restored batches; a batch whose records are not understood is left out."""
+        """The restored batches; a batch whose records are not understood is left out
+        (and given to ``on_error``)."""
         out: dict[str, BatchState] = {}
         for batch_id, value in self._summaries.items():
             chunks = self._chunks.pop(batch_id, {})

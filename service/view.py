@@ -12,29 +12,28 @@ from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
 from service.config import KafkaConfig
-from service.kafka import client_args
-from service.state import CHUNK_SEPARATOR
+from service.kafka_clients import client_args
+from service.state import CHUNK_SEPARATOR, StateSummary
 
 log = structlog.get_logger(__name__)
 
-
-class _Summary(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    batch_id: str
-    status: str
-    expected_count: int | None = None
-    published: int = 0
-    dead_lettered: int = 0
-    counts: dict[str, int] = {}
-    tracked_at: float | None = None
-    last_poll_at: float | None = None
-    failures: int = 0
-    reason: str | None = None
-    total_processed: int | None = None
+# What GET /v1/batches shows of a batch's summary (the state topic's schema: StateSummary).
+VIEW_FIELDS: set[str] = {
+    "batch_id",
+    "status",
+    "expected_count",
+    "published",
+    "dead_lettered",
+    "counts",
+    "tracked_at",
+    "last_poll_at",
+    "failures",
+    "reason",
+    "total_processed",
+}
 
 
 class StateView:
@@ -94,10 +93,10 @@ class StateView:
             self.batches.pop(batch_id, None)
             return
         try:
-            summary = _Summary.model_validate_json(value)
+            summary = StateSummary.model_validate_json(value)
         except ValidationError:
             return  # counted by the owner that restores it
-        self.batches[batch_id] = summary.model_dump()
+        self.batches[batch_id] = summary.model_dump(include=VIEW_FIELDS)
 
     async def close(self) -> None:
         if self._consumer is not None:

@@ -140,7 +140,7 @@ NON_LITERAL_LABELS: dict[tuple[str, str], str] = {
     ("api_requests", "ENDPOINT"): "export.ENDPOINT = 'export' (the export CLI)",
     ("api_duration", "ENDPOINT"): "export.ENDPOINT = 'export' (the export CLI)",
     ("invalid_input", "reject_reason(exc)"): "requests.reject_reason: three values, tested below",
-    ("invalid_input", "bad.reason"): "InvalidRecord.reason, one of DLQ_REASONS (tested below)",
+    ("invalid_input", "reason"): "InvalidRecord.reason, one of DLQ_REASONS (tested below)",
     ("dlq_records", "reason"): "InvalidRecord.reason, one of DLQ_REASONS (tested below)",
     ("records_published", "status"): "BalanceRecord.balance_status, one of ALL_STATUS_NAMES",
     ("batches_finished", "b.status"): "a final Status of state.py (BATCH_OUTCOMES)",
@@ -149,8 +149,12 @@ NON_LITERAL_LABELS: dict[tuple[str, str], str] = {
         "publish_errors",
         '"fenced" if fenced else type(exc).__name__',
     ): "'fenced' or the class name of the exception a Kafka commit raised",
-    ("kafka_connection_errors", "reason"): "kafka.classify_connection_error: a Literal of four",
-    ("sweeps", "outcome"): "tracker._after_read: one of SWEEP_OUTCOMES",
+    ("kafka_connection_errors", "reason"): (
+        "kafka_clients.classify_connection_error: a Literal of four"
+    ),
+    ("sweeps", "sweep.outcome"): "policy.Policy.after_read: one of SWEEP_OUTCOMES",
+    ("requests_received", "step.note"): "policy.Policy.track: one of policy.TRACK_NOTES",
+    ("requests_received", "result"): "the literal 'stopped' or 'not_tracked'",
 }
 # Metric attribute -> the label values a string literal may have, per label position.
 DECLARED: dict[str, list[set[str]]] = {

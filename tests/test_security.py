@@ -51,7 +51,7 @@ from service.app import PollerService
 from service.config import KafkaConfig, load_settings
 from service.errors import ApiTransportError, ConfigError, KafkaConnectionProblem
 from service.http_api import HttpApi, MalformedRequestLogFilter
-from service.kafka import client_args, probe_brokers
+from service.kafka_clients import client_args, probe_brokers
 from service.metrics import Metrics
 from service.pacing import RateLimiter
 

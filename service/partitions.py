@@ -1,0 +1,261 @@
+"""Partition ownership: acquire (fence, restore), release, and reset after a failed commit.
+
+When this replica is assigned requests partition *p* it fences any previous
+owner (exactly_once: by initialising the partition's transactional producer),
+restores the batches of state partition *p* and hands them to the tracker. On
+revocation it stops polling them before the partition moves. A commit that
+fails drops the partition's memory and restores it from Kafka, with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from service.config import Settings
+from service.errors import PartitionLost, UnknownStateVersion
+from service.kafka import PartitionPublisher
+from service.kafka_clients import client_args, make_producer
+from service.metrics import Metrics
+from service.state import BatchState, StateRestore
+from service.tracker import Tracker
+from service.worker import PartitionWorker
+
+log = structlog.get_logger(__name__)
+
+# Partition resets closer together than this count as one streak, and back off.
+RESET_STREAK_WINDOW_S = 60.0
+
+
+class PartitionOwner:
+    """The requests partitions this replica owns, and their restore from the state topic."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        metrics: Metrics,
+        tracker: Tracker,
+        consumer: Callable[[], AIOKafkaConsumer | None],
+        producer: Callable[[], AIOKafkaProducer | None],
+        stopping: asyncio.Event,
+    ) -> None:
+        self.settings = settings
+        self.kcfg = settings.kafka
+        self.metrics = metrics
+        self.tracker = tracker
+        self._consumer = consumer
+        self._producer = producer
+        self._stopping = stopping
+        self.transactional = self.kcfg.delivery == "exactly_once"
+        self.instance = settings.instance_id
+        self.lock = asyncio.Lock()
+        self.assigned: set[int] = set()
+        self.restored: set[int] = set()
+        self.joined = False
+        self._resets: dict[int, tuple[float, int]] = {}
+        self._reset_tasks: set[asyncio.Task[None]] = set()
+        tracker.on_publish_failure = self._on_publish_failure
+
+    @property
+    def all_restored(self) -> bool:
+        return self.assigned <= self.restored
+
+    @property
+    def owned(self) -> list[int]:
+        return sorted(self.restored & self.assigned)
+
+    async def acquire(self, partitions: list[int]) -> None:
+        self.joined = True
+        async with self.lock:
+            self.assigned = set(partitions)
+            results = await asyncio.gather(
+                *(self._restore(p) for p in partitions), return_exceptions=True
+            )
+            for p, result in zip(partitions, results, strict=True):
+                if isinstance(result, BaseException):
+                    log.error("restore_failed", partition=p, error=repr(result))
+                    self._schedule_reset(p)
+            self.metrics.owned_partitions.set(len(self.restored))
+        log.info("partitions_assigned", partitions=sorted(partitions))
+
+    async def release(self, partitions: list[int]) -> None:
+        async with self.lock:
+            timeout = min(10.0, self.settings.shutdown_grace_s)
+            await asyncio.gather(*(self.tracker.remove_worker(p, timeout) for p in partitions))
+            self.assigned -= set(partitions)
+            self.restored -= set(partitions)
+            self.metrics.owned_partitions.set(len(self.restored))
+        if partitions:
+            log.info("partitions_revoked", partitions=sorted(partitions))
+
+    async def release_all(self, timeout: float) -> None:
+        """At shutdown: stop polling, commit what is queued (within ``timeout``), close."""
+        for task in list(self._reset_tasks):
+            task.cancel()
+        await asyncio.gather(*self._reset_tasks, return_exceptions=True)
+        async with self.lock:
+            workers = list(self.tracker.workers)
+            await asyncio.gather(*(self.tracker.remove_worker(p, timeout) for p in workers))
+            self.restored.clear()
+
+    async def _restore(self, p: int) -> None:
+        if self._stopping.is_set():
+            return
+        started = time.monotonic()
+        if self.transactional:
+            producer = make_producer(
+                self.kcfg,
+                f"rightfoot-poller-{self.instance}-p{p}",
+                transactional_id=f"{self.kcfg.group_id}.{self.kcfg.requests_topic}.{p}",
+            )
+            await producer.start()  # initialises the transactional id: fences the old owner
+        else:
+            shared = self._producer()
+            assert shared is not None
+            producer = shared
+        try:
+            batches, unreadable = await self._read_state(p)
+        except BaseException:
+            if self.transactional:
+                await producer.stop()
+            raise
+        publisher = PartitionPublisher(
+            partition=p,
+            cfg=self.kcfg,
+            metrics=self.metrics,
+            producer=producer,
+            transactional=self.transactional,
+            commit_offsets=self._commit_offsets,
+            owns_producer=self.transactional,
+        )
+        publisher.start()
+        worker = PartitionWorker(
+            partition=p, publisher=publisher, batches=batches, unreadable=unreadable
+        )
+        self.tracker.add_worker(worker)
+        self.restored.add(p)
+        consumer = self._consumer()
+        if consumer is not None:
+            with contextlib.suppress(KafkaError, AssertionError):
+                consumer.resume(TopicPartition(self.kcfg.requests_topic, p))
+        log.info(
+            "partition_restored",
+            partition=p,
+            batches=len(batches),
+            active=sum(1 for b in batches.values() if b.active),
+            unreadable=len(unreadable),
+            took_s=round(time.monotonic() - started, 3),
+        )
+
+    async def _read_state(self, p: int) -> tuple[dict[str, BatchState], dict[str, str]]:
+        """Every batch of state partition p as last committed, and those not understood."""
+        tp = TopicPartition(self.kcfg.state_topic, p)
+        consumer = AIOKafkaConsumer(
+            **client_args(self.kcfg, f"rightfoot-poller-restore-{self.instance}"),
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+        )
+        await consumer.start()
+        restore = StateRestore(p)
+        unreadable: dict[str, str] = {}
+        try:
+            consumer.assign([tp])
+            await consumer.seek_to_beginning(tp)
+            end = (await consumer.end_offsets([tp]))[tp]
+            while await consumer.position(tp) < end:
+                chunk = await consumer.getmany(tp, timeout_ms=1000, max_records=5000)
+                for msg in chunk.get(tp, []):
+                    try:
+                        restore.apply(msg.key, msg.value)
+                    except ValueError as exc:
+                        self._state_unreadable(None, exc)
+        finally:
+            await consumer.stop()
+
+        def refused(batch_id: str, exc: ValueError) -> None:
+            unreadable[batch_id] = str(exc)[:300]
+            self._state_unreadable(batch_id, exc)
+
+        return restore.batches(refused), unreadable
+
+    def _state_unreadable(self, batch_id: str | None, exc: ValueError) -> None:
+        invalid = self.metrics.invalid_input
+        if batch_id is None and str(exc) == "no key":
+            reason = "no_key"
+            invalid.labels("state_topic", "no_key").inc()
+        elif isinstance(exc, UnknownStateVersion):
+            reason = "unknown_version"
+            invalid.labels("state_topic", "unknown_version").inc()
+        else:
+            reason = "invalid_state"
+            invalid.labels("state_topic", "invalid_state").inc()
+        log.error("state_unreadable", batch_id=batch_id, reason=reason, error=str(exc)[:300])
+
+    async def _commit_offsets(self, offsets: dict[TopicPartition, int]) -> None:
+        consumer = self._consumer()
+        if consumer is None:
+            raise KafkaError("consumer closed")
+        await consumer.commit(offsets)
+
+    def _on_publish_failure(self, partition: int, exc: BaseException) -> None:
+        if isinstance(exc, PartitionLost):
+            log.warning("partition_fenced", partition=partition)
+        self._schedule_reset(partition, fenced=isinstance(exc, PartitionLost))
+
+    def _schedule_reset(self, partition: int, fenced: bool = False) -> None:
+        task = asyncio.create_task(self._reset(partition, fenced), name=f"reset-{partition}")
+        self._reset_tasks.add(task)
+        task.add_done_callback(self._reset_tasks.discard)
+
+    async def _reset(self, p: int, fenced: bool) -> None:
+        """Drop a partition's in-memory state and restore it from Kafka, with backoff.
+
+        Failures that repeat (a broker that is down, a message Kafka refuses) back off
+        exponentially, so a partition that cannot commit does not hammer the API or Kafka.
+        """
+        tp = TopicPartition(self.kcfg.requests_topic, p)
+        async with self.lock:
+            if p not in self.assigned:
+                return
+            await self.tracker.remove_worker(p, timeout=5.0)
+            self.restored.discard(p)
+            consumer = self._consumer()
+            if consumer is not None:
+                with contextlib.suppress(KafkaError, AssertionError):
+                    consumer.pause(tp)
+            if fenced:
+                # Another instance owns it now; the coming rebalance will tell us.
+                return
+        now = time.monotonic()
+        last, streak = self._resets.get(p, (0.0, 0))
+        streak = streak + 1 if now - last < RESET_STREAK_WINDOW_S else 0
+        self._resets[p] = (now, streak)
+        delay = min(30.0, 0.5 * 2**streak) if streak else 0.0
+        while not self._stopping.is_set():
+            if delay:
+                log.warning("partition_reset_backoff", partition=p, delay_s=delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+                if self._stopping.is_set():
+                    return
+            async with self.lock:
+                if p not in self.assigned or p in self.restored:
+                    return
+                try:
+                    consumer = self._consumer()
+                    if consumer is not None:
+                        await consumer.seek_to_committed(tp)
+                    await self._restore(p)
+                    self.metrics.owned_partitions.set(len(self.restored))
+                    return
+                except (KafkaError, OSError) as exc:
+                    log.error("partition_reset_failed", partition=p, error=repr(exc))
+            delay = min(max(delay * 2, 1.0), 30.0)

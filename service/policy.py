@@ -1,0 +1,401 @@
+"""The batch policy: what a tracking request, a stop, a page or a failure does to a batch.
+
+Pure: no I/O, no asyncio, no metrics. The runner (service.tracker) reads pages
+and commits; it asks the policy what each thing it saw means and gets back a
+``Step``: the batch's state after it, what to publish, and when to poll next.
+Only the policy makes a batch's next state. The clock comes in as ``now``
+(wall-clock seconds), the randomness from the injected ``random.Random``.
+
+The runner applies a step's state at once, in memory, and queues its messages
+on the partition's publisher, which commits them in order. So the state in
+memory is always the newest one queued, every step starts from it, and a step
+can never write an older cursor or fewer fingerprints than one queued before
+it. A commit that fails makes the runner restore the partition from Kafka.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, replace
+from typing import cast
+
+from service.config import PollingConfig
+from service.errors import (
+    ApiBadRequest,
+    ApiError,
+    ApiForbidden,
+    ApiNotFound,
+    ApiRateLimited,
+    ApiUnauthorized,
+)
+from service.records import Page, status_name
+from service.requests import TrackingRequest
+from service.seen import SeenSet
+from service.state import RESUMABLE, BatchState, Status
+from service.step import Pending, Step, SweepReport, collect
+
+# Restarts from the first page within one poll after page tokens are rejected (400);
+# past that the poll fails like any transient failure and backs off.
+MAX_TOKEN_RESTARTS = 3
+# What a track request did (Step.note of Policy.track; a label of tracking_requests_total).
+TRACK_NOTES = ("started", "updated", "already_tracked", "already_finished")
+# Exponents stop growing here: 2**20 windows is past any backoff cap.
+MAX_DOUBLINGS = 20
+
+
+@dataclass(slots=True)
+class _FullRead:
+    """A read of a whole batch from its first page, within one poll."""
+
+    sweep: bool  # started because the API's count was ahead of the records seen
+    seen_before: int  # records seen when it began
+    pages: int = 0
+
+
+class Policy:
+    """The rules for every batch; one per service, shared by every partition."""
+
+    def __init__(self, cfg: PollingConfig, backoff_max_s: float, rng: random.Random) -> None:
+        self.cfg = cfg
+        self.backoff_max_s = backoff_max_s
+        self.rng = rng
+
+    # ---- scheduling ---------------------------------------------------------------
+
+    def window(self) -> float:
+        """The delay from one poll's due time to the next: uniform in the polling window."""
+        return self.rng.uniform(self.cfg.interval_min_s, self.cfg.interval_max_s)
+
+    def backoff(self, failures: int, cap: float) -> float:
+        """The delay after ``failures`` failures in a row: a window doubled each time, capped."""
+        return min(cap, self.window() * float(2 ** min(failures - 1, MAX_DOUBLINGS)))
+
+    @staticmethod
+    def next_due(due: float, delay: float, now: float) -> float:
+        """The next poll's due time: ``delay`` after this one was due (no drift), not past."""
+        return max(now, due + delay)
+
+    def first_due_in(self, b: BatchState, now: float) -> float:
+        """After a restore: how long until the batch's next poll."""
+        if b.last_poll_at is None:
+            return 0.0
+        return max(0.0, b.last_poll_at + self.window() - now)
+
+    # ---- requests -----------------------------------------------------------------
+
+    def track(self, b: BatchState | None, req: TrackingRequest, partition: int, now: float) -> Step:
+        """A track request; a step that does not save changes nothing (its note says why)."""
+        if b is not None and b.active:
+            if req.expected_count is not None and b.expected_count is None:
+                return Step(replace(b, expected_count=req.expected_count), "updated", save=True)
+            return Step(b, "already_tracked")
+        if b is not None and b.status not in RESUMABLE:
+            return Step(b, "already_finished")
+        if b is None:
+            b = BatchState(batch_id=req.batch_id, partition=partition, tracked_at=now)
+        else:  # failed or stopped before: resume where it stood
+            b = replace(
+                b,
+                generation=b.generation + 1,
+                status="tracking",
+                reason=None,
+                failures=0,
+                not_found_since=None,
+                tracked_at=now,
+                # Idleness counts from now: a batch that had records can complete again.
+                last_new_at=now if b.records_seen else None,
+            )
+        if req.expected_count:
+            b.expected_count = req.expected_count
+        return Step(b, "started", save=True, lifecycle="tracking_started", poll_in=0.0)
+
+    def stop(self, b: BatchState | None, now: float) -> Step | None:
+        """A stop request: the batch is stopped at once; a poll under way is dropped."""
+        if b is None or not b.active:
+            return None
+        return self._finish(b, "stopped", "stopped by request", now)
+
+    # ---- polls --------------------------------------------------------------------
+
+    def begin(self, b: BatchState, now: float) -> Poll | Step:
+        """A poll that is due: the Poll that reads it, or the step that expires it."""
+        if now - b.tracked_at >= self.cfg.max_age_s:
+            reason = expired_reason(b, b.records_seen, b.total_processed)
+            return self._finish(b, "expired", reason, now)
+        return Poll(self, b)
+
+    def failed(self, b: BatchState, exc: ApiError, now: float) -> Step:
+        """A poll that ended with an API error, applied to the batch as it stands now."""
+        if isinstance(exc, ApiUnauthorized):
+            return Step(b, "unauthorized", poll_in=self.window())
+        if isinstance(exc, ApiNotFound):
+            first = b.not_found_since if b.not_found_since is not None else now
+            if now - first >= self.cfg.not_found_grace_s:
+                return self._finish(b, "failed", f"api_not_found: {exc.args[0]}", now)
+            updated = replace(b, not_found_since=first, last_poll_at=now)
+            return Step(updated, "not_found", save=True, poll_in=self.window())
+        if isinstance(exc, ApiForbidden | ApiBadRequest):  # or a 400 on the first page
+            return self._finish(b, "failed", f"api_{exc.status}: {exc.args[0]}", now)
+        failures = b.failures + 1
+        delay = self.backoff(failures, self.backoff_max_s)
+        if isinstance(exc, ApiRateLimited) and exc.retry_after is not None:
+            delay = max(delay, exc.retry_after)
+        updated = replace(b, failures=failures, last_poll_at=now)
+        return Step(updated, "error", save=True, poll_in=delay)
+
+    def _finish(self, b: BatchState, status: str, reason: str, now: float) -> Step:
+        updated = replace(b, status=cast(Status, status), reason=reason, last_poll_at=now)
+        if status not in RESUMABLE:
+            updated.seen = SeenSet()  # never needed again: not tracked again
+        return Step(updated, status, save=True, lifecycle=status)
+
+    # ---- reconciliation and completion --------------------------------------------
+
+    def idle(self, b: BatchState, pending: Pending, now: float) -> bool:
+        """No new record for ``polling.complete_after_idle_s`` (and some record ever)."""
+        return (
+            pending.size == 0
+            and b.last_new_at is not None
+            and now - b.last_new_at >= self.cfg.complete_after_idle_s
+        )
+
+    def sweep_due(self, b: BatchState, pending: Pending, total: int | None, now: float) -> bool:
+        """Whether a poll that reached the end should read the batch again from page 1."""
+        if total is not None:
+            if total <= b.records_seen + pending.size:
+                return False  # nothing missing by the count (a smaller count: see README)
+            return b.next_sweep_at is None or now >= b.next_sweep_at
+        # No count: only a full read can tell what was listed behind the cursor. One runs
+        # every sweep_interval_s, and one more before the batch completes for idleness.
+        if b.last_sweep_at is None or now - b.last_sweep_at >= self.cfg.sweep_interval_s:
+            return True
+        # (A full read that found new records proves nothing about what came after it.)
+        return (
+            self.idle(b, pending, now)
+            and b.last_new_at is not None
+            and b.last_sweep_at <= b.last_new_at
+        )
+
+    def after_read(
+        self,
+        b: BatchState,
+        pending: Pending,
+        total: int | None,
+        full: _FullRead | None,
+        now: float,
+    ) -> tuple[dict[str, object], SweepReport | None]:
+        """What a poll that reached the end changes in the batch's reconciliation state."""
+        updates: dict[str, object] = {"total_processed": total}
+        if full is None:
+            return updates, None
+        seen = b.records_seen + pending.size
+        found = seen - full.seen_before
+        behind = 0 if total is None else total - seen
+        # A poll that began at the first page (a batch of one page, a new batch) is a full
+        # read too; it stands for a sweep only when one was due.
+        if (
+            not full.sweep
+            and behind <= 0
+            and (total is not None or not self.sweep_due(b, pending, None, now))
+        ):
+            return updates, None
+        fruitless = behind > 0 and found == 0
+        failures = b.sweep_failures + 1 if fruitless else 0
+        retry_in = self.backoff(failures, self.cfg.sweep_backoff_max_s) if fruitless else None
+        updates.update(
+            last_sweep_at=now,
+            sweep_failures=failures,
+            next_sweep_at=None if retry_in is None else now + retry_in,
+        )
+        if not full.sweep:
+            return updates, None
+        outcome = "reconciled" if behind <= 0 else "partial" if found else "nothing"
+        report = SweepReport(outcome, found, full.pages, total, max(0, behind), retry_in)
+        return updates, report
+
+    def completion(
+        self, b: BatchState, pending: Pending, updates: dict[str, object], now: float
+    ) -> tuple[str, str] | None:
+        """Whether the batch is finished, after a poll that read to the end.
+
+        With ``expected_count``: once that many records were seen. Without it: once no
+        new record came for ``polling.complete_after_idle_s`` and nothing is missing by
+        the API's count; when the API gives no count, once a full read of the batch
+        after the last new record found nothing more.
+        """
+        seen = b.records_seen + pending.size
+        total = cast(int | None, updates.get("total_processed", b.total_processed))
+        if b.expected_count is not None:
+            if seen >= b.expected_count:
+                return "completed", f"{seen} of {b.expected_count} expected records published"
+        elif self.idle(b, pending, now):
+            last_full = cast(float | None, updates.get("last_sweep_at", b.last_sweep_at))
+            if total is not None and seen >= total:
+                return "completed", (
+                    f"no new records for polling.complete_after_idle_s; {seen} records seen, "
+                    f"the API counts {total}"
+                )
+            if total is None and last_full is not None and last_full > cast(float, b.last_new_at):
+                return "completed", (
+                    "no new records for polling.complete_after_idle_s, nor in a full read of "
+                    "the batch (the API gives no count)"
+                )
+        if now - b.tracked_at >= self.cfg.max_age_s:
+            return "expired", expired_reason(b, seen, total)
+        return None
+
+    def commit(
+        self,
+        b: BatchState,
+        pending: Pending,
+        cursor: str | None,
+        outcome: tuple[str, str] | None,
+        updates: dict[str, object],
+        now: float,
+    ) -> Step:
+        """The batch after ``pending`` is committed; ``save`` is False when nothing changed."""
+        unchanged = (
+            not pending.size
+            and outcome is None
+            and cursor == b.cursor
+            and b.failures == 0
+            and b.not_found_since is None
+            and all(getattr(b, name) == value for name, value in updates.items())
+        )
+        if unchanged:
+            # Nothing new: the stored progress still holds, so nothing is written (a batch
+            # that stays quiet costs no state writes). Only the local poll time moves.
+            return Step(replace(b, last_poll_at=now), "unchanged")
+        counts = Counter(b.counts)
+        new_counts: Counter[str] = Counter()
+        for code, n in Counter(rec.balance_status_code for rec in pending.records).items():
+            new_counts[status_name(code)] += n
+        counts.update(new_counts)
+        updated = replace(
+            b,
+            cursor=cursor,
+            published=b.published + len(pending.records),
+            dead_lettered=b.dead_lettered + len(pending.invalid),
+            counts=dict(counts),
+            last_new_at=now if pending.size else b.last_new_at,
+            last_poll_at=now,
+            not_found_since=None,
+            failures=0,
+            **updates,  # type: ignore[arg-type]
+        )
+        if pending.digests:
+            updated.remember(pending.digests)
+        step = Step(
+            updated,
+            "progress",
+            save=True,
+            records=pending.records,
+            invalid=pending.invalid,
+            counts=new_counts,
+        )
+        if outcome is not None:
+            finish = self._finish(updated, outcome[0], outcome[1], now)
+            step.state, step.note, step.lifecycle = finish.state, finish.note, finish.lifecycle
+        return step
+
+
+class Poll:
+    """One poll of one batch: what each page means, when to commit, when it ends.
+
+    Pages are read from the batch's cursor to the end. The API lists a batch in an
+    order it does not document, and a record may be listed behind the cursor after
+    a poll has passed its place. When the last page's ``total_processed`` is ahead
+    of the records seen, the poll sweeps: it reads the batch again from its first
+    page, keeps what is new (fingerprints recognise the rest) and stops once the
+    count is reached. The cursor moves only with pages read in order, never with a
+    sweep. Progress is committed every ``polling.max_records_per_transaction``
+    records and when the poll reaches the end.
+    """
+
+    def __init__(self, policy: Policy, b: BatchState) -> None:
+        self.policy = policy
+        self.batch_id = b.batch_id
+        self.generation = b.generation
+        self.token = b.cursor  # the page to read next
+        self.cursor = b.cursor  # where the next poll starts
+        self.full = None if b.cursor is not None else _FullRead(False, b.records_seen)
+        self.restarts = 0  # page tokens rejected in this poll
+        self.pending = Pending()
+        self.done = False
+
+    def current(self, b: BatchState | None) -> bool:
+        """Whether the poll still stands for ``b`` (not stopped or re-tracked meanwhile)."""
+        return b is not None and b.active and b.generation == self.generation
+
+    def page(self, b: BatchState | None, page: Page, now: float) -> Step | None:
+        """Take one page; a step when there is progress to commit.
+
+        ``b`` is the batch as it stands now: if it was stopped (or stopped and tracked
+        again) since the poll began, the poll ends and what it read is dropped.
+        """
+        if b is None or not self.current(b):
+            self.done = True
+            return None
+        collect(b, page.records, page.invalid, self.pending)
+        last = self._advance(b, page, now)
+        size = self.pending.size
+        if not last and size < self.policy.cfg.max_records_per_transaction:
+            return None
+        self.done = last
+        updates: dict[str, object] = {}
+        outcome = sweep = None
+        if last:
+            updates, sweep = self.policy.after_read(
+                b, self.pending, page.total_processed, self.full, now
+            )
+            outcome = self.policy.completion(b, self.pending, updates, now)
+        step = self.policy.commit(b, self.pending, self.cursor, outcome, updates, now)
+        step.sweep = sweep
+        if last and step.lifecycle is None:
+            step.poll_in = self.policy.window()
+        self.pending = Pending()
+        return step
+
+    def token_rejected(self, b: BatchState) -> bool:
+        """The API refused the page token: True to read again from the first page."""
+        if self.token is None:
+            return False
+        self.restarts += 1
+        if self.restarts > MAX_TOKEN_RESTARTS:
+            return False
+        self.token = None
+        if self.full is None:
+            self.full = _FullRead(False, b.records_seen + self.pending.size)
+        return True
+
+    def _advance(self, b: BatchState, page: Page, now: float) -> bool:
+        """Move past ``page``; True when the poll has read all it will."""
+        used = self.token
+        if page.has_more:
+            self.token = page.next_page_token
+        last = not page.has_more
+        total = page.total_processed
+        full = self.full
+        sweeping = full is not None and full.sweep
+        if full is not None:
+            full.pages += 1
+        if not sweeping:
+            self.cursor = used if last else self.token
+        elif total is not None and b.records_seen + self.pending.size >= total:
+            return True  # the sweep found every record the count says exists
+        if last and full is None and self.policy.sweep_due(b, self.pending, total, now):
+            self.full = _FullRead(True, b.records_seen + self.pending.size)
+            self.token = None
+            return False
+        return last
+
+
+def expired_reason(b: BatchState, seen: int, total: int | None) -> str:
+    reason = "tracked longer than polling.max_age_s"
+    if b.expected_count is not None and seen < b.expected_count:
+        missing = b.expected_count - seen
+        return f"{reason}; {missing} of {b.expected_count} expected records never listed"
+    if total is not None and seen < total:
+        return f"{reason}; {total - seen} of the {total} records the API counts never listed"
+    return reason

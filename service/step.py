@@ -1,0 +1,99 @@
+"""What the policy hands the runner: a ``Step``; and what a poll has read, not yet committed.
+
+``collect`` is the hot path of the service: once per record read, it keeps the
+records whose event was neither published (the batch's seen set) nor read
+earlier in the same poll.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections import Counter
+from dataclasses import dataclass, field
+
+from service.records import BalanceRecord, InvalidRecord, fingerprint
+from service.state import BatchState
+
+
+@dataclass(frozen=True, slots=True)
+class SweepReport:
+    """How a read of a whole batch from its first page turned out."""
+
+    outcome: str  # reconciled | partial | nothing
+    found: int
+    pages: int
+    total_processed: int | None
+    behind: int
+    next_sweep_in_s: float | None
+
+
+@dataclass(slots=True)
+class Step:
+    """What the policy decided: the batch after it, what to publish, when to poll next."""
+
+    state: BatchState
+    note: str  # what happened, for metrics and logs
+    save: bool = False  # write the state to the state topic
+    lifecycle: str | None = None  # a lifecycle event to publish (tracking_started, completed...)
+    records: list[BalanceRecord] = field(default_factory=list)  # new: publish as events
+    invalid: list[InvalidRecord] = field(default_factory=list)  # new: dead-letter
+    counts: Counter[str] = field(default_factory=Counter)  # new records per status name
+    poll_in: float | None = None  # delay to the next poll, from this poll's due time
+    sweep: SweepReport | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.lifecycle in ("completed", "expired", "failed", "stopped")
+
+
+class Pending:
+    """What one poll has read and not yet committed."""
+
+    __slots__ = ("digests", "invalid", "records")
+
+    def __init__(self) -> None:
+        self.records: list[BalanceRecord] = []
+        self.invalid: list[InvalidRecord] = []
+        self.digests: set[int] = set()
+
+    @property
+    def size(self) -> int:
+        return len(self.records) + len(self.invalid)
+
+
+def _first_sight(b: BatchState, pending: Pending, event_id: str) -> bool:
+    """True, and remembered, if this event was neither published nor read earlier in this poll."""
+    d = b.fingerprint(event_id)
+    if d in b.seen or d in pending.digests:
+        return False
+    pending.digests.add(d)
+    return True
+
+
+def collect(
+    b: BatchState, records: list[BalanceRecord], invalid: list[InvalidRecord], pending: Pending
+) -> None:
+    """Add to ``pending`` the records of a page that were neither published nor read before."""
+    # Once per record: _first_sight inlined and lookups hoisted (the hot path).
+    fresh, append = pending.digests, pending.records.append
+    if b.fingerprint is not fingerprint:  # a batch resumed from an older state version
+        for rec in records:
+            if _first_sight(b, pending, rec.event_id):
+                append(rec)
+    else:
+        recent, remembered = b.seen.recent, b.seen.sorted  # SeenSet.__contains__, inlined
+        n = len(remembered)
+        for rec in records:
+            eid = rec.event_id
+            d = int(eid[19:23] + eid[24:], 16)  # records.fingerprint, inlined
+            if d in recent or d in fresh:
+                continue
+            if n:
+                i = bisect_left(remembered, d)
+                if i < n and remembered[i] == d:
+                    continue
+            fresh.add(d)
+            append(rec)
+    for bad in invalid:
+        if _first_sight(b, pending, bad.event_id):
+            pending.invalid.append(bad)

@@ -1,0 +1,67 @@
+"""The runner's two interfaces, and what it holds of one owned requests partition."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from service.events import Publishable
+from service.records import Page
+from service.state import BatchState
+
+
+class PageSource(Protocol):
+    async def fetch_page(
+        self,
+        batch_id: str,
+        token: str | None,
+        limit: int | None = None,
+        *,
+        stop: Callable[[], bool] | None = None,
+    ) -> Page: ...
+
+
+class Committer(Protocol):
+    on_failure: Callable[[BaseException], None] | None
+
+    async def publish(
+        self, messages: Sequence[Publishable], request_offset: int | None = None
+    ) -> None: ...
+
+    async def close(self, timeout: float) -> None: ...
+
+
+@dataclass(slots=True)
+class PartitionWorker:
+    """The batches of one owned requests partition and the committer that commits them."""
+
+    partition: int
+    publisher: Committer
+    batches: dict[str, BatchState] = field(default_factory=dict)
+    # Batches whose stored state this version cannot read: left as they are, not polled.
+    unreadable: dict[str, str] = field(default_factory=dict)
+    polls: set[asyncio.Task[None]] = field(default_factory=set)
+    epoch: int = 0
+    closed: bool = False
+
+
+async def settled(commits: deque[asyncio.Future[None]]) -> None:
+    """Wait for each commit in order; the first failure is raised (the later ones fail too)."""
+    try:
+        while commits:
+            commit = commits.popleft()
+            if not commit.cancelled():
+                await commit
+    finally:
+        for commit in commits:
+            commit.add_done_callback(lambda f: f.cancelled() or f.exception())
+        commits.clear()
+
+
+def done() -> asyncio.Future[None]:
+    fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    fut.set_result(None)
+    return fut

@@ -1,0 +1,140 @@
+"""What a policy step publishes, and what its commit counts.
+
+The runner hands each ``Step`` here twice: before the commit, for the messages
+that carry it (dead letters, balance events, a lifecycle event, the state), and
+after the commit, for the metrics and log lines of what was committed.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import structlog
+
+from service.errors import ApiError, ApiNotFound, ApiUnauthorized
+from service.events import BalanceEvents, EventFactory, OutMessage, Publishable
+from service.metrics import Metrics
+from service.state import BatchState, state_records
+from service.step import Step
+
+log = structlog.get_logger(__name__)
+
+
+class StepWriter:
+    def __init__(self, *, factory: EventFactory, metrics: Metrics, state_topic: str) -> None:
+        self.factory = factory
+        self.metrics = metrics
+        self.state_topic = state_topic
+
+    def messages(self, step: Step) -> list[Publishable]:
+        """The messages that commit ``step``, in the order they are to be written."""
+        b = step.state
+        out: list[Publishable] = [self.factory.invalid(b.batch_id, bad) for bad in step.invalid]
+        if step.invalid:
+            reasons = Counter(bad.reason for bad in step.invalid)
+            for reason, n in reasons.items():
+                self.metrics.invalid_input.labels("api", reason).inc(n)
+            log.warning(
+                "record_dead_lettered",
+                batch_id=b.batch_id,
+                reasons=dict(reasons),
+                detail=step.invalid[0].detail,
+            )
+        if step.records:
+            out.append(BalanceEvents(self.factory, b.batch_id, step.records))
+        if step.lifecycle is not None:
+            out.append(self.lifecycle(b, step.lifecycle))
+        if step.save:
+            out.extend(self.state(b))
+        if step.sweep is not None:
+            self._swept(b, step)
+        return out
+
+    def committed(self, step: Step) -> None:
+        """Count what ``step`` committed."""
+        for status, n in step.counts.items():
+            self.metrics.records_published.labels(status).inc(n)
+        for reason, n in Counter(bad.reason for bad in step.invalid).items():
+            self.metrics.dlq_records.labels(reason).inc(n)
+        if step.finished:
+            b = step.state
+            self.metrics.batches_finished.labels(b.status).inc()
+            log.info(
+                "batch_finished",
+                batch_id=b.batch_id,
+                outcome=b.status,
+                reason=b.reason,
+                records=b.published,
+                dead_lettered=b.dead_lettered,
+            )
+
+    def poll_failed(self, step: Step, exc: ApiError) -> None:
+        """Count and log a poll that ended with an API error (``step``: what it did)."""
+        b = step.state
+        if isinstance(exc, ApiUnauthorized):
+            self.metrics.polls.labels("unauthorized").inc()
+        elif isinstance(exc, ApiNotFound):
+            self.metrics.polls.labels("not_found").inc()
+            if not step.finished and b.not_found_since is not None and b.last_poll_at is not None:
+                since = round(b.last_poll_at - b.not_found_since, 1)
+                log.info("batch_not_found_yet", batch_id=b.batch_id, since_s=since)
+        else:
+            self.metrics.polls.labels("error").inc()
+            if not step.finished:
+                log.warning(
+                    "poll_failed",
+                    batch_id=b.batch_id,
+                    error=str(exc),
+                    failures=b.failures,
+                    retry_in_s=round(step.poll_in or 0.0, 2),
+                )
+
+    def _swept(self, b: BatchState, step: Step) -> None:
+        sweep = step.sweep
+        assert sweep is not None
+        self.metrics.sweeps.labels(sweep.outcome).inc()
+        self.metrics.sweep_records.inc(sweep.found)
+        self.metrics.sweep_pages.inc(sweep.pages)
+        retry_in = sweep.next_sweep_in_s
+        log.info(
+            "sweep_finished",
+            batch_id=b.batch_id,
+            outcome=sweep.outcome,
+            found=sweep.found,
+            pages=sweep.pages,
+            total_processed=sweep.total_processed,
+            behind=sweep.behind,
+            next_sweep_in_s=None if retry_in is None else round(retry_in, 1),
+        )
+
+    def lifecycle(self, b: BatchState, event: str) -> OutMessage:
+        if event == "tracking_started":
+            return self.factory.lifecycle(
+                b.batch_id,
+                event,
+                generation=b.generation,
+                expected_count=b.expected_count,
+                records_published=b.published,
+            )
+        return self.factory.lifecycle(
+            b.batch_id,
+            event,
+            generation=b.generation,
+            expected_count=b.expected_count,
+            records_published=b.published,
+            counts_by_status=dict(b.counts),
+            reason=b.reason,
+            records_dead_lettered=b.dead_lettered,
+            total_processed=b.total_processed,
+        )
+
+    def state(self, b: BatchState) -> list[OutMessage]:
+        """The state-topic messages that save ``b`` (its summary, and chunks as needed)."""
+        out = [
+            OutMessage(
+                topic=self.state_topic, key=key, value=value, headers=[], partition=b.partition
+            )
+            for key, value in state_records(b)
+        ]
+        self.metrics.state_bytes.inc(sum(len(m.key or b"") + len(m.value or b"") for m in out))
+        return out

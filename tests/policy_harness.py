@@ -1,0 +1,122 @@
+"""A vendor model and a synchronous driver for the batch policy (no broker, no clock).
+
+``Vendor`` lists a batch the way the API's page allows: in an order it does not
+document, with records that may appear anywhere in the list later (behind a
+reader's cursor), page tokens that are offsets, and a count (``total_processed``)
+that may be given or not. ``Driver`` applies the policy's steps the way the
+runner does: a step's state becomes the batch's state at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from service.config import PollingConfig
+from service.policy import Policy, Poll, Step
+from service.records import BalanceRecord, Page, balance_event_id
+from service.requests import TrackingRequest
+from service.state import BatchState
+
+BATCH = "batch-1"
+
+
+def record(n: int, batch_id: str = BATCH) -> BalanceRecord:
+    uid = f"auth-{n:06d}"
+    ts = "2026-11-28T10:00:00Z"
+    return BalanceRecord(uid, f"{n}.01", n % 3, ts, balance_event_id(batch_id, uid, ts))
+
+
+@dataclass
+class Vendor:
+    """One batch's listing. Tokens are offsets into the list as it is when asked."""
+
+    records: list[BalanceRecord] = field(default_factory=list)
+    page_size: int = 2
+    counts: bool = True  # whether pages carry total_processed
+
+    def insert(self, position: int, rec: BalanceRecord) -> None:
+        self.records.insert(min(position, len(self.records)), rec)
+
+    def page(self, token: str | None) -> Page:
+        start = 0 if token is None else int(token[1:])
+        end = start + self.page_size
+        more = end < len(self.records)
+        return Page(
+            batch_id=BATCH,
+            total_processed=len(self.records) if self.counts else None,
+            has_more=more,
+            next_page_token=f"t{end}" if more else None,
+            records=list(self.records[start:end]),
+        )
+
+
+def config(**changes: float) -> PollingConfig:
+    base: dict[str, float] = {
+        "interval_min_s": 30.0,
+        "interval_max_s": 60.0,
+        "not_found_grace_s": 300.0,
+        "complete_after_idle_s": 900.0,
+        "max_age_s": 86400.0,
+        "max_records_per_transaction": 1000,
+        "sweep_interval_s": 600.0,
+        "sweep_backoff_max_s": 3600.0,
+    }
+    base.update(changes)
+    return PollingConfig(**base)  # type: ignore[arg-type]
+
+
+@dataclass
+class Driver:
+    """Applies steps as the runner does, and keeps what was published and saved."""
+
+    policy: Policy
+    vendor: Vendor
+    now: float = 1_000_000.0
+    state: BatchState | None = None
+    emitted: list[str] = field(default_factory=list)  # event ids of balance events
+    lifecycle: list[str] = field(default_factory=list)
+    saved: list[BatchState] = field(default_factory=list)  # every state written
+    listed_at_completion: list[str] | None = None  # the vendor's event ids when it completed
+
+    def apply(self, step: Step | None) -> Step | None:
+        if step is None:
+            return None
+        self.state = step.state
+        self.emitted += [r.event_id for r in step.records]
+        if step.lifecycle:
+            self.lifecycle.append(step.lifecycle)
+        if step.lifecycle == "completed":
+            self.listed_at_completion = [r.event_id for r in self.vendor.records]
+        if step.save:
+            self.saved.append(step.state)
+        return step
+
+    def track(self, expected_count: int | None = None) -> Step:
+        req = TrackingRequest(batch_id=BATCH, expected_count=expected_count)
+        step = self.policy.track(self.state, req, 0, self.now)
+        self.apply(step)
+        return step
+
+    def stop(self) -> Step | None:
+        return self.apply(self.policy.stop(self.state, self.now))
+
+    def begin(self) -> Poll | None:
+        assert self.state is not None
+        begun = self.policy.begin(self.state, self.now)
+        if isinstance(begun, Step):
+            self.apply(begun)
+            return None
+        return begun
+
+    def page(self, poll: Poll) -> Step | None:
+        return self.apply(poll.page(self.state, self.vendor.page(poll.token), self.now))
+
+    def poll(self) -> Step | None:
+        """One whole poll; its last step (None if it committed nothing)."""
+        poll = self.begin()
+        if poll is None:
+            return None
+        last = None
+        while not poll.done:
+            last = self.page(poll) or last
+        return last

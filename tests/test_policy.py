@@ -1,0 +1,390 @@
+"""The batch policy on its own: fake clock, seeded randomness, a vendor model, no broker."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from service.errors import (
+    ApiBadRequest,
+    ApiForbidden,
+    ApiNotFound,
+    ApiRateLimited,
+    ApiServerError,
+    ApiUnauthorized,
+)
+from service.policy import MAX_TOKEN_RESTARTS, Policy, Poll
+from service.requests import TrackingRequest
+from service.state import BatchState
+from tests.policy_harness import BATCH, Driver, Vendor, config, record
+
+
+def make(seed: int = 1, backoff_max_s: float = 300.0, **cfg: float) -> Policy:
+    return Policy(config(**cfg), backoff_max_s, random.Random(seed))
+
+
+def driver(records: int = 0, **cfg: float) -> Driver:
+    d = Driver(make(**cfg), Vendor([record(i) for i in range(records)]))
+    d.track()
+    return d
+
+
+# ---- the polling window ---------------------------------------------------------------
+
+
+def test_the_window_is_uniform_in_the_configured_range_and_due_times_do_not_drift() -> None:
+    policy = make()
+    windows = [policy.window() for _ in range(2000)]
+    assert 30.0 <= min(windows) < 31.0 and 59.0 < max(windows) <= 60.0
+    assert 44.0 < sum(windows) / len(windows) < 46.0  # uniform: mean in the middle
+    # Each poll is due a window after the previous poll was *due*, however long it ran.
+    due, now = 0.0, 0.0
+    policy = make(seed=7)
+    windows = []
+    for _ in range(100):
+        now = due + 5.0  # the poll took five seconds
+        window = policy.window()
+        windows.append(window)
+        due = policy.next_due(due, window, now)
+    assert due == pytest.approx(sum(windows))
+
+
+def test_a_poll_later_than_its_next_due_time_is_scheduled_now_not_in_the_past() -> None:
+    assert make().next_due(due=100.0, delay=30.0, now=200.0) == 200.0
+
+
+# ---- failures -------------------------------------------------------------------------
+
+
+def test_persistent_5xx_backs_off_exponentially_capped_and_other_batches_are_unaffected() -> None:
+    policy = make(backoff_max_s=300.0, interval_min_s=30.0, interval_max_s=30.0)
+    b = BatchState(batch_id=BATCH, partition=0, tracked_at=999_000.0)
+    other = BatchState(batch_id="other", partition=0, tracked_at=999_000.0)
+    delays = []
+    for _ in range(8):
+        step = policy.failed(b, ApiServerError("boom", status=503), now=10.0)
+        b = step.state
+        delays.append(step.poll_in)
+    assert delays == [30.0, 60.0, 120.0, 240.0, 300.0, 300.0, 300.0, 300.0]
+    assert b.failures == 8 and step.save and step.lifecycle is None
+    # The other batch's next poll is a plain window, and one good poll resets the count.
+    d = Driver(policy, Vendor([record(1)]), state=other)
+    assert d.poll().poll_in == 30.0  # type: ignore[union-attr]
+    d.state = b
+    d.poll()
+    assert d.state.failures == 0
+
+
+def test_a_retry_after_longer_than_the_window_and_the_cap_is_honoured() -> None:
+    policy = make(backoff_max_s=300.0)
+    b = BatchState(batch_id=BATCH, partition=0, tracked_at=0.0)
+    step = policy.failed(b, ApiRateLimited("slow down", status=429, retry_after=900.0), 1.0)
+    assert step.poll_in == 900.0
+    short = policy.failed(b, ApiRateLimited("slow down", status=429, retry_after=1.0), 1.0)
+    assert short.poll_in is not None and 30.0 <= short.poll_in <= 60.0
+
+
+def test_401_pauses_without_counting_a_failure_and_the_batch_resumes_as_it_was() -> None:
+    d = driver(records=3)
+    d.poll()
+    before = d.state
+    assert before is not None
+    step = d.policy.failed(before, ApiUnauthorized("bad key", status=401), d.now)
+    assert step.note == "unauthorized" and not step.save and step.lifecycle is None
+    assert step.state is before and 30.0 <= (step.poll_in or 0) <= 60.0
+
+
+def test_404_is_waited_for_during_the_grace_then_fails_the_batch() -> None:
+    d = driver(not_found_grace_s=300.0)
+    assert d.state is not None
+    gone = ApiNotFound("no such batch", status=404)
+    first = d.apply(d.policy.failed(d.state, gone, d.now))
+    assert first is not None and first.save and first.lifecycle is None
+    assert d.state.not_found_since == d.now
+    d.now += 299.0
+    assert d.apply(d.policy.failed(d.state, gone, d.now)).lifecycle is None  # type: ignore[union-attr]
+    d.now += 1.0
+    last = d.apply(d.policy.failed(d.state, gone, d.now))
+    assert last is not None and last.lifecycle == "failed" and d.state.status == "failed"
+    assert d.state.reason is not None and d.state.reason.startswith("api_not_found")
+
+
+def test_a_page_that_comes_after_404s_clears_the_grace() -> None:
+    d = driver(records=1)
+    assert d.state is not None
+    d.apply(d.policy.failed(d.state, ApiNotFound("not yet", status=404), d.now))
+    d.poll()
+    assert d.state.not_found_since is None
+
+
+def test_403_and_400_on_the_first_page_fail_the_batch_at_once() -> None:
+    for exc in (ApiForbidden("no", status=403), ApiBadRequest("bad id", status=400)):
+        d = driver()
+        assert d.state is not None
+        step = d.apply(d.policy.failed(d.state, exc, d.now))
+        assert step is not None and step.lifecycle == "failed" and step.poll_in is None
+
+
+def test_a_rejected_page_token_restarts_from_the_first_page_and_publishes_nothing_twice() -> None:
+    d = driver(records=6)
+    d.poll()  # reads all six; the cursor is at the last page
+    assert d.state is not None and d.state.cursor == "t4"
+    d.vendor.insert(0, record(100))  # the list changed: the stored token is now refused
+    d.now += 60
+    poll = d.begin()
+    assert poll is not None and poll.token == "t4"
+    assert poll.token_rejected(d.state)
+    assert poll.token is None
+    while not poll.done:
+        d.page(poll)
+    assert sorted(d.emitted) == sorted(r.event_id for r in d.vendor.records)
+    assert len(d.emitted) == len(set(d.emitted))
+
+
+def test_page_tokens_rejected_more_than_the_limit_end_the_poll() -> None:
+    d = driver(records=4)
+    d.poll()
+    poll = d.begin()
+    assert poll is not None and d.state is not None
+    for _ in range(MAX_TOKEN_RESTARTS):
+        assert poll.token_rejected(d.state)
+        poll.token = "t2"  # the restart reached a later page, whose token is refused too
+    assert not poll.token_rejected(d.state)
+
+
+# ---- completion -----------------------------------------------------------------------
+
+
+def test_with_an_expected_count_the_batch_completes_once_that_many_records_were_seen() -> None:
+    d = Driver(make(), Vendor([record(i) for i in range(3)]))
+    d.track(expected_count=5)
+    d.poll()
+    assert d.state is not None and d.state.status == "tracking"
+    d.vendor.records += [record(3), record(4)]
+    d.now += 45
+    last = d.poll()
+    assert last is not None and last.lifecycle == "completed"
+    assert d.state.status == "completed" and d.state.published == 5
+    assert d.lifecycle == ["tracking_started", "completed"]
+
+
+def test_without_a_count_idleness_completes_only_when_the_api_count_is_reached() -> None:
+    d = driver(records=4, complete_after_idle_s=900.0)
+    d.poll()
+    d.vendor.counts = True
+    d.vendor.records.insert(0, record(99))  # listed behind the cursor, counted
+    d.vendor.records = d.vendor.records  # the count now says 5
+    d.now += 1000  # idle for longer than complete_after_idle_s
+    step = d.poll()  # the count is ahead: it sweeps and finds the record
+    assert step is not None and step.sweep is not None and step.sweep.found == 1
+    assert d.state is not None and d.state.status == "tracking"  # a new record: not idle
+    d.now += 1000
+    last = d.poll()
+    assert last is not None and last.lifecycle == "completed"
+    assert len(d.emitted) == 5 == len(set(d.emitted))
+
+
+def test_with_no_count_at_all_completion_needs_a_full_read_after_the_last_new_record() -> None:
+    d = Driver(make(complete_after_idle_s=900.0, sweep_interval_s=10_000.0), Vendor(counts=False))
+    d.vendor.records = [record(i) for i in range(4)]
+    d.track()
+    d.poll()  # a first read from page 1: a full read, but the records in it are new
+    d.vendor.insert(0, record(50))  # behind the cursor; no count tells
+    d.now += 1000
+    step = d.poll()  # idle now, but no full read since the last new record: it sweeps
+    assert step is not None and step.lifecycle is None
+    assert d.state is not None and d.state.published == 5
+    d.now += 1000
+    last = d.poll()
+    assert last is not None and last.lifecycle == "completed"
+
+
+def test_a_batch_tracked_longer_than_max_age_expires_and_says_what_is_missing() -> None:
+    d = Driver(make(max_age_s=3600.0), Vendor([record(1)]))
+    d.track(expected_count=3)
+    d.poll()
+    d.now += 3600
+    assert d.begin() is None
+    assert d.state is not None and d.state.status == "expired"
+    assert "2 of 3 expected records never listed" in (d.state.reason or "")
+    assert d.lifecycle[-1] == "expired"
+
+
+# ---- requests -------------------------------------------------------------------------
+
+
+def test_stop_then_track_again_resumes_where_it_stood_with_a_new_generation() -> None:
+    d = driver(records=4)
+    d.poll()
+    stopped = d.stop()
+    assert stopped is not None and stopped.lifecycle == "stopped" and stopped.save
+    assert d.stop() is None  # a second stop changes nothing
+    assert d.state is not None and d.state.status == "stopped"
+    cursor = d.state.cursor
+    again = d.track()
+    assert again.note == "started" and again.lifecycle == "tracking_started"
+    assert d.state.generation == 2 and d.state.cursor == cursor and d.state.published == 4
+    d.vendor.records.append(record(4))
+    d.poll()
+    assert len(d.emitted) == 5 == len(set(d.emitted))
+
+
+def test_track_of_a_completed_batch_is_ignored_and_track_of_an_active_one_changes_nothing() -> None:
+    d = driver(records=1)
+    assert d.track().note == "already_tracked"
+    d.state.status = "completed"  # type: ignore[union-attr]
+    step = d.track()
+    assert step.note == "already_finished" and not step.save
+
+
+def test_a_stop_during_a_poll_drops_the_rest_of_that_poll() -> None:
+    d = driver(records=6, max_records_per_transaction=2)
+    poll = d.begin()
+    assert poll is not None
+    d.page(poll)  # two records read and committed
+    d.stop()
+    assert d.page(poll) is None and poll.done
+    assert d.state is not None and d.state.status == "stopped"
+    assert len(d.emitted) == 2 and d.lifecycle == ["tracking_started", "stopped"]
+
+
+def test_a_poll_of_an_earlier_generation_commits_nothing_after_stop_and_track() -> None:
+    d = driver(records=6, max_records_per_transaction=2)
+    old = d.begin()
+    assert old is not None
+    d.page(old)
+    d.stop()
+    d.track()
+    assert d.page(old) is None and old.done  # the old poll ends; the new one reads
+    d.poll()
+    assert len(d.emitted) == 6 == len(set(d.emitted))
+
+
+def test_an_expected_count_given_during_a_poll_is_kept_and_the_cursor_never_goes_back() -> None:
+    d = driver(records=6, max_records_per_transaction=2)
+    poll = d.begin()
+    assert poll is not None
+    d.page(poll)  # commits two records, cursor t2
+    assert d.state is not None and d.state.cursor == "t2"
+    update = d.policy.track(d.state, TrackingRequest(batch_id=BATCH, expected_count=6), 0, d.now)
+    assert update.note == "updated" and update.save
+    d.apply(update)
+    assert d.state.cursor == "t2" and d.state.published == 2  # built on the newest state
+    while not poll.done:
+        d.page(poll)
+    assert d.state.expected_count == 6 and d.state.status == "completed"
+    cursors = [int(s.cursor[1:]) if s.cursor else 0 for s in d.saved]
+    assert cursors == sorted(cursors)
+
+
+# ---- properties -----------------------------------------------------------------------
+
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("insert"), st.integers(0, 40)),
+        st.tuples(st.just("page"), st.just(0)),
+        st.tuples(st.just("poll"), st.just(0)),
+        st.tuples(st.just("fail"), st.sampled_from([404, 429, 500, 401])),
+        st.tuples(st.just("stop"), st.just(0)),
+        st.tuples(st.just("track"), st.integers(0, 1)),
+        st.tuples(st.just("tick"), st.integers(1, 2000)),
+    ),
+    max_size=60,
+)
+
+
+def _fail(d: Driver, status: int) -> None:
+    exc = {
+        404: ApiNotFound("x", status=404),
+        429: ApiRateLimited("x", status=429, retry_after=5.0),
+        500: ApiServerError("x", status=500),
+        401: ApiUnauthorized("x", status=401),
+    }[status]
+    if d.state is not None and d.state.active:
+        d.apply(d.policy.failed(d.state, exc, d.now))
+
+
+def _do(d: Driver, poll: Poll | None, op: str, arg: int) -> Poll | None:
+    """Apply one generated operation; the poll under way after it."""
+    assert d.state is not None
+    if op == "insert":
+        d.vendor.insert(arg, record(len(d.vendor.records)))
+    elif op == "page":
+        if poll is None or poll.done:
+            poll = d.begin() if d.state.active else None
+        if poll is not None and not poll.done:
+            d.page(poll)
+    elif op == "poll":  # one poll of a batch at a time, as the runner's schedule has it
+        if poll is not None and not poll.done:
+            while not poll.done:
+                d.page(poll)
+        elif d.state.active:
+            d.poll()
+    elif op == "fail":
+        _fail(d, arg)
+    elif op == "stop":
+        d.stop()
+    elif op == "track":
+        d.track(expected_count=None)
+    elif op == "tick":
+        d.now += arg
+    return poll
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=OPS, per_txn=st.integers(1, 5), counts=st.booleans(), seed=st.integers(0, 2**16))
+def test_any_sequence_keeps_the_cursor_forward_emits_nothing_twice_and_loses_nothing(
+    ops: list[tuple[str, int]], per_txn: int, counts: bool, seed: int
+) -> None:
+    d = Driver(
+        make(
+            seed=seed,
+            max_records_per_transaction=per_txn,
+            complete_after_idle_s=600.0,
+            sweep_interval_s=5000.0,
+            max_age_s=1e9,
+        ),
+        Vendor(counts=counts),
+    )
+    d.track()
+    poll: Poll | None = None
+    for op, arg in ops:
+        assert d.state is not None
+        stopped = d.state.status == "stopped"
+        emitted = len(d.emitted)
+        poll = _do(d, poll, op, arg)
+        if stopped and op != "track":  # a stopped batch stays stopped and publishes nothing
+            assert d.state.status == "stopped" and len(d.emitted) == emitted
+    # The cursor saved within a generation never moves backwards (no token was refused).
+    by_generation: dict[int, list[int]] = {}
+    for s in d.saved:
+        by_generation.setdefault(s.generation, []).append(int(s.cursor[1:]) if s.cursor else 0)
+    for cursors in by_generation.values():
+        assert cursors == sorted(cursors)
+    assert len(d.emitted) == len(set(d.emitted))
+    # Nothing is lost: tracked again and polled until it completes, every record listed by
+    # then is published (a record listed after the batch completed cannot be).
+    if d.state is not None and d.state.status in ("stopped", "failed"):
+        d.track()
+    for _ in range(50):
+        if d.state is None or not d.state.active:
+            break
+        d.now += 700
+        d.poll()
+    assert d.state is not None
+    if not d.vendor.records:  # nothing ever listed: no idleness to complete on
+        assert d.state.status == "tracking" and not d.emitted
+        return
+    assert d.state.status == "completed" and d.listed_at_completion is not None
+    assert sorted(d.emitted) == sorted(d.listed_at_completion)
+    assert len(d.emitted) == len(set(d.emitted))
+
+
+def test_every_result_of_a_track_request_is_a_declared_metric_label() -> None:
+    from service.metrics import TRACKING_REQUESTS
+    from service.policy import TRACK_NOTES
+
+    assert {("track", note) for note in TRACK_NOTES} <= set(TRACKING_REQUESTS)

@@ -1,0 +1,272 @@
+"""The runner's races, made deterministic: a page source and a committer held by the test.
+
+Both fakes stand for what is outside the process (the vendor's API, the broker);
+the integration suites run the same runner against the simulator and real Kafka.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Sequence
+
+from service.config import Settings
+from service.errors import UnknownStateVersion
+from service.events import BalanceEvents, EventFactory, OutMessage, Publishable
+from service.metrics import Metrics
+from service.records import Page
+from service.requests import TrackingRequest
+from service.state import BatchState, StateRestore, decode_state
+from service.tracker import Tracker
+from service.worker import PartitionWorker
+from tests.policy_harness import BATCH, Vendor, record
+
+
+class HeldSource:
+    """Pages from a Vendor; each request waits until the test lets it through."""
+
+    def __init__(self, vendor: Vendor) -> None:
+        self.vendor = vendor
+        self.asked: asyncio.Queue[str | None] = asyncio.Queue()
+        self.gate: asyncio.Queue[None] = asyncio.Queue()
+        self.held = True
+
+    async def fetch_page(
+        self,
+        batch_id: str,
+        token: str | None,
+        limit: int | None = None,
+        *,
+        stop: Callable[[], bool] | None = None,
+    ) -> Page:
+        self.asked.put_nowait(token)
+        if self.held:
+            await self.gate.get()
+        return self.vendor.page(token)
+
+    def release(self) -> None:
+        self.gate.put_nowait(None)
+
+
+class HeldCommitter:
+    """Keeps every unit in order; a unit commits when the test releases it (or at once)."""
+
+    def __init__(self, hold: bool = False) -> None:
+        self.units: list[tuple[list[Publishable], int | None]] = []
+        self.hold = hold
+        self.gates: list[asyncio.Event] = []
+        self.queued = asyncio.Event()  # set whenever a unit is queued
+        self.on_failure: Callable[[BaseException], None] | None = None
+
+    async def publish(
+        self, messages: Sequence[Publishable], request_offset: int | None = None
+    ) -> None:
+        self.units.append((list(messages), request_offset))
+        self.queued.set()
+        gate = asyncio.Event()
+        self.gates.append(gate)
+        if not self.hold:
+            gate.set()
+        await gate.wait()
+
+    def release_all(self) -> None:
+        self.hold = False
+        for gate in self.gates:
+            gate.set()
+
+    async def close(self, timeout: float) -> None:
+        self.release_all()
+
+    def messages(self) -> list[Publishable]:
+        return [m for unit, _ in self.units for m in unit]
+
+    def summaries(self, batch_id: str = BATCH) -> list[BatchState]:
+        return [
+            decode_state(m.value, 0)
+            for m in self.messages()
+            if isinstance(m, OutMessage)
+            and m.topic != "batch-events"
+            and m.key == batch_id.encode()
+            and m.value
+        ]
+
+    def events(self) -> list[str]:
+        out: list[str] = []
+        for m in self.messages():
+            if isinstance(m, BalanceEvents):
+                out += [f"record:{r.event_id}" for r in m.records]
+            elif isinstance(m, OutMessage) and m.topic == "batch-events":
+                out.append(json.loads(m.value or b"{}")["event"])
+        return out
+
+
+def runner(source: HeldSource, **polling: float) -> Tracker:
+    settings = Settings.model_validate(
+        {
+            "kafka": {"partitions": 1, "batch_events_topic": "batch-events"},
+            "polling": {"interval_min_s": 30, "interval_max_s": 30, **polling},
+        }
+    )
+    factory = EventFactory(balances_topic="balances", batch_events_topic="batch-events", source="s")
+    return Tracker(settings, source=source, metrics=Metrics(), factory=factory)
+
+
+async def settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+async def started(tracker: Tracker, worker: PartitionWorker, req: TrackingRequest) -> None:
+    await tracker.handle_request(worker, req, req.encode(), 0)
+
+
+async def test_a_stop_is_applied_at_once_and_a_running_poll_cannot_undo_it() -> None:
+    source = HeldSource(Vendor([record(i) for i in range(6)]))
+    tracker = runner(source, max_records_per_transaction=2)
+    committer = HeldCommitter()
+    worker = PartitionWorker(partition=0, publisher=committer)
+    tracker.add_worker(worker)
+    scheduler = asyncio.create_task(tracker.run())
+    try:
+        await started(tracker, worker, TrackingRequest(batch_id=BATCH))
+        assert await source.asked.get() is None  # the poll asks for page 1 and waits
+        source.release()
+        assert await source.asked.get() == "t2"  # page 1 committed; page 2 asked
+        # The stop is committed while the poll still waits for its page: it waits for nothing.
+        stop = TrackingRequest(batch_id=BATCH, action="stop")
+        await asyncio.wait_for(tracker.handle_request(worker, stop, stop.encode(), 1), 1.0)
+        source.held = False
+        source.release()
+        await settle()
+        assert not worker.polls  # the poll ended on its next page, without committing it
+    finally:
+        tracker.stop()
+        scheduler.cancel()
+    events = committer.events()
+    assert events[0] == "tracking_started" and events[-1] == "stopped"
+    assert len([e for e in events if e.startswith("record:")]) == 2
+    assert committer.summaries()[-1].status == "stopped"
+    assert BATCH not in tracker.due  # not polled again
+    assert worker.batches[BATCH].status == "stopped"
+
+
+async def test_a_stop_does_not_wait_for_a_poll_nor_hold_up_requests_of_other_batches() -> None:
+    source = HeldSource(Vendor([record(i) for i in range(2)]))
+    tracker = runner(source)
+    worker = PartitionWorker(partition=0, publisher=HeldCommitter())
+    tracker.add_worker(worker)
+    scheduler = asyncio.create_task(tracker.run())
+    try:
+        await started(tracker, worker, TrackingRequest(batch_id=BATCH))
+        await source.asked.get()  # a poll is under way and will not end by itself
+        stop = TrackingRequest(batch_id=BATCH, action="stop")
+        other = TrackingRequest(batch_id="batch-2")
+        done = asyncio.gather(
+            tracker.handle_request(worker, stop, stop.encode(), 1),
+            tracker.handle_request(worker, other, other.encode(), 2),
+        )
+        await asyncio.wait_for(done, 1.0)
+        assert worker.polls  # the poll is still waiting for its page
+    finally:
+        source.held = False
+        source.release()
+        tracker.stop()
+        scheduler.cancel()
+
+
+async def test_an_expected_count_during_a_poll_with_a_commit_in_flight_is_kept() -> None:
+    source = HeldSource(Vendor([record(i) for i in range(6)]))
+    source.held = False
+    tracker = runner(source, max_records_per_transaction=2)
+    committer = HeldCommitter()
+    worker = PartitionWorker(partition=0, publisher=committer)
+    tracker.add_worker(worker)
+    await started(tracker, worker, TrackingRequest(batch_id=BATCH))
+    committer.hold = True  # the poll's commits stay in flight
+    scheduler = asyncio.create_task(tracker.run())
+    try:
+        while len(committer.units) < 2:  # the poll's first commit is queued, not committed
+            committer.queued.clear()
+            await committer.queued.wait()
+        update = TrackingRequest(batch_id=BATCH, expected_count=6)
+        pending = tracker.handle_request(worker, update, update.encode(), 1)
+        await settle()
+        committer.release_all()
+        await asyncio.wait_for(pending, 1.0)
+        for _ in range(100):
+            if worker.batches[BATCH].status != "tracking":
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        tracker.stop()
+        scheduler.cancel()
+    saved = committer.summaries()
+    cursors = [int(s.cursor[1:]) if s.cursor else 0 for s in saved]
+    assert cursors == sorted(cursors)  # no write moved the cursor back
+    published = [s.published for s in saved]
+    assert published == sorted(published)  # nor the count of what was published
+    assert saved[-1].expected_count == 6 and saved[-1].status == "completed"
+
+
+async def test_401_pauses_every_poll_until_the_key_is_accepted() -> None:
+    from service.errors import ApiUnauthorized
+
+    class Refusing(HeldSource):
+        async def fetch_page(
+            self, batch_id: str, token: str | None, *a: object, **k: object
+        ) -> Page:
+            self.asked.put_nowait(batch_id)
+            raise ApiUnauthorized("bad key", status=401)
+
+    source = Refusing(Vendor())
+    tracker = runner(source, interval_min_s=0, interval_max_s=0)
+    worker = PartitionWorker(partition=0, publisher=HeldCommitter())
+    tracker.add_worker(worker)
+    scheduler = asyncio.create_task(tracker.run())
+    try:
+        await started(tracker, worker, TrackingRequest(batch_id=BATCH))
+        await asyncio.wait_for(source.asked.get(), 1.0)
+        await asyncio.sleep(0.05)
+        assert tracker.unauthorized and source.asked.empty()  # no poll while the key is refused
+        assert worker.batches[BATCH].failures == 0
+        tracker.set_authorized()
+        await asyncio.wait_for(source.asked.get(), 1.0)  # polling resumes
+    finally:
+        tracker.stop()
+        scheduler.cancel()
+
+
+def test_a_summary_of_an_unknown_newer_version_is_refused_with_a_clear_error() -> None:
+    restore = StateRestore(0)
+    newer = json.dumps({"v": 99, "batch_id": BATCH, "generation": 1, "status": "tracking"})
+    restore.apply(BATCH.encode(), newer.encode())
+    restore.apply(b"fine", _summary("fine"))
+    errors: dict[str, ValueError] = {}
+    batches = restore.batches(lambda batch_id, exc: errors.setdefault(batch_id, exc))
+    assert list(batches) == ["fine"]
+    assert isinstance(errors[BATCH], UnknownStateVersion)
+    assert "state version 99 is newer" in str(errors[BATCH])
+
+
+def _summary(batch_id: str) -> bytes:
+    from service.state import state_records
+
+    return state_records(BatchState(batch_id=batch_id, partition=0))[-1][1] or b""
+
+
+async def test_requests_for_an_unreadable_batch_are_refused_and_its_state_left_alone() -> None:
+    source = HeldSource(Vendor())
+    tracker = runner(source)
+    committer = HeldCommitter()
+    worker = PartitionWorker(
+        partition=0, publisher=committer, unreadable={BATCH: "state version 99 is newer"}
+    )
+    tracker.add_worker(worker)
+    for offset, action in enumerate(("track", "stop")):
+        req = TrackingRequest(batch_id=BATCH, action=action)  # type: ignore[arg-type]
+        await tracker.handle_request(worker, req, req.encode(), offset)
+    assert committer.units == [([], 1), ([], 2)]  # offsets committed, nothing written
+    sample = tracker.metrics.registry.get_sample_value
+    assert sample("rightfoot_poller_batches_unreadable") == 1
+    labels = {"action": "track", "result": "unreadable"}
+    assert sample("rightfoot_poller_tracking_requests_total", labels) == 1
