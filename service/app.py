@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import signal
 import time
 from typing import Any
@@ -29,6 +30,7 @@ from service.kafka_clients import (
     make_producer,
     probe_brokers,
 )
+from service.kafka_logs import BROKERS
 from service.logs import redact
 from service.metrics import Metrics
 from service.pacing import RateLimiter
@@ -175,6 +177,8 @@ class PollerService:
                     [self.kcfg.requests_topic], listener=_Rebalance(self.partitions)
                 )
                 await self.consumer.start()
+                BROKERS.watch(self.producer.client)
+                BROKERS.watch(self.consumer._client)
                 self._kafka_ok = True
                 self._kafka_problem = None
                 return
@@ -315,8 +319,8 @@ class PollerService:
             self.tracker.set_authorized()
 
     async def _loop_monitor(self) -> None:
-        interval = 0.25
-        while True:
+        interval, brokers_every = 0.25, 20  # brokers: every 5 s
+        for tick in itertools.count():
             before = time.monotonic()
             await asyncio.sleep(interval)
             now = time.monotonic()
@@ -324,6 +328,9 @@ class PollerService:
             self.metrics.loop_lag.observe(max(0.0, now - before - interval))
             self.metrics.oldest_overdue_poll.set(self.tracker.oldest_overdue())
             self.metrics.ready.set(1 if self.readiness()[0] else 0)
+            if tick % brokers_every == 0:
+                for broker, up in BROKERS.refresh().items():
+                    self.metrics.kafka_broker_reachable.labels(broker).set(1 if up else 0)
 
 
 async def run_service(settings: Settings) -> int:

@@ -184,7 +184,12 @@ class PartitionPublisher:
         )
         self.failure = err
         self.metrics.publish_errors.labels("fenced" if fenced else type(exc).__name__).inc()
-        log.error("publish_failed", partition=self.partition, error=str(err))
+        if getattr(exc, "retriable", False) or isinstance(exc, TimeoutError | ConnectionError):
+            # A broker lost, a leader or coordinator moving: the partition is restored
+            # from Kafka and its work done again; nothing is wrong for long.
+            log.warning("publish_failed", partition=self.partition, error=str(err), transient=True)
+        else:
+            log.error("publish_failed", partition=self.partition, error=str(err))
         self._settle(units, err)
         self._fail_pending(err)
         if self.on_failure is not None:

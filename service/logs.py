@@ -13,6 +13,8 @@ from typing import Any, TextIO
 
 import structlog
 
+from service import kafka_logs
+
 REDACTED = "[redacted]"
 
 
@@ -109,6 +111,7 @@ def configure_logging(
     )
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(formatter)
+    kafka_logs.install([handler])
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

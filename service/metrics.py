@@ -243,6 +243,13 @@ class Metrics:
             "Bytes (keys and values) written to the state topic.",
             registry=r,
         )
+        self.kafka_broker_reachable = Gauge(
+            f"{PREFIX}_kafka_broker_reachable",
+            "Whether each Kafka broker answers this replica (1) or has been failing (0); "
+            "brokers by node id, or by bootstrap address before the first metadata.",
+            ["broker"],
+            registry=r,
+        )
         self.kafka_connection_errors = Counter(
             f"{PREFIX}_kafka_connection_errors",
             "Failed attempts to connect to Kafka, by reason (authentication, authorization, "

@@ -58,6 +58,7 @@ GAUGES = frozenset(
         "rightfoot_poller_owned_partitions",
         "rightfoot_poller_build_info",
         "rightfoot_poller_records_behind",
+        "rightfoot_poller_kafka_broker_reachable",
     }
 )
 HISTOGRAMS = frozenset(

@@ -61,6 +61,7 @@ EXPECTED: dict[str, tuple[str, tuple[str, ...]]] = {
     "rightfoot_poller_oldest_overdue_poll_seconds": ("gauge", ()),
     "rightfoot_poller_batches_in_backoff": ("gauge", ()),
     "rightfoot_poller_batches_unreadable": ("gauge", ()),
+    "rightfoot_poller_kafka_broker_reachable": ("gauge", ("broker",)),
     "rightfoot_poller_api_unauthorized": ("gauge", ()),
     "rightfoot_poller_poll_lateness_seconds": ("histogram", ()),
     "rightfoot_poller_event_loop_lag_seconds": ("histogram", ()),
@@ -149,6 +150,10 @@ NON_LITERAL_LABELS: dict[tuple[str, str], str] = {
         "publish_errors",
         '"fenced" if fenced else type(exc).__name__',
     ): "'fenced' or the class name of the exception a Kafka commit raised",
+    ("kafka_broker_reachable", "broker"): (
+        "a broker's node id from the cluster's metadata, or a bootstrap address: as many as "
+        "the cluster has brokers"
+    ),
     ("kafka_connection_errors", "reason"): (
         "kafka_clients.classify_connection_error: a Literal of four"
     ),
