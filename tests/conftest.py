@@ -202,12 +202,23 @@ class TopicReader:
         self.bootstrap = bootstrap
         self.consumers: list[AIOKafkaConsumer] = []
 
-    async def read_all(self, topic: str, *, idle_s: float = 1.5, timeout: float = 30) -> list[Any]:
-        """Every committed message of a topic, once the topic is quiet for idle_s."""
+    async def read_all(
+        self,
+        topic: str,
+        *,
+        idle_s: float = 1.5,
+        timeout: float = 30,
+        isolation_level: str = "read_committed",
+    ) -> list[Any]:
+        """Every committed message of a topic, once the topic is quiet for idle_s.
+
+        ``isolation_level="read_uncommitted"``: every message, those of aborted
+        transactions included.
+        """
         consumer = AIOKafkaConsumer(
             topic,
             bootstrap_servers=self.bootstrap,
-            isolation_level="read_committed",
+            isolation_level=isolation_level,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
         )

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from conftest import (
     SimServer,
     TopicReader,
@@ -31,6 +32,7 @@ from conftest import (
 )
 from eventschema import validate_message
 
+from rightfoot_simulator import PageRequest
 from service.records import balance_event_id, legacy_fingerprint, status_name
 
 pytestmark = [pytest.mark.kafka, pytest.mark.faults]
@@ -456,3 +458,131 @@ async def test_404_grace_survives_a_restart(
     last_404 = max(r.started for r in sim_server.sim.request_log if r.batch_id == missing)
     # The grace was counted from the first 404, not from the restart.
     assert last_404 - first_404 < 6 + 2.0
+
+
+# ---- aimed kills: where a SIGKILL hurts most --------------------------------------------
+
+
+class OpenTransactions:
+    """Which partitions of a topic hold records of a transaction still open.
+
+    A partition's high watermark (how far read_uncommitted reads) runs ahead of its last
+    stable offset (how far read_committed reads) exactly while a transaction that wrote
+    to it is neither committed nor aborted. The watermark is read first, so a
+    transaction that ends between the two reads looks ended, never open.
+    """
+
+    def __init__(self, bootstrap: str, topic: str, partitions: int) -> None:
+        self.partitions = [TopicPartition(topic, p) for p in range(partitions)]
+        self._uncommitted = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap, isolation_level="read_uncommitted"
+        )
+        self._committed = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap, isolation_level="read_committed"
+        )
+
+    async def __aenter__(self) -> OpenTransactions:
+        await self._uncommitted.start()
+        await self._committed.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._uncommitted.stop()
+        await self._committed.stop()
+
+    async def uncommitted(self) -> dict[int, int]:
+        """Records of open transactions, by partition (only partitions that hold some)."""
+        high = await self._uncommitted.end_offsets(self.partitions)
+        stable = await self._committed.end_offsets(self.partitions)
+        return {
+            tp.partition: high[tp] - stable[tp] for tp in self.partitions if high[tp] > stable[tp]
+        }
+
+
+async def sigkill_and_reap(service: Any) -> None:
+    """SIGKILL the service process (from a page hook too); back once it is gone and reaped."""
+    proc = service.proc
+    proc.kill()
+    await asyncio.to_thread(proc.wait)
+
+
+async def test_sigkill_inside_an_open_transaction_aborts_it_and_repeats_nothing(
+    kafka: str,
+    topics: Topics,
+    sim_server: SimServer,
+    reader: TopicReader,
+    service_processes: Any,
+) -> None:
+    """Killed in the middle of a poll, while its transaction has sent records uncommitted.
+
+    One poll reads 3,000 records, 100 to a page, and commits every 500. Once a poll has
+    read a transaction's worth, each of its page requests is held while the transaction
+    of the pages before it runs, and the service is SIGKILLed as soon as the broker
+    holds records of a transaction still open. (A transaction is open on the broker for
+    milliseconds; one of 500 records is sent in several requests, which leaves room to
+    land in it. A kill after the commit was sent misses: the service restarts, and the
+    next poll is aimed at the same way.) The restart fences the dead producer, which
+    aborts the transaction: its records are visible to read_uncommitted only, and
+    read_committed sees every record exactly once.
+    """
+    sim = sim_server.sim
+    batch = str(uuid.uuid4())
+    sim.generate_batch(batch, 3000, spread_s=0.0, seed=60)
+    per_transaction = 500
+    env = service_env(
+        topics,
+        kafka,
+        sim_server.url,
+        RFP_POLLING__MAX_RECORDS_PER_TRANSACTION=str(per_transaction),
+        RFP_RIGHTFOOT__PAGE_LIMIT="100",
+    )
+    service = service_processes(env, "txn")
+    loop = asyncio.get_running_loop()
+    first_page: dict[str | None, PageRequest] = {}  # each instance's first page request
+    killed: list[tuple[int | None, dict[int, int]]] = []  # page offset, open records
+    # per kill: (page offset, open records seen before it, open records left after it)
+    attempts: list[tuple[int | None, dict[int, int], dict[int, int]]] = []
+    async with OpenTransactions(kafka, topics.balances, topics.partitions) as txns:
+
+        async def kill_inside_a_transaction(req: PageRequest) -> None:
+            first = first_page.setdefault(req.instance, req)
+            read = (req.offset or 0) - (first.offset or 0)
+            if killed or req.sequence - first.sequence < 2 or read < per_transaction:
+                return
+            deadline = loop.time() + 0.3
+            while loop.time() < deadline:
+                if open_now := await txns.uncommitted():
+                    killed.append((req.offset, open_now))
+                    await sigkill_and_reap(service)
+                    return
+
+        sim.on_page_request = kill_inside_a_transaction
+        for attempt in range(3):
+            service.env["RFP_INSTANCE_ID"] = f"txn-{attempt}"
+            killed.clear()
+            service.start()
+            if attempt == 0:
+                await service.ready()
+                await track(kafka, topics, batch, 3000)
+            # (a restarted service may be killed before its readiness is seen)
+            await wait_for(lambda: killed, 60, "a kill inside a transaction")
+            await service.wait(timeout=5)
+            await asyncio.sleep(0.5)  # a commit sent just before the kill has ended by now
+            stuck = await txns.uncommitted()
+            attempts.append((*killed[0], stuck))
+            if stuck:
+                break
+        sim.on_page_request = None
+    print(f"aimed kills (page offset, open before, open after): {attempts}")
+    assert attempts[-1][2], f"every kill came after the commit was sent: {attempts}"
+    service.env["RFP_INSTANCE_ID"] = "txn-last"
+    service.start()
+    await service.ready()
+    events = await wait_completed(reader, topics, [batch], timeout=60)
+    assert events[batch] == ["tracking_started", "completed"], events[batch]
+    committed = await reader.read_all(topics.balances)
+    everything = await reader.read_all(topics.balances, isolation_level="read_uncommitted")
+    assert_exactly_once(committed, served_ids(sim, [batch]))
+    # What read_uncommitted sees on top is the transaction the kill left open, aborted.
+    aborted = sum(attempts[-1][2].values())
+    assert len(everything) - len(committed) == aborted > 0, attempts
