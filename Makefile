@@ -142,3 +142,20 @@ bench: install
 	@rc=0; $(UV) run --frozen python bench/run_all.py \
 	  --bootstrap 127.0.0.1:$(BENCH_KAFKA_PORT) $(BENCH_ARGS) || rc=$$?; \
 	  KAFKA_PORT=$(BENCH_KAFKA_PORT) scripts/kafka.sh stop; exit $$rc
+
+# ---------------------------------------------------------------------------
+# Local schema registry (Apicurio Registry from Maven Central, in-memory; see
+# scripts/registry.sh). Its Confluent-compatible API: http://127.0.0.1:8081/apis/ccompat/v7
+# Settings: REGISTRY_PORT (8081), REGISTRY_MANAGEMENT_PORT (+1000), REGISTRY_DIR, ...
+# The tests start their own on REGISTRY_TEST_PORT (18481) and stop it.
+# ---------------------------------------------------------------------------
+.PHONY: registry-start registry-stop registry-status
+
+registry-start:
+	scripts/registry.sh start
+
+registry-stop:
+	scripts/registry.sh stop
+
+registry-status:
+	scripts/registry.sh status
