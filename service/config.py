@@ -1,7 +1,7 @@
 """Configuration: one YAML file, every key overridable by ``RFP_<SECTION>__<KEY>``.
 
-Secrets (the API key, the admin token, the SASL password) come only from the
-environment or from mounted files, never from the YAML file.
+Secrets (the API key, the admin token, the SASL password, the schema registry's
+password) come only from the environment or from mounted files, never from the YAML file.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ SECRET_KEYS = {
     ("rightfoot", "api_key"),
     ("http", "admin_token"),
     ("kafka", "sasl_password"),
+    ("schema_registry", "password"),
 }
 
 
@@ -107,6 +108,11 @@ class KafkaConfig(_Section):
     ssl_keyfile: Path | None = None
     session_timeout_ms: int = Field(10000, ge=1000)
     transaction_timeout_ms: int = Field(60000, ge=1000)
+    value_format: Literal["json", "json_sr"] = Field(
+        "json",
+        description="json: plain UTF-8 JSON; json_sr: the Confluent wire format (a zero byte, "
+        "the 4-byte schema id, then the same JSON), schemas in schema_registry",
+    )
 
     @property
     def dlq_topic(self) -> str:
@@ -124,6 +130,43 @@ class KafkaConfig(_Section):
                     "the SASL password is required: set RFP_KAFKA__SASL_PASSWORD "
                     "or RFP_KAFKA__SASL_PASSWORD_FILE"
                 )
+        return self
+
+
+class SchemaRegistryConfig(_Section):
+    """The schema registry (Confluent API) used when kafka.value_format is ``json_sr``."""
+
+    url: str | None = Field(None, description="e.g. https://registry:8081 or …/apis/ccompat/v7")
+    username: str | None = None
+    password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    auto_register: bool = Field(
+        True, description="register the schemas at start; false: only look them up"
+    )
+    timeout_s: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> SchemaRegistryConfig:
+        if self.url is not None:
+            parts = urlsplit(self.url)
+            if parts.scheme not in ("https", "http") or not parts.hostname:
+                raise ValueError("url must be an absolute https:// or http:// URL")
+            if parts.username is not None or parts.password is not None:
+                raise ValueError(
+                    "url must not contain credentials: set username, and the password as "
+                    "RFP_SCHEMA_REGISTRY__PASSWORD or RFP_SCHEMA_REGISTRY__PASSWORD_FILE"
+                )
+        if self.username and self.password is None:
+            raise ValueError(
+                "the registry password is required with a username: set "
+                "RFP_SCHEMA_REGISTRY__PASSWORD or RFP_SCHEMA_REGISTRY__PASSWORD_FILE"
+            )
+        if self.password is not None and not self.username:
+            raise ValueError("username is required when a registry password is set")
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("ssl_certfile and ssl_keyfile go together (client certificate)")
         return self
 
 
@@ -151,12 +194,28 @@ class Settings(_Section):
     rightfoot: RightfootConfig = RightfootConfig()
     polling: PollingConfig = PollingConfig()
     kafka: KafkaConfig = KafkaConfig()
+    schema_registry: SchemaRegistryConfig = SchemaRegistryConfig()
     http: HttpConfig = HttpConfig()
     logging: LoggingConfig = LoggingConfig()
 
+    @model_validator(mode="after")
+    def _check_value_format(self) -> Settings:
+        if self.kafka.value_format == "json_sr" and not self.schema_registry.url:
+            # Names its key itself: errors of the whole document carry no location.
+            raise ValueError(
+                "schema_registry.url: required when kafka.value_format is json_sr "
+                "(set it, or RFP_SCHEMA_REGISTRY__URL)"
+            )
+        return self
+
     def secrets(self) -> list[str]:
         """Every secret value in effect, for redaction."""
-        values = [self.rightfoot.api_key, self.http.admin_token, self.kafka.sasl_password]
+        values = [
+            self.rightfoot.api_key,
+            self.http.admin_token,
+            self.kafka.sasl_password,
+            self.schema_registry.password,
+        ]
         return [v.get_secret_value() for v in values if v is not None and v.get_secret_value()]
 
     def masked(self) -> dict[str, Any]:
@@ -199,13 +258,18 @@ def _secrets_from_env(env: dict[str, str]) -> dict[str, dict[str, str]]:
     password = _read_secret_file("RFP_KAFKA__SASL_PASSWORD_FILE", env)
     if password and not env.get("RFP_KAFKA__SASL_PASSWORD"):
         found.setdefault("kafka", {})["sasl_password"] = password
+    registry_password = _read_secret_file("RFP_SCHEMA_REGISTRY__PASSWORD_FILE", env)
+    if registry_password and not env.get("RFP_SCHEMA_REGISTRY__PASSWORD"):
+        found.setdefault("schema_registry", {})["password"] = registry_password
     return found
 
 
 def _format_error(exc: ValidationError) -> str:
     first = exc.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "config"
     msg = first["msg"].removeprefix("Value error, ")
+    if not first["loc"] and first["type"] == "value_error":
+        return msg  # a check across sections, whose message names its key
+    loc = ".".join(str(p) for p in first["loc"]) or "config"
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     return f"{loc}: {msg}"

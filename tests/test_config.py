@@ -370,3 +370,97 @@ def test_check_config_invalid_yaml_is_one_line(
     _, err = capsys.readouterr()
     assert "not valid YAML" in err
     assert err.count("\n") == 1
+
+
+# --- schema registry (kafka.value_format json_sr) --------------------------------------
+
+REGISTRY_PASSWORD = "registry-password-2468ace0"
+
+
+def test_value_format_defaults_to_plain_json(clean_env: pytest.MonkeyPatch) -> None:
+    s = load_settings(None, env={})
+    assert s.kafka.value_format == "json"
+    assert s.schema_registry.url is None
+    assert s.schema_registry.auto_register is True
+    assert s.schema_registry.password is None
+
+
+def test_json_sr_without_a_registry_url_names_the_key() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, env={"RFP_KAFKA__VALUE_FORMAT": "json_sr"})
+    message = str(info.value)
+    assert message.startswith("schema_registry.url: required when kafka.value_format is json_sr")
+    assert "\n" not in message
+
+
+def test_unknown_value_format_refused() -> None:
+    with pytest.raises(ConfigError, match=r"^kafka\.value_format: "):
+        load_settings(None, env={"RFP_KAFKA__VALUE_FORMAT": "protobuf"})
+
+
+def test_json_sr_with_registry_settings_from_yaml_and_env(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "kafka:\n  value_format: json_sr\n"
+        "schema_registry:\n  url: https://registry.internal:8081/apis/ccompat/v7\n"
+        "  username: poller\n  ssl_cafile: /etc/registry-tls/ca.crt\n  auto_register: false\n",
+    )
+    s = load_settings(path, env={"RFP_SCHEMA_REGISTRY__PASSWORD": REGISTRY_PASSWORD})
+    assert s.kafka.value_format == "json_sr"
+    assert s.schema_registry.url == "https://registry.internal:8081/apis/ccompat/v7"
+    assert s.schema_registry.username == "poller"
+    assert s.schema_registry.ssl_cafile == Path("/etc/registry-tls/ca.crt")
+    assert s.schema_registry.auto_register is False
+    assert s.schema_registry.password is not None
+    assert s.schema_registry.password.get_secret_value() == REGISTRY_PASSWORD
+
+
+def test_registry_password_from_a_mounted_file_env_wins(tmp_path: Path) -> None:
+    pw_file = write(tmp_path, REGISTRY_PASSWORD + "\n", name="registry-password")
+    env = {
+        "RFP_SCHEMA_REGISTRY__URL": "http://127.0.0.1:8081",
+        "RFP_SCHEMA_REGISTRY__USERNAME": "poller",
+        "RFP_SCHEMA_REGISTRY__PASSWORD_FILE": str(pw_file),
+    }
+    s = load_settings(None, env=env)
+    assert s.schema_registry.password is not None
+    assert s.schema_registry.password.get_secret_value() == REGISTRY_PASSWORD
+    env["RFP_SCHEMA_REGISTRY__PASSWORD"] = "from-env-password"
+    s = load_settings(None, env=env)
+    assert s.schema_registry.password is not None
+    assert s.schema_registry.password.get_secret_value() == "from-env-password"
+
+
+def test_registry_password_in_the_yaml_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^schema_registry\.password: .*environment"):
+        load_settings(write(tmp_path, "schema_registry:\n  password: abc\n"), env={})
+
+
+def test_registry_username_without_password_refused() -> None:
+    env = {"RFP_SCHEMA_REGISTRY__URL": "https://r:8081", "RFP_SCHEMA_REGISTRY__USERNAME": "u"}
+    with pytest.raises(ConfigError, match=r"^schema_registry: .*RFP_SCHEMA_REGISTRY__PASSWORD"):
+        load_settings(None, env=env)
+
+
+@pytest.mark.parametrize(
+    "url", ["registry:8081", "ftp://registry", "https://", "https://user:pw@registry:8081"]
+)
+def test_bad_registry_url_refused(url: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, env={"RFP_SCHEMA_REGISTRY__URL": url})
+    assert str(info.value).startswith("schema_registry: url must")
+    assert "pw@" not in str(info.value)
+
+
+def test_registry_password_is_masked_and_redacted() -> None:
+    env = {
+        "RFP_SCHEMA_REGISTRY__URL": "https://registry:8081",
+        "RFP_SCHEMA_REGISTRY__USERNAME": "poller",
+        "RFP_SCHEMA_REGISTRY__PASSWORD": REGISTRY_PASSWORD,
+    }
+    s = load_settings(None, env=env)
+    masked = s.masked()
+    assert REGISTRY_PASSWORD not in yaml.safe_dump(masked) + repr(masked) + repr(s) + str(s)
+    assert masked["schema_registry"]["password"] == "********"
+    assert masked["schema_registry"]["username"] == "poller"
+    assert REGISTRY_PASSWORD in s.secrets()
