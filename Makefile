@@ -69,6 +69,27 @@ kafka-stop:
 kafka-status: tools-uv
 	scripts/kafka.sh status
 
+# A three-node KRaft cluster (scripts/kafka.sh cluster mode): brokers on
+# KAFKA_CLUSTER_PORT, +1, +2, controllers 1000 above; replication factor 3, min ISR 2.
+# Lose and restore a broker with scripts/kafka.sh node-kill N / node-start N (KAFKA_PORT=
+# $(KAFKA_CLUSTER_PORT)). tests/test_broker_loss.py starts its own on KAFKA_CLUSTER_TEST_PORT.
+.PHONY: kafka-cluster-start kafka-cluster-stop kafka-cluster-status
+KAFKA_CLUSTER_PORT ?= 9192
+export KAFKA_CLUSTER_TEST_PORT ?= 61092
+kafka-cluster-start kafka-cluster-status: export PATH := $(UV_PATH)
+
+# Start the three nodes (idempotent) and wait until the cluster serves transactions and groups.
+kafka-cluster-start: tools-uv
+	KAFKA_PORT=$(KAFKA_CLUSTER_PORT) scripts/kafka.sh cluster-start
+
+# Stop the three nodes (idempotent).
+kafka-cluster-stop:
+	KAFKA_PORT=$(KAFKA_CLUSTER_PORT) scripts/kafka.sh cluster-stop
+
+# Each node's pid; exit 0 if all three brokers are up and the cluster is ready.
+kafka-cluster-status: tools-uv
+	KAFKA_PORT=$(KAFKA_CLUSTER_PORT) scripts/kafka.sh cluster-status
+
 # kcat (Debian package) to inspect topics, e.g. kcat -b 127.0.0.1:9092 -L
 tools-kcat:
 	@command -v kcat >/dev/null 2>&1 || \

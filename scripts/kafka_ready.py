@@ -11,11 +11,19 @@ Each attempt, with the project's own client library (aiokafka):
    just committed, commit its offset and fetch the committed offset again,
    which proves the group coordinator.
 
+For a cluster (``scripts/kafka.sh cluster-start``): ``--brokers 3`` also waits until
+the metadata lists three live brokers, ``--replication-factor 3`` creates the probe
+topic on all of them, and ``--in-sync`` (after a node was restarted) waits until every
+partition of every topic, the internal ones included, has a leader and its whole
+replica set in sync again.
+
 Retries until all pass or ``--timeout`` runs out. Exit codes: 0 ready,
-1 not ready in time, 3 the broker process given by ``--pid`` died, 4 nothing
-accepted TCP connections on the bootstrap address for ``--down-grace`` seconds.
+1 not ready in time, 3 a broker process given by ``--pid`` (repeatable) died, 4 nothing
+accepted TCP connections on any bootstrap address for ``--down-grace`` seconds.
 
 Usage: uv run --frozen python scripts/kafka_ready.py --bootstrap 127.0.0.1:9092 --timeout 120
+       uv run --frozen python scripts/kafka_ready.py --bootstrap 127.0.0.1:9192,127.0.0.1:9193,\
+           127.0.0.1:9194 --brokers 3 --replication-factor 3 --in-sync
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import shutil
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 try:
@@ -52,20 +61,35 @@ class NotReadyError(Exception):
     """The broker answered but cannot serve yet."""
 
 
-async def check_metadata(bootstrap: str) -> None:
-    admin = AIOKafkaAdminClient(
+@dataclass(frozen=True)
+class Expect:
+    """What "ready" means beyond the round trips: cluster size and replication."""
+
+    brokers: int = 1
+    replication_factor: int = 1
+    in_sync: bool = False
+
+
+def admin_client(bootstrap: str) -> AIOKafkaAdminClient:
+    return AIOKafkaAdminClient(
         bootstrap_servers=bootstrap,
         client_id=PROBE_PREFIX,
         request_timeout_ms=REQUEST_TIMEOUT_MS,
     )
+
+
+async def check_metadata(bootstrap: str, expect: Expect) -> None:
+    admin = admin_client(bootstrap)
     await admin.start()
     try:
         cluster = await admin.describe_cluster()
-        if not cluster.get("brokers"):
-            raise NotReadyError("metadata lists no brokers")
+        brokers = cluster.get("brokers") or []
+        if len(brokers) < expect.brokers:
+            raise NotReadyError(f"metadata lists {len(brokers)} of {expect.brokers} brokers")
         if PROBE_TOPIC in await admin.list_topics():
             return
-        response = await admin.create_topics([NewTopic(PROBE_TOPIC, 1, 1)])
+        topic = NewTopic(PROBE_TOPIC, 1, expect.replication_factor)
+        response = await admin.create_topics([topic])
         for topic, code, *rest in response.topic_errors:
             if code not in (0, ERR_TOPIC_ALREADY_EXISTS):
                 raise NotReadyError(f"create topic {topic}: error {code} {rest}")
@@ -124,11 +148,31 @@ async def commit_and_verify(consumer: AIOKafkaConsumer, tp: TopicPartition, offs
         raise NotReadyError(f"committed offset {committed}, expected {offset}")
 
 
-async def attempt(bootstrap: str) -> None:
+async def check_in_sync(bootstrap: str) -> None:
+    """Every partition of every topic has a leader and all its replicas in sync."""
+    admin = admin_client(bootstrap)
+    await admin.start()
+    try:
+        lagging = []
+        for topic in await admin.describe_topics():
+            if topic["error_code"]:
+                lagging.append(f"{topic['topic']} (error {topic['error_code']})")
+            for p in topic["partitions"]:
+                if p["error_code"] or p["leader"] < 0 or set(p["isr"]) != set(p["replicas"]):
+                    lagging.append(f"{topic['topic']}-{p['partition']} isr {sorted(p['isr'])}")
+        if lagging:
+            raise NotReadyError(f"{len(lagging)} partitions not in sync, e.g. {lagging[:3]}")
+    finally:
+        await admin.close()
+
+
+async def attempt(bootstrap: str, expect: Expect) -> None:
     marker = uuid.uuid4().hex.encode()
-    await check_metadata(bootstrap)
+    await check_metadata(bootstrap, expect)
     await check_transaction(bootstrap, marker)
     await check_group(bootstrap, marker)
+    if expect.in_sync:
+        await check_in_sync(bootstrap)
 
 
 def process_alive(pid: int) -> bool:
@@ -139,14 +183,18 @@ def process_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
 
 
-async def watch_pid(pid: int) -> None:
+async def watch_pids(pids: list[int]) -> int:
+    """Returns the first of ``pids`` found dead."""
     # Polling /proc: there is no event for "some other process exited".
-    while process_alive(pid):  # noqa: ASYNC110
+    while True:
+        for pid in pids:
+            if not process_alive(pid):
+                return pid
         await asyncio.sleep(0.5)
 
 
-async def port_open(bootstrap: str) -> bool:
-    host, _, port = bootstrap.split(",")[0].rpartition(":")
+async def address_open(address: str) -> bool:
+    host, _, port = address.strip().rpartition(":")
     try:
         _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 2)
     except (OSError, TimeoutError):
@@ -157,9 +205,21 @@ async def port_open(bootstrap: str) -> bool:
     return True
 
 
+async def port_open(bootstrap: str) -> bool:
+    """Does any of the bootstrap addresses accept a connection?"""
+    opened = await asyncio.gather(*(address_open(a) for a in bootstrap.split(",")))
+    return any(opened)
+
+
 async def wait_ready(
-    bootstrap: str, budget_s: float, pid: int | None, down_grace: float | None, verbose: bool
+    bootstrap: str,
+    budget_s: float,
+    pids: list[int],
+    down_grace: float | None,
+    verbose: bool,
+    expect: Expect | None = None,
 ) -> int:
+    expect = expect or Expect()
     start = time.monotonic()
     deadline = start + budget_s
     last_error = "no attempt made"
@@ -174,18 +234,20 @@ async def wait_ready(
                 if time.monotonic() - down_since >= down_grace:
                     print(f"kafka_ready: nothing listens on {bootstrap}", file=sys.stderr)
                     return 4
-        task = asyncio.create_task(asyncio.wait_for(attempt(bootstrap), min(remaining, 30.0)))
-        watcher = asyncio.create_task(watch_pid(pid)) if pid is not None else None
+        task = asyncio.create_task(
+            asyncio.wait_for(attempt(bootstrap, expect), min(remaining, 30.0))
+        )
+        watcher = asyncio.create_task(watch_pids(pids)) if pids else None
         waiting = {task} if watcher is None else {task, watcher}
         await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         if watcher is not None:
-            watcher.cancel()
-            if not task.done():
+            if watcher.done():
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
-                print(f"kafka_ready: broker process {pid} exited", file=sys.stderr)
+                print(f"kafka_ready: broker process {watcher.result()} exited", file=sys.stderr)
                 return 3
+            watcher.cancel()
         try:
             task.result()
         except TimeoutError:
@@ -210,7 +272,27 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bootstrap", default="127.0.0.1:9092")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds (default 120)")
-    parser.add_argument("--pid", type=int, help="give up as soon as this broker process dies")
+    parser.add_argument(
+        "--pid",
+        type=int,
+        action="append",
+        default=[],
+        help="give up as soon as this broker process dies (repeatable)",
+    )
+    parser.add_argument(
+        "--brokers", type=int, default=1, help="live brokers the metadata must list (default 1)"
+    )
+    parser.add_argument(
+        "--replication-factor",
+        type=int,
+        default=1,
+        help="replication factor of the probe topic when it is created (default 1)",
+    )
+    parser.add_argument(
+        "--in-sync",
+        action="store_true",
+        help="also wait until every partition has a leader and its full replica set in sync",
+    )
     parser.add_argument(
         "--down-grace",
         type=float,
@@ -220,8 +302,9 @@ def main() -> int:
     args = parser.parse_args()
     # aiokafka logs every refused connection at ERROR while the broker starts.
     logging.basicConfig(level=logging.WARNING if args.verbose else logging.CRITICAL)
+    expect = Expect(args.brokers, args.replication_factor, args.in_sync)
     return asyncio.run(
-        wait_ready(args.bootstrap, args.timeout, args.pid, args.down_grace, args.verbose)
+        wait_ready(args.bootstrap, args.timeout, args.pid, args.down_grace, args.verbose, expect)
     )
 
 

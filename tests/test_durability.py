@@ -15,7 +15,8 @@ import signal
 import time
 import uuid
 from array import array
-from collections import Counter
+from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -586,3 +587,97 @@ async def test_sigkill_inside_an_open_transaction_aborts_it_and_repeats_nothing(
     # What read_uncommitted sees on top is the transaction the kill left open, aborted.
     aborted = sum(attempts[-1][2].values())
     assert len(everything) - len(committed) == aborted > 0, attempts
+
+
+class AimedKill:
+    """A page-request hook: SIGKILL the service on the page request that ``aim`` picks.
+
+    ``aim`` gets the request and the page requests of the same instance so far (that
+    one included). The page is held until the process is gone, so it is never served.
+    """
+
+    def __init__(self, service: Any, aim: Callable[[PageRequest, list[PageRequest]], bool]):
+        self.service = service
+        self.aim = aim
+        self.requests: dict[str | None, list[PageRequest]] = defaultdict(list)
+        self.kills: list[PageRequest] = []
+
+    async def __call__(self, req: PageRequest) -> None:
+        mine = self.requests[req.instance]
+        mine.append(req)
+        if any(k.instance == req.instance for k in self.kills) or not self.aim(req, mine):
+            return
+        self.kills.append(req)
+        await sigkill_and_reap(self.service)
+
+
+def first_poll_page(n: int, limit: int) -> Callable[[PageRequest, list[PageRequest]], bool]:
+    """Aim at the n-th page of an instance's first poll (its first batch, pages in a row)."""
+
+    def aim(req: PageRequest, mine: list[PageRequest]) -> bool:
+        pages = [r for r in mine if r.batch_id == mine[0].batch_id]
+        in_a_row = all(
+            r.offset == pages[0].offset + i * limit for i, r in enumerate(pages)
+        )  # a later poll would start on the last page read again
+        return req.batch_id == mine[0].batch_id and len(pages) == n and in_a_row
+
+    return aim
+
+
+async def test_sigkill_in_the_first_poll_after_a_restart(
+    kafka: str,
+    topics: Topics,
+    sim_server: SimServer,
+    reader: TopicReader,
+    service_processes: Any,
+) -> None:
+    """A restarted service is killed in its first poll: on its first page request, then
+    (after the next restart) on the third page of its first poll, once that poll has
+    queued the commit of its first 200 records.
+
+    Each restart resumes from what was committed, and a backlog of records that arrived
+    while it was down makes its first poll several pages long.
+    """
+    sim = sim_server.sim
+    batches = [str(uuid.uuid4()) for _ in range(2)]
+    for i, b in enumerate(batches):
+        sim.generate_batch(b, 2000, spread_s=20.0, seed=70 + i)
+    limit = 100
+    env = service_env(
+        topics,
+        kafka,
+        sim_server.url,
+        RFP_INSTANCE_ID="first-0",
+        RFP_POLLING__MAX_RECORDS_PER_TRANSACTION="200",
+        RFP_RIGHTFOOT__PAGE_LIMIT=str(limit),
+    )
+    service = service_processes(env, "first")
+    service.start()
+    await service.ready()
+    for b in batches:
+        await track(kafka, topics, b, 2000)
+    await asyncio.sleep(3.0)
+    service.kill()  # while records arrive: a backlog builds up while it is down
+    aims = {"first-1": first_poll_page(1, limit), "first-2": first_poll_page(3, limit)}
+    hook = AimedKill(
+        service, lambda req, mine: req.instance in aims and aims[req.instance](req, mine)
+    )
+    sim.on_page_request = hook
+    for n, instance in enumerate(aims, start=1):
+        service.env["RFP_INSTANCE_ID"] = instance
+        service.start()  # (killed before it may be seen ready)
+        await wait_for(lambda n=n: len(hook.kills) == n, 60, f"the kill of {instance}")
+        await service.wait(timeout=5)
+    sim.on_page_request = None
+    killed_at = [(k.instance, k.batch_id[:8], k.offset) for k in hook.kills]
+    print(f"killed at (instance, batch, page offset): {killed_at}")
+    first_of_2 = hook.requests["first-2"][0]
+    assert hook.kills[1].offset == (first_of_2.offset or 0) + 2 * limit, killed_at
+    service.env["RFP_INSTANCE_ID"] = "first-3"
+    service.start()
+    await service.ready()
+    events = await wait_completed(reader, topics, batches, timeout=90)
+    balances = await reader.read_all(topics.balances)
+    assert_exactly_once(balances, served_ids(sim, batches))
+    for b in batches:
+        assert events[b] == ["tracking_started", "completed"], events[b]
