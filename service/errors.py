@@ -136,3 +136,62 @@ class ExportWriteError(PollerError):
 
 class UnknownStateVersion(PollerError, ValueError):
     """A batch's stored state was written by a newer version of the service."""
+
+
+# --------------------------------------------------------------------------- schema registry
+
+RegistryUnavailableReason = Literal["unreachable", "timeout", "tls", "server_error"]
+
+
+class RegistryError(PollerError):
+    """The schema registry refused a request, or answered in a way we do not understand.
+
+    ``subject`` is the subject the request was about (when it was about one), ``status``
+    the HTTP status and ``error_code`` the registry's own code (Confluent API: 40401
+    subject not found, 42201 invalid schema, …). Messages never contain the password.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        subject: str | None = None,
+        status: int | None = None,
+        error_code: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.subject = subject
+        self.status = status
+        self.error_code = error_code
+
+
+class RegistryUnavailable(RegistryError):
+    """The registry cannot be reached or failed (``reason``); retrying later may help."""
+
+    def __init__(
+        self,
+        reason: RegistryUnavailableReason,
+        message: str,
+        *,
+        subject: str | None = None,
+        status: int | None = None,
+        error_code: int | None = None,
+    ) -> None:
+        super().__init__(message, subject=subject, status=status, error_code=error_code)
+        self.reason: RegistryUnavailableReason = reason
+
+
+class RegistryUnauthorized(RegistryError):
+    """401/403: the registry refused the credentials or what they may do."""
+
+
+class SchemaIncompatible(RegistryError):
+    """409: the subject's compatibility rule refused the schema; the message names both."""
+
+
+class SchemaNotRegistered(RegistryError):
+    """Lookup only (no auto-registration): the subject does not hold this schema."""
+
+
+class SchemaInvalid(RegistryError, ValueError):
+    """422: the registry does not accept the schema itself."""
