@@ -348,3 +348,38 @@ def service_processes(tmp_path: Path) -> Iterator[Callable[[dict[str, str], str]
     yield make
     for proc in made:
         proc.kill()
+
+
+# --------------------------------------------------------------------------- schema registry
+
+REGISTRY_PORT = int(os.environ.get("REGISTRY_TEST_PORT", "18481"))
+REGISTRY_URL = f"http://127.0.0.1:{REGISTRY_PORT}/apis/ccompat/v7"
+
+
+def registry_script(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(ROOT / "scripts" / "registry.sh"), *args],
+        env={**os.environ, "REGISTRY_PORT": str(REGISTRY_PORT)},
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def registry() -> Iterator[str]:
+    """The URL of a running Apicurio Registry's Confluent-compatible API.
+
+    Started (and later stopped) here with scripts/registry.sh on REGISTRY_TEST_PORT
+    (default 18481, management port +1000) if none was running; in-memory, so each
+    test uses subjects of its own.
+    """
+    started = registry_script("status").returncode != 0
+    if started:
+        result = registry_script("start")
+        if result.returncode != 0:
+            pytest.fail(f"cannot start the schema registry:\n{result.stdout}\n{result.stderr}")
+    yield REGISTRY_URL
+    if started:
+        registry_script("stop")
