@@ -146,9 +146,13 @@ class SchemaRegistryConfig(_Section):
         True, description="register the schemas at start; false: only look them up"
     )
     timeout_s: float = Field(10.0, gt=0)
+    backoff_base_s: float = Field(1.0, gt=0, description="retries while it is unavailable")
+    backoff_max_s: float = Field(60.0, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> SchemaRegistryConfig:
+        if self.backoff_max_s < self.backoff_base_s:
+            raise ValueError("backoff_max_s must be >= backoff_base_s")
         if self.url is not None:
             parts = urlsplit(self.url)
             if parts.scheme not in ("https", "http") or not parts.hostname:

@@ -13,10 +13,12 @@ The registered schemas are the published ones declared as JSON Schema draft-07 (
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import random
 import ssl
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +37,7 @@ from service.errors import (
     SchemaInvalid,
     SchemaNotRegistered,
 )
+from service.pacing import Sleep, backoff_delay
 
 SUBJECT_SUFFIX = "-value"
 CONTENT_TYPE = "application/vnd.schemaregistry.v1+json"
@@ -310,6 +313,40 @@ class RegistryClient:
         if 200 <= status < 300:
             return body
         raise _error(status, body, text, subject, where, lookup=lookup)
+
+
+#: ``on_retry(error, failures, delay_s)``: called before each wait (logs, readiness, metrics).
+OnRetry = Callable[[RegistryUnavailable, int, float], None]
+
+
+async def schema_ids_when_available(
+    client: RegistryClient,
+    schemas: Iterable[TopicSchema],
+    *,
+    rng: random.Random | None = None,
+    sleep: Sleep = asyncio.sleep,
+    on_retry: OnRetry | None = None,
+) -> dict[str, int]:
+    """:meth:`RegistryClient.schema_ids`, tried again for as long as the registry is
+    unavailable (unreachable, timed out, TLS, 5xx), with exponential backoff and jitter
+    (``schema_registry.backoff_base_s`` … ``backoff_max_s``); cancel the task to give up.
+    Any other error (credentials refused, incompatible or invalid schema, not registered)
+    raises at once: trying again would not change the answer.
+    """
+    schemas = list(schemas)
+    rng = rng or random.Random()
+    failures = 0
+    while True:
+        try:
+            return await client.schema_ids(schemas)
+        except RegistryUnavailable as exc:
+            failures += 1
+            delay = backoff_delay(
+                failures, client.cfg.backoff_base_s, client.cfg.backoff_max_s, rng
+            )
+            if on_retry is not None:
+                on_retry(exc, failures, delay)
+            await sleep(delay)
 
 
 def basic_auth(username: str, password: str) -> str:

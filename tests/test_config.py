@@ -464,3 +464,9 @@ def test_registry_password_is_masked_and_redacted() -> None:
     assert masked["schema_registry"]["password"] == "********"
     assert masked["schema_registry"]["username"] == "poller"
     assert REGISTRY_PASSWORD in s.secrets()
+
+
+def test_registry_backoff_must_not_be_inverted() -> None:
+    env = {"RFP_SCHEMA_REGISTRY__BACKOFF_BASE_S": "10", "RFP_SCHEMA_REGISTRY__BACKOFF_MAX_S": "5"}
+    with pytest.raises(ConfigError, match=r"^schema_registry: backoff_max_s must be >="):
+        load_settings(None, env=env)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import random
 import ssl
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -50,6 +51,7 @@ from service.registry import (
     event_schemas,
     frame,
     registry_schema,
+    schema_ids_when_available,
     subject_for,
     unframe,
 )
@@ -336,6 +338,51 @@ async def test_unreachable_registry_is_retryable() -> None:
             await client.register("s-value", "{}")
     assert info.value.reason == "unreachable"
     assert url.removesuffix("/apis/ccompat/v7") in str(info.value)
+
+
+async def test_start_up_waits_with_backoff_while_the_registry_is_unavailable(
+    local_server: Any,
+) -> None:
+    answers = [(503, {"message": "starting"}), (500, {"message": "store error"})]
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        status, body = answers.pop(0) if answers else (200, {"id": 5})
+        return web.json_response(body, status=status)
+
+    url = await local_server(handler)
+    cfg = SchemaRegistryConfig(url=url, backoff_base_s=1, backoff_max_s=60)
+    slept: list[float] = []
+    retries: list[tuple[str, int, float]] = []
+
+    async def sleep(delay: float) -> None:
+        slept.append(delay)
+
+    schemas = event_schemas(kafka_config("t"))
+    async with RegistryClient(cfg) as client:
+        ids = await schema_ids_when_available(
+            client,
+            schemas,
+            rng=random.Random(1),
+            sleep=sleep,
+            on_retry=lambda exc, n, d: retries.append((exc.reason, n, d)),
+        )
+    assert ids == {s.topic: 5 for s in schemas}
+    assert [(reason, n) for reason, n, _ in retries] == [("server_error", 1), ("server_error", 2)]
+    assert slept == [d for _, _, d in retries]
+    assert 0.5 <= slept[0] <= 1 and 1 <= slept[1] <= 2
+
+
+async def test_start_up_does_not_retry_what_retrying_cannot_fix(local_server: Any) -> None:
+    url = await local_server(answer(401, {"error_code": 401, "message": "Unauthorized"}))
+    slept: list[float] = []
+
+    async def sleep(delay: float) -> None:
+        slept.append(delay)
+
+    async with RegistryClient(SchemaRegistryConfig(url=url)) as client:
+        with pytest.raises(RegistryUnauthorized):
+            await schema_ids_when_available(client, event_schemas(kafka_config("t")), sleep=sleep)
+    assert slept == []
 
 
 # --------------------------------------------------------------------------- real Apicurio
