@@ -403,6 +403,12 @@ def _error(
             f"is false: register it first ({where}: {message})",
             **kw,
         )
+    if status == 404:
+        return RegistryError(
+            f"{detail} (check schema_registry.url: the root of a Confluent-compatible API, "
+            "for Apicurio Registry ending in /apis/ccompat/v7)",
+            **kw,
+        )
     if status == 422:
         return SchemaInvalid(f"{where} refused the schema{about}: {message}", **kw)
     if status >= 500 or status == 408:

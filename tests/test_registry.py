@@ -33,6 +33,7 @@ from conftest import free_port
 from service.config import KafkaConfig, SchemaRegistryConfig
 from service.errors import (
     ConfigError,
+    RegistryError,
     RegistryUnauthorized,
     RegistryUnavailable,
     SchemaIncompatible,
@@ -296,6 +297,7 @@ async def test_basic_auth_is_sent_and_a_refusal_is_clear(local_server: Any) -> N
         (503, "<html>busy</html>", RegistryUnavailable, "HTTP 503"),
         (422, {"error_code": 42201, "message": "bad schema"}, SchemaInvalid, "bad schema"),
         (409, {"error_code": 409, "message": "nope"}, SchemaIncompatible, "'s-value'"),
+        (404, "Not Found", RegistryError, "/apis/ccompat/v7"),
     ],
 )
 async def test_error_answers_are_typed(
@@ -311,7 +313,7 @@ async def test_error_answers_are_typed(
 async def test_an_answer_without_an_id_is_an_error(local_server: Any) -> None:
     url = await local_server(answer(200, {"version": 1}))
     async with RegistryClient(SchemaRegistryConfig(url=url)) as client:
-        with pytest.raises(Exception, match="no schema id") as info:
+        with pytest.raises(RegistryError, match="no schema id") as info:
             await client.register("s-value", "{}")
     assert not isinstance(info.value, RegistryUnavailable)
 
@@ -548,3 +550,15 @@ async def test_published_2020_12_text_breaks_apicurio_compatibility_checks(
             await client.register(subject, json.dumps(changed))
     assert info.value.status == 500
     assert "could not determine version" in str(info.value)
+
+
+@pytest.mark.kafka
+@pytest.mark.registry
+async def test_a_url_without_the_api_root_says_so(registry: str) -> None:
+    root = registry.removesuffix("/apis/ccompat/v7")
+    async with RegistryClient(SchemaRegistryConfig(url=root)) as client:
+        with pytest.raises(RegistryError) as info:
+            await client.register("s-value", registry_schema(published("dlq")))
+    assert info.value.status == 404
+    assert not isinstance(info.value, RegistryUnavailable)
+    assert "/apis/ccompat/v7" in str(info.value)
