@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import random
 import signal
@@ -21,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.partitioner import murmur2
 from conftest import (
     SimServer,
     TopicReader,
@@ -35,6 +37,7 @@ from eventschema import validate_message
 
 from rightfoot_simulator import PageRequest
 from service.records import balance_event_id, legacy_fingerprint, status_name
+from service.state import BatchState, encode_state
 
 pytestmark = [pytest.mark.kafka, pytest.mark.faults]
 
@@ -681,3 +684,151 @@ async def test_sigkill_in_the_first_poll_after_a_restart(
     assert_exactly_once(balances, served_ids(sim, batches))
     for b in batches:
         assert events[b] == ["tracking_started", "completed"], events[b]
+
+
+def partition_of(batch_id: str, partitions: int) -> int:
+    """The requests and state partition of a batch: Kafka's default partitioner on its ID."""
+    return (murmur2(batch_id.encode()) & 0x7FFFFFFF) % partitions
+
+
+def batch_ids_on(partition: int, partitions: int, n: int) -> list[str]:
+    out: list[str] = []
+    while len(out) < n:
+        b = str(uuid.uuid4())
+        if partition_of(b, partitions) == partition:
+            out.append(b)
+    return out
+
+
+async def write_old_state(kafka: str, topics: Topics, partition: int, records: int) -> None:
+    """Pad a state partition with the history of 50 batches finished long ago.
+
+    Every summary each of them wrote is still there, as in a partition that was not
+    yet compacted: ``records`` in all, the last one of each batch ``completed``.
+    """
+    olds = batch_ids_on(partition, topics.partitions, 50)
+    per = records // len(olds)
+    history = (
+        (b.encode(), encode_state(state))
+        for b in olds
+        for i in range(per)
+        for state in [
+            BatchState(
+                batch_id=b,
+                partition=partition,
+                expected_count=per,
+                status="completed" if i == per - 1 else "tracking",
+                tracked_at=time.time() - 86400,
+                published=i + 1,
+            )
+        ]
+    )
+    producer = AIOKafkaProducer(bootstrap_servers=kafka, max_batch_size=256 * 1024)
+    await producer.start()
+    try:
+        sent = []
+        batch = producer.create_batch()
+        for key, value in history:
+            if batch.append(key=key, value=value, timestamp=None) is None:
+                sent.append(await producer.send_batch(batch, topics.state, partition=partition))
+                batch = producer.create_batch()
+                batch.append(key=key, value=value, timestamp=None)
+        sent.append(await producer.send_batch(batch, topics.state, partition=partition))
+        await asyncio.gather(*sent)
+    finally:
+        await producer.stop()
+
+
+def log_events(path: Path, offset: int) -> list[dict[str, Any]]:
+    """The service's JSON log lines written from ``offset`` on."""
+    out = []
+    with path.open("rb") as f:
+        f.seek(offset)
+        for line in f.read().splitlines():
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+    return out
+
+
+async def wait_for_logged(path: Path, offset: int, event: str, timeout: float) -> dict[str, Any]:
+    """The first log line from ``offset`` on with this event, as soon as it is written."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    with path.open("rb") as f:
+        f.seek(offset)
+        partial = b""
+        while loop.time() < deadline:
+            chunk = f.read()
+            lines = (partial + chunk).split(b"\n")
+            partial = lines.pop()
+            for line in lines:
+                with contextlib.suppress(ValueError):
+                    entry = json.loads(line)
+                    if entry.get("event") == event:
+                        return entry
+            await asyncio.sleep(0.005)
+    raise AssertionError(f"{event} not logged within {timeout}s")
+
+
+async def test_sigkill_during_a_restore(
+    kafka: str,
+    topics: Topics,
+    sim_server: SimServer,
+    reader: TopicReader,
+    service_processes: Any,
+) -> None:
+    """Killed twice while restoring its state, before it is ready.
+
+    State partition 0 holds 60,000 records (the history of old batches) besides the
+    state of a batch being polled, so it takes about a second longer to restore than
+    the other partitions (0.6 s here). After each restart, the service is SIGKILLed as soon as it
+    logs its first ``partition_restored``: partition 0 is then still being read, and
+    no ``partitions_assigned`` was logged. The last restart finishes the batches,
+    exactly once.
+    """
+    sim = sim_server.sim
+    big = 0
+    batches = [batch_ids_on(big, topics.partitions, 1)[0], batch_ids_on(1, topics.partitions, 1)[0]]
+    for i, b in enumerate(batches):
+        sim.generate_batch(b, 1500, spread_s=15.0, seed=80 + i)
+    env = service_env(
+        topics,
+        kafka,
+        sim_server.url,
+        RFP_INSTANCE_ID="restore-0",
+        RFP_POLLING__MAX_RECORDS_PER_TRANSACTION="100",
+    )
+    service = service_processes(env, "restore")
+    service.start()
+    await service.ready()  # the topics exist
+    await write_old_state(kafka, topics, big, 60_000)
+    for b in batches:
+        await track(kafka, topics, b, 1500)
+    await asyncio.sleep(3.0)
+    service.kill()
+    restored: list[list[int]] = []  # per kill: the partitions restored by then
+    for instance in ("restore-1", "restore-2"):
+        service.env["RFP_INSTANCE_ID"] = instance
+        offset = service.log_path.stat().st_size
+        service.start()
+        await wait_for_logged(service.log_path, offset, "partition_restored", timeout=60)
+        service.kill()
+        life = log_events(service.log_path, offset)
+        assert all(e.get("event") != "partitions_assigned" for e in life), service.tail()
+        restored.append([e["partition"] for e in life if e.get("event") == "partition_restored"])
+    print(f"partitions restored when killed: {restored}")
+    assert all(big not in r for r in restored), restored
+    service.env["RFP_INSTANCE_ID"] = "restore-3"
+    service.start()
+    await service.ready()
+    events = await wait_completed(reader, topics, batches, timeout=90)
+    balances = await reader.read_all(topics.balances)
+    assert_exactly_once(balances, served_ids(sim, batches))
+    for b in batches:
+        assert events[b] == ["tracking_started", "completed"], events[b]
+    took = [
+        e["took_s"]
+        for e in log_events(service.log_path, 0)
+        if e.get("event") == "partition_restored" and e.get("partition") == big
+    ]
+    print(f"restores of partition {big} took {took} s")
