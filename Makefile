@@ -147,6 +147,17 @@ sync-deploy-copies:
 	cp dashboards/rightfoot-poller.json $(DEPLOY_CHART)/files/rightfoot-poller.json
 
 # ---------------------------------------------------------------------------
+# The chart against a real Kubernetes API server (scripts/k8s/check.sh): etcd (Debian
+# etcd-server) and kube-apiserver + kubectl (pinned, built from the Go module proxy by
+# scripts/k8s/build.sh into .cache/k8s; the first run builds them, 4-12 min) on loopback;
+# every ci/*-values.yaml through a server-side dry run and a real helm install/uninstall.
+# K8S_CHECK_KEEP=1 keeps the run directory (.run/k8s-check.*) with the servers' logs.
+# ---------------------------------------------------------------------------
+.PHONY: k8s-check
+k8s-check: tools
+	scripts/k8s/check.sh
+
+# ---------------------------------------------------------------------------
 # Performance (docs/performance.md, bench/run_all.py): throughput against an
 # aiohttp+aiokafka ceiling on 1,000,000 records, 10,000 batches on one replica for 3
 # minutes, latency from the API to Kafka, one batch of 1,000,000 records SIGKILLed
