@@ -11,6 +11,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import os
 import random
 import signal
 import time
@@ -79,15 +80,18 @@ async def wait_completed(
         await asyncio.sleep(1.0)
 
 
-def assert_exactly_once(balances: list[Any], expected: set[str]) -> None:
-    """Every served record published once; every event as the schema says."""
+def assert_exactly_once(balances: list[Any], expected: set[str], note: str = "") -> None:
+    """Every served record published once; every event as the schema says.
+
+    ``note`` (a fault seed, say) heads the assertion messages.
+    """
     ids = Counter(
         validate_message("balance", m.key, m.value, m.headers)["event_id"] for m in balances
     )
     duplicates = {k: n for k, n in ids.items() if n > 1}
-    assert not duplicates, f"{len(duplicates)} duplicated events"
+    assert not duplicates, f"{note}{len(duplicates)} duplicated events"
     assert set(ids) == expected, (
-        f"missing {len(expected - set(ids))}, unexpected {len(set(ids) - expected)}"
+        f"{note}missing {len(expected - set(ids))}, unexpected {len(set(ids) - expected)}"
     )
 
 
@@ -98,32 +102,71 @@ async def test_sigkill_at_random_moments_loses_and_repeats_nothing(
     reader: TopicReader,
     service_processes: Any,
 ) -> None:
+    """SIGKILLed again and again while the batches' records arrive, then left to finish.
+
+    The moments are random, from a seed that is printed and named in the assertion
+    messages; FAULT_SEED=<seed> runs them again. Each life is killed a random 0-3 s
+    after it is ready, or (40%) a random 0.2-6 s after it starts, ready or not: while
+    it joins the group, restores, or polls for the first time. The first life is
+    killed 1-3 s after it is ready, while it polls. No kill is made in the last 2 s of
+    the records' arrival: the kills fall over the whole of it, none after.
+    """
+    seed = int(os.environ.get("FAULT_SEED") or random.randrange(2**32))
+    print(f"fault seed {seed}")
+    note = f"fault seed {seed}: "
+    rng = random.Random(seed)
     sim = sim_server.sim
+    spread = 40.0
     batches = [str(uuid.uuid4()) for _ in range(4)]
     for i, b in enumerate(batches):
-        sim.generate_batch(b, 400 + 150 * i, spread_s=40.0, seed=i)
-    env = service_env(topics, kafka, sim_server.url, RFP_INSTANCE_ID="killed")
+        sim.generate_batch(b, 400 + 150 * i, spread_s=spread, seed=rng.randrange(2**32))
+    arrival_end = sim.clock() + spread
+    total = sum(sim.record_count(b) for b in batches)
+    env = service_env(topics, kafka, sim_server.url, RFP_INSTANCE_ID="killed-0")
     service = service_processes(env, "killed")
     service.start()
     await service.ready()
     for b in batches:
-        await track(kafka, topics, b, len(sim.all_records(b)))
-    rng = random.Random(42)
-    kills = 0
-    started = time.monotonic()
-    while kills < 10:
-        await asyncio.sleep(rng.uniform(0.3, 2.5))
+        await track(kafka, topics, b, sim.record_count(b))
+    # per kill: (seconds before the last record arrives, records yet to arrive, whether
+    # that life had polled)
+    kills: list[tuple[float, int, bool]] = []
+    while True:
+        if not kills:
+            delay = rng.uniform(1.0, 3.0)
+        elif rng.random() < 0.6:
+            await service.ready()
+            delay = rng.uniform(0.0, 3.0)
+        else:
+            delay = rng.uniform(0.2, 6.0)
+        if sim.clock() + delay > arrival_end - 2.0:
+            break
+        await asyncio.sleep(delay)
+        instance = service.env["RFP_INSTANCE_ID"]
+        kills.append(
+            (
+                round(arrival_end - sim.clock(), 1),
+                total - sum(sim.visible_count(b) for b in batches),
+                any(r.instance == instance for r in sim.request_log),
+            )
+        )
         service.kill()
-        kills += 1
+        service.env["RFP_INSTANCE_ID"] = f"killed-{len(kills)}"
         service.start()
-        await service.ready()
-    assert time.monotonic() - started > 20  # the kills spanned the records' arrival
+    print(f"kills (s before the last record arrives, records yet to arrive, polled): {kills}")
+    assert len(kills) >= 3, f"{note}{kills}"
+    assert any(left > 0 and polled for _s, left, polled in kills), f"{note}{kills}"
+    half = spread / 2
+    assert any(s > half for s, *_ in kills) and any(s < half for s, *_ in kills), (
+        f"{note}the kills do not span the records' arrival: {kills}"
+    )
     events = await wait_completed(reader, topics, batches, timeout=120)
     balances = await reader.read_all(topics.balances)
-    assert_exactly_once(balances, served_ids(sim, batches))
+    assert_exactly_once(balances, served_ids(sim, batches), note)
     for b in batches:
-        assert events[b].count("tracking_started") == 1
-        assert events[b].count("completed") == 1
+        assert Counter(events[b]) == {"tracking_started": 1, "completed": 1}, (
+            f"{note}{b}: {events[b]}"
+        )
 
 
 async def test_broker_restart_mid_run(
