@@ -37,6 +37,7 @@ RUN --mount=type=cache,target=/root/.cache/uv \
 COPY pyproject.toml uv.lock README.md ./
 COPY service/ ./service/
 COPY rightfoot_simulator/ ./rightfoot_simulator/
+COPY schemas/ ./schemas/
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev --no-editable
 

@@ -38,6 +38,7 @@ from service.partitions import PartitionOwner
 from service.requests import TrackingRequest, decode_request, reject_reason
 from service.tracker import Tracker
 from service.view import StateView
+from service.wire import frames_when_available
 
 log = structlog.get_logger(__name__)
 
@@ -95,6 +96,7 @@ class PollerService:
         )
         self._kafka_ok = False
         self._kafka_problem: dict[str, Any] | None = None  # why Kafka refuses us, for /readyz
+        self._registry_problem: dict[str, str] | None = None  # json_sr: why no schema ids
         self._monitor: asyncio.Task[None] | None = None
         # Tasks that take work (stopped first at shutdown), then the state view.
         self._workers: list[asyncio.Task[None]] = []
@@ -113,6 +115,7 @@ class PollerService:
             "partitions_restored": self.partitions.all_restored,
             "api_key_accepted": not self.tracker.unauthorized,
             "view_loaded": self.view.loaded,
+            "schema_registry": self._registry_problem is None,
         }
         ready = all(checks.values()) and not self._stopping.is_set()
         detail: dict[str, Any] = {
@@ -122,6 +125,8 @@ class PollerService:
         }
         if self._kafka_problem is not None and not self._kafka_ok:
             detail["kafka_error"] = self._kafka_problem
+        if self._registry_problem is not None:
+            detail["schema_registry_error"] = self._registry_problem
         return ready, detail
 
     def liveness(self) -> bool:
@@ -133,6 +138,14 @@ class PollerService:
         log.info("starting", delivery=self.kcfg.delivery, bootstrap=self.kcfg.bootstrap_servers)
         await self._start_http()
         self._monitor = asyncio.create_task(self._loop_monitor(), name="loop-monitor")
+        if self.kcfg.value_format == "json_sr":
+            self._registry_problem = {"reason": "starting", "error": "no schema ids yet"}
+            frames = await frames_when_available(
+                self.settings, stopping=self._stopping, on_problem=self._registry_state
+            )
+            if frames is None:
+                return  # stopped while waiting for the registry
+            self.factory.set_prefixes(frames)
         await self._connect_kafka()
         await self.client.start()
         self._workers = [
@@ -142,6 +155,9 @@ class PollerService:
         ]
         self._view_task = asyncio.create_task(self.view.run(), name="state-view")
         log.info("started", http_port=self.http_port)
+
+    def _registry_state(self, problem: dict[str, str] | None) -> None:
+        self._registry_problem = problem
 
     async def _connect_kafka(self) -> None:
         """Connect, retrying with backoff: a broker that is down or refuses us is waited for.

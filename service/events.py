@@ -117,6 +117,13 @@ class EventFactory:
         self.batch_events_topic = batch_events_topic
         self.dlq_topic = f"{balances_topic}.dlq"
         self.source = source
+        # What goes before each value's JSON, per topic: nothing (kafka.value_format json),
+        # or the Confluent wire format's zero byte and schema id (json_sr, set_prefixes).
+        self._prefix: dict[str, bytes] = {}
+
+    def set_prefixes(self, prefixes: Mapping[str, bytes]) -> None:
+        """Write every value of these topics after these bytes (the wire format's frame)."""
+        self._prefix = dict(prefixes)
 
     def balance(self, batch_id: str, rec: BalanceRecord) -> OutMessage:
         """The event of one valid record."""
@@ -140,6 +147,7 @@ class EventFactory:
         quoted_batch = _quote(batch_id)
         subject = ("ce_subject", batch_id.encode())
         source = ("ce_source", self.source.encode())
+        prefix = self._prefix.get(self.balances_topic, b"")
         for rec in records:
             uid, balance, code, timestamp, event_id = rec
             if not (
@@ -161,7 +169,7 @@ class EventFactory:
             )
             yield (
                 uid.encode(),
-                value.encode(),
+                prefix + value.encode() if prefix else value.encode(),
                 [
                     _SPECVERSION,
                     ("ce_id", event_id.encode()),
@@ -190,7 +198,7 @@ class EventFactory:
         }
         return (
             rec.authorizer_unique_id.encode(),
-            _dumps(value),
+            self._prefix.get(self.balances_topic, b"") + _dumps(value),
             _headers(rec.event_id, BALANCE_TYPE, self.source, rec.timestamp, batch_id),
         )
 
@@ -209,7 +217,7 @@ class EventFactory:
         return OutMessage(
             topic=self.dlq_topic,
             key=batch_id.encode(),
-            value=_dumps(value),
+            value=self._prefix.get(self.dlq_topic, b"") + _dumps(value),
             headers=_headers(rec.event_id, INVALID_TYPE, self.source, at, batch_id),
         )
 
@@ -249,7 +257,7 @@ class EventFactory:
         return OutMessage(
             topic=self.batch_events_topic,
             key=batch_id.encode(),
-            value=_dumps(value),
+            value=self._prefix.get(self.batch_events_topic, b"") + _dumps(value),
             headers=_headers(
                 event_id, LIFECYCLE_TYPE_PREFIX + event, LIFECYCLE_SOURCE, at, batch_id
             ),

@@ -44,8 +44,10 @@ CONTENT_TYPE = "application/vnd.schemaregistry.v1+json"
 MAGIC_BYTE = 0
 #: What the registered schemas declare (see :func:`registry_schema`).
 REGISTRY_DRAFT = "http://json-schema.org/draft-07/schema#"
-#: The published schemas, in the repository's ``schemas/`` folder.
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+#: The published schemas: in the package when installed (the wheel carries them), else the
+#: repository's ``schemas/`` folder.
+_PACKAGED = Path(__file__).resolve().parent / "schemas"
+SCHEMA_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parent.parent / "schemas"
 SCHEMA_FILES: dict[str, str] = {
     "balances": "balance-event.schema.json",
     "lifecycle": "batch-event.schema.json",
@@ -417,55 +419,3 @@ def _error(
 
 
 # --------------------------------------------------------------------------- wire format
-
-
-class WireFormat:
-    """Writes an event's JSON as a message value: plain, or framed with its schema id.
-
-    ``WireFormat.json()`` passes the JSON through; ``WireFormat.json_sr(ids)`` (topic →
-    schema id) writes the Confluent wire format: ``0x00``, the id as 4 bytes big-endian,
-    then the JSON unchanged.
-    """
-
-    __slots__ = ("_prefixes", "name")
-
-    def __init__(self, name: str, prefixes: Mapping[str, bytes] | None) -> None:
-        self.name = name
-        self._prefixes = dict(prefixes) if prefixes is not None else None
-
-    @classmethod
-    def json(cls) -> WireFormat:
-        return cls("json", None)
-
-    @classmethod
-    def json_sr(cls, schema_ids: Mapping[str, int]) -> WireFormat:
-        return cls("json_sr", {topic: frame(sid) for topic, sid in schema_ids.items()})
-
-    def prefix(self, topic: str) -> bytes:
-        """What goes before the JSON in a value of ``topic`` (empty for plain JSON)."""
-        if self._prefixes is None:
-            return b""
-        try:
-            return self._prefixes[topic]
-        except KeyError:
-            raise KeyError(f"no schema id for topic {topic!r} (json_sr)") from None
-
-    def encode(self, topic: str, value: bytes) -> bytes:
-        """The message value of an event of ``topic`` whose JSON is ``value``."""
-        if self._prefixes is None:
-            return value
-        return self.prefix(topic) + value
-
-
-def frame(schema_id: int) -> bytes:
-    """The 5 bytes before the JSON in the Confluent wire format."""
-    if not 0 <= schema_id < 2**31:
-        raise ValueError(f"schema id out of range: {schema_id}")
-    return bytes((MAGIC_BYTE,)) + schema_id.to_bytes(4, "big")
-
-
-def unframe(value: bytes) -> tuple[int, bytes]:
-    """Schema id and JSON of a value in the Confluent wire format; ValueError if it is not."""
-    if len(value) < 5 or value[0] != MAGIC_BYTE:
-        raise ValueError("not the Confluent wire format (no zero magic byte and schema id)")
-    return int.from_bytes(value[1:5], "big"), value[5:]

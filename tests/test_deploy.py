@@ -46,7 +46,7 @@ CUSTOM_KINDS = {
     "PrometheusRule": "monitoring.coreos.com/v1",
 }
 # Strings the ci values files use as credentials; they must never leave the Secret.
-CI_SECRETS = ("ci-api-key", "ci-admin-token", "ci-sasl-password")
+CI_SECRETS = ("ci-api-key", "ci-admin-token", "ci-sasl-password", "ci-registry-password")
 RELEASE = "ci"
 NAMESPACE = "payments"
 
@@ -149,6 +149,7 @@ def test_ci_variants_exist() -> None:
         "monitoring",
         "networkpolicy",
         "sasl-ssl",
+        "schema-registry",
         "single-replica",
     } <= names
 
@@ -227,6 +228,7 @@ def test_dockerignore_keeps_the_context_to_what_the_image_needs() -> None:
         "config.yaml",
         "service/app.py",
         "rightfoot_simulator/server.py",
+        "schemas/balance-event.schema.json",
     ):
         assert not dockerignored(path, patterns), f"{path} is needed by the Dockerfile"
 
@@ -404,6 +406,9 @@ def test_pods_are_wired_to_the_service(values: Path) -> None:
         config["kafka"].get("ssl_certfile"),
         config["kafka"].get("ssl_keyfile"),
         config["rightfoot"].get("ca_bundle"),
+        config.get("schema_registry", {}).get("ssl_cafile"),
+        config.get("schema_registry", {}).get("ssl_certfile"),
+        config.get("schema_registry", {}).get("ssl_keyfile"),
     ):
         if path:
             assert str(Path(path).parent) in mounts, f"{path} is not mounted"
@@ -438,6 +443,7 @@ def test_no_secret_in_configmaps(values: Path) -> None:
         ("rightfoot", "api_key"),
         ("http", "admin_token"),
         ("kafka", "sasl_password"),
+        ("schema_registry", "password"),
     ):
         assert key not in config.get(section, {})
     for doc in docs:
@@ -485,6 +491,61 @@ def test_sasl_ssl_variant_delivers_password_and_tls_files() -> None:
     )
 
 
+def test_schema_registry_variant_delivers_password_tls_and_egress() -> None:
+    docs = documents(ci("schema-registry"))
+    pod = only(docs, "Deployment")["spec"]["template"]["spec"]
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    password_file = Path(env["RFP_SCHEMA_REGISTRY__PASSWORD_FILE"]["value"])
+    assert password_file.name == "schemaRegistryPassword"
+    mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    secret = only(docs, "Secret")
+    assert volumes[mounts[str(password_file.parent)]["name"]]["secret"]["secretName"] == (
+        secret["metadata"]["name"]
+    )
+    assert base64.b64decode(secret["data"]["schemaRegistryPassword"]) == b"ci-registry-password"
+    config = rendered_config(docs)
+    assert config["kafka"]["value_format"] == "json_sr"
+    registry = config["schema_registry"]
+    assert registry["url"] == "https://schema-registry.kafka.svc:8081"
+    assert registry["auto_register"] is False and registry["username"] == "rightfoot-poller"
+    assert registry["ssl_cafile"].endswith("/schema-registry-tls/ca.crt")
+    assert "ssl_certfile" not in registry and "ssl_keyfile" not in registry
+    assert volumes["schema-registry-tls"]["secret"]["secretName"] == "schema-registry-ca"
+    policy = only(docs, "NetworkPolicy")["spec"]
+    egress_ports = [sorted(p["port"] for p in rule["ports"]) for rule in policy["egress"]]
+    assert egress_ports == [[53, 53], [9092, 9093], [8081], [443]]
+    assert policy["egress"][2]["to"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kafka"}}}
+    ]
+
+    # In "env" mode the password is an environment variable from the Secret instead.
+    docs = [
+        d
+        for d in yaml.safe_load_all(
+            render(ci("schema-registry"), None, "--set", "secrets.mode=env")
+        )
+        if d
+    ]
+    env = {
+        e["name"]: e
+        for e in only(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert "RFP_SCHEMA_REGISTRY__PASSWORD_FILE" not in env
+    assert env["RFP_SCHEMA_REGISTRY__PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == (
+        "schemaRegistryPassword"
+    )
+
+    # The default stays plain JSON: no registry password, no registry egress rule.
+    default = documents(ci("default"))
+    assert rendered_config(default)["kafka"]["value_format"] == "json"
+    env = {
+        e["name"]
+        for e in only(default, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert not {"RFP_SCHEMA_REGISTRY__PASSWORD", "RFP_SCHEMA_REGISTRY__PASSWORD_FILE"} & env
+
+
 def test_network_policy_allows_only_what_the_service_needs() -> None:
     docs = documents(ci("networkpolicy"))
     policy = only(docs, "NetworkPolicy")["spec"]
@@ -509,6 +570,11 @@ def test_network_policy_allows_only_what_the_service_needs() -> None:
         (["--set", "terminationGracePeriodSeconds=15"], "shutdown_grace_s"),
         (["--set", "secrets.apiKey="], "secrets.apiKey"),
         (["--set", "kafkaTls.enabled=true"], "kafkaTls.secretName"),
+        (["--set", "config.kafka.value_format=avro"], "value_format"),
+        (["--set", "config.kafka.value_format=json_sr"], "schema_registry/url"),
+        (["--set", "config.schema_registry.password=oops"], "password"),
+        (["--set", "config.schema_registry.username=u"], "secrets.schemaRegistryPassword"),
+        (["--set", "schemaRegistryTls.enabled=true"], "schemaRegistryTls.secretName"),
         (["--set", "unknownValue=1"], "unknownValue"),
     ],
 )
@@ -552,6 +618,8 @@ def test_rendered_config_is_accepted_by_the_service(values: Path, tmp_path: Path
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(rendered_config(docs)))
     env = {"RFP_INSTANCE_ID": "ci-0", "RIGHTFOOT_API_KEY": "k", "RFP_KAFKA__SASL_PASSWORD": "p"}
+    if rendered_config(docs).get("schema_registry", {}).get("username"):
+        env["RFP_SCHEMA_REGISTRY__PASSWORD"] = "p"  # the pod gets it from the Secret
     settings = load_settings(path, env=env)
     assert settings.instance_id == "ci-0"
 
@@ -595,6 +663,7 @@ def test_values_schema_allows_only_real_non_secret_config_keys() -> None:
     kafka = config["properties"]["kafka"]["properties"]
     assert kafka["delivery"]["enum"] == ["exactly_once", "at_least_once"]
     assert kafka["security_protocol"]["enum"] == ["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+    assert kafka["value_format"]["enum"] == ["json", "json_sr"]
 
 
 # Values that are Kubernetes objects passed through as they are: documented as a whole.

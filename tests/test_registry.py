@@ -48,14 +48,12 @@ from service.registry import (
     SCHEMA_FILES,
     RegistryClient,
     TopicSchema,
-    WireFormat,
     event_schemas,
-    frame,
     registry_schema,
     schema_ids_when_available,
     subject_for,
-    unframe,
 )
+from service.wire import WireFormat, frame, unframe
 
 EXACT_BALANCE = "12345678901234567890.123456789"
 PASSWORD = "registry-password-for-tests-5150"
@@ -562,3 +560,20 @@ async def test_a_url_without_the_api_root_says_so(registry: str) -> None:
     assert info.value.status == 404
     assert not isinstance(info.value, RegistryUnavailable)
     assert "/apis/ccompat/v7" in str(info.value)
+
+
+def test_the_wheel_carries_the_event_schemas(tmp_path: Path) -> None:
+    """An installed service registers its schemas: they must be in the package."""
+    import subprocess
+    import zipfile
+
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run(
+        ["uv", "build", "--wheel", "--out-dir", str(tmp_path), str(root)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for name in SCHEMA_FILES.values():
+        assert f"service/schemas/{name}" in names

@@ -1,0 +1,130 @@
+"""The wire format of event values, and the schema ids it needs, fetched at start.
+
+``kafka.value_format: json`` writes each event's JSON as it is. ``json_sr`` writes the
+Confluent wire format: a zero byte, the schema's id as 4 bytes big-endian, then the
+same JSON. The ids come from the schema registry (service.registry) before the
+service connects to Kafka; until they do, ``/readyz`` says why not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Mapping
+
+import structlog
+
+from service.config import Settings
+from service.errors import RegistryError, RegistryUnavailable
+from service.logs import redact
+from service.registry import (
+    MAGIC_BYTE,
+    RegistryClient,
+    event_schemas,
+    schema_ids_when_available,
+)
+
+log = structlog.get_logger(__name__)
+
+
+async def frames_when_available(
+    settings: Settings,
+    *,
+    stopping: asyncio.Event,
+    on_problem: Callable[[dict[str, str] | None], None],
+) -> dict[str, bytes] | None:
+    """The wire-format frame of each event topic, from the registry; None if stopped first.
+
+    An unavailable registry is tried again with backoff (one ERROR line per attempt,
+    like Kafka at start); a refusal (credentials, an incompatible or invalid schema, a
+    schema not registered while ``auto_register`` is off) gives one ERROR line naming
+    the subject and is tried again every ``schema_registry.backoff_max_s``, in case it
+    is fixed. ``on_problem`` gets what /readyz shows, then None once it is solved.
+    """
+    cfg = settings.schema_registry
+    secrets = settings.secrets()
+
+    def unavailable(exc: RegistryUnavailable, failures: int, delay: float) -> None:
+        message = redact(str(exc), secrets)
+        on_problem({"reason": exc.reason, "error": message})
+        log.error(
+            "schema_registry_unavailable",
+            reason=exc.reason,
+            error=message,
+            attempt=failures,
+            retry_in_s=round(delay, 1),
+        )
+
+    schemas = event_schemas(settings.kafka)
+    async with RegistryClient(cfg, instance_id=settings.instance_id) as client:
+        while not stopping.is_set():
+            try:
+                ids = await schema_ids_when_available(client, schemas, on_retry=unavailable)
+            except RegistryError as exc:
+                message = redact(str(exc), secrets)
+                on_problem({"reason": type(exc).__name__, "error": message})
+                log.error(
+                    "schema_registry_refused",
+                    subject=exc.subject,
+                    error=message,
+                    retry_in_s=cfg.backoff_max_s,
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), cfg.backoff_max_s)
+                continue
+            on_problem(None)
+            log.info("schema_registry_ready", schema_ids=ids)
+            return {topic: frame(schema_id) for topic, schema_id in ids.items()}
+    return None
+
+
+class WireFormat:
+    """Writes an event's JSON as a message value: plain, or framed with its schema id.
+
+    ``WireFormat.json()`` passes the JSON through; ``WireFormat.json_sr(ids)`` (topic →
+    schema id) writes the Confluent wire format: ``0x00``, the id as 4 bytes big-endian,
+    then the JSON unchanged.
+    """
+
+    __slots__ = ("_prefixes", "name")
+
+    def __init__(self, name: str, prefixes: Mapping[str, bytes] | None) -> None:
+        self.name = name
+        self._prefixes = dict(prefixes) if prefixes is not None else None
+
+    @classmethod
+    def json(cls) -> WireFormat:
+        return cls("json", None)
+
+    @classmethod
+    def json_sr(cls, schema_ids: Mapping[str, int]) -> WireFormat:
+        return cls("json_sr", {topic: frame(sid) for topic, sid in schema_ids.items()})
+
+    def prefix(self, topic: str) -> bytes:
+        """What goes before the JSON in a value of ``topic`` (empty for plain JSON)."""
+        if self._prefixes is None:
+            return b""
+        try:
+            return self._prefixes[topic]
+        except KeyError:
+            raise KeyError(f"no schema id for topic {topic!r} (json_sr)") from None
+
+    def encode(self, topic: str, value: bytes) -> bytes:
+        """The message value of an event of ``topic`` whose JSON is ``value``."""
+        if self._prefixes is None:
+            return value
+        return self.prefix(topic) + value
+
+
+def frame(schema_id: int) -> bytes:
+    """The 5 bytes before the JSON in the Confluent wire format."""
+    if not 0 <= schema_id < 2**31:
+        raise ValueError(f"schema id out of range: {schema_id}")
+    return bytes((MAGIC_BYTE,)) + schema_id.to_bytes(4, "big")
+
+
+def unframe(value: bytes) -> tuple[int, bytes]:
+    """Schema id and JSON of a value in the Confluent wire format; ValueError if it is not."""
+    if len(value) < 5 or value[0] != MAGIC_BYTE:
+        raise ValueError("not the Confluent wire format (no zero magic byte and schema id)")
+    return int.from_bytes(value[1:5], "big"), value[5:]
