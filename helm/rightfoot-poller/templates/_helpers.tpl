@@ -92,6 +92,15 @@ True ("true") when Kafka uses SASL, so a SASL password must be delivered.
 {{- end }}
 
 {{/*
+True ("true") when the schema registry uses basic auth (config.schema_registry.username),
+so its password must be delivered.
+*/}}
+{{- define "rightfoot-poller.schemaRegistryAuth" -}}
+{{- $registry := .Values.config.schema_registry | default dict }}
+{{- if $registry.username }}true{{- end }}
+{{- end }}
+
+{{/*
 The service configuration (config.yaml): .Values.config without empty values, plus the
 paths of the files this chart mounts (TLS material, API CA bundle).
 */}}
@@ -118,6 +127,14 @@ paths of the files this chart mounts (TLS material, API CA bundle).
 {{- if .Values.kafkaTls.keyKey }}{{ $_ := set $kafka "ssl_keyfile" (printf "%s/%s" $dir .Values.kafkaTls.keyKey) }}{{ end }}
 {{- end }}
 {{- $_ := set $config "kafka" $kafka }}
+{{- if .Values.schemaRegistryTls.enabled }}
+{{- $registry := get $config "schema_registry" | default dict }}
+{{- $dir := .Values.schemaRegistryTls.mountPath }}
+{{- if .Values.schemaRegistryTls.caKey }}{{ $_ := set $registry "ssl_cafile" (printf "%s/%s" $dir .Values.schemaRegistryTls.caKey) }}{{ end }}
+{{- if .Values.schemaRegistryTls.certKey }}{{ $_ := set $registry "ssl_certfile" (printf "%s/%s" $dir .Values.schemaRegistryTls.certKey) }}{{ end }}
+{{- if .Values.schemaRegistryTls.keyKey }}{{ $_ := set $registry "ssl_keyfile" (printf "%s/%s" $dir .Values.schemaRegistryTls.keyKey) }}{{ end }}
+{{- $_ := set $config "schema_registry" $registry }}
+{{- end }}
 {{- if .Values.apiCaBundle.enabled }}
 {{- $rightfoot := get $config "rightfoot" | default dict }}
 {{- $_ := set $rightfoot "ca_bundle" (printf "%s/%s" .Values.apiCaBundle.mountPath .Values.apiCaBundle.key) }}
