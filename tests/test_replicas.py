@@ -1,15 +1,19 @@
 """Scale out: replicas share the batches through the consumer group and take over a dead one's.
 
 Three replicas as separate processes, thirty batches with records appearing over
-time; one replica is SIGKILLed mid-run and a fourth joins later. Every record
-arrives exactly once, every batch completes exactly once, and the simulator's
-request log shows no batch requested by two instances in overlapping periods.
+time; one replica is SIGKILLed mid-run, a fourth joins later, and a fifth joins and
+leaves again, so that partitions go to it and back to where they were (A to B to
+A). Every page takes the API 0.2-0.5 s, so polls are in flight across the
+rebalances. Every record arrives exactly once, every batch completes exactly once,
+and the simulator's request log shows no batch requested by two instances in
+overlapping periods.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import random
 import signal
 import uuid
 from collections import Counter, defaultdict
@@ -19,6 +23,8 @@ import pytest
 from conftest import SimServer, TopicReader, Topics, produce, service_env
 from eventschema import validate_message
 from test_durability import assert_exactly_once, served_ids, wait_completed
+
+from rightfoot_simulator import PageRequest
 
 pytestmark = pytest.mark.kafka
 
@@ -39,6 +45,24 @@ def overlapping_requests(log: list[Any]) -> list[tuple[Any, Any]]:
                     clashes.append((instance, e))
             latest_end[e.instance] = max(latest_end.get(e.instance, 0.0), e.ended)
     return clashes
+
+
+def handed_back(log: list[Any]) -> dict[str, list[str | None]]:
+    """Batches polled by one instance, then another, then the first again (A, B, A).
+
+    Each batch's page requests in time order, as the runs of one instance after another.
+    """
+    runs: dict[str, list[str | None]] = defaultdict(list)
+    for entry in sorted(log, key=lambda e: e.started):
+        if entry.path == "/v1/balances" and entry.batch_id:
+            owners = runs[entry.batch_id]
+            if not owners or owners[-1] != entry.instance:
+                owners.append(entry.instance)
+    return {
+        b: owners
+        for b, owners in runs.items()
+        if any(owners[i] == owners[i + 2] for i in range(len(owners) - 2))
+    }
 
 
 async def test_replicas_share_batches_and_take_over_a_dead_one(
@@ -65,12 +89,25 @@ async def test_replicas_share_batches_and_take_over_a_dead_one(
         body = {"batch_id": b, "expected_count": len(sim.all_records(b))}
         await produce(kafka, topics.requests, b.encode(), json.dumps(body).encode())
 
+    latency = random.Random(5)
+
+    async def slow_page(_req: PageRequest) -> None:
+        await asyncio.sleep(latency.uniform(0.2, 0.5))
+
+    sim.on_page_request = slow_page
     await asyncio.sleep(8)
     replicas[1].signal(signal.SIGKILL)  # mid-run, no goodbye
     await asyncio.sleep(6)
     fourth = replica("replica-3")
     fourth.start()
     await fourth.ready()
+    await asyncio.sleep(4)
+    passing = replica("replica-4")  # takes partitions over, then hands them back
+    passing.start()
+    await passing.ready()
+    await asyncio.sleep(4)
+    passing.signal(signal.SIGTERM)
+    assert await passing.wait(timeout=15) == 0, passing.tail()
 
     events = await wait_completed(reader, topics, batches, timeout=120)
     for b in batches:
@@ -82,6 +119,9 @@ async def test_replicas_share_batches_and_take_over_a_dead_one(
     assert_exactly_once(balances, served_ids(sim, batches))
 
     instances = Counter(e.instance for e in sim.request_log if e.path == "/v1/balances")
-    assert {"replica-0", "replica-1", "replica-2", "replica-3"} <= set(instances), instances
+    assert {f"replica-{n}" for n in range(5)} <= set(instances), instances
+    back = handed_back(sim.request_log)
+    print(f"{len(back)} batches handed over and back, e.g. {next(iter(back.values()), None)}")
+    assert back, "no batch went from one replica to another and back"
     clashes = overlapping_requests(sim.request_log)
     assert not clashes, f"{len(clashes)} overlapping requests, e.g. {clashes[:3]}"
