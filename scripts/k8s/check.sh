@@ -141,7 +141,7 @@ start_etcd() {
     --initial-cluster "k8s-check=http://127.0.0.1:${peer_port}" \
     >"${RUN_DIR}/etcd.log" 2>&1 &
   ETCD_PID=$!
-  wait_for "etcd" 30 curl -fsS "${ETCD_URL}/health"
+  wait_for "etcd" 90 curl -fsS "${ETCD_URL}/health"
 }
 
 start_apiserver() {
@@ -184,11 +184,11 @@ write_kubeconfig() {
 }
 
 wait_for() {  # wait_for <what> <seconds> <command...>: until the command succeeds
-  local what="$1" deadline=$((SECONDS + $2))
+  local what="$1" timeout="$2" deadline=$((SECONDS + $2))
   shift 2
   until "$@" >/dev/null 2>&1; do
     if ((SECONDS >= deadline)); then
-      log "${what} not ready after $((SECONDS - deadline + $2)) s; last log lines:"
+      log "${what} not ready after ${timeout} s; last log lines:"
       tail -n 20 "${RUN_DIR}"/*.log >&2 || true
       return 1
     fi
