@@ -229,13 +229,9 @@ class PollerService:
             max_body_bytes=self.settings.http.max_body_bytes,
             liveness=self.liveness,
         )
-        self._runner = web.AppRunner(api.app(), access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.settings.http.host, self.settings.http.port)
-        await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        self.http_port = sockets[0].getsockname()[1] if sockets else self.settings.http.port
+        self._runner, self.http_port = await api.serve(
+            self.settings.http.host, self.settings.http.port
+        )
 
     async def submit(self, req: TrackingRequest) -> None:
         """Send a tracking request to the requests topic (HTTP intake)."""

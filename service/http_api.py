@@ -141,6 +141,15 @@ class HttpApi:
         self.max_body_bytes = max_body_bytes
         self.liveness = liveness
 
+    async def serve(self, host: str, port: int) -> tuple[web.AppRunner, int]:
+        """Listen on host:port (0: any free port); the runner to clean up, and the port."""
+        runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        sockets = getattr(site._server, "sockets", None) or []
+        return runner, sockets[0].getsockname()[1] if sockets else port
+
     def app(self) -> web.Application:
         _install_malformed_request_filter(self.metrics)
         app = web.Application(client_max_size=self.max_body_bytes, middlewares=[json_errors])
