@@ -158,18 +158,25 @@ k8s-check: tools
 	scripts/k8s/check.sh
 
 # ---------------------------------------------------------------------------
-# Performance (docs/performance.md, bench/run_all.py): throughput against an
-# aiohttp+aiokafka ceiling on 1,000,000 records, 10,000 batches on one replica for 3
-# minutes, latency from the API to Kafka, one batch of 1,000,000 records SIGKILLed
-# halfway and 100,000 records finishing out of order; one JSON line at the end.
+# Performance (docs/performance.md, bench/run_all.py): throughput against two
+# aiohttp+aiokafka ceilings (per-message and batched) and a peer, Benthos 4.27, on
+# 1,000,000 records, 10,000 batches on one replica for 3 minutes, latency from the API
+# to Kafka, one batch of 1,000,000 records SIGKILLed halfway and 100,000 records
+# finishing out of order; one JSON line at the end.
 # Runs its own broker on BENCH_KAFKA_PORT and stops it; BENCH_ARGS are passed on (e.g.
 # --workdir DIR). tests/test_bench_smoke.py runs the same at toy sizes in `make test`.
 # ---------------------------------------------------------------------------
 BENCH_KAFKA_PORT ?= 29092
 BENCH_ARGS ?=
 
+# The benchmark's peer, Benthos 4.27.0 (bench/benthos.yaml): built by scripts/benthos.sh
+# into .cache/benthos from scripts/benthos/ if missing (needs go; ~1-3 min the first time).
+.PHONY: benthos
+benthos:
+	scripts/benthos.sh
+
 bench: export PATH := $(UV_PATH)
-bench: install
+bench: install benthos
 	KAFKA_PORT=$(BENCH_KAFKA_PORT) scripts/kafka.sh start
 	@rc=0; $(UV) run --frozen python bench/run_all.py \
 	  --bootstrap 127.0.0.1:$(BENCH_KAFKA_PORT) $(BENCH_ARGS) || rc=$$?; \

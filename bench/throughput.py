@@ -1,25 +1,33 @@
-"""Throughput: the service against the stack's own ceiling, on the same pages, in the same run.
+"""Throughput: the service against the stack's ceilings and a peer, on the same pages, in one run.
 
 The simulator (its own process, no added latency) serves ``--batches`` batches of
 ``--records`` records each, all visible at once (1,000,000 records by default). Then,
 one after the other, against the same broker:
 
-1. ``bench/ceiling.py`` fetches every page and produces every record (see its docstring);
-2. the service (``python -m service run``, its own process, fresh topics) with a
+1. ``bench/ceiling.py`` fetches every page and produces every record with one
+   ``send()`` per message (see its docstring);
+2. ``bench/ceiling.py --batched``: the same through aiokafka's batch API, the raw record
+   bytes forwarded: the fastest path of this stack;
+3. the peer, Benthos 4.27 (``bench/peer.py``, ``bench/benthos.yaml``): the same job in a
+   general pipeline tool, its output checked (distinct event IDs against the records
+   served, every 100th event against the service's own for that record);
+4. the service (``python -m service run``, its own process, fresh topics) with a
    zero-length polling window, no practical request-rate ceiling and
    ``kafka.delivery=exactly_once``: every batch is tracked at once through the requests
    topic with its ``expected_count``; the clock runs from the first tracking request to
    the moment the last ``completed`` lifecycle event is readable with read_committed
    (that event commits in the same transaction as the batch's last records); afterwards
    (off the clock) a read_committed consumer counts the balance events in the topic;
-3. the same with ``kafka.delivery=at_least_once``.
+5. the same with ``kafka.delivery=at_least_once``.
 
 That is one round; ``--rounds`` (default 3) are run, every other one in reverse order,
 and the figures are the medians over rounds: this machine is shared and noisy, and
 a ratio is taken within a round, between runs minutes apart. For each service run:
 records/s, CPU seconds per million records (user + system of the service process,
-from /proc), and throughput_ratio = service records/s / the ceiling's. The records
-the lifecycle events report, and the balance events a read_committed consumer reads,
+from /proc), throughput_ratio = service records/s / the per-message ceiling's,
+throughput_ratio_batched the same over the batched ceiling's, vs_peer_throughput =
+service records/s / Benthos's, and vs_peer_cpu = service CPU per record / Benthos's.
+The records the lifecycle events report, and the balance events a read_committed consumer reads,
 are checked against the records served, and the ceiling topic's message count too.
 ``--py-spy DIR`` also records a py-spy profile of each service run there
 (``uv run --with py-spy ...``).
@@ -44,6 +52,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import peer
 from harness import (
     API_KEY,
     ROOT,
@@ -64,13 +73,14 @@ from service.runtime import GC_THRESHOLDS
 
 
 async def run_ceiling(
-    sim: SimulatorProcess, bootstrap: str, batch_ids: list[str]
+    sim: SimulatorProcess, bootstrap: str, batch_ids: list[str], *, batched: bool = False
 ) -> dict[str, Any]:
     topic = f"{Topics().prefix}.ceiling"
     await create_topic(bootstrap, topic)
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         str(ROOT / "bench" / "ceiling.py"),
+        *(["--batched"] if batched else []),
         "--api-url",
         sim.base_url,
         "--api-key",
@@ -92,6 +102,7 @@ async def run_ceiling(
     produced = await end_offsets_total(bootstrap, topic)
     if produced != result["records"]:
         raise RuntimeError(f"ceiling: {produced} messages in {topic}, {result['records']} sent")
+    result["cpu_s_per_million"] = round(result["cpu_s"] / result["records"] * 1e6, 3)
     return result
 
 
@@ -171,19 +182,37 @@ def _stop_py_spy(profiler: subprocess.Popen[bytes] | None) -> None:
         profiler.wait(timeout=60)
 
 
+RUNS = ["ceiling", "ceiling_batched", "peer", "exactly_once", "at_least_once"]
+
+
 async def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    """``--rounds`` rounds of ceiling, exactly_once, at_least_once (every other one reversed)."""
+    """``--rounds`` rounds of the two ceilings, the peer and both deliveries (every other one
+    in reverse order)."""
     rounds: list[dict[str, dict[str, Any]]] = []
+    benthos = peer.benthos_binary()
     async with simulator(workdir / "simulator.log") as sim:
         log(f"creating {args.batches} batches of {args.records} records")
         batch_ids = await sim.create_batches(args.batches, args.records)
         for number in range(args.rounds):
-            order = ["ceiling", "exactly_once", "at_least_once"]
+            order = RUNS
             runs: dict[str, dict[str, Any]] = {}
             for name in order if number % 2 == 0 else order[::-1]:
                 log(f"round {number + 1}: {name}")
-                if name == "ceiling":
-                    runs[name] = await run_ceiling(sim, args.bootstrap, batch_ids)
+                if name in ("ceiling", "ceiling_batched"):
+                    runs[name] = await run_ceiling(
+                        sim, args.bootstrap, batch_ids, batched=name == "ceiling_batched"
+                    )
+                elif name == "peer":
+                    runs[name] = await peer.run_peer(
+                        benthos,
+                        api_url=sim.base_url,
+                        api_key=API_KEY,
+                        bootstrap=args.bootstrap,
+                        batch_ids=batch_ids,
+                        records=args.records * len(batch_ids),
+                        workdir=workdir,
+                        timeout_s=args.timeout,
+                    )
                 else:
                     runs[name] = await run_service(
                         sim,
@@ -197,28 +226,42 @@ async def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                         service_command=args.service_command,
                     )
             for name in ("exactly_once", "at_least_once"):
-                ratio = runs[name]["records_per_s"] / runs["ceiling"]["records_per_s"]
-                runs[name]["throughput_ratio"] = round(ratio, 3)
+                run = runs[name]
+                rps, cpu = run["records_per_s"], run["cpu_s_per_million"]
+                run["throughput_ratio"] = round(rps / runs["ceiling"]["records_per_s"], 3)
+                batched = runs["ceiling_batched"]["records_per_s"]
+                run["throughput_ratio_batched"] = round(rps / batched, 3)
+                run["vs_peer_throughput"] = round(rps / runs["peer"]["records_per_s"], 3)
+                run["vs_peer_cpu"] = round(cpu / runs["peer"]["cpu_s_per_million"], 3)
             for name in order:
-                print(f"round {number + 1}  {name:<14} {_line(runs[name])}", flush=True)
+                print(f"round {number + 1}  {name:<15} {_line(runs[name])}", flush=True)
             rounds.append(runs)
 
     def median_of(name: str, key: str) -> float:
         return round(statistics.median(r[name][key] for r in rounds), 3)
 
-    ceiling_cpu = statistics.median(r["ceiling"]["cpu_s"] / r["ceiling"]["records"] for r in rounds)
     return {
         "records": rounds[0]["exactly_once"]["records"],
         "batches": args.batches,
         "rounds": args.rounds,
         "ceiling_records_per_s": median_of("ceiling", "records_per_s"),
-        "ceiling_cpu_s_per_million": round(ceiling_cpu * 1e6, 3),
+        "ceiling_cpu_s_per_million": median_of("ceiling", "cpu_s_per_million"),
+        "ceiling_batched_records_per_s": median_of("ceiling_batched", "records_per_s"),
+        "ceiling_batched_cpu_s_per_million": median_of("ceiling_batched", "cpu_s_per_million"),
+        "peer_records_per_s": median_of("peer", "records_per_s"),
+        "peer_cpu_s_per_million": median_of("peer", "cpu_s_per_million"),
         "records_per_s": median_of("exactly_once", "records_per_s"),
         "cpu_s_per_million": median_of("exactly_once", "cpu_s_per_million"),
         "throughput_ratio": median_of("exactly_once", "throughput_ratio"),
+        "throughput_ratio_batched": median_of("exactly_once", "throughput_ratio_batched"),
+        "vs_peer_throughput": median_of("exactly_once", "vs_peer_throughput"),
+        "vs_peer_cpu": median_of("exactly_once", "vs_peer_cpu"),
         "alo_records_per_s": median_of("at_least_once", "records_per_s"),
         "alo_cpu_s_per_million": median_of("at_least_once", "cpu_s_per_million"),
         "alo_throughput_ratio": median_of("at_least_once", "throughput_ratio"),
+        "alo_throughput_ratio_batched": median_of("at_least_once", "throughput_ratio_batched"),
+        "alo_vs_peer_throughput": median_of("at_least_once", "vs_peer_throughput"),
+        "alo_vs_peer_cpu": median_of("at_least_once", "vs_peer_cpu"),
         "service_rss_peak_mb": max(r["exactly_once"]["rss_peak_mb"] for r in rounds),
         "runs": rounds,
     }
@@ -229,19 +272,28 @@ def summary_line(result: dict[str, Any]) -> str:
         f"throughput: {result['records']:,} records, median of {result['rounds']} rounds: "
         f"ceiling {result['ceiling_records_per_s']:,.0f}/s "
         f"({result['ceiling_cpu_s_per_million']} CPU s/M); "
+        f"batched ceiling {result['ceiling_batched_records_per_s']:,.0f}/s "
+        f"({result['ceiling_batched_cpu_s_per_million']} CPU s/M); "
+        f"peer (Benthos) {result['peer_records_per_s']:,.0f}/s "
+        f"({result['peer_cpu_s_per_million']} CPU s/M); "
         f"exactly_once {result['records_per_s']:,.0f}/s ({result['cpu_s_per_million']} CPU s/M, "
-        f"ratio {result['throughput_ratio']}); "
+        f"ratio {result['throughput_ratio']}, batched {result['throughput_ratio_batched']}, "
+        f"vs peer {result['vs_peer_throughput']}x throughput, {result['vs_peer_cpu']}x CPU); "
         f"at_least_once {result['alo_records_per_s']:,.0f}/s "
-        f"({result['alo_cpu_s_per_million']} CPU s/M, ratio {result['alo_throughput_ratio']})"
+        f"({result['alo_cpu_s_per_million']} CPU s/M, ratio {result['alo_throughput_ratio']}, "
+        f"batched {result['alo_throughput_ratio_batched']})"
     )
 
 
 def _line(run: dict[str, Any]) -> str:
     text = f"{run['records']:>9,} records in {run['seconds']:7.2f} s  "
     text += f"{run['records_per_s']:>9,.0f} records/s  CPU {run['cpu_s']:6.2f} s"
+    text += f"  ({run['cpu_s_per_million']:.2f} CPU s/M"
     if "throughput_ratio" in run:
-        text += f"  ({run['cpu_s_per_million']:.2f} CPU s/M, ratio {run['throughput_ratio']:.3f})"
-    return text
+        text += f", ratio {run['throughput_ratio']:.3f}, batched "
+        text += f"{run['throughput_ratio_batched']:.3f}, vs peer {run['vs_peer_throughput']:.3f}x"
+        text += f" throughput, {run['vs_peer_cpu']:.3f}x CPU"
+    return text + ")"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
