@@ -423,7 +423,8 @@ async def wait_lifecycle(
             chunk = await consumer.getmany(timeout_ms=200)
             for messages in chunk.values():
                 for msg in messages:
-                    value = json.loads(msg.value)
+                    raw = msg.value or b""
+                    value = json.loads(raw[5:] if raw[:1] == b"\x00" else raw)  # json_sr: framed
                     if value["event"] == event and value["batch_id"] in batch_ids:
                         seen[value["batch_id"]] = value
                         last = time.monotonic()

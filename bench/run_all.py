@@ -1,9 +1,10 @@
 """``make bench``: throughput against the ceiling, scale, latency and big batches, on one broker.
 
-Runs ``bench/throughput.py``, ``bench/scale.py``, ``bench/latency.py`` and
-``bench/big_batch.py`` one after the other (each docstring says what it measures and
-how) against the broker at ``--bootstrap``, prints their figures, whether each
-performance target is met, and ends with one JSON line:
+Runs ``bench/throughput.py``, ``bench/scale.py``, ``bench/latency.py``,
+``bench/big_batch.py`` and ``bench/value_format.py`` one after the other (each
+docstring says what it measures and how) against the broker at ``--bootstrap``,
+prints their figures, whether each performance target is met, and ends with one JSON
+line:
 
     throughput_ratio            exactly_once records/s over the per-message ceiling's (>= 0.8)
     throughput_ratio_batched    exactly_once records/s over the batched ceiling's (>= 0.8)
@@ -26,6 +27,10 @@ performance target is met, and ends with one JSON line:
                                 over 60 s, and the kill is included)
     sweep_requests_per_record   100,000 records finishing out of order: sweep pages / records
                                 the sweeps found (sweep_pages, sweep_records, sweeps beside)
+    json_bytes_per_event        a balance event's value with kafka.value_format json...
+    json_sr_bytes_per_event     ...and with json_sr (the Confluent wire format)
+    json_sr_throughput_ratio    json_sr records/s over json's, same run (a schema registry,
+                                Apicurio, started by scripts/registry.sh)
 
 and more figures besides (at_least_once, the ceiling's own, request rates, ...). Every
 service run is checked for exactly-once delivery and raises if it was not.
@@ -51,6 +56,7 @@ import big_batch
 import latency
 import scale
 import throughput
+import value_format
 
 SMOKE: dict[str, dict[str, Any]] = {
     "throughput": {"batches": 10, "records": 1000, "rounds": 1, "timeout": 60},
@@ -64,6 +70,7 @@ SMOKE: dict[str, dict[str, Any]] = {
         "window_max": 1.0,
         "timeout": 30.0,
     },
+    "value_format": {"batches": 4, "records": 500, "rounds": 1, "timeout": 60},
     "big_batch": {
         "records": 20_000,
         "spread": 5.0,
@@ -102,7 +109,7 @@ def sub_args(
 
 async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     sizes: dict[str, dict[str, Any]] = SMOKE if args.smoke else {}
-    for name in ("throughput", "scale", "latency", "big_batch"):
+    for name in ("throughput", "scale", "latency", "big_batch", "value_format"):
         (workdir / name).mkdir(parents=True, exist_ok=True)
     t = await throughput.measure(
         sub_args(throughput.add_arguments, args.bootstrap, **sizes.get("throughput", {})),
@@ -123,6 +130,11 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         workdir / "big_batch",
     )
     print(big_batch.summary_line(bb), flush=True)
+    vf = await value_format.measure(
+        sub_args(value_format.add_arguments, args.bootstrap, **sizes.get("value_format", {})),
+        workdir / "value_format",
+    )
+    print(value_format.summary_line(vf), flush=True)
     big, ooo = bb["big"], bb["ooo"]
     return {
         "throughput_ratio": t["throughput_ratio"],
@@ -173,6 +185,12 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "sweeps": ooo["sweeps"],
         "ooo_records": ooo["records"],
         "ooo_records_per_s": ooo["records_per_s"],
+        "json_records_per_s": vf["json_records_per_s"],
+        "json_bytes_per_event": vf["json_bytes_per_event"],
+        "json_sr_records_per_s": vf["json_sr_records_per_s"],
+        "json_sr_bytes_per_event": vf["json_sr_bytes_per_event"],
+        "json_sr_cpu_s_per_million": vf["json_sr_cpu_s_per_million"],
+        "json_sr_throughput_ratio": vf["json_sr_throughput_ratio"],
         "smoke": bool(args.smoke),
     }
 

@@ -39,6 +39,9 @@ POSITIVE = (
     "big_batch_peak_rss_mb",
     "big_batch_state_bytes_per_record",
     "big_batch_records_per_s",
+    "json_bytes_per_event",
+    "json_sr_bytes_per_event",
+    "json_sr_throughput_ratio",
 )
 NOT_NEGATIVE = (
     "scale_p99_lateness_s",
