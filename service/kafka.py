@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import struct
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,6 +98,24 @@ async def delivered(futures: list[asyncio.Future[Any]]) -> None:
             failure = exc
     if failure is not None:
         raise failure
+
+
+# One lock per producer and partition around send_batch: with a producer shared by
+# several publishers (at_least_once), aiokafka's send_batch lets one caller at a time
+# add a batch to a partition and makes the others wait for its drain in a loop whose
+# timeout shrinks by all the time waited so far at every turn; under contention that
+# raised KafkaTimeoutError long before request_timeout_ms. Waiting here first leaves it
+# at most one batch to wait for.
+_SEND_LOCKS: weakref.WeakKeyDictionary[AIOKafkaProducer, dict[TopicPartition, asyncio.Lock]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _send_locks(producer: AIOKafkaProducer) -> dict[TopicPartition, asyncio.Lock]:
+    locks = _SEND_LOCKS.get(producer)
+    if locks is None:
+        locks = _SEND_LOCKS[producer] = {}
+    return locks
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:
@@ -290,19 +309,29 @@ class PartitionPublisher:
         producer = self.producer
         topic = events.topic
         count = len(await producer.partitions_for(topic))
+        locks = _send_locks(producer)
         builders: dict[int, Any] = {}
+
+        async def send_batch(builder: Any, partition: int) -> None:
+            tp = TopicPartition(topic, partition)
+            lock = locks.get(tp)
+            if lock is None:
+                lock = locks[tp] = asyncio.Lock()
+            async with lock:
+                futures.append(await producer.send_batch(builder, topic, partition=partition))
+
         for key, value, headers in events.wire():
             partition = (murmur2(key) & 0x7FFFFFFF) % count
             builder = builders.get(partition)
             if builder is None:
                 builder = builders[partition] = producer.create_batch()
             if builder.append(key=key, value=value, timestamp=None, headers=headers) is None:
-                futures.append(await producer.send_batch(builder, topic, partition=partition))
+                await send_batch(builder, partition)
                 builder = builders[partition] = producer.create_batch()
                 # An empty batch takes any one record (a too-large one fails its send).
                 builder.append(key=key, value=value, timestamp=None, headers=headers)
         for partition, builder in builders.items():
-            futures.append(await producer.send_batch(builder, topic, partition=partition))
+            await send_batch(builder, partition)
 
     async def _commit_transaction(
         self, messages: list[Publishable], commit_to: dict[TopicPartition, int] | None
