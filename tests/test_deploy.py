@@ -500,8 +500,9 @@ def test_schema_registry_variant_delivers_password_tls_and_egress() -> None:
     mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
     secret = only(docs, "Secret")
-    assert volumes[mounts[str(password_file.parent)]["name"]]["secret"]["secretName"] == (
-        secret["metadata"]["name"]
+    assert (
+        volumes[mounts[str(password_file.parent)]["name"]]["secret"]["secretName"]
+        == (secret["metadata"]["name"])
     )
     assert base64.b64decode(secret["data"]["schemaRegistryPassword"]) == b"ci-registry-password"
     config = rendered_config(docs)
