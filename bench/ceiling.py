@@ -5,7 +5,8 @@ following ``next_page_token``) with the same concurrency as the service
 (``rightfoot.max_concurrent_requests``, 16), and sends one Kafka message per record
 with a producer configured as ``service.kafka_clients.make_producer`` configures the
 service's (idempotent, ``acks=all``, the same linger and batch size), to its own
-topic. It takes nothing from the service's code.
+topic. It takes nothing from the service's code (``--batched``, below, takes one
+function).
 
 What it produces, per record: key = ``authorizer_unique_id``; value = the record's
 own JSON, re-serialised compactly (about 60% of the size of the service's event);
