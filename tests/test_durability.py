@@ -562,7 +562,7 @@ async def test_sigkill_inside_an_open_transaction_aborts_it_and_repeats_nothing(
 ) -> None:
     """Killed in the middle of a poll, while its transaction has sent records uncommitted.
 
-    One poll reads 3,000 records, 100 to a page, and commits every 500. Once a poll has
+    One poll reads 4,000 records, 100 to a page, and commits every 500. Once a poll has
     read a transaction's worth, each of its page requests is held while the transaction
     of the pages before it runs, and the service is SIGKILLed as soon as the broker
     holds records of a transaction still open. (A transaction is open on the broker for
@@ -574,7 +574,7 @@ async def test_sigkill_inside_an_open_transaction_aborts_it_and_repeats_nothing(
     """
     sim = sim_server.sim
     batch = str(uuid.uuid4())
-    sim.generate_batch(batch, 3000, spread_s=0.0, seed=60)
+    sim.generate_batch(batch, 4000, spread_s=0.0, seed=60)
     per_transaction = 500
     env = service_env(
         topics,
@@ -604,13 +604,13 @@ async def test_sigkill_inside_an_open_transaction_aborts_it_and_repeats_nothing(
                     return
 
         sim.on_page_request = kill_inside_a_transaction
-        for attempt in range(3):
+        for attempt in range(5):  # measured: the first hit 4 times in 11, the second 7 in 7
             service.env["RFP_INSTANCE_ID"] = f"txn-{attempt}"
             killed.clear()
             service.start()
             if attempt == 0:
                 await service.ready()
-                await track(kafka, topics, batch, 3000)
+                await track(kafka, topics, batch, 4000)
             # (a restarted service may be killed before its readiness is seen)
             await wait_for(lambda: killed, 60, "a kill inside a transaction")
             await service.wait(timeout=5)
