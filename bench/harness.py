@@ -368,8 +368,9 @@ async def end_offsets_total(bootstrap: str, topic: str) -> int:
         await consumer.stop()
 
 
-async def count_committed(bootstrap: str, topic: str, timeout_s: float = 300.0) -> int:
-    """Messages a read_committed consumer reads from the whole topic, up to its end offsets."""
+async def count_committed(bootstrap: str, topic: str, timeout_s: float = 300.0) -> tuple[int, int]:
+    """Messages a read_committed consumer reads from the whole topic, up to its end
+    offsets, and the bytes of their values."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         isolation_level="read_committed",
@@ -384,13 +385,15 @@ async def count_committed(bootstrap: str, topic: str, timeout_s: float = 300.0) 
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)  # read_committed: the last stable offsets
         deadline = time.monotonic() + timeout_s
-        count = 0
+        count = size = 0
         while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{topic}: {count} messages read in {timeout_s} s")
             batches = await consumer.getmany(timeout_ms=500, max_records=50_000)
-            count += sum(len(messages) for messages in batches.values())
-        return count
+            for messages in batches.values():
+                count += len(messages)
+                size += sum(len(m.value or b"") for m in messages)
+        return count, size
     finally:
         await consumer.stop()
 

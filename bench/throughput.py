@@ -117,7 +117,11 @@ async def run_service(
     py_spy: Path | None,
     timeout_s: float,
     service_command: list[str] | None = None,
+    name: str | None = None,
+    **env_overrides: str,
 ) -> dict[str, Any]:
+    """One service run; ``name`` labels its log (default: the delivery), ``env_overrides``
+    add to its configuration."""
     topics = Topics()
     env = service_env(
         topics,
@@ -128,9 +132,10 @@ async def run_service(
         RFP_POLLING__INTERVAL_MAX_S="0",
         RFP_POLLING__COMPLETE_AFTER_IDLE_S="3600",
         RFP_RIGHTFOOT__MAX_REQUESTS_PER_S="1000000",
+        **env_overrides,
     )
     command = ("-m", "service", "run") if not service_command else tuple(service_command)
-    log_path = workdir / f"service-{delivery}.log"
+    log_path = workdir / f"service-{name or delivery}.log"
     async with service(env, command=command, log_path=log_path) as svc:
         profiler = _start_py_spy(py_spy, svc.pid, delivery)
         watcher = asyncio.create_task(
@@ -149,7 +154,7 @@ async def run_service(
     expected = records * len(batch_ids)
     if published != expected:
         raise RuntimeError(f"{delivery}: {published} records published, {expected} served")
-    in_topic = await count_committed(bootstrap, topics.balances)
+    in_topic, value_bytes = await count_committed(bootstrap, topics.balances)
     if in_topic != expected:
         raise RuntimeError(f"{delivery}: {in_topic} balance events readable, {expected} served")
     return {
@@ -160,6 +165,7 @@ async def run_service(
         "cpu_s": round(cpu, 3),
         "cpu_s_per_million": round(cpu / published * 1e6, 3),
         "rss_peak_mb": round(memory.get("VmHWM", 0.0), 1),
+        "bytes_per_event": round(value_bytes / in_topic, 1),
     }
 
 

@@ -5,9 +5,9 @@ once. A schema registry (Apicurio, ``scripts/registry.sh`` on ``--registry-port`
 started if none answers there. Then, in ``--rounds`` rounds (every other one in
 reverse order), the service (``kafka.delivery=exactly_once``, fresh topics, a
 zero-length polling window) publishes every batch once with ``json`` and once with
-``json_sr``; the clock runs from the first tracking request to the moment the last
-``completed`` event is readable with read_committed. Off the clock, a read_committed
-consumer counts the balance events and sums their value bytes.
+``json_sr`` (``throughput.run_service``: the clock runs from the first tracking request
+to the moment the last ``completed`` event is readable with read_committed; off the
+clock, a read_committed consumer counts the balance events and sums their value bytes).
 
 For each format: records/s, CPU seconds per million records, and the mean bytes of a
 balance event's value; ``json_sr_throughput_ratio`` is json_sr records/s over json's
@@ -26,22 +26,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from harness import (
-    ROOT,
-    Topics,
-    committed_consumer,
-    log,
-    send_tracking_requests,
-    service,
-    service_env,
-    simulator,
-    wait_lifecycle,
-)
+from harness import ROOT, log, simulator
+from throughput import run_service
 
 FORMATS = ("json", "json_sr")
 
@@ -55,71 +45,6 @@ def registry(port: int, command: str) -> subprocess.CompletedProcess[str]:
         timeout=900,
         check=False,
     )
-
-
-async def value_bytes(bootstrap: str, topic: str, expected: int) -> tuple[int, int]:
-    """(events, value bytes) of ``topic``, read_committed from the start."""
-    consumer = committed_consumer(bootstrap, topic)
-    await consumer.start()
-    events = size = 0
-    try:
-        deadline = time.monotonic() + 300
-        while events < expected and time.monotonic() < deadline:
-            chunk = await consumer.getmany(timeout_ms=1000, max_records=10_000)
-            for messages in chunk.values():
-                events += len(messages)
-                size += sum(len(m.value or b"") for m in messages)
-    finally:
-        await consumer.stop()
-    return events, size
-
-
-async def run_format(
-    sim: Any,
-    bootstrap: str,
-    registry_url: str,
-    batch_ids: list[str],
-    records: int,
-    value_format: str,
-    workdir: Path,
-    timeout_s: float,
-) -> dict[str, Any]:
-    topics = Topics()
-    env = service_env(
-        topics,
-        bootstrap,
-        sim.base_url,
-        RFP_KAFKA__DELIVERY="exactly_once",
-        RFP_KAFKA__VALUE_FORMAT=value_format,
-        RFP_SCHEMA_REGISTRY__URL=registry_url,
-        RFP_POLLING__INTERVAL_MIN_S="0",
-        RFP_POLLING__INTERVAL_MAX_S="0",
-        RFP_POLLING__COMPLETE_AFTER_IDLE_S="3600",
-        RFP_RIGHTFOOT__MAX_REQUESTS_PER_S="1000000",
-    )
-    async with service(env, log_path=workdir / f"service-{value_format}.log") as svc:
-        watcher = asyncio.create_task(
-            wait_lifecycle(bootstrap, topics.events, set(batch_ids), "completed", timeout_s)
-        )
-        cpu_before, started = svc.cpu_seconds(), time.monotonic()
-        await send_tracking_requests(
-            bootstrap, topics.requests, [(batch_id, records) for batch_id in batch_ids]
-        )
-        finished, _completed = await watcher
-        cpu = svc.cpu_seconds() - cpu_before
-    expected = records * len(batch_ids)
-    events, size = await value_bytes(bootstrap, topics.balances, expected)
-    if events != expected:
-        raise RuntimeError(f"{value_format}: {events} balance events readable, {expected} served")
-    seconds = finished - started
-    return {
-        "value_format": value_format,
-        "records": events,
-        "seconds": round(seconds, 3),
-        "records_per_s": round(events / seconds, 1),
-        "cpu_s_per_million": round(cpu / events * 1e6, 3),
-        "bytes_per_event": round(size / events, 1),
-    }
 
 
 async def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -138,10 +63,19 @@ async def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 runs: dict[str, dict[str, Any]] = {}
                 for fmt in FORMATS if number % 2 == 0 else FORMATS[::-1]:
                     log(f"round {number + 1}: {fmt}")
-                    runs[fmt] = await run_format(
-                        sim, args.bootstrap, url, batch_ids, args.records, fmt, workdir,
-                        args.timeout,
-                    )  # fmt: skip
+                    runs[fmt] = await run_service(
+                        sim,
+                        args.bootstrap,
+                        batch_ids,
+                        args.records,
+                        "exactly_once",
+                        workdir=workdir,
+                        py_spy=None,
+                        timeout_s=args.timeout,
+                        name=fmt,
+                        RFP_KAFKA__VALUE_FORMAT=fmt,
+                        RFP_SCHEMA_REGISTRY__URL=url,
+                    )
                     print(f"round {number + 1}  {fmt:<8} {json.dumps(runs[fmt])}", flush=True)
                 rounds.append(runs)
     finally:

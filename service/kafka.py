@@ -321,7 +321,7 @@ class PartitionPublisher:
                 futures.append(await producer.send_batch(builder, topic, partition=partition))
 
         for key, value, headers in events.wire():
-            partition = (murmur2(key) & 0x7FFFFFFF) % count
+            partition = (murmur2(key) & 0x7FFFFFFF) % count  # partition_for_key, inlined
             builder = builders.get(partition)
             if builder is None:
                 builder = builders[partition] = producer.create_batch()

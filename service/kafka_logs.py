@@ -79,7 +79,6 @@ class BrokerLog(logging.Filter):
         self._kinds: dict[str, tuple[float, int]] = {}  # warning kind -> (last line, held)
         self._lock = threading.Lock()  # aiokafka logs from the event loop; metrics scrape too
         self._clients: weakref.WeakSet[Any] = weakref.WeakSet()
-        self.on_change: Callable[[], None] | None = None
 
     # ---- the filter ----------------------------------------------------------------
 
@@ -102,6 +101,7 @@ class BrokerLog(logging.Filter):
             if template_has_port(str(record.msg)) and position + 1 < len(args):
                 broker = f"{args[position]}:{args[position + 1]}"
         now = self.clock()
+        extra: dict[str, Any] = {}
         with self._lock:
             down = self.down.get(broker)
             if down is None:
@@ -113,14 +113,9 @@ class BrokerLog(logging.Filter):
                 if now - down.last_line < SUMMARY_EVERY_S:
                     return
                 line, down.last_line = "kafka_broker_still_unreachable", now
-            state = self.down[broker]
-        fields: dict[str, Any] = {"broker": broker, "error": _message(record)}
-        if line == "kafka_broker_still_unreachable":
-            fields.update(down_for_s=round(now - state.since), lines_held=state.lines)
-            state.lines = 0
-        log.warning(line, **fields)
-        if self.on_change is not None:
-            self.on_change()
+                extra = {"down_for_s": round(now - down.since), "lines_held": down.lines}
+                down.lines = 0
+        log.warning(line, broker=broker, error=_message(record), **extra)
 
     def _warning_due(self, kind: str) -> bool:
         now = self.clock()

@@ -22,9 +22,6 @@ class DueQueue:
     def __contains__(self, batch_id: str) -> bool:
         return batch_id in self._due
 
-    def __len__(self) -> int:
-        return len(self._due)
-
     def put(self, batch_id: str, due: float, epoch: int) -> None:
         """Set the batch's due time, replacing any earlier one."""
         self._due[batch_id] = (due, epoch)

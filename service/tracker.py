@@ -19,7 +19,7 @@ import itertools
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import structlog
 
@@ -32,7 +32,7 @@ from service.errors import (
     PublishFailed,
     RequestAborted,
 )
-from service.events import EventFactory, OutMessage
+from service.events import EventFactory, OutMessage, Publishable
 from service.kafka import canonical_partition
 from service.metrics import Metrics
 from service.policy import Policy, Poll
@@ -182,7 +182,7 @@ class Tracker:
         return fut
 
     def _send(
-        self, w: PartitionWorker, messages: list[OutMessage], next_offset: int | None
+        self, w: PartitionWorker, messages: Sequence[Publishable], next_offset: int | None
     ) -> asyncio.Future[None]:
         return asyncio.ensure_future(w.publisher.publish(messages, next_offset))
 
@@ -198,7 +198,7 @@ class Tracker:
         messages = self.writer.messages(step)
         if not messages and next_offset is None:
             return done()
-        fut = asyncio.ensure_future(w.publisher.publish(messages, next_offset))
+        fut = self._send(w, messages, next_offset)
         fut.add_done_callback(lambda f: self._committed(f, step))
         return fut
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import structlog
 
@@ -76,44 +76,6 @@ async def frames_when_available(
             log.info("schema_registry_ready", schema_ids=ids)
             return {topic: frame(schema_id) for topic, schema_id in ids.items()}
     return None
-
-
-class WireFormat:
-    """Writes an event's JSON as a message value: plain, or framed with its schema id.
-
-    ``WireFormat.json()`` passes the JSON through; ``WireFormat.json_sr(ids)`` (topic →
-    schema id) writes the Confluent wire format: ``0x00``, the id as 4 bytes big-endian,
-    then the JSON unchanged.
-    """
-
-    __slots__ = ("_prefixes", "name")
-
-    def __init__(self, name: str, prefixes: Mapping[str, bytes] | None) -> None:
-        self.name = name
-        self._prefixes = dict(prefixes) if prefixes is not None else None
-
-    @classmethod
-    def json(cls) -> WireFormat:
-        return cls("json", None)
-
-    @classmethod
-    def json_sr(cls, schema_ids: Mapping[str, int]) -> WireFormat:
-        return cls("json_sr", {topic: frame(sid) for topic, sid in schema_ids.items()})
-
-    def prefix(self, topic: str) -> bytes:
-        """What goes before the JSON in a value of ``topic`` (empty for plain JSON)."""
-        if self._prefixes is None:
-            return b""
-        try:
-            return self._prefixes[topic]
-        except KeyError:
-            raise KeyError(f"no schema id for topic {topic!r} (json_sr)") from None
-
-    def encode(self, topic: str, value: bytes) -> bytes:
-        """The message value of an event of ``topic`` whose JSON is ``value``."""
-        if self._prefixes is None:
-            return value
-        return self.prefix(topic) + value
 
 
 def frame(schema_id: int) -> bytes:

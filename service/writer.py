@@ -108,14 +108,7 @@ class StepWriter:
         )
 
     def lifecycle(self, b: BatchState, event: str) -> OutMessage:
-        if event == "tracking_started":
-            return self.factory.lifecycle(
-                b.batch_id,
-                event,
-                generation=b.generation,
-                expected_count=b.expected_count,
-                records_published=b.published,
-            )
+        """The event (the factory leaves out what ``tracking_started`` does not carry)."""
         return self.factory.lifecycle(
             b.batch_id,
             event,

@@ -53,7 +53,7 @@ from service.registry import (
     schema_ids_when_available,
     subject_for,
 )
-from service.wire import WireFormat, frame, unframe
+from service.wire import frame, unframe
 
 EXACT_BALANCE = "12345678901234567890.123456789"
 PASSWORD = "registry-password-for-tests-5150"
@@ -107,22 +107,26 @@ def sample_values(factory: EventFactory) -> dict[str, bytes]:
 # --------------------------------------------------------------------------- wire format
 
 
-def test_plain_json_passes_the_bytes_through() -> None:
-    wire = WireFormat.json()
-    assert wire.name == "json"
-    assert wire.encode("any.topic", b'{"a":1}') == b'{"a":1}'
-    assert wire.prefix("any.topic") == b""
-
-
 def test_json_sr_is_a_zero_byte_the_id_big_endian_then_the_json() -> None:
-    wire = WireFormat.json_sr({"t.balances": 7, "t.batch-events": 2**31 - 1})
-    assert wire.name == "json_sr"
-    assert wire.encode("t.balances", b'{"a":1}') == b'\x00\x00\x00\x00\x07{"a":1}'
-    value = wire.encode("t.batch-events", b"{}")
-    assert value[:5] == b"\x00\x7f\xff\xff\xff"
-    assert unframe(value) == (2**31 - 1, b"{}")
-    with pytest.raises(KeyError, match=r"t\.other"):
-        wire.encode("t.other", b"{}")
+    assert frame(7) == b"\x00\x00\x00\x00\x07"
+    assert frame(2**31 - 1) == b"\x00\x7f\xff\xff\xff"
+    assert unframe(frame(2**31 - 1) + b"{}") == (2**31 - 1, b"{}")
+
+
+def test_the_factory_frames_every_event_topic_only_once_told_to() -> None:
+    cfg = kafka_config("t")
+    factory = factory_for(cfg)
+    plain = sample_values(factory)
+    assert all(value[:1] == b"{" for value in plain.values())  # json: the bytes as they were
+    ids = {cfg.balances_topic: 7, cfg.batch_events_topic: 8, cfg.dlq_topic: 2**31 - 1}
+    factory.set_prefixes({topic: frame(i) for topic, i in ids.items()})
+    framed = sample_values(factory)
+    assert set(framed) == set(plain) == set(ids)
+    for topic, value in framed.items():
+        schema_id, text = unframe(value)
+        assert schema_id == ids[topic]
+        assert json.loads(text).keys() == json.loads(plain[topic]).keys()
+    assert framed[cfg.balances_topic] == frame(7) + plain[cfg.balances_topic]  # the fast path
 
 
 @pytest.mark.parametrize("bad_id", [-1, 2**31])
@@ -485,25 +489,25 @@ async def test_events_read_back_with_confluent_kafkas_json_deserializer(
     factory = factory_for(cfg)
     async with RegistryClient(SchemaRegistryConfig(url=registry)) as client:
         ids = await client.schema_ids(event_schemas(cfg))
-    wire = WireFormat.json_sr(ids)
+    factory.set_prefixes({topic: frame(schema_id) for topic, schema_id in ids.items()})
     with SchemaRegistryClient({"url": registry}) as sr_client:
         deserializer = JSONDeserializer(None, schema_registry_client=sr_client)
-        check_read_back(cfg, wire, ids, deserializer, sample_values(factory))
+        check_read_back(cfg, ids, deserializer, sample_values(factory))
 
 
 def check_read_back(
     cfg: KafkaConfig,
-    wire: WireFormat,
     ids: dict[str, int],
     deserializer: JSONDeserializer,
     values: dict[str, bytes],
 ) -> None:
+    """``values``: as the factory writes them with the registry's ids (framed)."""
     decoded = {}
-    for topic, value in values.items():
-        framed = wire.encode(topic, value)
-        assert framed[0] == 0 and int.from_bytes(framed[1:5], "big") == ids[topic]
+    for topic, framed in values.items():
+        schema_id, text = unframe(framed)
+        assert schema_id == ids[topic]
         decoded[topic] = deserializer(framed, SerializationContext(topic, MessageField.VALUE))
-        assert decoded[topic] == json.loads(value)
+        assert decoded[topic] == json.loads(text)
 
     balance = decoded[cfg.balances_topic]
     ts = "2024-08-09T18:10:44Z"
@@ -526,7 +530,7 @@ def check_read_back(
         dict(balance, balance_status="NO_SSN_MATCH"),
         dict(balance, balance=12345.5),
     ):
-        framed = wire.encode(cfg.balances_topic, json.dumps(broken).encode())
+        framed = frame(ids[cfg.balances_topic]) + json.dumps(broken).encode()
         with pytest.raises(SerializationError):
             deserializer(framed, SerializationContext(cfg.balances_topic, MessageField.VALUE))
 
