@@ -278,9 +278,10 @@ class PartitionPublisher:
         send = self.producer.send
         futures: list[asyncio.Future[Any]] = []
         append = futures.append
+        builders: dict[tuple[str, int], Any] = {}  # open record batches of balance events
         for part in parts:
             if isinstance(part, BalanceEvents):
-                await self._send_balance_events(part, futures)
+                await self._send_balance_events(part, builders, futures)
             else:
                 append(
                     await send(
@@ -291,17 +292,36 @@ class PartitionPublisher:
                         partition=part.partition,
                     )
                 )
+        for (topic, partition), builder in builders.items():
+            await self._send_batch(builder, topic, partition, futures)
         return futures
 
+    async def _send_batch(
+        self, builder: Any, topic: str, partition: int, futures: list[asyncio.Future[Any]]
+    ) -> None:
+        producer = self.producer
+        tp = TopicPartition(topic, partition)
+        locks = _send_locks(producer)
+        lock = locks.get(tp)
+        if lock is None:
+            lock = locks[tp] = asyncio.Lock()
+        async with lock:
+            futures.append(await producer.send_batch(builder, topic, partition=partition))
+
     async def _send_balance_events(
-        self, events: BalanceEvents, futures: list[asyncio.Future[Any]]
+        self,
+        events: BalanceEvents,
+        builders: dict[tuple[str, int], Any],
+        futures: list[asyncio.Future[Any]],
     ) -> None:
         """Balance events through aiokafka's batch API: one future per full record batch.
 
         ``producer.send()`` costs one future, one metadata wait and a pure-Python murmur2
         per message. Here each event goes into the open record batch of its partition
         (the Java client's: ``partition_for_key``), and a batch is handed to the producer
-        when it is full, the rest at the end. Inside a transaction, ``send_batch`` adds
+        when it is full. The open batches (``builders``) are the whole commit's: the
+        balance events of all its units fill them together, and ``_send`` hands over
+        what is left once every unit is in. Inside a transaction, ``send_batch`` adds
         the partition to it as ``send()`` does: the batches commit or abort with the
         state and the offsets. ``send_batch`` waits while the partition's previous batch
         is not yet drained, as ``send()`` does when a batch is full.
@@ -309,29 +329,16 @@ class PartitionPublisher:
         producer = self.producer
         topic = events.topic
         count = len(await producer.partitions_for(topic))
-        locks = _send_locks(producer)
-        builders: dict[int, Any] = {}
-
-        async def send_batch(builder: Any, partition: int) -> None:
-            tp = TopicPartition(topic, partition)
-            lock = locks.get(tp)
-            if lock is None:
-                lock = locks[tp] = asyncio.Lock()
-            async with lock:
-                futures.append(await producer.send_batch(builder, topic, partition=partition))
-
         for key, value, headers in events.wire():
             partition = (murmur2(key) & 0x7FFFFFFF) % count  # partition_for_key, inlined
-            builder = builders.get(partition)
+            builder = builders.get((topic, partition))
             if builder is None:
-                builder = builders[partition] = producer.create_batch()
+                builder = builders[topic, partition] = producer.create_batch()
             if builder.append(key=key, value=value, timestamp=None, headers=headers) is None:
-                await send_batch(builder, partition)
-                builder = builders[partition] = producer.create_batch()
+                await self._send_batch(builder, topic, partition, futures)
+                builder = builders[topic, partition] = producer.create_batch()
                 # An empty batch takes any one record (a too-large one fails its send).
                 builder.append(key=key, value=value, timestamp=None, headers=headers)
-        for partition, builder in builders.items():
-            await send_batch(builder, partition)
 
     async def _commit_transaction(
         self, messages: list[Publishable], commit_to: dict[TopicPartition, int] | None
