@@ -71,6 +71,11 @@ class PollingConfig(_Section):
     complete_after_idle_s: float = Field(900.0, gt=0)
     max_age_s: float = Field(7 * 86400.0, gt=0)
     max_records_per_transaction: int = Field(1000, ge=1)
+    max_records_in_flight: int = Field(
+        50_000,
+        ge=1,
+        description="records read and not yet committed, over all polls of the replica",
+    )
     # Reconciliation with the API's count (total_processed) of a batch's records.
     sweep_interval_s: float = Field(
         300.0, gt=0, description="without a count from the API: read the whole batch this often"

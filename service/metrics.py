@@ -160,6 +160,12 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.records_held = Gauge(
+            f"{PREFIX}_records_held",
+            "Records read from the API and not yet committed, with room for pages being "
+            "read (at most polling.max_records_in_flight, or one page).",
+            registry=r,
+        )
         self.records_in_flight = Gauge(
             f"{PREFIX}_records_in_flight",
             "Events handed to the producer and not yet committed.",

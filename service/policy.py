@@ -350,10 +350,33 @@ class Poll:
                 b, self.pending, page.total_processed, self.full, now
             )
             outcome = self.policy.completion(b, self.pending, updates, now)
-        step = self.policy.commit(b, self.pending, self.cursor, outcome, updates, now)
+        step = self._commit(b, outcome, updates, now)
         step.sweep = sweep
         if last and step.lifecycle is None:
             step.poll_in = self.policy.window()
+        return step
+
+    def flush(self, b: BatchState | None, now: float) -> Step | None:
+        """Commit what the poll has read so far, before its size calls for it; None if nothing.
+
+        The runner asks for it when the replica holds as many uncommitted records as it
+        may (``polling.max_records_in_flight``): the poll's records go to their commit,
+        which frees their room, instead of waiting while holding it. The same progress
+        commit as every ``max_records_per_transaction`` records: the records and the
+        cursor of the pages read in order so far.
+        """
+        if b is None or not self.current(b) or not self.pending.size:
+            return None
+        return self._commit(b, None, {}, now)
+
+    def _commit(
+        self,
+        b: BatchState,
+        outcome: tuple[str, str] | None,
+        updates: dict[str, object],
+        now: float,
+    ) -> Step:
+        step = self.policy.commit(b, self.pending, self.cursor, outcome, updates, now)
         self.pending = Pending()
         return step
 

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 
 import structlog
 
+from service.budget import RecordBudget
 from service.config import Settings
 from service.errors import (
     ApiBadRequest,
@@ -81,6 +82,7 @@ class Tracker:
         self.due = DueQueue()
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(max_concurrent_polls)
+        self.room = RecordBudget(settings.polling.max_records_in_flight, metrics.records_held)
         self._stopping = False
         self.unauthorized = False
         self._auth_ok = asyncio.Event()
@@ -202,6 +204,14 @@ class Tracker:
         fut.add_done_callback(lambda f: self._committed(f, step))
         return fut
 
+    def _commit_held(self, w: PartitionWorker, step: Step) -> asyncio.Future[None]:
+        """``_apply`` for a poll's step, whose records give their room back once committed."""
+        fut = self._apply(w, step)
+        held = _held(step)
+        if held:
+            fut.add_done_callback(lambda _: self.room.release(held))
+        return fut
+
     def _committed(self, fut: asyncio.Future[None], step: Step) -> None:
         if not fut.cancelled() and fut.exception() is None:
             self.writer.committed(step)  # (a failed commit: the partition is restored)
@@ -292,17 +302,36 @@ class Tracker:
         poll = begun
         committing: deque[asyncio.Future[None]] = deque()
         last: Step | None = None
+        room, page_room = self.room, self.settings.rightfoot.page_limit
+        reserved = 0  # room held for the page being read
         try:
             while not poll.done:
+                if not room.fits(page_room):
+                    # The replica holds all it may: commit what this poll has read rather
+                    # than wait holding it (service/budget.py).
+                    flushed = poll.flush(w.batches.get(batch_id), self.wall())
+                    if flushed is not None:
+                        last = flushed
+                        committing.append(self._commit_held(w, flushed))
+                await room.reserve(page_room)
+                reserved = page_room
                 page = await self._fetch(w, poll)
                 while len(committing) >= MAX_COMMITS_IN_FLIGHT:
                     await committing.popleft()
                 # No await from here until the step is applied: a step is made from the
                 # batch as it stands, and nothing may change the batch in between.
+                before = poll.pending.size
                 step = poll.page(w.batches.get(batch_id), page, self.wall())
+                # Room is kept for the new records the page brought, the rest given back.
+                kept = poll.pending.size - before + (_held(step) if step is not None else 0)
+                if kept > reserved:
+                    room.hold(kept - reserved)
+                else:
+                    room.release(reserved - kept)
+                reserved = 0
                 if step is not None:
                     last = step
-                    committing.append(self._apply(w, step))
+                    committing.append(self._commit_held(w, step))
             await settled(committing)
         except RequestAborted:
             await settled(committing)
@@ -315,6 +344,8 @@ class Tracker:
         except BaseException:
             await settled(committing)
             raise
+        finally:
+            room.release(reserved + poll.pending.size)  # what was read and not committed: dropped
         if last is None:
             return None  # stopped (or tracked again) while it read: that poll is dropped
         self.metrics.polls.labels("ok").inc()
@@ -363,3 +394,8 @@ class Tracker:
         self.metrics.api_unauthorized.set(0)
         self._auth_ok.set()
         self._wake.set()
+
+
+def _held(step: Step) -> int:
+    """The records a poll's step commits, which hold room until then."""
+    return len(step.records) + len(step.invalid)

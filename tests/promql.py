@@ -50,6 +50,7 @@ GAUGES = frozenset(
     {
         "rightfoot_poller_tracked_batches",
         "rightfoot_poller_records_in_flight",
+        "rightfoot_poller_records_held",
         "rightfoot_poller_oldest_overdue_poll_seconds",
         "rightfoot_poller_batches_in_backoff",
         "rightfoot_poller_batches_unreadable",

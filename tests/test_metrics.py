@@ -56,6 +56,7 @@ EXPECTED: dict[str, tuple[str, tuple[str, ...]]] = {
     "rightfoot_poller_transactions_total": ("counter", ("result",)),
     "rightfoot_poller_publish_latency_seconds": ("histogram", ()),
     "rightfoot_poller_records_in_flight": ("gauge", ()),
+    "rightfoot_poller_records_held": ("gauge", ()),
     "rightfoot_poller_dlq_records_total": ("counter", ("reason",)),
     "rightfoot_poller_invalid_input_total": ("counter", ("source", "reason")),
     "rightfoot_poller_oldest_overdue_poll_seconds": ("gauge", ()),
@@ -251,6 +252,7 @@ def test_every_known_label_value_starts_at_zero() -> None:
         "rightfoot_poller_api_unauthorized",
         "rightfoot_poller_tracked_batches",
         "rightfoot_poller_records_in_flight",
+        "rightfoot_poller_records_held",
         "rightfoot_poller_oldest_overdue_poll_seconds",
     ):
         assert [s.value for s in families[name].samples] == [0]

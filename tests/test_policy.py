@@ -286,6 +286,7 @@ OPS = st.lists(
     st.one_of(
         st.tuples(st.just("insert"), st.integers(0, 40)),
         st.tuples(st.just("page"), st.just(0)),
+        st.tuples(st.just("flush"), st.just(0)),
         st.tuples(st.just("poll"), st.just(0)),
         st.tuples(st.just("fail"), st.sampled_from([404, 429, 500, 401])),
         st.tuples(st.just("stop"), st.just(0)),
@@ -307,16 +308,27 @@ def _fail(d: Driver, status: int) -> None:
         d.apply(d.policy.failed(d.state, exc, d.now))
 
 
+def _in_poll(d: Driver, poll: Poll | None, op: str) -> Poll | None:
+    """A page of the poll under way (begun if there is none), or its flush."""
+    assert d.state is not None
+    if op == "flush":  # the replica is short of room: the poll commits what it holds
+        if poll is not None and not poll.done:
+            d.apply(poll.flush(d.state, d.now))
+        return poll
+    if poll is None or poll.done:
+        poll = d.begin() if d.state.active else None
+    if poll is not None and not poll.done:
+        d.page(poll)
+    return poll
+
+
 def _do(d: Driver, poll: Poll | None, op: str, arg: int) -> Poll | None:
     """Apply one generated operation; the poll under way after it."""
     assert d.state is not None
     if op == "insert":
         d.vendor.insert(arg, record(len(d.vendor.records)))
-    elif op == "page":
-        if poll is None or poll.done:
-            poll = d.begin() if d.state.active else None
-        if poll is not None and not poll.done:
-            d.page(poll)
+    elif op in ("page", "flush"):
+        poll = _in_poll(d, poll, op)
     elif op == "poll":  # one poll of a batch at a time, as the runner's schedule has it
         if poll is not None and not poll.done:
             while not poll.done:

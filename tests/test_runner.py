@@ -270,3 +270,80 @@ async def test_requests_for_an_unreadable_batch_are_refused_and_its_state_left_a
     assert sample("rightfoot_poller_batches_unreadable") == 1
     labels = {"action": "track", "result": "unreadable"}
     assert sample("rightfoot_poller_tracking_requests_total", labels) == 1
+
+
+class Vendors:
+    """Every batch's listing, each from its own Vendor; no request waits."""
+
+    def __init__(self, vendors: dict[str, Vendor]) -> None:
+        self.vendors = vendors
+
+    async def fetch_page(self, batch_id: str, token: str | None, *a: object, **k: object) -> Page:
+        await asyncio.sleep(0)
+        return self.vendors[batch_id].page(token)
+
+
+async def test_the_records_held_stay_within_max_records_in_flight_and_none_is_lost() -> None:
+    # 20 batches of 50 records, all listed at once; a poll would gather a whole batch
+    # (max_records_per_transaction 1000) and the commits wait: without the bound the
+    # replica would hold all 1,000 records. Within 60, the polls must commit early.
+    batches = {f"batch-{n}": [record(i, f"batch-{n}") for i in range(50)] for n in range(20)}
+    source = Vendors({b: Vendor(list(recs), page_size=10) for b, recs in batches.items()})
+    settings = Settings.model_validate(
+        {
+            "kafka": {"partitions": 1, "batch_events_topic": "batch-events"},
+            "rightfoot": {"page_limit": 10},
+            "polling": {
+                "interval_min_s": 30,
+                "interval_max_s": 30,
+                "max_records_per_transaction": 1000,
+                "max_records_in_flight": 60,
+            },
+        }
+    )
+    factory = EventFactory(balances_topic="balances", batch_events_topic="batch-events", source="s")
+    tracker = Tracker(settings, source=source, metrics=Metrics(), factory=factory)
+    room = tracker.room
+    peaks: list[int] = []
+    add = room._add
+
+    def spied(n: int) -> None:
+        add(n)
+        peaks.append(room.held)
+
+    room._add = spied  # type: ignore[method-assign]
+    committer = HeldCommitter(hold=True)
+    worker = PartitionWorker(partition=0, publisher=committer)
+    tracker.add_worker(worker)
+
+    async def commit_slowly() -> None:
+        while True:
+            await asyncio.sleep(0.002)
+            for gate in list(committer.gates):
+                gate.set()
+
+    releaser = asyncio.create_task(commit_slowly())
+    for offset, batch_id in enumerate(batches):  # all tracked before the first poll
+        req = TrackingRequest(batch_id=batch_id, expected_count=50)
+        await tracker.handle_request(worker, req, req.encode(), offset)
+    scheduler = asyncio.create_task(tracker.run())
+    try:
+        for _ in range(500):
+            if room.held == 0 and all(b.status == "completed" for b in worker.batches.values()):
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        tracker.stop()
+        scheduler.cancel()
+        releaser.cancel()
+    assert all(b.status == "completed" for b in worker.batches.values())
+    published = committer.events()
+    records = [e for e in published if e.startswith("record:")]
+    expected = {f"record:{r.event_id}" for recs in batches.values() for r in recs}
+    assert len(records) == len(set(records)) and set(records) == expected
+    assert max(peaks) <= 60 and max(peaks) >= 50  # the bound, and it was reached
+    assert room.held == 0  # every record's room given back once committed
+    assert tracker.metrics.registry.get_sample_value("rightfoot_poller_records_held") == 0
+    # Polls committed early (a commit per poll would have been 20 units with records).
+    with_records = [u for u, _ in committer.units if any(isinstance(m, BalanceEvents) for m in u)]
+    assert len(with_records) > 20
