@@ -109,7 +109,9 @@ async def test_sigkill_at_random_moments_loses_and_repeats_nothing(
     after it is ready, or (40%) a random 0.2-6 s after it starts, ready or not: while
     it joins the group, restores, or polls for the first time. The first life is
     killed 1-3 s after it is ready, while it polls. No kill is made in the last 2 s of
-    the records' arrival: the kills fall over the whole of it, none after.
+    the records' arrival: the kills fall over the whole of it, none after. The replica's
+    room for uncommitted records is two pages, so its polls also wait for room and
+    commit what they hold early.
     """
     seed = int(os.environ.get("FAULT_SEED") or random.randrange(2**32))
     print(f"fault seed {seed}")
@@ -122,7 +124,14 @@ async def test_sigkill_at_random_moments_loses_and_repeats_nothing(
         sim.generate_batch(b, 400 + 150 * i, spread_s=spread, seed=rng.randrange(2**32))
     arrival_end = sim.clock() + spread
     total = sum(sim.record_count(b) for b in batches)
-    env = service_env(topics, kafka, sim_server.url, RFP_INSTANCE_ID="killed-0")
+    # Room for two pages: the four polls wait for room and commit early (Poll.flush) too.
+    env = service_env(
+        topics,
+        kafka,
+        sim_server.url,
+        RFP_INSTANCE_ID="killed-0",
+        RFP_POLLING__MAX_RECORDS_IN_FLIGHT="200",
+    )
     service = service_processes(env, "killed")
     service.start()
     await service.ready()
