@@ -31,7 +31,9 @@ The records the lifecycle events report, and the balance events a read_committed
 are checked against the records served, and the ceiling topic's message count too.
 ``--py-spy DIR`` also records a py-spy profile of each service run there
 (``uv run --with py-spy ...``); ``--runs ceiling_batched,exactly_once`` (say) does only
-those runs, each round, and reports their medians without ratios.
+those runs, each round, and reports their medians without ratios;
+``--service-env RFP_POLLING__MAX_RECORDS_IN_FLIGHT=10000`` (say) changes a setting of the
+service's runs.
 
     uv run python bench/throughput.py --bootstrap 127.0.0.1:29092 [--batches 200 --records 5000]
 
@@ -234,6 +236,7 @@ async def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                         py_spy=args.py_spy,
                         timeout_s=args.timeout,
                         service_command=args.service_command,
+                        **service_settings(getattr(args, "service_env", [])),
                     )
             if len(order) < len(RUNS):
                 for name in order:
@@ -253,7 +256,7 @@ async def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             rounds.append(runs)
 
     def median_of(name: str, key: str) -> float:
-        return round(statistics.median(r[name][key] for r in rounds), 3)
+        return float(round(statistics.median(r[name][key] for r in rounds), 3))
 
     if len(selected) < len(RUNS):  # a part only: each run's median, no ratios
         return {
@@ -292,6 +295,17 @@ async def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "service_rss_peak_mb": max(r["exactly_once"]["rss_peak_mb"] for r in rounds),
         "runs": rounds,
     }
+
+
+def service_settings(pairs: Sequence[str]) -> dict[str, str]:
+    """``--service-env`` pairs as a dict; each must be ``RFP_...=value``."""
+    settings: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.startswith("RFP_"):
+            raise SystemExit(f"--service-env takes RFP_KEY=VALUE, not {pair!r}")
+        settings[key] = value
+    return settings
 
 
 def summary_line(result: dict[str, Any]) -> str:
@@ -339,6 +353,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--runs",
         default=",".join(RUNS),
         help=f"only these of {','.join(RUNS)} (the ratios and the summary need all of them)",
+    )
+    parser.add_argument(
+        "--service-env",
+        action="append",
+        default=[],
+        metavar="RFP_KEY=VALUE",
+        help="add this setting to the service's environment (repeatable)",
     )
 
 
