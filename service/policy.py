@@ -359,13 +359,17 @@ class Poll:
     def flush(self, b: BatchState | None, now: float) -> Step | None:
         """Commit what the poll has read so far, before its size calls for it; None if nothing.
 
-        The runner asks for it when the replica holds as many uncommitted records as it
-        may (``polling.max_records_in_flight``): the poll's records go to their commit,
-        which frees their room, instead of waiting while holding it. The same progress
-        commit as every ``max_records_per_transaction`` records: the records and the
-        cursor of the pages read in order so far.
+        The runner asks for it when the replica's room for uncommitted records
+        (``polling.max_records_in_flight``) is full of what waiting polls gathered: their
+        records go to their commit, which frees the room. The same progress commit as
+        every ``max_records_per_transaction`` records: the records and the cursor of the
+        pages read in order so far. If the batch was stopped meanwhile, the poll ends and
+        what it read is dropped, as with a page.
         """
-        if b is None or not self.current(b) or not self.pending.size:
+        if b is None or not self.current(b):
+            self.done = True
+            return None
+        if not self.pending.size:
             return None
         return self._commit(b, None, {}, now)
 

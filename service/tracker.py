@@ -206,10 +206,11 @@ class Tracker:
 
     def _commit_held(self, w: PartitionWorker, step: Step) -> asyncio.Future[None]:
         """``_apply`` for a poll's step, whose records give their room back once committed."""
-        fut = self._apply(w, step)
         held = _held(step)
+        fut = self._apply(w, step)
         if held:
-            fut.add_done_callback(lambda _: self.room.release(held))
+            self.room.to_commit(held)
+            fut.add_done_callback(lambda _: self.room.committed(held))
         return fut
 
     def _committed(self, fut: asyncio.Future[None], step: Step) -> None:
@@ -306,14 +307,13 @@ class Tracker:
         reserved = 0  # room held for the page being read
         try:
             while not poll.done:
-                if not room.fits(page_room):
-                    # The replica holds all it may: commit what this poll has read rather
-                    # than wait holding it (service/budget.py).
+                if not await room.reserve(page_room, poll.pending.size):
+                    # Stalled (service/budget.py): commit what this poll gathered, ask again.
                     flushed = poll.flush(w.batches.get(batch_id), self.wall())
                     if flushed is not None:
                         last = flushed
                         committing.append(self._commit_held(w, flushed))
-                await room.reserve(page_room)
+                    continue
                 reserved = page_room
                 page = await self._fetch(w, poll)
                 while len(committing) >= MAX_COMMITS_IN_FLIGHT:
@@ -324,10 +324,7 @@ class Tracker:
                 step = poll.page(w.batches.get(batch_id), page, self.wall())
                 # Room is kept for the new records the page brought, the rest given back.
                 kept = poll.pending.size - before + (_held(step) if step is not None else 0)
-                if kept > reserved:
-                    room.hold(kept - reserved)
-                else:
-                    room.release(reserved - kept)
+                room.settle(reserved, kept)
                 reserved = 0
                 if step is not None:
                     last = step
@@ -345,7 +342,9 @@ class Tracker:
             await settled(committing)
             raise
         finally:
-            room.release(reserved + poll.pending.size)  # what was read and not committed: dropped
+            if reserved:  # the page was not read
+                room.settle(reserved, 0)
+            room.drop(poll.pending.size)  # read and not committed: dropped with the poll
         if last is None:
             return None  # stopped (or tracked again) while it read: that poll is dropped
         self.metrics.polls.labels("ok").inc()
