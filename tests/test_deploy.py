@@ -575,6 +575,14 @@ def test_network_policy_allows_only_what_the_service_needs() -> None:
         (["--set", "config.kafka.value_format=json_sr"], "schema_registry/url"),
         (["--set", "config.schema_registry.password=oops"], "password"),
         (["--set", "config.schema_registry.username=u"], "secrets.schemaRegistryPassword"),
+        (
+            [
+                *("--set", "config.kafka.security_protocol=SASL_SSL"),
+                *("--set", "config.kafka.sasl_mechanism=PLAIN"),
+                *("--set", "config.kafka.sasl_username=u"),
+            ],
+            "secrets.kafkaSaslPassword",
+        ),
         (["--set", "schemaRegistryTls.enabled=true"], "schemaRegistryTls.secretName"),
         (["--set", "unknownValue=1"], "unknownValue"),
     ],
