@@ -202,7 +202,7 @@ async def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     async with simulator(workdir / "simulator.log") as sim:
         log(f"creating {args.batches} batches of {args.records} records")
         batch_ids = await sim.create_batches(args.batches, args.records)
-        selected = set(getattr(args, "runs", ",".join(RUNS)).split(","))
+        selected = set(args.runs.split(","))
         if selected - set(RUNS):
             raise SystemExit(f"unknown runs: {sorted(selected - set(RUNS))}; known: {RUNS}")
         for number in range(args.rounds):
@@ -236,7 +236,7 @@ async def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                         py_spy=args.py_spy,
                         timeout_s=args.timeout,
                         service_command=args.service_command,
-                        **service_settings(getattr(args, "service_env", [])),
+                        **service_settings(args.service_env),
                     )
             if len(order) < len(RUNS):
                 for name in order:

@@ -50,6 +50,10 @@ class RecordBudget:
         True once it is reserved. False when the replica is stalled and the poll holds
         records: it should commit them, then ask again.
         """
+        if not self._waiters and self._room(n):  # nobody waits: no order to keep
+            self._add(n)
+            self.fetching += n
+            return True
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         entry = (-holding, next(self._order), n, fut)
         heapq.heappush(self._waiters, entry)
@@ -104,8 +108,8 @@ class RecordBudget:
         if waiters and not self.fetching and not self.committing:
             # Stalled: what holds the room is what waiting polls gathered, and nothing
             # under way will give any back. Those polls commit it, then ask again.
-            for entry in [e for e in waiters if e[0] < 0]:
-                waiters.remove(entry)
-                if not entry[3].done():
-                    entry[3].set_result(False)
-            heapq.heapify(waiters)
+            for holding, _, _, fut in waiters:
+                if holding < 0 and not fut.done():
+                    fut.set_result(False)
+            self._waiters = [e for e in waiters if e[0] == 0]
+            heapq.heapify(self._waiters)

@@ -45,6 +45,11 @@ class Step:
     def finished(self) -> bool:
         return self.lifecycle in ("completed", "expired", "failed", "stopped")
 
+    @property
+    def size(self) -> int:
+        """The records it commits, valid or dead-lettered."""
+        return len(self.records) + len(self.invalid)
+
 
 class Pending:
     """What one poll has read and not yet committed."""

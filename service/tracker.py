@@ -206,7 +206,7 @@ class Tracker:
 
     def _commit_held(self, w: PartitionWorker, step: Step) -> asyncio.Future[None]:
         """``_apply`` for a poll's step, whose records give their room back once committed."""
-        held = _held(step)
+        held = step.size
         fut = self._apply(w, step)
         if held:
             self.room.to_commit(held)
@@ -323,7 +323,7 @@ class Tracker:
                 before = poll.pending.size
                 step = poll.page(w.batches.get(batch_id), page, self.wall())
                 # Room is kept for the new records the page brought, the rest given back.
-                kept = poll.pending.size - before + (_held(step) if step is not None else 0)
+                kept = poll.pending.size - before + (step.size if step is not None else 0)
                 room.settle(reserved, kept)
                 reserved = 0
                 if step is not None:
@@ -393,8 +393,3 @@ class Tracker:
         self.metrics.api_unauthorized.set(0)
         self._auth_ok.set()
         self._wake.set()
-
-
-def _held(step: Step) -> int:
-    """The records a poll's step commits, which hold room until then."""
-    return len(step.records) + len(step.invalid)
