@@ -278,7 +278,7 @@ class PartitionPublisher:
         send = self.producer.send
         futures: list[asyncio.Future[Any]] = []
         append = futures.append
-        builders: dict[tuple[str, int], Any] = {}  # open record batches of balance events
+        builders: dict[str, dict[int, Any]] = {}  # open record batches, by topic and partition
         for part in parts:
             if isinstance(part, BalanceEvents):
                 await self._send_balance_events(part, builders, futures)
@@ -292,8 +292,9 @@ class PartitionPublisher:
                         partition=part.partition,
                     )
                 )
-        for (topic, partition), builder in builders.items():
-            await self._send_batch(builder, topic, partition, futures)
+        for topic, open_batches in builders.items():
+            for partition, builder in open_batches.items():
+                await self._send_batch(builder, topic, partition, futures)
         return futures
 
     async def _send_batch(
@@ -311,7 +312,7 @@ class PartitionPublisher:
     async def _send_balance_events(
         self,
         events: BalanceEvents,
-        builders: dict[tuple[str, int], Any],
+        builders: dict[str, dict[int, Any]],
         futures: list[asyncio.Future[Any]],
     ) -> None:
         """Balance events through aiokafka's batch API: one future per full record batch.
@@ -329,14 +330,15 @@ class PartitionPublisher:
         producer = self.producer
         topic = events.topic
         count = len(await producer.partitions_for(topic))
+        open_batches = builders.setdefault(topic, {})
         for key, value, headers in events.wire():
             partition = (murmur2(key) & 0x7FFFFFFF) % count  # partition_for_key, inlined
-            builder = builders.get((topic, partition))
+            builder = open_batches.get(partition)
             if builder is None:
-                builder = builders[topic, partition] = producer.create_batch()
+                builder = open_batches[partition] = producer.create_batch()
             if builder.append(key=key, value=value, timestamp=None, headers=headers) is None:
                 await self._send_batch(builder, topic, partition, futures)
-                builder = builders[topic, partition] = producer.create_batch()
+                builder = open_batches[partition] = producer.create_batch()
                 # An empty batch takes any one record (a too-large one fails its send).
                 builder.append(key=key, value=value, timestamp=None, headers=headers)
 

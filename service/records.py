@@ -66,8 +66,21 @@ def balance_event_id(batch_id: str, authorizer_unique_id: str, timestamp: str) -
     (once per record): SHA-1 of namespace and name, version 5, RFC 4122 variant, in the
     canonical 8-4-4-4-12 form.
     """
-    name = f"{batch_id}\x1f{authorizer_unique_id}\x1f{timestamp}"
-    h = hashlib.sha1(_NAMESPACE_BYTES + name.encode()).hexdigest()
+    return _event_id_of(_event_id_base(batch_id), authorizer_unique_id, timestamp)
+
+
+def _event_id_base(batch_id: str) -> Any:
+    """The SHA-1 of what every event id of a batch begins with: namespace, batch id, separator.
+
+    A page's records copy it (``_event_id_of``) rather than hash those bytes again.
+    """
+    return hashlib.sha1(_NAMESPACE_BYTES + f"{batch_id}\x1f".encode())
+
+
+def _event_id_of(base: Any, authorizer_unique_id: str, timestamp: str) -> str:
+    sha = base.copy()
+    sha.update(f"{authorizer_unique_id}\x1f{timestamp}".encode())
+    h = sha.hexdigest()
     return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
 
 
@@ -360,6 +373,7 @@ def _parse_page_fast(batch_id: str, body: bytes) -> Page | None:
         return None
     records: list[BalanceRecord] = []
     append, new_record, is_timestamp = records.append, tuple.__new__, _is_timestamp
+    base, variant = _event_id_base(batch_id), _VARIANT
     for r in env.balances:
         uid, timestamp, balance = r.authorizer_unique_id, r.timestamp, r.balance
         code = r.balance_status_code
@@ -381,13 +395,12 @@ def _parse_page_fast(batch_id: str, body: bytes) -> Page | None:
             text = str(balance)
         else:
             return None
+        sha = base.copy()  # _event_id_of, inlined
+        sha.update(f"{uid}\x1f{timestamp}".encode())
+        h = sha.hexdigest()
+        event_id = f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{variant[h[16]]}{h[17:20]}-{h[20:32]}"
         # tuple.__new__: the same BalanceRecord, without the Python-level __new__ per record
-        append(
-            new_record(
-                BalanceRecord,
-                (uid, text, code, timestamp, balance_event_id(batch_id, uid, timestamp)),
-            )
-        )
+        append(new_record(BalanceRecord, (uid, text, code, timestamp, event_id)))
     return Page(
         batch_id=env.batch_id,
         total_processed=env.total_processed,

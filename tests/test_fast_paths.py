@@ -128,7 +128,7 @@ def test_balance_event_bytes_match_the_general_path(
             factory.balance(batch_id, rec)
         return
     assert factory.balance(batch_id, rec) == general
-    # and again for the same batch (its quoted ID and subject header are cached)
+    # and again for the same batch (what is written once per batch is shared)
     assert factory.balance(batch_id, rec) == general
 
 
