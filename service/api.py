@@ -8,12 +8,13 @@ answered by waiting at least ``Retry-After``, and typed errors for the rest.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import random
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -237,38 +238,48 @@ class RightfootClient:
             attempt, self.retry_policy, rng=self.rng, sleep=self.sleep, on_retry=on_retry
         )
 
+    @contextlib.asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        """A request's turn to be sent: one of ``max_concurrent_requests``, then the rate.
+
+        In that order. A request waiting for a slot has not used the rate's allowance:
+        however long the requests in flight take, the ones let go after them reach the
+        API spaced by ``max_requests_per_s``. (Allowance taken while waiting for a slot
+        would be spent all at once when the API answers again after a slow spell.)
+        """
+        async with self.concurrency:
+            await self.limiter.acquire()
+            yield
+
     async def _get_once(
         self, endpoint: str, path: str, params: dict[str, str] | list[tuple[str, str]]
     ) -> bytes:
-        await self.limiter.acquire()
-        started = time.perf_counter()
-        code = "error"
-        try:
-            async with (
-                self.concurrency,
-                self.session.get(
+        async with self.turn():
+            started = time.perf_counter()
+            code = "error"
+            try:
+                async with self.session.get(
                     self._base + path, params=params, headers=self._auth_headers()
-                ) as resp,
-            ):
-                code = str(resp.status)
-                body = await self._read_body(resp)
-                if resp.status == 200:
-                    return body
-                retry_after = parse_retry_after(resp.headers.get("Retry-After"))
-                if resp.status == 429:
-                    self.rate_limited(retry_after)
-                raise error_from_response(resp.status, body, retry_after)
-        except TimeoutError:
-            code = "timeout"
-            raise ApiTransportError("the API did not answer in time", code="timeout") from None
-        except aiohttp.ClientError as exc:
-            code = "connection_error"
-            raise ApiTransportError(
-                f"cannot reach the API: {type(exc).__name__}", code="connection_error"
-            ) from None
-        finally:
-            self.metrics.api_requests.labels(endpoint, code).inc()
-            self.metrics.api_duration.labels(endpoint).observe(time.perf_counter() - started)
+                ) as resp:
+                    code = str(resp.status)
+                    body = await self._read_body(resp)
+                    if resp.status == 200:
+                        return body
+                    retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                    if resp.status == 429:
+                        self.rate_limited(retry_after)
+                    raise error_from_response(resp.status, body, retry_after)
+            except TimeoutError:
+                code = "timeout"
+                raise ApiTransportError("the API did not answer in time", code="timeout") from None
+            except aiohttp.ClientError as exc:
+                code = "connection_error"
+                raise ApiTransportError(
+                    f"cannot reach the API: {type(exc).__name__}", code="connection_error"
+                ) from None
+            finally:
+                self.metrics.api_requests.labels(endpoint, code).inc()
+                self.metrics.api_duration.labels(endpoint).observe(time.perf_counter() - started)
 
     def rate_limited(self, retry_after: float | None) -> None:
         """A 429 applies to the whole API key: hold every request of this client back."""
@@ -288,6 +299,6 @@ class RightfootClient:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    # Used by the CSV export (service/export.py), with limiter and concurrency.
+    # Used by the CSV export (service/export.py), with turn().
     def request_args(self) -> dict[str, Any]:
         return {"headers": self._auth_headers()}

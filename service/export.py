@@ -232,6 +232,18 @@ async def _attempt(
     progress: ProgressCallback | None,
     started: float,
 ) -> tuple[int, int]:
+    """One request, in its turn (a slot, then the rate: ``RightfootClient.turn``)."""
+    async with client.turn():
+        return await _download(client, batch_ids, output, progress, started)
+
+
+async def _download(
+    client: RightfootClient,
+    batch_ids: Sequence[str],
+    output: Output,
+    progress: ProgressCallback | None,
+    started: float,
+) -> tuple[int, int]:
     """One request; the CSV committed to the output, or everything written undone."""
     cfg = client.cfg
     url = cfg.base_url.rstrip("/") + cfg.export_path
@@ -240,15 +252,11 @@ async def _attempt(
         total=None, sock_connect=cfg.connect_timeout_s, sock_read=cfg.timeout_s
     )
     headers: dict[str, str] = client.request_args()["headers"]
-    await client.limiter.acquire()
     request_started = time.perf_counter()
     code = "error"
     begun = False
     try:
-        async with (
-            client.concurrency,
-            client.session.get(url, params=params, headers=headers, timeout=timeout) as resp,
-        ):
+        async with client.session.get(url, params=params, headers=headers, timeout=timeout) as resp:
             code = str(resp.status)
             if resp.status != 200:
                 raise await _error_response(client, resp)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import socket
 import time
@@ -346,3 +347,30 @@ async def test_the_api_key_never_appears_in_errors(api: Harness) -> None:
             [str(exc), repr(exc), repr(exc.args), repr(exc.__cause__), repr(exc.__context__)]
         )
         assert KEY not in text
+
+
+async def test_after_a_slow_spell_the_api_still_sees_requests_spaced_by_the_rate(
+    api: Harness,
+) -> None:
+    """Requests waiting for one of the concurrency slots do not use the rate meanwhile.
+
+    Both slots are held by requests the API answers only after 0.6 s, while ten more
+    wait. Were their allowance taken during the wait, all ten would reach the API within
+    a few milliseconds once it answers; in their turn they reach it 1/rate apart.
+    """
+    api.sim.faults.hang_next = 2
+    api.sim.faults.hang_s = 0.6
+    client = RightfootClient(
+        RightfootConfig(base_url=api.url, page_limit=10, max_concurrent_requests=2),
+        instance_id=INSTANCE,
+        metrics=api.metrics,
+        api_key=ApiKey(KEY),
+        limiter=RateLimiter(20.0),  # the real clock: a token every 50 ms, one banked
+    )
+    await client.start()
+    api.clients.append(client)
+    await asyncio.gather(*(client.fetch_page(BATCH, None) for _ in range(12)))
+    seen = sorted(e.started for e in api.sim.request_log)
+    assert len(seen) == 12
+    busiest = max(sum(1 for t in seen if start <= t < start + 0.1) for start in seen)
+    assert busiest <= 3, f"{busiest} requests reached the API within 100 ms at a 20/s ceiling"
