@@ -18,7 +18,9 @@ by design). Then, for ``--duration`` seconds (default 180) with every batch trac
   is reported too;
 * requests per second as the API saw them (the simulator's request log): mean, the
   most in any 1-second window (must not exceed the ceiling) and in any 100 ms window
-  (bursts: at most a tenth of the ceiling, plus one);
+  (reported: the limiter lets 2% of the ceiling go at once and the rest spaced, at most
+  35 in 100 ms at 300/s as it lets them go; the simulator, when it falls behind, counts
+  up to ``max_concurrent_requests`` of them as arriving together);
 * RSS of the service (peak VmHWM and the last VmRSS), its CPU use, and the p99 of the
   event-loop lag seen by the service's own loop monitor.
 
