@@ -41,7 +41,7 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from ceiling import HEADERS
 
 from rightfoot_simulator.data import _page_json, _record_json, _synthetic_records
-from service.events import EventFactory
+from service.events import EventFactory, _BalanceValue, _encode_value
 from service.kafka import murmur2, partition_for_key
 from service.records import EVENT_NAMESPACE, fingerprint, parse_page
 from service.seen import SeenSet
@@ -86,18 +86,23 @@ def _builder() -> Any:
     return DefaultRecordBatchBuilder(2, 0, 1, 1, 0, 0, 256 * 1024)
 
 
+def _append(
+    open_batches: dict[int, Any], partition: int, key: bytes, value: bytes, headers: Any
+) -> None:
+    """Into the partition's open record batch; a new one when it is full."""
+    builder = open_batches.get(partition) or open_batches.setdefault(partition, _builder())
+    if builder.append(0, None, key=key, value=value, headers=headers) is None:
+        builder = open_batches[partition] = _builder()
+        builder.append(0, None, key=key, value=value, headers=headers)
+
+
 def ceiling(bodies: list[bytes]) -> None:
     page_of, key_of = msgspec.json.Decoder(_Page).decode, msgspec.json.Decoder(_Key).decode
-    headers = HEADERS
     open_batches: dict[int, Any] = {}
     for body in bodies:
         for raw in page_of(body).balances:
             key, value = key_of(raw).authorizer_unique_id.encode(), bytes(raw)
-            partition = partition_for_key(key, PARTITIONS)
-            builder = open_batches.get(partition) or open_batches.setdefault(partition, _builder())
-            if builder.append(0, None, key=key, value=value, headers=headers) is None:
-                builder = open_batches[partition] = _builder()
-                builder.append(0, None, key=key, value=value, headers=headers)
+            _append(open_batches, partition_for_key(key, PARTITIONS), key, value, HEADERS)
 
 
 def service(bodies: list[bytes], stage: str, batch: _Batch) -> int:
@@ -125,21 +130,8 @@ def service(bodies: list[bytes], stage: str, batch: _Batch) -> int:
             partition = (murmur2(key) & 0x7FFFFFFF) % PARTITIONS
             if upto < 4:
                 continue
-            builder = open_batches.get(partition) or open_batches.setdefault(partition, _builder())
-            if builder.append(0, None, key=key, value=value, headers=headers) is None:
-                builder = open_batches[partition] = _builder()
-                builder.append(0, None, key=key, value=value, headers=headers)
+            _append(open_batches, partition, key, value, headers)
     return reached
-
-
-class _Value(msgspec.Struct):
-    event_id: str
-    batch_id: str
-    authorizer_unique_id: str
-    balance: str | None
-    balance_status_code: int
-    balance_status: str
-    timestamp: str
 
 
 def floor(count: int) -> float:
@@ -147,7 +139,7 @@ def floor(count: int) -> float:
     prefix = hashlib.sha1(EVENT_NAMESPACE.bytes + f"{BATCH_ID}\x1f".encode())
     uid, stamp, balance = "1286672", "2024-08-09T18:10:44Z", "12345.67"
     event_id = "3361b78a-e60b-5718-a976-4e54f772e8a9"
-    encode, seen = msgspec.json.Encoder().encode, set(range(10_000))
+    seen = set(range(10_000))
 
     def sha() -> object:
         s = prefix.copy()
@@ -159,7 +151,7 @@ def floor(count: int) -> float:
         return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{h[16]}{h[17:20]}-{h[20:32]}"
 
     def value() -> object:
-        return encode(_Value(event_id, BATCH_ID, uid, balance, 0, "SUCCESS", stamp))
+        return _encode_value(_BalanceValue(event_id, BATCH_ID, uid, balance, 0, "SUCCESS", stamp))
 
     def headers() -> object:
         return [("ce_id", event_id.encode()), ("ce_time", stamp.encode())]

@@ -66,22 +66,19 @@ def balance_event_id(batch_id: str, authorizer_unique_id: str, timestamp: str) -
     (once per record): SHA-1 of namespace and name, version 5, RFC 4122 variant, in the
     canonical 8-4-4-4-12 form.
     """
-    return _event_id_of(_event_id_base(batch_id), authorizer_unique_id, timestamp)
+    sha = _event_id_base(batch_id)
+    sha.update(f"{authorizer_unique_id}\x1f{timestamp}".encode())
+    h = sha.hexdigest()
+    return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
 
 
 def _event_id_base(batch_id: str) -> Any:
     """The SHA-1 of what every event id of a batch begins with: namespace, batch id, separator.
 
-    A page's records copy it (``_event_id_of``) rather than hash those bytes again.
+    ``_parse_page_fast`` copies it for each record of a page rather than hash those bytes
+    again.
     """
     return hashlib.sha1(_NAMESPACE_BYTES + f"{batch_id}\x1f".encode())
-
-
-def _event_id_of(base: Any, authorizer_unique_id: str, timestamp: str) -> str:
-    sha = base.copy()
-    sha.update(f"{authorizer_unique_id}\x1f{timestamp}".encode())
-    h = sha.hexdigest()
-    return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
 
 
 def fingerprint(event_id: str) -> int:
@@ -395,7 +392,7 @@ def _parse_page_fast(batch_id: str, body: bytes) -> Page | None:
             text = str(balance)
         else:
             return None
-        sha = base.copy()  # _event_id_of, inlined
+        sha = base.copy()  # balance_event_id, inlined
         sha.update(f"{uid}\x1f{timestamp}".encode())
         h = sha.hexdigest()
         event_id = f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{variant[h[16]]}{h[17:20]}-{h[20:32]}"
