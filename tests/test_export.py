@@ -1151,14 +1151,18 @@ def test_ctrl_c_mid_download_leaves_nothing(tmp_path: Path) -> None:
         RFP_RIGHTFOOT__BASE_URL=f"http://127.0.0.1:{server.server_address[1]}",
         RIGHTFOOT_API_KEY=KEY,
     )
+    # A terminal's Ctrl-C reaches a process whose SIGINT is at its default. A test run
+    # started as a background job inherits SIGINT ignored, and an ignored SIGINT stays
+    # ignored across exec (Python then installs no KeyboardInterrupt handler at all).
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service", "export", BATCH, "-o", str(target)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service", "export", BATCH, "-o", str(target)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
         deadline = time.monotonic() + 30
         while not any(p.name.endswith(".part") for p in tmp_path.iterdir()):
             assert time.monotonic() < deadline, "the download never started"
@@ -1167,6 +1171,9 @@ def test_ctrl_c_mid_download_leaves_nothing(tmp_path: Path) -> None:
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=30)
     finally:
+        if process.poll() is None:  # failed: leave no process (nor its pipe) behind
+            process.kill()
+            process.communicate()
         server.shutdown()
         server.server_close()
     assert process.returncode == 130
