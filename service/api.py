@@ -36,6 +36,7 @@ from service.errors import (
     ApiUnauthorized,
     RequestAborted,
 )
+from service.logs import Throttle
 from service.metrics import Metrics
 from service.pacing import RateLimiter, Sleep
 from service.records import Page, parse_page
@@ -156,6 +157,7 @@ class RightfootClient:
         self.retry_policy = RetryPolicy.from_config(cfg, max_retry_after_s=MAX_INLINE_RETRY_AFTER_S)
         # Every request of this client holds one of these while in flight, the export's too.
         self.concurrency = asyncio.Semaphore(cfg.max_concurrent_requests)
+        self.retries = Throttle()  # api_retry: one line a kind of failure a minute
         self._session: aiohttp.ClientSession | None = None
         self._base = cfg.base_url.rstrip("/")
 
@@ -232,7 +234,12 @@ class RightfootClient:
             return await self._get_once(endpoint, path, params)
 
         def on_retry(exc: ApiError, _failures: int, delay: float) -> None:
-            log.info("api_retry", endpoint=endpoint, error=str(exc), delay_s=round(delay, 3))
+            held = self.retries.admit(exc.kind)
+            fields = {"endpoint": endpoint, "error": str(exc), "delay_s": round(delay, 3)}
+            if held is None:
+                log.debug("api_retry", **fields)
+            else:
+                log.info("api_retry", **fields, suppressed=held)
 
         return await retrying(
             attempt, self.retry_policy, rng=self.rng, sleep=self.sleep, on_retry=on_retry

@@ -33,6 +33,11 @@ class ApiError(PollerError):
     def metric_code(self) -> str:
         return str(self.status) if self.status is not None else "error"
 
+    @property
+    def kind(self) -> str:
+        """What failed, for throttling its log lines: the class, and the code if any."""
+        return f"{type(self).__name__}:{self.code or ''}"
+
     def __str__(self) -> str:
         parts = [f"HTTP {self.status}" if self.status is not None else None, self.code]
         prefix = " ".join(p for p in parts if p)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterable, MutableMapping
+import time
+from collections.abc import Callable, Iterable, MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -16,6 +17,38 @@ import structlog
 from service import kafka_logs
 
 REDACTED = "[redacted]"
+
+# One line a kind of failure per this many seconds (see Throttle).
+THROTTLE_S = 60.0
+
+
+class Throttle:
+    """At most one line a kind per ``every_s`` seconds: one cause, one line, not thousands.
+
+    An API outage or a network fault makes every batch's poll fail alike, and a replica
+    polls thousands of batches: a line for each failure would bury everything else. The
+    caller asks ``admit(kind)`` before each line. The answer is how many lines of that
+    kind were held back since the last one let through (0 for the first), to be logged
+    with it; or None, to hold this one back (the caller logs it at DEBUG instead). The
+    metrics count every failure either way.
+    """
+
+    def __init__(
+        self, every_s: float = THROTTLE_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.every_s = every_s
+        self.clock = clock
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def admit(self, kind: str) -> int | None:
+        now = self.clock()
+        last = self._last.get(kind)
+        if last is not None and now - last < self.every_s:
+            self._held[kind] = self._held.get(kind, 0) + 1
+            return None
+        self._last[kind] = now
+        return self._held.pop(kind, 0)
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:

@@ -13,6 +13,7 @@ import structlog
 
 from service.errors import ApiError, ApiNotFound, ApiUnauthorized
 from service.events import BalanceEvents, EventFactory, OutMessage, Publishable
+from service.logs import Throttle
 from service.metrics import Metrics
 from service.state import BatchState, state_records
 from service.step import Step
@@ -25,6 +26,7 @@ class StepWriter:
         self.factory = factory
         self.metrics = metrics
         self.state_topic = state_topic
+        self.failures = Throttle()  # poll_failed: one line a kind of failure a minute
 
     def messages(self, step: Step) -> list[Publishable]:
         """The messages that commit ``step``, in the order they are to be written."""
@@ -81,13 +83,17 @@ class StepWriter:
         else:
             self.metrics.polls.labels("error").inc()
             if not step.finished:
-                log.warning(
-                    "poll_failed",
-                    batch_id=b.batch_id,
-                    error=str(exc),
-                    failures=b.failures,
-                    retry_in_s=round(step.poll_in or 0.0, 2),
-                )
+                held = self.failures.admit(exc.kind)
+                fields = {
+                    "batch_id": b.batch_id,
+                    "error": str(exc),
+                    "failures": b.failures,
+                    "retry_in_s": round(step.poll_in or 0.0, 2),
+                }
+                if held is None:
+                    log.debug("poll_failed", **fields)
+                else:
+                    log.warning("poll_failed", **fields, suppressed=held)
 
     def _swept(self, b: BatchState, step: Step) -> None:
         sweep = step.sweep

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import structlog
 
-from service.logs import REDACTED, configure_logging, redact
+from service.logs import REDACTED, Throttle, configure_logging, redact
 
 SECRET = "rf_live_9c8b7a6d5e4f3a2b1c0d"
 TOKEN = "admin-tok-0f1e2d3c4b5a"
@@ -163,3 +163,18 @@ def test_redact_replaces_the_longer_of_two_overlapping_secrets_whole() -> None:
     for secrets in ([short, long], [long, short]):
         assert redact(f"key {long}", secrets) == f"key {REDACTED}"
         assert redact(f"key {short}", secrets) == f"key {REDACTED}"
+
+
+def test_throttle_lets_one_line_a_kind_through_a_window_and_counts_the_rest() -> None:
+    now = [100.0]
+    throttle = Throttle(every_s=60.0, clock=lambda: now[0])
+    assert throttle.admit("ApiServerError:") == 0  # the first line of a kind
+    assert [throttle.admit("ApiServerError:") for _ in range(3)] == [None, None, None]
+    assert throttle.admit("ApiTransportError:timeout") == 0  # another kind: its own line
+    now[0] += 59.9
+    assert throttle.admit("ApiServerError:") is None
+    now[0] += 0.1
+    assert throttle.admit("ApiServerError:") == 4  # a minute on: the line, and how many held
+    assert throttle.admit("ApiServerError:") is None
+    now[0] += 600
+    assert throttle.admit("ApiTransportError:timeout") == 0
