@@ -29,6 +29,7 @@ from service.kafka_clients import (
     ensure_topics,
     make_producer,
     probe_brokers,
+    stop_client,
 )
 from service.kafka_logs import BROKERS
 from service.logs import redact
@@ -265,12 +266,10 @@ class PollerService:
 
     async def _close_clients(self) -> None:
         if self.consumer is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.consumer.stop(), 10)
+            await stop_client(self.consumer)
             self.consumer = None
         if self.producer is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.producer.stop(), 10)
+            await stop_client(self.producer)
             self.producer = None
 
     # ---- loops ------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from service.errors import (
     PublishFailed,
 )
 from service.events import BalanceEvents, OutMessage, Publishable, message_count
+from service.kafka_clients import stop_client
 from service.metrics import Metrics
 
 log = structlog.get_logger(__name__)
@@ -197,8 +198,7 @@ class PartitionPublisher:
                 await self._task
         self._fail_pending(PublishFailed("publisher closed"))
         if self.owns_producer:
-            with contextlib.suppress(Exception):
-                await self.producer.stop()
+            await stop_client(self.producer)
 
     async def _drained(self) -> None:
         await self._queue.join()

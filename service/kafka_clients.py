@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.conn import create_conn
 from aiokafka.errors import (
@@ -40,6 +40,27 @@ from service.errors import (
 from service.state import MAX_MESSAGE_BYTES
 
 log = structlog.get_logger(__name__)
+
+
+async def stop_client(client: AIOKafkaConsumer | AIOKafkaProducer, timeout_s: float = 10.0) -> None:
+    """Stop an aiokafka client, as far as it will go; only the caller's cancellation escapes.
+
+    With a broker out of reach, a consumer's ``stop()`` can raise CancelledError when nobody
+    cancelled its caller: aiokafka's ``Fetcher.close()`` cancels its fetch tasks and awaits
+    them, and one that was backing off after a failed fetch lets the cancellation out.
+    Passed on, it would cut short a shutdown (the rest of the clients left open, exit not
+    clean) or stand for a cancellation that never happened. That, a KafkaError or running
+    past ``timeout_s`` ends the stop; the client is not used again either way.
+    """
+    try:
+        await asyncio.wait_for(client.stop(), timeout_s)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        log.debug("kafka_client_stop_interrupted", client=type(client).__name__)
+    except Exception as exc:
+        log.debug("kafka_client_stop_failed", client=type(client).__name__, error=repr(exc))
 
 
 def sasl_password(cfg: KafkaConfig) -> str | None:

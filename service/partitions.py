@@ -21,7 +21,7 @@ from aiokafka.errors import KafkaError
 from service.config import Settings
 from service.errors import PartitionLost, UnknownStateVersion
 from service.kafka import PartitionPublisher
-from service.kafka_clients import client_args, make_producer
+from service.kafka_clients import client_args, make_producer, stop_client
 from service.metrics import Metrics
 from service.state import BatchState, StateRestore
 from service.tracker import Tracker
@@ -124,7 +124,7 @@ class PartitionOwner:
             batches, unreadable = await self._read_state(p)
         except BaseException:
             if self.transactional:
-                await producer.stop()
+                await stop_client(producer)
             raise
         publisher = PartitionPublisher(
             partition=p,
@@ -178,7 +178,7 @@ class PartitionOwner:
                     except ValueError as exc:
                         self._state_unreadable(None, exc)
         finally:
-            await consumer.stop()
+            await stop_client(consumer)
 
         def refused(batch_id: str, exc: ValueError) -> None:
             unreadable[batch_id] = str(exc)[:300]

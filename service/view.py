@@ -7,7 +7,6 @@ Any replica answers for all of them: the view follows every state partition
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
 
 import structlog
@@ -15,7 +14,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import ValidationError
 
 from service.config import KafkaConfig
-from service.kafka_clients import client_args
+from service.kafka_clients import client_args, stop_client
 from service.state import CHUNK_SEPARATOR, StateSummary
 
 log = structlog.get_logger(__name__)
@@ -100,6 +99,5 @@ class StateView:
 
     async def close(self) -> None:
         if self._consumer is not None:
-            with contextlib.suppress(Exception):
-                await self._consumer.stop()
+            await stop_client(self._consumer)
             self._consumer = None
