@@ -18,6 +18,9 @@
 #
 # Environment (defaults):
 #   KAFKA_PORT=9092                       PLAINTEXT listener on 127.0.0.1
+#   KAFKA_ADVERTISED_PORT=KAFKA_PORT      the PLAINTEXT port the broker gives its clients
+#                                         (a proxy's, whose upstream is KAFKA_PORT; the
+#                                         proxy must be up before start)
 #   KAFKA_CONTROLLER_PORT=KAFKA_PORT+1000 KRaft controller listener
 #   KAFKA_DIR=<repo>/.run/kafka-PORT      server.properties, data/, logs/, kafka.pid
 #   KAFKA_HEAP="-Xms256m -Xmx768m"
@@ -268,10 +271,10 @@ show_logs() {
 
 # ---------------------------------------------------------------- configuration
 
-# One listener per line: NAME PROTOCOL PORT ADVERTISED(yes|no).
+# One listener per line: NAME PROTOCOL PORT ADVERTISED(yes|no|the port advertised).
 # The secured listeners' ssl.*/sasl.* properties come from write_security_props.
 listener_table() {
-  echo "PLAINTEXT PLAINTEXT $BROKER_PORT yes"
+  echo "PLAINTEXT PLAINTEXT $BROKER_PORT ${KAFKA_ADVERTISED_PORT:-yes}"
   echo "CONTROLLER PLAINTEXT $CONTROLLER_PORT no"
   [[ -z "$KAFKA_SASL_SSL_PORT" ]] || echo "SASL_SSL SASL_SSL $KAFKA_SASL_SSL_PORT yes"
   [[ -z "$KAFKA_SASL_PLAINTEXT_PORT" ]] ||
@@ -371,6 +374,7 @@ write_listener_props() {
     listeners+=("$name://$KAFKA_HOST:$port")
     protomap+=("$name:$proto")
     [[ "$adv" == yes ]] && advertised+=("$name://$KAFKA_HOST:$port")
+    [[ "$adv" =~ ^[0-9]+$ ]] && advertised+=("$name://$KAFKA_HOST:$adv")
   done < <(listener_table)
   local IFS=,
   echo "listeners=${listeners[*]}"

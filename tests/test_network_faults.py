@@ -8,6 +8,13 @@ faults is applied in turn while three batches are being published: every cut or 
 is counted as a ``connection_error``, every late answer as a ``timeout``, a sliced body
 is read whole, and every record served is published once and only once. Each kind of
 failure is logged once as a warning, however many polls it fails (the rest at debug).
+
+The same proxy then stands between the service and a broker of its own (which
+advertises the proxy's port): the broker's answers cut off, its connections reset and
+the broker out of reach for 3 s while the service publishes in small transactions (the
+client retries what was cut; every record is still published once), and at the end the
+service is stopped while the broker refuses connections: the stop completes, with no
+exception escaping from a Kafka client that could not close cleanly.
 """
 
 from __future__ import annotations
@@ -22,8 +29,20 @@ from urllib.parse import urlsplit
 import aiohttp
 import pytest
 import structlog
-from conftest import ROOT, SimServer, TopicReader, Topics, free_port, wait_for
+from conftest import (
+    ROOT,
+    SimServer,
+    TopicReader,
+    Topics,
+    free_port,
+    kafka_script,
+    service_env,
+    wait_for,
+)
 from test_durability import assert_exactly_once, served_ids, track, wait_completed
+
+from service.app import PollerService
+from service.config import load_settings
 
 pytestmark = [pytest.mark.kafka, pytest.mark.faults]
 
@@ -55,6 +74,10 @@ class Toxiproxy:
 
     async def remove(self, proxy: str, name: str) -> None:
         await self._call("DELETE", f"/proxies/{proxy}/toxics/{name}")
+
+    async def disable(self, proxy: str) -> None:
+        """The proxy stops listening and drops its connections: connections are refused."""
+        await self._call("POST", f"/proxies/{proxy}", {"enabled": False})
 
 
 @pytest.fixture
@@ -172,3 +195,100 @@ async def _faults(toxiproxy: Toxiproxy, requests: Callable[[str], float]) -> Non
     await wait_for(lambda: requests("200") >= ok + 5, 20, "pages read in slices")
     assert requests("connection_error") + requests("timeout") == errors
     await toxiproxy.remove("api", "slices")
+
+
+@pytest.fixture
+async def proxied_kafka(toxiproxy: Toxiproxy, tmp_path: Any) -> AsyncIterator[str]:
+    """A broker of its own whose clients all reach it through the proxy "kafka"."""
+    port, controller = free_port(), free_port()
+    listen = await toxiproxy.proxy("kafka", f"127.0.0.1:{port}")
+    env = {
+        "KAFKA_PORT": str(port),
+        "KAFKA_CONTROLLER_PORT": str(controller),
+        "KAFKA_ADVERTISED_PORT": listen.rsplit(":", 1)[1],
+        "KAFKA_DIR": str(tmp_path / "kafka"),
+    }
+    started = await asyncio.to_thread(kafka_script, "start", **env)
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        yield listen
+    finally:
+        await asyncio.to_thread(kafka_script, "stop", **env)
+
+
+async def test_kafka_connections_cut_inside_transactions_lose_and_repeat_nothing(
+    kafka: str,
+    topics: Topics,
+    sim_server: SimServer,
+    toxiproxy: Toxiproxy,
+    proxied_kafka: str,
+) -> None:
+    sim = sim_server.sim
+    batches = [str(uuid.uuid4()) for _ in range(3)]
+    for i, b in enumerate(batches):
+        sim.generate_batch(b, 900, spread_s=10.0, seed=80 + i)
+    env = service_env(
+        topics,
+        proxied_kafka,
+        sim_server.url,
+        RFP_INSTANCE_ID="netfault",
+        # Many small transactions: a cut finds one open.
+        RFP_POLLING__MAX_RECORDS_PER_TRANSACTION="100",
+    )
+    service = PollerService(load_settings(None, env=env))
+    await service.start()
+    stopped = False
+    try:
+        await wait_for(lambda: service.readiness()[0], 30, "service ready")
+        await _kafka_faults(service, toxiproxy, proxied_kafka, topics, batches)
+        reader = TopicReader(proxied_kafka)
+        await wait_completed(reader, topics, batches, timeout=120)
+        balances = await reader.read_all(topics.balances)
+        assert_exactly_once(balances, served_ids(sim, batches))
+        assert service.readiness()[0], "the service is ready again"
+
+        # Stopped (SIGTERM) while the broker is out of reach: the stop ends, and it ends
+        # by itself, not with an exception out of a client that could not say goodbye.
+        await toxiproxy.disable("kafka")
+        await asyncio.sleep(1.0)  # the clients find the broker gone, and back off
+        stopped = True
+        await asyncio.wait_for(service.stop(), 60)
+    finally:
+        if not stopped:
+            await service.stop()
+
+
+async def _kafka_faults(
+    service: PollerService,
+    toxiproxy: Toxiproxy,
+    bootstrap: str,
+    topics: Topics,
+    batches: list[str],
+) -> None:
+    registry = service.metrics.registry
+
+    def published() -> float:
+        return sum(
+            sample.value
+            for metric in registry.collect()
+            if metric.name == "rightfoot_poller_records_published"
+            for sample in metric.samples
+            if sample.name.endswith("_total")
+        )
+
+    for b in batches:
+        await track(bootstrap, topics, b, 900)
+    await wait_for(lambda: published() >= 200, 30, "the first commits, through the proxy")
+    # The broker's answers cut off after 64 kB on each connection: produce, offset and
+    # end-transaction answers lost while their requests were carried out.
+    await toxiproxy.add("kafka", "cut", "limit_data", bytes=65536)
+    await asyncio.sleep(3.0)
+    await toxiproxy.remove("kafka", "cut")
+    # Connections reset.
+    await toxiproxy.add("kafka", "reset", "reset_peer", timeout=0)
+    await asyncio.sleep(1.0)
+    await toxiproxy.remove("kafka", "reset")
+    # Nothing gets through for 3 s (within the test's 6 s session timeout).
+    await toxiproxy.add("kafka", "hole", "timeout", timeout=0)
+    await asyncio.sleep(3.0)
+    await toxiproxy.remove("kafka", "hole")
