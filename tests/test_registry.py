@@ -490,7 +490,7 @@ async def test_events_read_back_with_confluent_kafkas_json_deserializer(
     async with RegistryClient(SchemaRegistryConfig(url=registry)) as client:
         ids = await client.schema_ids(event_schemas(cfg))
     factory.set_prefixes({topic: frame(schema_id) for topic, schema_id in ids.items()})
-    with SchemaRegistryClient({"url": registry}) as sr_client:
+    with SchemaRegistryClient({"url": registry, "timeout": 10}) as sr_client:
         deserializer = JSONDeserializer(None, schema_registry_client=sr_client)
         check_read_back(cfg, ids, deserializer, sample_values(factory))
 

@@ -42,7 +42,10 @@ def consume_all(bootstrap: str, topic: str, registry: str, expect: int) -> list[
         }
     )
     out: list[dict[str, Any]] = []
-    with SchemaRegistryClient({"url": registry}) as client:
+    # confluent-kafka's client waits forever by default; once, a request of its (the
+    # one after a 404 for Apicurio's missing "associations" endpoint) never got an answer
+    # and the test hung for its whole timeout. A read timeout makes it a retried request.
+    with SchemaRegistryClient({"url": registry, "timeout": 10}) as client:
         deserializer = JSONDeserializer(None, schema_registry_client=client)
         consumer.subscribe([topic])
         try:
