@@ -133,11 +133,7 @@ async def test_network_faults_between_the_service_and_the_api_lose_and_repeat_no
     registry = service.metrics.registry
 
     def requests(code: str) -> float:
-        """Requests to the balances endpoint by outcome; "failed_polls": polls that failed."""
-        if code == "failed_polls":
-            return (
-                registry.get_sample_value("rightfoot_poller_polls_total", {"result": "error"}) or 0
-            )
+        """Requests to the balances endpoint with this outcome."""
         return (
             registry.get_sample_value(
                 "rightfoot_poller_api_requests_total", {"endpoint": "balances", "code": code}
@@ -145,11 +141,15 @@ async def test_network_faults_between_the_service_and_the_api_lose_and_repeat_no
             or 0
         )
 
+    def failed_polls() -> float:
+        """Polls that failed once their attempts were spent."""
+        return registry.get_sample_value("rightfoot_poller_polls_total", {"result": "error"}) or 0
+
     for b in batches:
         await track(kafka, topics, b, 600)
     await wait_for(lambda: requests("200") >= 6, 20, "the first pages, through the proxy")
     with structlog.testing.capture_logs() as logs:
-        await _faults(toxiproxy, requests)
+        await _faults(toxiproxy, requests, failed_polls)
     await wait_completed(reader, topics, batches, timeout=90)
     balances = await reader.read_all(topics.balances)
     assert_exactly_once(balances, served_ids(sim, batches))
@@ -165,16 +165,18 @@ async def test_network_faults_between_the_service_and_the_api_lose_and_repeat_no
     assert 1 <= len(retried) <= 2, retried
 
 
-async def _faults(toxiproxy: Toxiproxy, requests: Callable[[str], float]) -> None:
+async def _faults(
+    toxiproxy: Toxiproxy, requests: Callable[[str], float], failed_polls: Callable[[], float]
+) -> None:
     """Each fault in turn, each until the service has met it a few times."""
 
     # Every answer cut off after 2,000 bytes: a page's body ends in its middle.
     cut = requests("connection_error")
-    failed = requests("failed_polls")
+    failed = failed_polls()
     await toxiproxy.add("api", "cut", "limit_data", bytes=2000)
     await wait_for(lambda: requests("connection_error") >= cut + 3, 20, "cut-off answers")
     # Polls that fail once their attempts are spent: the batches are retried later.
-    await wait_for(lambda: requests("failed_polls") >= failed + 3, 20, "failed polls")
+    await wait_for(lambda: failed_polls() >= failed + 3, 20, "failed polls")
     await toxiproxy.remove("api", "cut")
 
     # Connections reset by the peer.
