@@ -247,6 +247,9 @@ def _page_response(
     """One page of the ``total`` visible records, after the page token's ``offset``."""
     positions, cursor = batch.page(total, offset, limit)
     items = ",".join(_record_json(batch.record_at(i), i) for i in positions)
+    if sim._take_token_loop(batch.batch_id):
+        cursor = batch.first_cursor() if offset is None else offset
+        log.debug("simulator page token loop", batch_id=batch.batch_id, cursor=cursor)
     has_more = cursor is not None
     token = sim._tokens.issue(batch.batch_id, cursor) if cursor is not None else None
     reported = batch.reported_total(total)

@@ -29,6 +29,8 @@ from rightfoot_simulator.data import SimRecord, _LazySource
 ORDERS = ("completion", "submission")
 #: What a batch serves as ``total_processed`` (see :meth:`Simulator.add_batch`).
 TOTAL_PROCESSED_MODES = ("exact", "absent")
+#: When a page of a batch says ``has_more`` (see :meth:`Simulator.add_batch`).
+HAS_MORE_MODES = ("exact", "full_page")
 #: :meth:`Simulator.generate_batch` makes bigger batches lazy unless told otherwise.
 LAZY_THRESHOLD = 100_000
 #: Positions of a lazy batch are 32-bit (``array("I")``).
@@ -38,11 +40,18 @@ _TOKEN_MAC_BYTES = 16
 
 
 class _Shape:
-    """How a batch is listed and counted (see :meth:`Simulator.add_batch`)."""
+    """How a batch is listed, paged and counted (see :meth:`Simulator.add_batch`)."""
 
-    __slots__ = ("count_skew", "order", "total_processed")
+    __slots__ = ("count_skew", "has_more", "order", "page_size", "total_processed")
 
-    def __init__(self, order: str, total_processed: str, count_skew: int) -> None:
+    def __init__(
+        self,
+        order: str,
+        total_processed: str,
+        count_skew: int,
+        page_size: int | None = None,
+        has_more: str = "exact",
+    ) -> None:
         if order not in ORDERS:
             raise ValueError(f"order must be one of {', '.join(map(repr, ORDERS))}")
         if total_processed not in TOTAL_PROCESSED_MODES:
@@ -50,9 +59,17 @@ class _Shape:
             raise ValueError(f"total_processed must be one of {modes}")
         if isinstance(count_skew, bool) or not isinstance(count_skew, int):
             raise ValueError("count_skew must be an integer")
+        if page_size is not None and (
+            isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1
+        ):
+            raise ValueError("page_size must be an integer >= 1 (or null)")
+        if has_more not in HAS_MORE_MODES:
+            raise ValueError(f"has_more must be one of {', '.join(map(repr, HAS_MORE_MODES))}")
         self.order = order
         self.total_processed = total_processed
         self.count_skew = count_skew
+        self.page_size = page_size
+        self.has_more = has_more
 
 
 class _Batch:
@@ -173,17 +190,30 @@ class _Batch:
 
         The cursor is what a page token carries. Completion order: the number of records
         listed before the next page. Submission order: the position of the last record
-        listed, the next page starting after it.
+        listed, the next page starting after it. A page holds ``shape.page_size`` records
+        when that is set, whatever ``limit`` asks; with ``has_more="full_page"`` a full
+        page always says there is more, so a list that ends on a full page is followed by
+        an empty one.
         """
+        size = self.shape.page_size or limit
+        full_page = self.shape.has_more == "full_page"
         if self.finish is None:
             offset = cursor or 0
-            end = min(offset + limit, count)
-            return range(min(offset, count), end), (end if end < count else None)
+            end = min(offset + size, count)
+            more = end < count or (full_page and end - offset == size)
+            return range(min(offset, count), end), (end if more else None)
         after = -1 if cursor is None else cursor
-        positions = list(itertools.islice(self.positions_after(count, after), limit))
+        positions = list(itertools.islice(self.positions_after(count, after), size))
         last = positions[-1] if positions else after
-        has_more = next(self.positions_after(count, last), None) is not None
-        return positions, (last if has_more else None)
+        if full_page:
+            more = len(positions) == size
+        else:
+            more = next(self.positions_after(count, last), None) is not None
+        return positions, (last if more else None)
+
+    def first_cursor(self) -> int:
+        """The cursor that names the first page."""
+        return 0 if self.finish is None else -1
 
     def iter_visible(self, count: int) -> Iterator[SimRecord]:
         """The first ``count`` records to appear, in list order."""

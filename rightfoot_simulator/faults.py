@@ -28,8 +28,8 @@ class Faults:
     Counters (``*_next``) go down by one each time their fault is served. Faults apply to
     ``/v1/balances`` and the export (not to ``/_sim/``); with ``only_batch`` set, only to
     requests for that batch. Checked before authentication, in this order: latency, hang,
-    5xx, 429; then, for a request that would otherwise succeed, rejected page token and
-    malformed body.
+    5xx, 429; then, for a request that would otherwise succeed, rejected page token, page
+    token loop and malformed body.
     """
 
     #: The next N API requests answer 500, 502, 503 (cycling).
@@ -53,6 +53,10 @@ class Faults:
     malformed_next: int = 0
     #: The next N requests that carry a ``nextPageToken`` answer 400 INVALID_PAGE_TOKEN.
     reject_token_next: int = 0
+    #: The next N answers that would be a 200 page say ``has_more: true`` with a
+    #: ``next_page_token`` for the page just served (the first page for a request
+    #: without a token): a client that follows it reads the same page for ever.
+    token_loop_next: int = 0
     #: Restrict all faults to requests for this batch ID.
     only_batch: str | None = None
 

@@ -152,6 +152,8 @@ class Simulator:
         order: str = "completion",
         total_processed: str = "exact",
         count_skew: int = 0,
+        page_size: int | None = None,
+        has_more: str = "exact",
     ) -> None:
         """Add a batch; it answers 404 for ``visible_after`` seconds, then exists.
 
@@ -164,8 +166,12 @@ class Simulator:
         record can appear before positions a client has already paged past.
         ``total_processed``: ``"exact"`` serves the visible count plus ``count_skew``
         (at least 0); ``"absent"`` omits the field (``count_skew`` is then unused).
+        ``page_size``: every page holds that many records (fewer only at the end), whatever
+        ``limit`` the client asks for; None: ``limit``. ``has_more``: ``"exact"`` says
+        whether records follow the page; ``"full_page"`` says so whenever the page is
+        full, so a list that ends on a full page is followed by an empty one.
         """
-        shape = _Shape(order, total_processed, count_skew)
+        shape = _Shape(order, total_processed, count_skew, page_size, has_more)
         if batch_id in self._batches:
             raise ValueError(f"batch {batch_id!r} already exists")
         for record in records:
@@ -207,6 +213,8 @@ class Simulator:
         order: str = "completion",
         total_processed: str = "exact",
         count_skew: int = 0,
+        page_size: int | None = None,
+        has_more: str = "exact",
         lazy: bool | None = None,
     ) -> Sequence[SimRecord]:
         """Add a batch of ``count`` deterministic synthetic records and return them.
@@ -216,7 +224,8 @@ class Simulator:
         random time, so they finish out of ID order. ``codes`` are assigned in turn
         (record i gets ``codes[i % len(codes)]``); without them about 85% succeed. The
         same (simulator seed, batch ID) or the same ``seed`` always gives the same
-        records. ``order``, ``total_processed`` and ``count_skew``: see :meth:`add_batch`.
+        records. ``order``, ``total_processed``, ``count_skew``, ``page_size`` and ``has_more``:
+        see :meth:`add_batch`.
 
         ``lazy`` (default: when ``count`` > ``LAZY_THRESHOLD``) keeps no record objects:
         each record is derived from (seed, position) when read, at about 8 bytes per
@@ -226,7 +235,7 @@ class Simulator:
         """
         if codes is not None and not codes:
             raise ValueError("codes must not be empty")
-        shape = _Shape(order, total_processed, count_skew)
+        shape = _Shape(order, total_processed, count_skew, page_size, has_more)
         if lazy or (lazy is None and count > LAZY_THRESHOLD):
             return self._generate_lazy(
                 batch_id,
@@ -250,6 +259,8 @@ class Simulator:
             order=order,
             total_processed=total_processed,
             count_skew=count_skew,
+            page_size=page_size,
+            has_more=has_more,
         )
         return records
 
@@ -410,6 +421,12 @@ class Simulator:
     def _take_token_reject(self, batch_id: str) -> bool:
         if self.faults.reject_token_next > 0 and self._in_scope([batch_id]):
             self.faults.reject_token_next -= 1
+            return True
+        return False
+
+    def _take_token_loop(self, batch_id: str) -> bool:
+        if self.faults.token_loop_next > 0 and self._in_scope([batch_id]):
+            self.faults.token_loop_next -= 1
             return True
         return False
 

@@ -3,6 +3,9 @@
 * ``order="submission"``: the list keeps submission order and each record is listed once
   it has finished, so records appear at positions a client has already paged past;
 * ``total_processed="absent"`` and ``count_skew``: a count that is missing or wrong;
+* ``page_size`` and ``has_more="full_page"``: pages of the vendor's own size, whatever
+  ``limit`` asks, and ``has_more`` on every full page (an empty page can end the list);
+* the ``token_loop_next`` fault: a page whose ``next_page_token`` leads back to itself;
 * lazy batches: a million records derived on demand, in a few seconds and a few MB.
 
 All pure (no Kafka), over real HTTP on loopback with an injected clock.
@@ -363,6 +366,10 @@ async def test_skew_applies_in_completion_order_and_to_malformed_pages(api: Api)
         {"total_processed": "approximate"},
         {"count_skew": 1.5},
         {"count_skew": True},
+        {"page_size": 0},
+        {"page_size": 2.0},
+        {"page_size": True},
+        {"has_more": "always"},
     ],
 )
 def test_bad_shapes_are_refused(options: dict[str, Any]) -> None:
@@ -426,6 +433,9 @@ async def test_control_api_makes_every_shape(api: Api) -> None:
         ("count_skew", True, "count_skew must be of type int"),
         ("lazy", "yes", "lazy must be of type bool"),
         ("lazy", 1, "lazy must be of type bool"),
+        ("page_size", 0, "page_size must be an integer >= 1"),
+        ("page_size", "7", "page_size must be of type int"),
+        ("has_more", "always", "has_more must be one of 'exact', 'full_page'"),
     ],
 )
 async def test_control_api_refuses_bad_shapes(
@@ -626,3 +636,74 @@ async def test_lazy_batches_serve_every_shape(api: Api) -> None:
     assert read.ids == ids(api.sim.records_served(BATCH))
     other = await api.page(OTHER)
     assert other.body["total_processed"] == max(0, api.sim.visible_count(OTHER) - 50)
+
+
+# --------------------------------------------------------------------------- page size and has_more
+
+
+def pages_by_size(listed: list[int], size: int, full_page: bool) -> list[tuple[list[int], bool]]:
+    """How a vendor serving ``size`` records a page lists ``listed`` (list order)."""
+    pages = []
+    for start in range(0, len(listed) + 1, size):
+        page = listed[start : start + size]
+        more = start + size < len(listed) or (full_page and len(page) == size)
+        pages.append((page, more))
+        if not more:
+            return pages
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("seed", range(8))
+async def test_pages_of_the_vendors_size_and_has_more_on_full_pages(api: Api, seed: int) -> None:
+    """Every visible record once, in list order, in pages of ``page_size`` whatever the limit."""
+    rng = random.Random(seed)
+    order = rng.choice(["completion", "submission"])
+    has_more = rng.choice(["exact", "full_page"])
+    size, limit = rng.choice([1, 3, 7, 250]), rng.randrange(1, 101)
+    count = rng.choice([0, size, 2 * size, rng.randrange(0, 600)])
+    lazy = rng.random() < 0.5
+    api.sim.generate_batch(
+        BATCH,
+        count,
+        spread_s=20,
+        seed=seed,
+        order=order,
+        page_size=size,
+        has_more=has_more,
+        lazy=lazy,
+    )
+    for elapsed in (10.0, 30.0):
+        api.clock.now = 1000.0 + elapsed
+        served = ids(api.sim.records_served(BATCH))
+        read = await api.read_all(BATCH, limit=limit)
+        got = [(p.ids, p.has_more) for p in read.pages]
+        want = pages_by_size(served, size, has_more == "full_page")
+        assert got == want, (order, has_more, size, count, elapsed)
+
+
+async def test_a_list_ending_on_a_full_page_is_followed_by_an_empty_one(api: Api) -> None:
+    api.sim.generate_batch(BATCH, 200, seed=1, has_more="full_page")
+    api.sim.generate_batch(OTHER, 150, seed=1, has_more="full_page", order="submission")
+    read = await api.read_all(BATCH)
+    assert [(len(p.ids), p.has_more) for p in read.pages] == [(100, True), (100, True), (0, False)]
+    assert read.pages[-1].token is None
+    other = await api.read_all(OTHER)
+    assert [(len(p.ids), p.has_more) for p in other.pages] == [(100, True), (50, False)]
+
+
+@pytest.mark.parametrize("order", ["completion", "submission"])
+async def test_a_token_loop_leads_back_to_the_page_just_served(api: Api, order: str) -> None:
+    api.sim.generate_batch(BATCH, 250, seed=2, order=order)
+    api.sim.faults.token_loop_next = 3
+    first = await api.page(BATCH)
+    assert first.has_more and len(first.ids) == 100
+    again = await api.page(BATCH, first.token)
+    assert (again.ids, again.has_more) == (first.ids, True)
+    assert api.sim.page_token_cursor(BATCH, again.token or "") == api.sim.page_token_cursor(
+        BATCH, first.token or ""
+    )
+    third = await api.page(BATCH, again.token)
+    assert third.ids == first.ids  # the third looping answer
+    assert api.sim.faults.token_loop_next == 0
+    rest = await api.read_all(BATCH, third.token)  # spent: its token names the first page
+    assert rest.ids == ids(api.sim.records_served(BATCH))
