@@ -84,6 +84,10 @@ class ApiMalformedResponse(ApiError):
         return "malformed"
 
 
+class PageTokenLoop(ApiMalformedResponse):
+    """A ``next_page_token`` led back to a page already read: paging would never end."""
+
+
 class PageTokenRejected(ApiError):
     """Page tokens kept being rejected (400) within one poll."""
 

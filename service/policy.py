@@ -29,6 +29,7 @@ from service.errors import (
     ApiNotFound,
     ApiRateLimited,
     ApiUnauthorized,
+    PageTokenLoop,
 )
 from service.records import BalanceRecord, Page, status_name
 from service.requests import TrackingRequest
@@ -327,6 +328,7 @@ class Poll:
         self.restarts = 0  # page tokens rejected in this poll
         self.pending = Pending()
         self.done = False
+        self._loop_watch(self.token)
 
     def current(self, b: BatchState | None) -> bool:
         """Whether the poll still stands for ``b`` (not stopped or re-tracked meanwhile)."""
@@ -341,6 +343,8 @@ class Poll:
         if b is None or not self.current(b):
             self.done = True
             return None
+        if page.has_more:
+            self._loop_check(page.next_page_token)
         collect(b, page.records, page.invalid, self.pending)
         last = self._advance(b, page, now)
         size = self.pending.size
@@ -396,9 +400,36 @@ class Poll:
         if self.restarts > MAX_TOKEN_RESTARTS:
             return False
         self.token = None
+        self._loop_watch(None)
         if self.full is None:
             self.full = _FullRead(False, b.records_seen + self.pending.size)
         return True
+
+    def _loop_watch(self, token: str | None) -> None:
+        """Start watching for a loop in a read that begins with the page of ``token``."""
+        self._mark = token  # a token of this read that the next ones are compared with
+        self._since_mark = 0  # pages since it was taken
+        self._span = 1  # how many pages it is kept before a newer one takes its place
+
+    def _loop_check(self, token: str | None) -> None:
+        """PageTokenLoop if ``token`` leads back to a page this read has already had.
+
+        Followed, such a token makes the API serve the same pages for ever. Brent's cycle
+        detection: each token is compared with one kept from earlier in the read, which is
+        replaced after 1, 2, 4, ... pages; a loop of any length is caught within about
+        twice its length plus the pages before it, in constant memory. Within one read from
+        a given page, tokens only move forward; only a fault in the API repeats one.
+        """
+        if token == self._mark:
+            raise PageTokenLoop(
+                "next_page_token leads back to a page already read in this poll "
+                "(the API's pages go round in a loop)",
+                status=200,
+                code="page_token_loop",
+            )
+        self._since_mark += 1
+        if self._since_mark == self._span:
+            self._mark, self._since_mark, self._span = token, 0, self._span * 2
 
     def _advance(self, b: BatchState, page: Page, now: float) -> bool:
         """Move past ``page``; True when the poll has read all it will."""
@@ -418,6 +449,7 @@ class Poll:
         if last and full is None and self.policy.sweep_due(b, self.pending, total, now):
             self.full = _FullRead(True, b.records_seen + self.pending.size)
             self.token = None
+            self._loop_watch(None)
             return False
         return last
 

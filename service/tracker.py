@@ -29,6 +29,7 @@ from service.errors import (
     ApiBadRequest,
     ApiError,
     ApiUnauthorized,
+    PageTokenLoop,
     PageTokenRejected,
     PublishFailed,
     RequestAborted,
@@ -336,6 +337,8 @@ class Tracker:
         except ApiError as exc:
             # What the poll committed before the error stands; the error is recorded on
             # top of it, on the batch as it stands now.
+            if isinstance(exc, PageTokenLoop):
+                self.metrics.invalid_input.labels("api", "page_token_loop").inc()
             await settled(committing)
             return await self._poll_failed(w, poll, exc)
         except BaseException:

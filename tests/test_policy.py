@@ -15,8 +15,10 @@ from service.errors import (
     ApiRateLimited,
     ApiServerError,
     ApiUnauthorized,
+    PageTokenLoop,
 )
 from service.policy import MAX_TOKEN_RESTARTS, Policy, Poll
+from service.records import Page
 from service.requests import TrackingRequest
 from service.state import BatchState
 from tests.policy_harness import BATCH, Driver, Vendor, config, record
@@ -153,6 +155,59 @@ def test_page_tokens_rejected_more_than_the_limit_end_the_poll() -> None:
         assert poll.token_rejected(d.state)
         poll.token = "t2"  # the restart reached a later page, whose token is refused too
     assert not poll.token_rejected(d.state)
+
+
+def looping_page(token: str | None, tail: int, loop: int) -> Page:
+    """Page ``k`` (token ``f"t{k}"``) of an API whose tokens go round in a loop.
+
+    Pages 0 .. tail-1 lead on; from ``tail`` on, the pages go round ``loop`` pages: the
+    token after page tail+loop-1 names page ``tail`` again.
+    """
+    k = 0 if token is None else int(token[1:])
+    following = k + 1 if k + 1 < tail + loop else tail
+    return Page(BATCH, None, True, f"t{following}", [record(k)])
+
+
+@pytest.mark.parametrize("tail", [0, 1, 2, 5, 17])
+@pytest.mark.parametrize("loop", [1, 2, 3, 8, 33])
+def test_a_page_token_loop_of_any_length_ends_the_poll(tail: int, loop: int) -> None:
+    d = driver()
+    poll = d.begin()
+    assert poll is not None
+    pages = 0
+    with pytest.raises(PageTokenLoop, match="loop"):
+        while pages < 10_000:
+            pages += 1
+            d.apply(poll.page(d.state, looping_page(poll.token, tail, loop), d.now))
+    # Not before a token repeats; soon after (Brent: within about twice the loop's reach).
+    assert tail + loop <= pages <= 2 * (tail + loop) + loop
+    # Every distinct page was taken, but for the one whose token gave the loop away.
+    assert tail + loop - 1 <= poll.pending.size <= tail + loop
+
+
+def test_a_loop_back_to_the_page_a_poll_resumed_from_ends_it_at_once() -> None:
+    d = driver(records=6)
+    d.poll()
+    assert d.state is not None and d.state.cursor == "t4"
+    poll = d.begin()
+    assert poll is not None and poll.token == "t4"
+    page = d.vendor.page("t4")
+    page.has_more, page.next_page_token = True, "t4"
+    with pytest.raises(PageTokenLoop):
+        poll.page(d.state, page, d.now)
+
+
+def test_tokens_seen_before_a_restart_from_the_first_page_are_not_a_loop() -> None:
+    d = driver(records=9)
+    poll = d.begin()
+    assert poll is not None and d.state is not None
+    for _ in range(3):  # t2, t4, t6: the second is the one kept for comparing
+        d.page(poll)
+    poll.token = "t6"
+    assert poll.token_rejected(d.state)  # read again from the first page: t2 comes again
+    while not poll.done:
+        d.page(poll)
+    assert sorted(d.emitted) == sorted(r.event_id for r in d.vendor.records)
 
 
 # ---- completion -----------------------------------------------------------------------

@@ -3,19 +3,22 @@
 The vendor does not document the order of the list. Here the simulator lists
 records in submission order while they finish in random order, so most of them
 appear behind the cursor of a poller that has already paged past their place;
-it may also omit ``total_processed`` or give a count that is wrong. Every case
-reads the balances topic with read_committed: every record listed exactly once,
-and the lifecycle events say what happened, gaps included.
+it may also omit ``total_processed`` or give a count that is wrong, serve pages of its
+own size whatever ``limit`` asks, say ``has_more`` on a full last page (an empty page
+then ends the list), or hand out a page token that leads back to a page already read.
+Every case reads the balances topic with read_committed: every record listed exactly
+once, and the lifecycle events say what happened, gaps included.
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import pytest
-from conftest import SimServer, TopicReader, Topics
+import structlog
+from conftest import SimServer, TopicReader, Topics, wait_for
 from eventschema import validate_message
 from test_durability import assert_exactly_once, served_ids, track
 
@@ -148,3 +151,88 @@ async def test_a_smaller_count_than_seen_completes(
     (final,) = [e for e in events[batch] if e["event"] != "tracking_started"]
     assert final["event"] == "completed"
     assert sweeps(sim, batch) == 0
+
+
+async def test_pages_of_any_size_and_lists_that_end_on_an_empty_page(
+    kafka: str,
+    topics: Topics,
+    sim_server: SimServer,
+    reader: TopicReader,
+    start_service: Any,
+) -> None:
+    """Pages shorter and longer than ``limit``, and ``has_more`` on every full page."""
+    sim = sim_server.sim
+    shapes = [
+        {"page_size": 7, "has_more": "full_page"},
+        {"page_size": 250, "has_more": "full_page", "order": "submission"},
+        {"page_size": 250, "order": "completion"},
+        {"page_size": 1, "has_more": "full_page", "order": "submission"},
+        {"has_more": "full_page"},
+    ]
+    batches = [str(uuid.uuid4()) for _ in shapes]
+    for i, (b, shape) in enumerate(zip(batches, shapes, strict=True)):
+        # Counts that end on a full page of each size, appearing over 4 s.
+        count = {7: 700, 250: 1000, 1: 120}.get(cast(int, shape.get("page_size")), 400)
+        sim.generate_batch(b, count, spread_s=4.0, seed=70 + i, **shape)  # type: ignore[arg-type]
+    offsets: set[tuple[str, int | None]] = set()
+    sim.on_page_request = lambda r: offsets.add((r.batch_id, r.offset))
+    await start_service(
+        RFP_POLLING__COMPLETE_AFTER_IDLE_S="2", RFP_POLLING__MAX_RECORDS_PER_TRANSACTION="150"
+    )
+    for i, b in enumerate(batches):
+        await track(kafka, topics, b, sim.record_count(b) if i % 2 else None)
+    events = await final_events(reader, topics, batches, timeout=90)
+    assert_exactly_once(await reader.read_all(topics.balances), served_ids(sim, batches))
+    for b in batches:
+        (final,) = [e for e in events[b] if e["event"] != "tracking_started"]
+        assert (final["event"], final["records_published"]) == ("completed", sim.record_count(b))
+    # The first batch was read up to its end, where an empty page says has_more: false.
+    assert (batches[0], sim.record_count(batches[0])) in offsets
+
+
+async def test_a_page_token_loop_fails_the_poll_and_nothing_else(
+    kafka: str,
+    topics: Topics,
+    sim_server: SimServer,
+    reader: TopicReader,
+    start_service: Any,
+) -> None:
+    """A ``next_page_token`` that leads back to a page already read: the poll must end.
+
+    Followed blindly, the poll reads the same page for ever, at the replica's whole request
+    rate, and its batch never gets further. The poll is failed as a malformed answer and
+    backs off; the other batches carry on; once the API pages properly again, the batch
+    completes with every record once.
+    """
+    sim = sim_server.sim
+    looping, other = str(uuid.uuid4()), str(uuid.uuid4())
+    sim.generate_batch(looping, 450, seed=80)
+    sim.generate_batch(other, 300, spread_s=3.0, seed=81)
+    sim.faults.only_batch = looping
+    sim.faults.token_loop_next = 1_000_000
+    with structlog.testing.capture_logs() as logs:
+        service = await start_service(RFP_POLLING__COMPLETE_AFTER_IDLE_S="1")
+        await track(kafka, topics, looping)
+        await track(kafka, topics, other)
+        events = await final_events(reader, topics, [other], timeout=60)
+        await wait_for(lambda: loop_failures(service) >= 3, 30, "three polls ended by the loop")
+        requests = sum(1 for r in sim.request_log if r.batch_id == looping)
+        # Each failed poll read a few pages before it saw the loop, then backed off.
+        assert requests <= 40 * loop_failures(service), requests
+        assert [e["event"] for e in events[other]] == ["tracking_started", "completed"]
+        sim.faults.token_loop_next = 0
+        events = await final_events(reader, topics, [looping], timeout=60)
+    assert_exactly_once(await reader.read_all(topics.balances), served_ids(sim, [looping, other]))
+    (final,) = [e for e in events[looping] if e["event"] != "tracking_started"]
+    assert (final["event"], final["records_published"]) == ("completed", 450)
+    warned = [e for e in logs if e["event"] == "poll_failed" and e["log_level"] == "warning"]
+    assert 1 <= len(warned) <= 2, warned  # one line for the cause, not one per poll
+    assert "loop" in warned[0]["error"]
+
+
+def loop_failures(service: Any) -> float:
+    registry = service.metrics.registry
+    value = registry.get_sample_value(
+        "rightfoot_poller_invalid_input_total", {"source": "api", "reason": "page_token_loop"}
+    )
+    return value or 0.0
