@@ -1182,6 +1182,35 @@ def test_ctrl_c_mid_download_leaves_nothing(tmp_path: Path) -> None:
     assert target.read_bytes() == b"old\n"
 
 
+def test_ctrl_c_while_the_command_loads_exits_130_without_a_traceback() -> None:
+    """The command's imports take most of a second; a Ctrl-C then is no crash either."""
+    script = Path(sys.executable).parent / "rightfoot-poller"
+    # -X importtime writes a line per import as it ends: the signal lands mid-import.
+    process = subprocess.Popen(
+        [sys.executable, "-X", "importtime", str(script), "--help"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        assert process.stderr is not None
+        seen = []
+        for line in process.stderr:
+            seen.append(line)
+            if b"pydantic" in line:  # loaded by the command's configuration, mid-way
+                process.send_signal(signal.SIGINT)
+                break
+        _, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert any(b"pydantic" in line for line in seen)
+    assert b"Traceback" not in err, err.decode()[-2000:]
+    assert process.returncode == 130
+
+
 # --------------------------------------------------------------------------- memory
 
 
