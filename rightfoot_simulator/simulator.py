@@ -11,12 +11,15 @@ served, for aimed fault tests). Time comes from an injectable clock. The HTTP si
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 import time
 from array import array
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from decimal import Decimal
+from typing import Any
 
 import structlog
 
@@ -44,6 +47,7 @@ from rightfoot_simulator.data import (
 from rightfoot_simulator.faults import MALFORMED_KINDS, Faults
 
 log = structlog.get_logger("rightfoot_simulator")
+_UNCHANGED: Any = object()  # amend_record: a field left as it is
 
 DEFAULT_API_KEY = "sim-key"
 
@@ -340,6 +344,35 @@ class Simulator:
         batches prefer :meth:`iter_records` and :meth:`record_count`.
         """
         return list(self.iter_records(batch_id))
+
+    def amend_record(
+        self,
+        batch_id: str,
+        authorizer_unique_id: str,
+        *,
+        balance: Decimal | None = _UNCHANGED,
+        balance_status_code: int = _UNCHANGED,
+    ) -> SimRecord:
+        """Change a record in place: same place in the list, same ``timestamp``.
+
+        What a vendor does when it corrects a result without checking the balance again.
+        Every read from now on lists the new version; returns it. Eager batches only.
+        """
+        batch = self._batches[batch_id]
+        if batch.records is None:
+            raise ValueError("records of a lazy batch cannot be amended")
+        for position, record in enumerate(batch.records):
+            if record.authorizer_unique_id == authorizer_unique_id:
+                changes: dict[str, Any] = {}
+                if balance is not _UNCHANGED:
+                    changes["balance"] = balance
+                if balance_status_code is not _UNCHANGED:
+                    changes["balance_status_code"] = balance_status_code
+                amended = dataclasses.replace(record, **changes)
+                batch.records[position] = amended
+                log.info("simulator record amended", batch_id=batch_id, position=position)
+                return amended
+        raise KeyError(authorizer_unique_id)
 
     def page_token_cursor(self, batch_id: str, token: str) -> int | None:
         """What a page token of this batch names, or None if it is not valid now.
