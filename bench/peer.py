@@ -157,7 +157,13 @@ async def check_events(bootstrap: str, topic: str, api_url: str) -> tuple[int, i
 
 def _check_one(factory: EventFactory, event: _Event, msg: Any) -> None:
     """The peer's event is the service's event for the same record (fields, key, headers)."""
-    event_id = balance_event_id(event.batch_id, event.authorizer_unique_id, event.timestamp)
+    event_id = balance_event_id(
+        event.batch_id,
+        event.authorizer_unique_id,
+        event.timestamp,
+        event.balance,
+        event.balance_status_code,
+    )
     record = BalanceRecord(
         event.authorizer_unique_id,
         event.balance,

@@ -143,7 +143,7 @@ def floor(count: int) -> float:
 
     def sha() -> object:
         s = prefix.copy()
-        s.update(f"{uid}\x1f{stamp}".encode())
+        s.update(f"{uid}\x1f{stamp}\x1f{balance}\x1f{0}".encode())
         return s.digest()
 
     def text() -> object:

@@ -201,11 +201,13 @@ class RightfootClient:
         limit: int | None = None,
         *,
         stop: Callable[[], bool] | None = None,
+        content_ids: bool = True,
     ) -> Page:
         """One page of a batch, retried within bounds; typed ApiError otherwise.
 
         ``stop`` is asked before every attempt: once it is true, no new request is sent
         (the batch is moving to another replica) and RequestAborted is raised.
+        ``content_ids``: see ``records.parse_page``.
         """
         params = {"batchId": batch_id, "limit": str(limit or self.cfg.page_limit)}
         if token:
@@ -214,7 +216,7 @@ class RightfootClient:
         with structlog.contextvars.bound_contextvars(batch_id=batch_id):
             body = await self._get_with_retries("balances", "/v1/balances", params, stop)
         try:
-            return parse_page(batch_id, body)
+            return parse_page(batch_id, body, content_ids=content_ids)
         except ApiMalformedResponse:
             self.metrics.invalid_input.labels("api", "malformed_page").inc()
             raise

@@ -322,6 +322,7 @@ class Poll:
         self.policy = policy
         self.batch_id = b.batch_id
         self.generation = b.generation
+        self.content_ids = b.content_ids  # which event ids the batch's records get
         self.token = b.cursor  # the page to read next
         self.cursor = b.cursor  # where the next poll starts
         self.full = None if b.cursor is not None else _FullRead(False, b.records_seen)

@@ -59,12 +59,31 @@ _NAMESPACE_BYTES = EVENT_NAMESPACE.bytes
 _VARIANT = {f"{n:x}": f"{(n & 0x3) | 0x8:x}" for n in range(16)}
 
 
-def balance_event_id(batch_id: str, authorizer_unique_id: str, timestamp: str) -> str:
-    """Deterministic: the same record always gets the same id.
+def balance_event_id(
+    batch_id: str, authorizer_unique_id: str, timestamp: str, balance: str | None, code: int
+) -> str:
+    """Deterministic: the same record always gets the same id, and a different one a new id.
+
+    The record is what its event carries from the API: batch, authorizer, timestamp,
+    the balance's digits (``None``: null) and the status code. A record the API lists
+    again with the same timestamp but another balance or code is a new event.
 
     ``str(uuid.uuid5(EVENT_NAMESPACE, name))``, computed without building a UUID object
     (once per record): SHA-1 of namespace and name, version 5, RFC 4122 variant, in the
-    canonical 8-4-4-4-12 form.
+    canonical 8-4-4-4-12 form. The name is the fields joined by U+001F, the balance as
+    ``null`` when there is none.
+    """
+    shown = "null" if balance is None else balance
+    sha = _event_id_base(batch_id)
+    sha.update(f"{authorizer_unique_id}\x1f{timestamp}\x1f{shown}\x1f{code}".encode())
+    h = sha.hexdigest()
+    return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
+
+
+def timestamp_event_id(batch_id: str, authorizer_unique_id: str, timestamp: str) -> str:
+    """The event id of batches first stored by state versions 1 to 3: without the content.
+
+    Those batches keep it until they finish, so that what they published is recognised.
     """
     sha = _event_id_base(batch_id)
     sha.update(f"{authorizer_unique_id}\x1f{timestamp}".encode())
@@ -263,7 +282,10 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
-def parse_record(batch_id: str, item: Any) -> BalanceRecord | InvalidRecord:
+def parse_record(
+    batch_id: str, item: Any, *, content_ids: bool = True
+) -> BalanceRecord | InvalidRecord:
+    """One record of a page; ``content_ids`` False: ids of ``timestamp_event_id``."""
     if not isinstance(item, dict):
         return _invalid(batch_id, item, "not_an_object", "the record is not a JSON object")
     uid = item.get("authorizer_unique_id")
@@ -312,12 +334,16 @@ def parse_record(batch_id: str, item: Any) -> BalanceRecord | InvalidRecord:
         return _invalid(
             batch_id, item, "invalid_field", "neither balance_status_code nor status_code is given"
         )
+    uid, timestamp = rec.authorizer_unique_id, rec.timestamp
+    balance = None if rec.balance is None else _plain(rec.balance)
     return BalanceRecord(
-        authorizer_unique_id=rec.authorizer_unique_id,
-        balance=None if rec.balance is None else _plain(rec.balance),
+        authorizer_unique_id=uid,
+        balance=balance,
         balance_status_code=code,
-        timestamp=rec.timestamp,
-        event_id=balance_event_id(batch_id, rec.authorizer_unique_id, rec.timestamp),
+        timestamp=timestamp,
+        event_id=balance_event_id(batch_id, uid, timestamp, balance, code)
+        if content_ids
+        else timestamp_event_id(batch_id, uid, timestamp),
     )
 
 
@@ -347,7 +373,7 @@ class _FastPage(msgspec.Struct, gc=False):
 _FAST_PAGE = msgspec.json.Decoder(_FastPage, float_hook=_Number)
 
 
-def _parse_page_fast(batch_id: str, body: bytes) -> Page | None:
+def _parse_page_fast(batch_id: str, body: bytes, content_ids: bool = True) -> Page | None:
     """The page, when every record in it is valid; None when anything needs a closer look.
 
     The common case, decoded and type-checked in one pass of msgspec's C decoder. It
@@ -392,8 +418,12 @@ def _parse_page_fast(batch_id: str, body: bytes) -> Page | None:
             text = str(balance)
         else:
             return None
-        sha = base.copy()  # balance_event_id, inlined
-        sha.update(f"{uid}\x1f{timestamp}".encode())
+        sha = base.copy()  # balance_event_id (or timestamp_event_id), inlined
+        if content_ids:
+            shown = "null" if text is None else text
+            sha.update(f"{uid}\x1f{timestamp}\x1f{shown}\x1f{code}".encode())
+        else:
+            sha.update(f"{uid}\x1f{timestamp}".encode())
         h = sha.hexdigest()
         event_id = f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{variant[h[16]]}{h[17:20]}-{h[20:32]}"
         # tuple.__new__: the same BalanceRecord, without the Python-level __new__ per record
@@ -407,13 +437,17 @@ def _parse_page_fast(batch_id: str, body: bytes) -> Page | None:
     )
 
 
-def parse_page(batch_id: str, body: bytes) -> Page:
-    """Parse one response body; raise ApiMalformedResponse if the envelope is not understood."""
-    page = _parse_page_fast(batch_id, body)
-    return page if page is not None else _parse_page_general(batch_id, body)
+def parse_page(batch_id: str, body: bytes, *, content_ids: bool = True) -> Page:
+    """Parse one response body; raise ApiMalformedResponse if the envelope is not understood.
+
+    Event ids are those of ``balance_event_id``; with ``content_ids`` False, those of
+    ``timestamp_event_id`` (batches first stored by state versions 1 to 3).
+    """
+    page = _parse_page_fast(batch_id, body, content_ids)
+    return page if page is not None else _parse_page_general(batch_id, body, content_ids)
 
 
-def _parse_page_general(batch_id: str, body: bytes) -> Page:
+def _parse_page_general(batch_id: str, body: bytes, content_ids: bool = True) -> Page:
     """Every page: records that cannot be understood are returned apart, with the reason."""
     try:
         data = loads_exact(body)
@@ -436,7 +470,7 @@ def _parse_page_general(batch_id: str, body: bytes) -> Page:
         next_page_token=env.next_page_token if env.has_more else None,
     )
     for item in env.balances:
-        parsed = parse_record(batch_id, item)
+        parsed = parse_record(batch_id, item, content_ids=content_ids)
         if isinstance(parsed, BalanceRecord):
             page.records.append(parsed)
         else:

@@ -42,11 +42,15 @@ FINAL: frozenset[str] = frozenset({"completed", "expired", "failed", "stopped"})
 # A re-track request resumes these; completed and expired batches are done for good.
 RESUMABLE: frozenset[str] = frozenset({"failed", "stopped"})
 
-# 3: summary and fingerprint chunks; 2 and 1: one record with the fingerprints inline.
-STATE_VERSION = 3
-# Which fingerprint function a batch's fingerprints come from: 2 records.fingerprint,
-# 1 records.legacy_fingerprint (batches first stored by state version 1).
-FP_VERSION = 2
+# 4: summary and fingerprint chunks, event ids of the record's content; 3: the same
+# layout, event ids without the content; 2 and 1: one record, fingerprints inline.
+STATE_VERSION = 4
+# What a batch's fingerprints are made of, stored as ``fp``:
+# 3: records.fingerprint of records.balance_event_id (batches first stored by version 4);
+# 2: records.fingerprint of records.timestamp_event_id (versions 2 and 3);
+# 1: records.legacy_fingerprint of records.timestamp_event_id (version 1).
+# A batch keeps its kind until it finishes, so that what it published is recognised.
+FP_VERSION = 3
 
 # The largest message the service produces, and the state topic's max.message.bytes:
 # the producer refuses anything larger before it reaches a broker.
@@ -180,7 +184,12 @@ class BatchState:
     @property
     def fingerprint(self) -> Callable[[str], int]:
         """How ``seen`` fingerprints an event id: the way of the version that stored it."""
-        return fingerprint if self.seen_version == FP_VERSION else legacy_fingerprint
+        return legacy_fingerprint if self.seen_version == 1 else fingerprint
+
+    @property
+    def content_ids(self) -> bool:
+        """Whether the batch's event ids are those of the record's content (``fp`` 3)."""
+        return self.seen_version >= 3
 
     @property
     def records_seen(self) -> int:
@@ -212,7 +221,7 @@ class StateSummary(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     v: int = Field(ge=1)
-    fp: int = Field(default=FP_VERSION, ge=1, le=FP_VERSION)
+    fp: int | None = Field(default=None, ge=1, le=FP_VERSION)  # absent: 1 in v1, else 2
     batch_id: str = Field(min_length=1)
     expected_count: int | None = Field(default=None, ge=1)
     generation: int = Field(ge=1)
@@ -240,7 +249,9 @@ def encode_state(state: BatchState) -> bytes:
     if reason is not None and len(reason) > MAX_REASON_CHARS:
         reason = reason[: MAX_REASON_CHARS - 1] + "…"
     doc: dict[str, Any] = {
-        "v": STATE_VERSION,
+        # A batch whose ids a version-3 reader would make differently is written as 4, which
+        # that reader leaves alone; the others stay readable by it (a rollback).
+        "v": STATE_VERSION if state.content_ids else 3,
         "fp": state.seen_version,
         "batch_id": state.batch_id,
         "expected_count": state.expected_count,
@@ -310,7 +321,7 @@ def decode_state(value: bytes, partition: int) -> BatchState:
         dead_lettered=doc.dead_lettered,
         counts=dict(doc.counts),
         seen=SeenSet(inline),
-        seen_version=1 if doc.v == 1 else doc.fp,
+        seen_version=1 if doc.v == 1 else doc.fp or 2,
         last_new_at=doc.last_new_at,
         last_poll_at=doc.last_poll_at,
         not_found_since=doc.not_found_since,

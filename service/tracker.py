@@ -358,7 +358,7 @@ class Tracker:
         while True:
             try:
                 return await self.source.fetch_page(
-                    poll.batch_id, poll.token, stop=lambda: w.closed
+                    poll.batch_id, poll.token, stop=lambda: w.closed, content_ids=poll.content_ids
                 )
             except ApiBadRequest as exc:
                 b = w.batches.get(poll.batch_id)

@@ -21,6 +21,7 @@ class PageSource(Protocol):
         limit: int | None = None,
         *,
         stop: Callable[[], bool] | None = None,
+        content_ids: bool = True,
     ) -> Page: ...
 
 

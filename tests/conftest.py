@@ -26,6 +26,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from rightfoot_simulator import Simulator, build_app
 from service.app import PollerService
 from service.config import Settings, load_settings
+from service.records import balance_event_id
 
 ROOT = Path(__file__).resolve().parent.parent
 KAFKA_PORT = int(os.environ.get("KAFKA_TEST_PORT", "19092"))
@@ -122,6 +123,14 @@ class SimServer:
     @property
     def url(self) -> str:
         return str(self.server.make_url("")).rstrip("/")
+
+
+def sim_event_id(batch_id: str, rec: Any) -> str:
+    """The event id the service gives a simulator record (``records.balance_event_id``)."""
+    balance = None if rec.balance is None else format(rec.balance, "f")
+    return balance_event_id(
+        batch_id, rec.authorizer_unique_id, rec.timestamp, balance, rec.balance_status_code
+    )
 
 
 @pytest.fixture
@@ -251,11 +260,17 @@ async def reader(kafka: str) -> AsyncIterator[TopicReader]:
     await r.close()
 
 
-async def produce(bootstrap: str, topic: str, key: bytes | None, value: bytes | None) -> None:
+async def produce(
+    bootstrap: str,
+    topic: str,
+    key: bytes | None,
+    value: bytes | None,
+    partition: int | None = None,
+) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True)
     await producer.start()
     try:
-        await producer.send_and_wait(topic, value, key=key)
+        await producer.send_and_wait(topic, value, key=key, partition=partition)
     finally:
         await producer.stop()
 

@@ -23,7 +23,8 @@ BATCH = "batch-1"
 def record(n: int, batch_id: str = BATCH) -> BalanceRecord:
     uid = f"auth-{n:06d}"
     ts = "2026-11-28T10:00:00Z"
-    return BalanceRecord(uid, f"{n}.01", n % 3, ts, balance_event_id(batch_id, uid, ts))
+    balance, code = f"{n}.01", n % 3
+    return BalanceRecord(uid, balance, code, ts, balance_event_id(batch_id, uid, ts, balance, code))
 
 
 @dataclass

@@ -19,11 +19,10 @@ from typing import Any
 import aiohttp
 import pytest
 from aiokafka import AIOKafkaConsumer
-from conftest import SimServer, Topics, service_env
+from conftest import SimServer, Topics, service_env, sim_event_id
 from prometheus_client.parser import text_string_to_metric_families
 from test_durability import track
 
-from service.records import balance_event_id
 from service.state import CHUNK_FPS, MAX_SUMMARY_BYTES, parse_key
 
 pytestmark = [pytest.mark.kafka, pytest.mark.faults]
@@ -110,10 +109,7 @@ async def test_a_300k_batch_killed_halfway_is_published_exactly_once(
 
     ids = Counter(await read_topic(kafka, topics.balances, RECORDS, 240, event_id))
     duplicates = sum(n - 1 for n in ids.values() if n > 1)
-    expected = {
-        balance_event_id(batch, r.authorizer_unique_id, r.timestamp)
-        for r in sim.iter_records(batch)
-    }
+    expected = {sim_event_id(batch, r) for r in sim.iter_records(batch)}
     assert duplicates == 0
     assert len(ids) == RECORDS
     assert set(ids) == expected

@@ -32,23 +32,21 @@ from conftest import (
     kafka_script,
     produce,
     service_env,
+    sim_event_id,
     wait_for,
 )
 from eventschema import validate_message
 
 from rightfoot_simulator import PageRequest
-from service.records import balance_event_id, legacy_fingerprint, status_name
+from service.kafka import canonical_partition
+from service.records import legacy_fingerprint, status_name, timestamp_event_id
 from service.state import BatchState, encode_state
 
 pytestmark = [pytest.mark.kafka, pytest.mark.faults]
 
 
 def served_ids(sim: Any, batch_ids: list[str]) -> set[str]:
-    return {
-        balance_event_id(b, r.authorizer_unique_id, r.timestamp)
-        for b in batch_ids
-        for r in sim.all_records(b)
-    }
+    return {sim_event_id(b, r) for b in batch_ids for r in sim.all_records(b)}
 
 
 async def track(kafka: str, topics: Topics, batch_id: str, count: int | None = None) -> None:
@@ -311,8 +309,8 @@ async def test_a_batch_stored_by_state_version_1_resumes_without_duplicates(
     first = await start_service()  # creates the topics
     await first.stop()
 
-    def event_id(r: Any) -> str:
-        return balance_event_id(batch, r.authorizer_unique_id, r.timestamp)
+    def event_id(r: Any) -> str:  # the ids of a batch stored before version 4
+        return timestamp_event_id(batch, r.authorizer_unique_id, r.timestamp)
 
     fps = array("Q", [legacy_fingerprint(event_id(r)) for r in done])
     value = json.dumps(
@@ -368,8 +366,44 @@ async def test_a_batch_stored_by_state_version_2_resumes_without_duplicates(
     events = await wait_completed(reader, topics, [batch], timeout=60)
     assert events[batch] == ["completed"]
     balances = await reader.read_all(topics.balances)
-    rest = {balance_event_id(batch, r.authorizer_unique_id, r.timestamp) for r in records[120:]}
+    rest = {timestamp_event_id(batch, r.authorizer_unique_id, r.timestamp) for r in records[120:]}
     assert_exactly_once(balances, rest)
+
+
+async def test_a_batch_stored_by_state_version_3_resumes_without_duplicates(
+    kafka: str,
+    topics: Topics,
+    sim_server: SimServer,
+    reader: TopicReader,
+    start_service: Any,
+) -> None:
+    """An upgrade from the previous release: literal version 3 records (tests/fixtures).
+
+    A summary and a fingerprint chunk written by that release for the batch below, with
+    120 of its 300 records published. Its events had ids without the record's content
+    (``timestamp_event_id``); the batch keeps them until it finishes, so the other 180 are
+    published once and the 120 are recognised. Its state is still written as version 3,
+    which that release can read back after a rollback.
+    """
+    lines = (Path(__file__).parent / "fixtures" / "state-v3.jsonl").read_text().splitlines()
+    stored = [(json.loads(x)["key"], base64.b64decode(json.loads(x)["value"])) for x in lines]
+    batch = stored[-1][0]
+    sim = sim_server.sim
+    sim.generate_batch(batch, 300, spread_s=0.0, seed=43)
+    records = sim.all_records(batch)
+    first = await start_service()  # creates the topics
+    await first.stop()
+    partition = canonical_partition(batch, topics.partitions)  # chunks go with their summary
+    for key, value in stored:
+        await produce(kafka, topics.state, key.encode(), value, partition)
+    await start_service(RFP_INSTANCE_ID="test-upgraded", RFP_POLLING__MAX_AGE_S="1e10")
+    events = await wait_completed(reader, topics, [batch], timeout=60)
+    assert events[batch] == ["completed"]
+    balances = await reader.read_all(topics.balances)
+    rest = {timestamp_event_id(batch, r.authorizer_unique_id, r.timestamp) for r in records[120:]}
+    assert_exactly_once(balances, rest)
+    summaries = [m for m in await reader.read_all(topics.state) if m.key == batch.encode()]
+    assert json.loads(summaries[-1].value)["v"] == 3
 
 
 async def test_sigterm_during_poll_exits_zero_within_grace(

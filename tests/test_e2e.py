@@ -25,19 +25,20 @@ from conftest import (
     produce,
     run_cli,
     service_env,
+    sim_event_id,
     wait_for,
 )
 from eventschema import validate_message
 
 from rightfoot_simulator import DEMO_CODES_BATCH_ID, DEMO_MISSING_BATCH_ID, SimRecord
-from service.records import balance_event_id, status_name
+from service.records import status_name
 
 pytestmark = pytest.mark.kafka
 
 
 def expected_event(batch_id: str, rec: Any) -> dict[str, Any]:
     return {
-        "event_id": balance_event_id(batch_id, rec.authorizer_unique_id, rec.timestamp),
+        "event_id": sim_event_id(batch_id, rec),
         "batch_id": batch_id,
         "authorizer_unique_id": rec.authorizer_unique_id,
         "balance": None if rec.balance is None else str(rec.balance),

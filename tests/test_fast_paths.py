@@ -22,7 +22,13 @@ from hypothesis import strategies as st
 from service import records
 from service.errors import ApiMalformedResponse
 from service.events import BalanceEvents, EventFactory
-from service.records import EVENT_NAMESPACE, BalanceRecord, balance_event_id, parse_record
+from service.records import (
+    EVENT_NAMESPACE,
+    BalanceRecord,
+    balance_event_id,
+    parse_record,
+    timestamp_event_id,
+)
 
 text = st.text(max_size=24)
 codes = st.one_of(st.none(), st.integers(-(2**70), 2**70), st.sampled_from([0, 3000, 3300]))
@@ -79,16 +85,22 @@ def plausible_items(draw: Any) -> Any:
 
 
 @settings(max_examples=300, deadline=None)
-@given(text, text, text)
-def test_event_id_is_uuid5(batch_id: str, uid: str, timestamp: str) -> None:
-    name = f"{batch_id}\x1f{uid}\x1f{timestamp}"
+@given(text, text, text, st.one_of(st.none(), st.from_regex(r"-?[0-9]+(\.[0-9]+)?")), codes)
+def test_event_id_is_uuid5(
+    batch_id: str, uid: str, timestamp: str, balance: str | None, code: int
+) -> None:
+    shown = "null" if balance is None else balance
+    name = f"{batch_id}\x1f{uid}\x1f{timestamp}\x1f{shown}\x1f{code}"
+    old_name = f"{batch_id}\x1f{uid}\x1f{timestamp}"
     try:
         expected = str(uuid.uuid5(EVENT_NAMESPACE, name))
+        old = str(uuid.uuid5(EVENT_NAMESPACE, old_name))
     except UnicodeEncodeError:
         with pytest.raises(UnicodeEncodeError):
-            balance_event_id(batch_id, uid, timestamp)
+            balance_event_id(batch_id, uid, timestamp, balance, code)
         return
-    assert balance_event_id(batch_id, uid, timestamp) == expected
+    assert balance_event_id(batch_id, uid, timestamp, balance, code) == expected
+    assert timestamp_event_id(batch_id, uid, timestamp) == old
 
 
 @settings(max_examples=400, deadline=None)
@@ -141,9 +153,9 @@ def test_balance_event_general_path_for_unusual_types() -> None:
     assert Decimal(json.loads(factory.balance("x", rec).value or b"")["balance"]) == Decimal("1.5")
 
 
-def _general_or_error(batch_id: str, body: bytes) -> records.Page | str:
+def _general_or_error(batch_id: str, body: bytes, content_ids: bool = True) -> records.Page | str:
     try:
-        return records._parse_page_general(batch_id, body)
+        return records._parse_page_general(batch_id, body, content_ids)
     except ApiMalformedResponse as exc:
         return f"malformed: {exc}"
 
@@ -172,17 +184,19 @@ def page_bodies(draw: Any) -> bytes:
 
 
 @settings(max_examples=500, deadline=None)
-@given(batch_id=st.text(min_size=1, max_size=12), body=page_bodies())
-def test_parse_page_fast_path_agrees_with_the_general_path(batch_id: str, body: bytes) -> None:
-    fast = records._parse_page_fast(batch_id, body)
-    general = _general_or_error(batch_id, body)
+@given(batch_id=st.text(min_size=1, max_size=12), body=page_bodies(), content_ids=st.booleans())
+def test_parse_page_fast_path_agrees_with_the_general_path(
+    batch_id: str, body: bytes, content_ids: bool
+) -> None:
+    fast = records._parse_page_fast(batch_id, body, content_ids)
+    general = _general_or_error(batch_id, body, content_ids)
     if fast is not None:
         assert fast == general
     if isinstance(general, str):
         with pytest.raises(ApiMalformedResponse):
-            records.parse_page(batch_id, body)
+            records.parse_page(batch_id, body, content_ids=content_ids)
     else:
-        assert records.parse_page(batch_id, body) == general
+        assert records.parse_page(batch_id, body, content_ids=content_ids) == general
 
 
 @settings(max_examples=200, deadline=None)

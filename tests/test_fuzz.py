@@ -122,12 +122,18 @@ def test_good_records_survive_any_neighbours(rows: list[tuple[bool, Any, Any]]) 
     # Every good record is there, unchanged and in order, whatever surrounds it.
     parsed = iter(page.records)
     for record in good:
-        expected = (
+        balance = None if record["balance"] is None else format(Decimal(record["balance"]), "f")
+        uid, code, timestamp = (
             record["authorizer_unique_id"],
-            None if record["balance"] is None else format(Decimal(record["balance"]), "f"),
             record["balance_status_code"],
             record["timestamp"],
-            balance_event_id("b", record["authorizer_unique_id"], record["timestamp"]),
+        )
+        expected = (
+            uid,
+            balance,
+            code,
+            timestamp,
+            balance_event_id("b", uid, timestamp, balance, code),
         )
         assert any(
             (r.authorizer_unique_id, r.balance, r.balance_status_code, r.timestamp, r.event_id)

@@ -16,6 +16,7 @@ from service.records import (
     legacy_fingerprint,
     parse_page,
     parse_record,
+    timestamp_event_id,
 )
 
 BATCH = "5d3c6bbb-fc1a-46a4-93da-1ce4a54b0d83"
@@ -88,7 +89,9 @@ def test_vendor_example_page() -> None:
         ("1258831", None, 3300, "INSTITUTION_NOT_SUPPORTED", "2024-08-09T17:55:25Z"),
     ]
     for r in page.records:
-        assert r.event_id == balance_event_id(BATCH, r.authorizer_unique_id, r.timestamp)
+        assert r.event_id == balance_event_id(
+            BATCH, r.authorizer_unique_id, r.timestamp, r.balance, r.balance_status_code
+        )
 
 
 def test_last_page_has_no_token() -> None:
@@ -347,14 +350,34 @@ def test_iso8601_timestamps_that_are_not_rfc3339_are_invalid(timestamp: str) -> 
     assert bad.reason == "invalid_field"
 
 
-def test_event_id_deterministic_and_sensitive_to_timestamp() -> None:
-    a = balance_event_id(BATCH, "1286672", "2024-08-09T18:10:44Z")
-    assert a == balance_event_id(BATCH, "1286672", "2024-08-09T18:10:44Z")
-    assert a != balance_event_id(BATCH, "1286672", "2024-08-09T18:10:45Z")
-    assert a != balance_event_id(BATCH, "1286673", "2024-08-09T18:10:44Z")
-    assert a != balance_event_id("other-batch", "1286672", "2024-08-09T18:10:44Z")
+def test_event_id_deterministic_and_sensitive_to_every_field_of_the_record() -> None:
+    ts = "2024-08-09T18:10:44Z"
+    a = balance_event_id(BATCH, "1286672", ts, "-83.68", 0)
+    assert a == balance_event_id(BATCH, "1286672", ts, "-83.68", 0)
+    assert a != balance_event_id(BATCH, "1286672", "2024-08-09T18:10:45Z", "-83.68", 0)
+    assert a != balance_event_id(BATCH, "1286673", ts, "-83.68", 0)
+    assert a != balance_event_id("other-batch", "1286672", ts, "-83.68", 0)
+    # The content: another balance (digits count: 1.5 is not 1.50), none, another code.
+    assert a != balance_event_id(BATCH, "1286672", ts, "-83.69", 0)
+    assert balance_event_id(BATCH, "1", ts, "1.5", 0) != balance_event_id(BATCH, "1", ts, "1.50", 0)
+    assert a != balance_event_id(BATCH, "1286672", ts, None, 0)
+    assert a != balance_event_id(BATCH, "1286672", ts, "-83.68", 9000)
     # Field boundaries are unambiguous.
-    assert balance_event_id("a", "bc", "t") != balance_event_id("ab", "c", "t")
+    assert balance_event_id("a", "bc", "t", None, 0) != balance_event_id("ab", "c", "t", None, 0)
+    assert balance_event_id("a", "b", "t", "1", 0) != balance_event_id("a", "b", "t", "10", 0)
+
+
+def test_a_record_listed_again_with_another_balance_is_a_new_event() -> None:
+    """Same authorizer and timestamp, other content: a new id; batches of state v1-v3 not."""
+    before = parse_page(BATCH, page_of(record_text(balance="1.00"))).records[0]
+    after = parse_page(BATCH, page_of(record_text(balance="2.00"))).records[0]
+    again = parse_page(BATCH, page_of(record_text(balance="1.00"))).records[0]
+    assert before.event_id != after.event_id
+    assert before.event_id == again.event_id
+    old = parse_page(BATCH, page_of(record_text(balance="1.00")), content_ids=False).records[0]
+    assert old.event_id == timestamp_event_id(BATCH, old.authorizer_unique_id, old.timestamp)
+    old_after = parse_page(BATCH, page_of(record_text(balance="2.00")), content_ids=False)
+    assert old_after.records[0].event_id == old.event_id
 
 
 def test_same_record_on_two_reads_has_the_same_event_id() -> None:
@@ -365,14 +388,17 @@ def test_same_record_on_two_reads_has_the_same_event_id() -> None:
 
 
 def test_fingerprint_is_stable_and_64_bit() -> None:
-    event_id = balance_event_id(BATCH, "1286672", "2024-08-09T18:10:44Z")
-    assert event_id == "3361b78a-e60b-5718-a976-4e54f772e8a9"
+    event_id = balance_event_id(BATCH, "1286672", "2024-08-09T18:10:44Z", "-83.68", 0)
+    assert event_id == "a4c73ef3-d0f0-5f70-97ec-af72d6f1408c"
+    # The ids of batches stored by state versions 1 to 3, pinned as they were.
+    old = timestamp_event_id(BATCH, "1286672", "2024-08-09T18:10:44Z")
+    assert old == "3361b78a-e60b-5718-a976-4e54f772e8a9"
     # Stable across processes and releases: the state topic stores fingerprints and
     # consumers deduplicate on event ids. The last 64 bits of the id, as they are.
-    assert fingerprint(event_id) == 0xA9764E54F772E8A9
+    assert fingerprint(old) == 0xA9764E54F772E8A9
     assert fingerprint("00000000-0000-5000-8000-000000000000") == 2**63
     assert fingerprint("ffffffff-ffff-5fff-bfff-ffffffffffff") == 2**64 - 1 - 2**62
-    ids = [balance_event_id(BATCH, str(i), "2024-08-09T18:10:44Z") for i in range(20_000)]
+    ids = [balance_event_id(BATCH, str(i), "2024-08-09T18:10:44Z", "1", 0) for i in range(20_000)]
     assert len({fingerprint(i) for i in ids}) == 20_000
     assert all(0 <= fingerprint(i) < 2**64 for i in ids)
 

@@ -81,7 +81,8 @@ def sample_values(factory: EventFactory) -> dict[str, bytes]:
     """One real event value per topic, as the service writes them."""
     batch = "batch_sr_1"
     ts = "2024-08-09T18:10:44Z"
-    rec = BalanceRecord("1286672", EXACT_BALANCE, 0, ts, balance_event_id(batch, "1286672", ts))
+    event_id = balance_event_id(batch, "1286672", ts, EXACT_BALANCE, 0)
+    rec = BalanceRecord("1286672", EXACT_BALANCE, 0, ts, event_id)
     bad = InvalidRecord(
         reason="missing_authorizer_unique_id",
         detail="record has no authorizer_unique_id",
@@ -512,7 +513,7 @@ def check_read_back(
     balance = decoded[cfg.balances_topic]
     ts = "2024-08-09T18:10:44Z"
     assert balance == {
-        "event_id": balance_event_id("batch_sr_1", "1286672", ts),
+        "event_id": balance_event_id("batch_sr_1", "1286672", ts, EXACT_BALANCE, 0),
         "batch_id": "batch_sr_1",
         "authorizer_unique_id": "1286672",
         "balance": EXACT_BALANCE,

@@ -94,7 +94,7 @@ async def test_json_sr_events_are_read_by_a_registry_aware_consumer_exactly_once
     for i in range(40):
         event = by_uid[f"auth-{i}"]
         assert event == {
-            "event_id": balance_event_id(batch, f"auth-{i}", TS),
+            "event_id": balance_event_id(batch, f"auth-{i}", TS, str(EXACT + i), CODES[i % 3]),
             "batch_id": batch,
             "authorizer_unique_id": f"auth-{i}",
             "balance": str(EXACT + i),  # every digit, as a string

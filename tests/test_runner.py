@@ -38,6 +38,7 @@ class HeldSource:
         limit: int | None = None,
         *,
         stop: Callable[[], bool] | None = None,
+        content_ids: bool = True,
     ) -> Page:
         self.asked.put_nowait(token)
         if self.held:

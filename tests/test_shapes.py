@@ -5,7 +5,8 @@ records in submission order while they finish in random order, so most of them
 appear behind the cursor of a poller that has already paged past their place;
 it may also omit ``total_processed`` or give a count that is wrong, serve pages of its
 own size whatever ``limit`` asks, say ``has_more`` on a full last page (an empty page
-then ends the list), or hand out a page token that leads back to a page already read.
+then ends the list), hand out a page token that leads back to a page already read, or
+correct a record in place (same timestamp, another balance).
 Every case reads the balances topic with read_committed: every record listed exactly
 once, and the lifecycle events say what happened, gaps included.
 """
@@ -13,12 +14,14 @@ once, and the lifecycle events say what happened, gaps included.
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
+from decimal import Decimal
 from typing import Any, cast
 
 import pytest
 import structlog
-from conftest import SimServer, TopicReader, Topics, wait_for
+from conftest import SimServer, TopicReader, Topics, sim_event_id, wait_for
 from eventschema import validate_message
 from test_durability import assert_exactly_once, served_ids, track
 
@@ -236,3 +239,44 @@ def loop_failures(service: Any) -> float:
         "rightfoot_poller_invalid_input_total", {"source": "api", "reason": "page_token_loop"}
     )
     return value or 0.0
+
+
+async def test_a_record_corrected_in_place_is_a_new_event(
+    kafka: str,
+    topics: Topics,
+    sim_server: SimServer,
+    reader: TopicReader,
+    start_service: Any,
+) -> None:
+    """Same authorizer, same timestamp, another balance: published again, with a new id.
+
+    The last page is read again by every poll, so a correction there is seen. Before, the
+    corrected record had the id of the first version and was dropped as already published.
+    """
+    sim = sim_server.sim
+    batch = str(uuid.uuid4())
+    sim.generate_batch(batch, 250, seed=90)
+    first = {sim_event_id(batch, r) for r in sim.all_records(batch)}
+    last = sim.all_records(batch)[-1]
+    await start_service(RFP_POLLING__COMPLETE_AFTER_IDLE_S="4")
+    await track(kafka, topics, batch)
+    await wait_for(
+        lambda: sum(1 for r in sim.request_log if r.batch_id == batch and r.status == 200) >= 4,
+        30,
+        "a poll after the first",
+    )
+    balance = (last.balance or Decimal(0)) + Decimal("0.01")
+    amended = sim.amend_record(batch, last.authorizer_unique_id, balance=balance)
+    assert amended.timestamp == last.timestamp
+    events = await final_events(reader, topics, [batch], timeout=60)
+    balances = await reader.read_all(topics.balances)
+    assert_exactly_once(balances, first | {sim_event_id(batch, amended)})
+    (final,) = [e for e in events[batch] if e["event"] != "tracking_started"]
+    assert (final["event"], final["records_published"]) == ("completed", 251)
+    versions = [
+        json.loads(m.value) for m in balances if m.key == last.authorizer_unique_id.encode()
+    ]
+    assert len(versions) == 2
+    assert versions[0]["timestamp"] == versions[1]["timestamp"]
+    # In the order published (one key, one partition): the correction comes second.
+    assert [v["balance"] for v in versions] == [format(b, "f") for b in (last.balance, balance)]

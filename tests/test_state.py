@@ -30,7 +30,9 @@ from service.state import (
 )
 
 FIXTURES = Path(__file__).parent / "fixtures"
-SEEN = {fingerprint(balance_event_id("b-1", str(i), "2024-08-09T18:10:44Z")) for i in range(250)}
+SEEN = {
+    fingerprint(balance_event_id("b-1", str(i), "2024-08-09T18:10:44Z", "1", 0)) for i in range(250)
+}
 
 
 def full_state(**changes: object) -> BatchState:
@@ -146,7 +148,8 @@ def test_summary_is_small_json_without_fingerprints() -> None:
     (summary,) = [v for k, v in state_records(full_state()) if parse_key(k)[1] is None]
     assert summary is not None
     doc = json.loads(summary)
-    assert doc["v"] == STATE_VERSION == 3
+    assert doc["v"] == STATE_VERSION == 4
+    assert doc["fp"] == 3  # event ids of the record's content
     assert "seen" not in doc
     assert len(summary) < 1000
 
@@ -252,13 +255,15 @@ def test_a_version_2_record_resumes_and_moves_its_fingerprints_into_chunks() -> 
     assert (state.published, state.expected_count, state.cursor) == (120, 300, None)
     assert len(state.seen) == 120
     assert state.fingerprint is fingerprint
+    assert not state.content_ids  # its events had ids without the content: it keeps them
     inline = array("Q")
     inline.frombytes(base64.b64decode(doc["seen"]))
     assert state.seen == set(inline)
-    # The next write saves them as chunks and a version 3 summary.
+    # The next write saves them as chunks and a version 3 summary (fingerprints: kind 2).
     records = topic.write(state)
     assert [parse_key(k)[1] for k, _ in records] == [0, None]
-    assert json.loads(records[-1][1] or b"")["v"] == 3
+    summary = json.loads(records[-1][1] or b"")
+    assert (summary["v"], summary["fp"]) == (3, 2)
     topic.log = topic.compacted()
     assert topic.restore(0)["v2-fixture-batch"].seen == set(inline)
 
@@ -289,8 +294,36 @@ def test_a_version_1_record_keeps_its_fingerprint_function() -> None:
     topic.log = topic.compacted()
     again = topic.restore()["old"]
     assert again.fingerprint is legacy_fingerprint
+    assert not again.content_ids
     assert again.seen == set(fps)
     assert full_state().fingerprint is fingerprint
+
+
+def test_a_version_3_batch_keeps_its_event_ids_and_stays_readable_by_version_3() -> None:
+    """Literal records of the previous release: its ids had no content; a rollback reads it."""
+    lines = (FIXTURES / "state-v3.jsonl").read_text().splitlines()
+    topic = Topic()
+    for line in lines:
+        doc = json.loads(line)
+        topic.log.append((doc["key"].encode(), base64.b64decode(doc["value"])))
+    assert json.loads(topic.log[-1][1] or b"")["v"] == 3
+    state = topic.restore(0)["v3-fixture-batch"]
+    assert (state.published, state.seen_version, state.content_ids) == (120, 2, False)
+    assert len(state.seen) == 120
+    state.remember([12345])
+    records = topic.write(state)
+    summary = json.loads(records[-1][1] or b"")
+    assert (summary["v"], summary["fp"]) == (3, 2)
+    assert topic.restore(0)["v3-fixture-batch"].seen == state.seen
+
+
+def test_a_new_batch_is_written_as_version_4_which_version_3_would_refuse() -> None:
+    state = BatchState(batch_id="new", partition=0, tracked_at=1.0)
+    assert state.content_ids and state.seen_version == 3
+    summary = json.loads(encode_state(state))
+    assert (summary["v"], summary["fp"]) == (4, 3)
+    # A version 3 reader refused any v above 3 (UnknownStateVersion): the batch is left
+    # alone by a rollback rather than read with ids it would make differently.
 
 
 @pytest.mark.parametrize(
@@ -321,8 +354,9 @@ def test_garbage_is_a_value_error(value: bytes) -> None:
         ("tracked_at", "yesterday"),
         ("total_processed", -1),
         ("v", 0),
-        ("v", 4),  # written by a newer version: refused, not read as this one
-        ("fp", 3),
+        ("v", 5),  # written by a newer version: refused, not read as this one
+        ("fp", 4),
+        ("fp", 0),
     ],
 )
 def test_invalid_fields_are_a_value_error(field: str, value: object) -> None:
