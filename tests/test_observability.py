@@ -10,7 +10,7 @@ scraped every second by a real Prometheus (the Debian package, installed by
   ``failed``), one without a count (requests topic; completes when idle) and one
   stopped by ``DELETE``;
 * on the big batch: a burst of 5xx longer than the client's retries, a 429 with
-  Retry-After, a rejected page token and a malformed page;
+  Retry-After, a rejected page token and malformed pages;
 * a period in which the API rejects the key (401: polling pauses, /readyz red), then
   the key works again;
 * admin calls with the token (POST, DELETE), with a wrong token and with a bad body;
@@ -417,7 +417,7 @@ async def observed_run(kafka: str, tmp: Path) -> Run:
                 "rate_limit_next": 1,
                 "retry_after_s": 1.0,
                 "reject_token_next": 1,
-                "malformed_next": 1,
+                "malformed_next": 3,  # three polls in a row: RightfootApiPagesNotUnderstood
             }
         )
 
