@@ -184,11 +184,11 @@ async def _balances(request: web.Request) -> web.Response:
     found = sim._readable(batch_id, key)
     if found is None:
         return _error(404, "NOT_FOUND", "The specified batch ID does not exist.")
+    batch, count = found
     token = request.query.get("nextPageToken")
-    offset = None if token is None else _token_offset(sim, token, batch_id)
+    offset = None if token is None else _token_offset(sim, batch, token)
     if token is not None and offset is None:
         return _error(400, "INVALID_PAGE_TOKEN", "The page token is invalid or has expired.")
-    batch, count = found
     sequence = sim._next_page_sequence(batch_id)
     if sim.on_page_request is not None:
         page_request = PageRequest(
@@ -235,10 +235,11 @@ async def _call_page_hook(
         waiting.result()  # the hook's exception, if any, answers 500
 
 
-def _token_offset(sim: Simulator, token: str, batch_id: str) -> int | None:
-    if sim._take_token_reject(batch_id):
+def _token_offset(sim: Simulator, batch: _Batch, token: str) -> int | None:
+    if sim._take_token_reject(batch.batch_id):
         return None
-    return sim._tokens.offset_for(token, batch_id)
+    ttl_s = batch.shape.token_ttl_s
+    return sim._tokens.offset_for(token, batch.batch_id, now=sim.clock(), ttl_s=ttl_s)
 
 
 def _page_response(
@@ -251,7 +252,7 @@ def _page_response(
         cursor = batch.first_cursor() if offset is None else offset
         log.debug("simulator page token loop", batch_id=batch.batch_id, cursor=cursor)
     has_more = cursor is not None
-    token = sim._tokens.issue(batch.batch_id, cursor) if cursor is not None else None
+    token = None if cursor is None else sim._tokens.issue(batch.batch_id, cursor, sim.clock())
     reported = batch.reported_total(total)
     kind = sim._take_malformed(batch.batch_id)
     if kind is None:

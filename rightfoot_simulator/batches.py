@@ -42,7 +42,7 @@ _TOKEN_MAC_BYTES = 16
 class _Shape:
     """How a batch is listed, paged and counted (see :meth:`Simulator.add_batch`)."""
 
-    __slots__ = ("count_skew", "has_more", "order", "page_size", "total_processed")
+    __slots__ = ("count_skew", "has_more", "order", "page_size", "token_ttl_s", "total_processed")
 
     def __init__(
         self,
@@ -51,6 +51,7 @@ class _Shape:
         count_skew: int,
         page_size: int | None = None,
         has_more: str = "exact",
+        token_ttl_s: float | None = None,
     ) -> None:
         if order not in ORDERS:
             raise ValueError(f"order must be one of {', '.join(map(repr, ORDERS))}")
@@ -65,11 +66,18 @@ class _Shape:
             raise ValueError("page_size must be an integer >= 1 (or null)")
         if has_more not in HAS_MORE_MODES:
             raise ValueError(f"has_more must be one of {', '.join(map(repr, HAS_MORE_MODES))}")
+        if token_ttl_s is not None and (
+            isinstance(token_ttl_s, bool)
+            or not isinstance(token_ttl_s, int | float)
+            or not token_ttl_s > 0
+        ):
+            raise ValueError("token_ttl_s must be a number > 0 (or null)")
         self.order = order
         self.total_processed = total_processed
         self.count_skew = count_skew
         self.page_size = page_size
         self.has_more = has_more
+        self.token_ttl_s = token_ttl_s
 
 
 class _Batch:
@@ -271,24 +279,30 @@ class LazyRecords(Sequence[SimRecord]):
 
 
 class _PageTokens:
-    """Opaque, signed page tokens: base64url(mac || "generation:offset:batch_id").
+    """Opaque, signed page tokens: base64url(mac || "generation:offset:issued:batch_id").
 
     The number is the batch's cursor (see :meth:`_Batch.page`): in completion order how
     many records were listed before the next page, in submission order the position of
-    the last record listed.
+    the last record listed. ``issued`` is the simulator clock when the token was made,
+    for batches whose tokens expire.
     """
 
     def __init__(self) -> None:
         self._secret = secrets.token_bytes(32)
         self.generation = 0
 
-    def issue(self, batch_id: str, offset: int) -> str:
-        payload = f"{self.generation}:{offset}:{batch_id}".encode()
+    def issue(self, batch_id: str, offset: int, now: float = 0.0) -> str:
+        payload = f"{self.generation}:{offset}:{now!r}:{batch_id}".encode()
         raw = self._mac(payload) + payload
         return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
-    def offset_for(self, token: str, batch_id: str) -> int | None:
-        """The offset a token stands for, or None if it is not valid for this batch now."""
+    def offset_for(
+        self, token: str, batch_id: str, *, now: float = 0.0, ttl_s: float | None = None
+    ) -> int | None:
+        """The offset a token stands for, or None if it is not valid for this batch now.
+
+        With ``ttl_s``, a token issued more than that long before ``now`` has expired.
+        """
         try:
             raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         except ValueError:
@@ -296,8 +310,10 @@ class _PageTokens:
         mac, payload = raw[:_TOKEN_MAC_BYTES], raw[_TOKEN_MAC_BYTES:]
         if not hmac.compare_digest(mac, self._mac(payload)):
             return None
-        generation, offset, token_batch = payload.decode().split(":", 2)
+        generation, offset, issued, token_batch = payload.decode().split(":", 3)
         if int(generation) != self.generation or token_batch != batch_id:
+            return None
+        if ttl_s is not None and now - float(issued) > ttl_s:
             return None
         return int(offset)
 

@@ -125,8 +125,8 @@ async def _post_batch(request: web.Request) -> web.Response:
 
 
 def _shape_options(body: Mapping[str, Any]) -> dict[str, Any]:
-    """``order``, ``total_processed``, ``count_skew``, ``page_size``, ``has_more`` and
-    ``lazy`` of a batch, checked."""
+    """``order``, ``total_processed``, ``count_skew``, ``page_size``, ``has_more``,
+    ``token_ttl_s`` and ``lazy`` of a batch, checked."""
     options: dict[str, Any] = {}
     order = _optional(body, "order", str)
     if order is not None:
@@ -152,6 +152,11 @@ def _shape_options(body: Mapping[str, Any]) -> dict[str, Any]:
         if has_more not in HAS_MORE_MODES:
             raise _BadRequest(f"has_more must be one of {', '.join(map(repr, HAS_MORE_MODES))}")
         options["has_more"] = has_more
+    ttl = body.get("token_ttl_s")
+    if ttl is not None:
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not ttl > 0:
+            raise _BadRequest("token_ttl_s must be a number > 0")
+        options["token_ttl_s"] = float(ttl)
     lazy = _optional(body, "lazy", bool)
     if lazy is not None:
         options["lazy"] = lazy

@@ -158,6 +158,7 @@ class Simulator:
         count_skew: int = 0,
         page_size: int | None = None,
         has_more: str = "exact",
+        token_ttl_s: float | None = None,
     ) -> None:
         """Add a batch; it answers 404 for ``visible_after`` seconds, then exists.
 
@@ -174,8 +175,10 @@ class Simulator:
         ``limit`` the client asks for; None: ``limit``. ``has_more``: ``"exact"`` says
         whether records follow the page; ``"full_page"`` says so whenever the page is
         full, so a list that ends on a full page is followed by an empty one.
+        ``token_ttl_s``: a page token is refused (400 INVALID_PAGE_TOKEN) once that many
+        seconds have passed since it was issued; None: tokens do not expire.
         """
-        shape = _Shape(order, total_processed, count_skew, page_size, has_more)
+        shape = _Shape(order, total_processed, count_skew, page_size, has_more, token_ttl_s)
         if batch_id in self._batches:
             raise ValueError(f"batch {batch_id!r} already exists")
         for record in records:
@@ -219,6 +222,7 @@ class Simulator:
         count_skew: int = 0,
         page_size: int | None = None,
         has_more: str = "exact",
+        token_ttl_s: float | None = None,
         lazy: bool | None = None,
     ) -> Sequence[SimRecord]:
         """Add a batch of ``count`` deterministic synthetic records and return them.
@@ -228,8 +232,8 @@ class Simulator:
         random time, so they finish out of ID order. ``codes`` are assigned in turn
         (record i gets ``codes[i % len(codes)]``); without them about 85% succeed. The
         same (simulator seed, batch ID) or the same ``seed`` always gives the same
-        records. ``order``, ``total_processed``, ``count_skew``, ``page_size`` and ``has_more``:
-        see :meth:`add_batch`.
+        records. ``order``, ``total_processed``, ``count_skew``, ``page_size``, ``has_more``
+        and ``token_ttl_s``: see :meth:`add_batch`.
 
         ``lazy`` (default: when ``count`` > ``LAZY_THRESHOLD``) keeps no record objects:
         each record is derived from (seed, position) when read, at about 8 bytes per
@@ -239,7 +243,7 @@ class Simulator:
         """
         if codes is not None and not codes:
             raise ValueError("codes must not be empty")
-        shape = _Shape(order, total_processed, count_skew, page_size, has_more)
+        shape = _Shape(order, total_processed, count_skew, page_size, has_more, token_ttl_s)
         if lazy or (lazy is None and count > LAZY_THRESHOLD):
             return self._generate_lazy(
                 batch_id,
@@ -265,6 +269,7 @@ class Simulator:
             count_skew=count_skew,
             page_size=page_size,
             has_more=has_more,
+            token_ttl_s=token_ttl_s,
         )
         return records
 

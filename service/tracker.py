@@ -36,6 +36,7 @@ from service.errors import (
 )
 from service.events import EventFactory, OutMessage, Publishable
 from service.kafka import canonical_partition
+from service.logs import Throttle
 from service.metrics import Metrics
 from service.policy import Policy, Poll
 from service.records import Page
@@ -84,6 +85,8 @@ class Tracker:
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(max_concurrent_polls)
         self.room = RecordBudget(settings.polling.max_records_in_flight, metrics.records_held)
+        # An API whose page tokens expire between polls has every poll's token refused.
+        self._token_rejections = Throttle()
         self._stopping = False
         self.unauthorized = False
         self._auth_ok = asyncio.Event()
@@ -366,8 +369,13 @@ class Tracker:
                     raise
                 # The page token is no longer valid: read again from the first page;
                 # what was published is recognised by its fingerprint and skipped.
-                log.warning("page_token_rejected", batch_id=poll.batch_id, restarts=poll.restarts)
                 self.metrics.invalid_input.labels("api", "page_token_rejected").inc()
+                held = self._token_rejections.admit("page_token_rejected")
+                fields = {"batch_id": poll.batch_id, "restarts": poll.restarts}
+                if held is None:
+                    log.debug("page_token_rejected", **fields)
+                else:
+                    log.warning("page_token_rejected", **fields, suppressed=held)
                 if not poll.token_rejected(b):
                     raise PageTokenRejected(str(exc.args[0]), status=400) from None
 

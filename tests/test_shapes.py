@@ -5,8 +5,9 @@ records in submission order while they finish in random order, so most of them
 appear behind the cursor of a poller that has already paged past their place;
 it may also omit ``total_processed`` or give a count that is wrong, serve pages of its
 own size whatever ``limit`` asks, say ``has_more`` on a full last page (an empty page
-then ends the list), hand out a page token that leads back to a page already read, or
-correct a record in place (same timestamp, another balance).
+then ends the list), hand out a page token that leads back to a page already read, let
+page tokens expire between polls, or correct a record in place (same timestamp, another
+balance).
 Every case reads the balances topic with read_committed: every record listed exactly
 once, and the lifecycle events say what happened, gaps included.
 """
@@ -280,3 +281,42 @@ async def test_a_record_corrected_in_place_is_a_new_event(
     assert versions[0]["timestamp"] == versions[1]["timestamp"]
     # In the order published (one key, one partition): the correction comes second.
     assert [v["balance"] for v in versions] == [format(b, "f") for b in (last.balance, balance)]
+
+
+@pytest.mark.parametrize("order", ["completion", "submission"])
+async def test_page_tokens_that_expire_between_polls(
+    kafka: str,
+    topics: Topics,
+    sim_server: SimServer,
+    reader: TopicReader,
+    start_service: Any,
+    order: str,
+) -> None:
+    """Every poll's stored token has expired: each poll reads again from the first page.
+
+    The pages say nothing of how long a token lives. Polls 0.2-0.4 s apart, tokens that
+    live 0.1 s: the cursor a poll resumes from is always refused, so the batch is read
+    from its first page every time, what was published is recognised, and one warning a
+    minute says so, not one per poll.
+    """
+    sim = sim_server.sim
+    batches = [str(uuid.uuid4()) for _ in range(2)]
+    for i, b in enumerate(batches):
+        sim.generate_batch(b, 450, spread_s=4.0, seed=95 + i, order=order, token_ttl_s=0.1)
+    with structlog.testing.capture_logs() as logs:
+        service = await start_service(RFP_POLLING__COMPLETE_AFTER_IDLE_S="2")
+        for b in batches:
+            await track(kafka, topics, b)
+        events = await final_events(reader, topics, batches, timeout=90)
+    assert_exactly_once(await reader.read_all(topics.balances), served_ids(sim, batches))
+    for b in batches:
+        (final,) = [e for e in events[b] if e["event"] != "tracking_started"]
+        assert (final["event"], final["records_published"]) == ("completed", 450)
+    rejected = service.metrics.registry.get_sample_value(
+        "rightfoot_poller_invalid_input_total", {"source": "api", "reason": "page_token_rejected"}
+    )
+    assert rejected is not None and rejected >= 10  # most polls met an expired token
+    warned = [
+        e for e in logs if e["event"] == "page_token_rejected" and e["log_level"] == "warning"
+    ]
+    assert len(warned) == 1, warned  # one cause, one line (a minute)

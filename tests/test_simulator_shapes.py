@@ -6,6 +6,7 @@
 * ``page_size`` and ``has_more="full_page"``: pages of the vendor's own size, whatever
   ``limit`` asks, and ``has_more`` on every full page (an empty page can end the list);
 * the ``token_loop_next`` fault: a page whose ``next_page_token`` leads back to itself;
+* ``token_ttl_s``: page tokens that expire;
 * lazy batches: a million records derived on demand, in a few seconds and a few MB.
 
 All pure (no Kafka), over real HTTP on loopback with an injected clock.
@@ -370,6 +371,9 @@ async def test_skew_applies_in_completion_order_and_to_malformed_pages(api: Api)
         {"page_size": 2.0},
         {"page_size": True},
         {"has_more": "always"},
+        {"token_ttl_s": 0},
+        {"token_ttl_s": -1.0},
+        {"token_ttl_s": True},
     ],
 )
 def test_bad_shapes_are_refused(options: dict[str, Any]) -> None:
@@ -436,6 +440,8 @@ async def test_control_api_makes_every_shape(api: Api) -> None:
         ("page_size", 0, "page_size must be an integer >= 1"),
         ("page_size", "7", "page_size must be of type int"),
         ("has_more", "always", "has_more must be one of 'exact', 'full_page'"),
+        ("token_ttl_s", 0, "token_ttl_s must be a number > 0"),
+        ("token_ttl_s", "5", "token_ttl_s must be a number > 0"),
     ],
 )
 async def test_control_api_refuses_bad_shapes(
@@ -707,3 +713,38 @@ async def test_a_token_loop_leads_back_to_the_page_just_served(api: Api, order: 
     assert api.sim.faults.token_loop_next == 0
     rest = await api.read_all(BATCH, third.token)  # spent: its token names the first page
     assert rest.ids == ids(api.sim.records_served(BATCH))
+
+
+# --------------------------------------------------------------------------- token lifetime
+
+
+@pytest.mark.parametrize("order", ["completion", "submission"])
+async def test_page_tokens_expire_after_token_ttl_s(api: Api, order: str) -> None:
+    api.sim.generate_batch(BATCH, 250, seed=5, order=order, token_ttl_s=30.0)
+    api.sim.generate_batch(OTHER, 250, seed=5, order=order)  # no lifetime: never expire
+    first = await api.page(BATCH)
+    other = await api.page(OTHER)
+    api.clock.advance(29.5)
+    second = await api.page(BATCH, first.token)  # still fresh
+    assert second.ids == ids(api.sim.records_served(BATCH))[100:200]
+    api.clock.advance(1.0)  # 30.5 s after the first token, 1 s after the second
+    status, text = await api.get(
+        "/v1/balances", {"batchId": BATCH, "limit": "100", "nextPageToken": first.token or ""}
+    )
+    assert (status, json.loads(text)["error"]["code"]) == (400, "INVALID_PAGE_TOKEN")
+    assert (await api.page(BATCH, second.token)).has_more is False
+    api.clock.advance(1_000.0)
+    assert len((await api.page(OTHER, other.token)).ids) == 100
+
+
+async def test_the_control_api_sets_a_token_lifetime(api: Api) -> None:
+    status, _ = await api.control(
+        "/_sim/batches", {"batch_id": BATCH, "count": 150, "token_ttl_s": 2}
+    )
+    assert status == 201
+    first = await api.page(BATCH)
+    api.clock.advance(3)
+    status, _ = await api.get(
+        "/v1/balances", {"batchId": BATCH, "limit": "100", "nextPageToken": first.token or ""}
+    )
+    assert status == 400
