@@ -18,7 +18,9 @@ A batch takes two kinds of record there, both on its partition:
 Batch IDs never contain ``/``, so the two kinds of key cannot collide. A batch
 that finishes for good tombstones its chunks. Summaries of versions 1 and 2
 carried the fingerprints inline; they are read as they are, and their
-fingerprints move into chunks with the batch's next commit.
+fingerprints move into chunks with the batch's next commit. Version 4 has the layout
+of version 3; it marks a batch whose event ids cover the record's content, which a
+version-3 reader would make differently (``FP_VERSION``).
 """
 
 from __future__ import annotations
