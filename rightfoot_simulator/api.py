@@ -202,7 +202,7 @@ async def _balances(request: web.Request) -> web.Response:
         )
         await _call_page_hook(request, sim.on_page_request, page_request)
         count = max(count, batch.visible_count(sim.clock()) or 0)  # records only appear
-    return _page_response(sim, batch, count, offset, limit)
+    return _page_response(sim, batch, count, offset, limit, token)
 
 
 def _listed_before(batch: _Batch, cursor: int | None) -> int | None:
@@ -243,16 +243,27 @@ def _token_offset(sim: Simulator, batch: _Batch, token: str) -> int | None:
 
 
 def _page_response(
-    sim: Simulator, batch: _Batch, total: int, offset: int | None, limit: int
+    sim: Simulator,
+    batch: _Batch,
+    total: int,
+    offset: int | None,
+    limit: int,
+    asked_with: str | None = None,
 ) -> web.Response:
-    """One page of the ``total`` visible records, after the page token's ``offset``."""
+    """One page of the ``total`` visible records, after the page token's ``offset``.
+
+    ``asked_with``: the request's page token, which a looping page hands back as it is.
+    """
     positions, cursor = batch.page(total, offset, limit)
     items = ",".join(_record_json(batch.record_at(i), i) for i in positions)
     if sim._take_token_loop(batch.batch_id):
-        cursor = batch.first_cursor() if offset is None else offset
-        log.debug("simulator page token loop", batch_id=batch.batch_id, cursor=cursor)
-    has_more = cursor is not None
-    token = None if cursor is None else sim._tokens.issue(batch.batch_id, cursor, sim.clock())
+        log.debug("simulator page token loop", batch_id=batch.batch_id, offset=offset)
+        if asked_with is None:  # the first page: a token for it, the same one every time
+            asked_with = sim._tokens.issue(batch.batch_id, batch.first_cursor())
+        token: str | None = asked_with
+    else:
+        token = None if cursor is None else sim._tokens.issue(batch.batch_id, cursor, sim.clock())
+    has_more = token is not None
     reported = batch.reported_total(total)
     kind = sim._take_malformed(batch.batch_id)
     if kind is None:

@@ -53,9 +53,10 @@ class Faults:
     malformed_next: int = 0
     #: The next N requests that carry a ``nextPageToken`` answer 400 INVALID_PAGE_TOKEN.
     reject_token_next: int = 0
-    #: The next N answers that would be a 200 page say ``has_more: true`` with a
-    #: ``next_page_token`` for the page just served (the first page for a request
-    #: without a token): a client that follows it reads the same page for ever.
+    #: The next N answers that would be a 200 page say ``has_more: true`` and hand back,
+    #: as ``next_page_token``, the token they were asked with (for the first page, one
+    #: token naming it, the same each time): a client that follows it reads the same
+    #: page for ever.
     token_loop_next: int = 0
     #: Restrict all faults to requests for this batch ID.
     only_batch: str | None = None
