@@ -159,7 +159,9 @@ async def test_network_faults_between_the_service_and_the_api_lose_and_repeat_no
     # each a warning once within the minute, every other failure at debug.
     failed = [e for e in logs if e["event"] == "poll_failed"]
     warned = [e for e in failed if e["log_level"] == "warning"]
-    assert len(failed) >= 4, failed
+    # _faults waits for 3 failed polls while answers are cut; the resets and timeouts may
+    # all be absorbed by retries within a poll, so 3 is what is certain (a run had 3).
+    assert len(failed) >= 3, failed
     assert len(warned) <= 2 and {e["suppressed"] for e in warned} == {0}, warned
     retried = [e for e in logs if e["event"] == "api_retry" and e["log_level"] == "info"]
     assert 1 <= len(retried) <= 2, retried
