@@ -22,7 +22,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from rightfoot_simulator.api import _SIM_KEY, EXPORT_CHUNK_BYTES
-from rightfoot_simulator.batches import HAS_MORE_MODES, ORDERS, TOTAL_PROCESSED_MODES
+from rightfoot_simulator.batches import ORDERS, TOTAL_PROCESSED_MODES
 from rightfoot_simulator.data import _record_control_json
 
 log = structlog.get_logger("rightfoot_simulator")
@@ -142,21 +142,10 @@ def _shape_options(body: Mapping[str, Any]) -> dict[str, Any]:
     skew = _optional(body, "count_skew", int)
     if skew is not None:
         options["count_skew"] = skew
-    page_size = _optional(body, "page_size", int)
-    if page_size is not None:
-        if page_size < 1:
-            raise _BadRequest("page_size must be an integer >= 1")
-        options["page_size"] = page_size
-    has_more = _optional(body, "has_more", str)
-    if has_more is not None:
-        if has_more not in HAS_MORE_MODES:
-            raise _BadRequest(f"has_more must be one of {', '.join(map(repr, HAS_MORE_MODES))}")
-        options["has_more"] = has_more
-    ttl = body.get("token_ttl_s")
-    if ttl is not None:
-        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not ttl > 0:
-            raise _BadRequest("token_ttl_s must be a number > 0")
-        options["token_ttl_s"] = float(ttl)
+    # Their values are checked where the batch is made (a ValueError there answers 400).
+    for name in ("page_size", "has_more", "token_ttl_s"):
+        if body.get(name) is not None:
+            options[name] = body[name]
     lazy = _optional(body, "lazy", bool)
     if lazy is not None:
         options["lazy"] = lazy

@@ -457,14 +457,16 @@ class Simulator:
         return None
 
     def _take_token_reject(self, batch_id: str) -> bool:
-        if self.faults.reject_token_next > 0 and self._in_scope([batch_id]):
-            self.faults.reject_token_next -= 1
-            return True
-        return False
+        return self._take_next("reject_token_next", batch_id)
 
     def _take_token_loop(self, batch_id: str) -> bool:
-        if self.faults.token_loop_next > 0 and self._in_scope([batch_id]):
-            self.faults.token_loop_next -= 1
+        return self._take_next("token_loop_next", batch_id)
+
+    def _take_next(self, counter: str, batch_id: str) -> bool:
+        """Whether this request gets the fault counted by ``counter`` (which goes down)."""
+        left = getattr(self.faults, counter)
+        if left > 0 and self._in_scope([batch_id]):
+            setattr(self.faults, counter, left - 1)
             return True
         return False
 

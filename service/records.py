@@ -74,10 +74,7 @@ def balance_event_id(
     ``null`` when there is none.
     """
     shown = "null" if balance is None else balance
-    sha = _event_id_base(batch_id)
-    sha.update(f"{authorizer_unique_id}\x1f{timestamp}\x1f{shown}\x1f{code}".encode())
-    h = sha.hexdigest()
-    return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
+    return _event_id(batch_id, f"{authorizer_unique_id}\x1f{timestamp}\x1f{shown}\x1f{code}")
 
 
 def timestamp_event_id(batch_id: str, authorizer_unique_id: str, timestamp: str) -> str:
@@ -85,8 +82,13 @@ def timestamp_event_id(batch_id: str, authorizer_unique_id: str, timestamp: str)
 
     Those batches keep it until they finish, so that what they published is recognised.
     """
+    return _event_id(batch_id, f"{authorizer_unique_id}\x1f{timestamp}")
+
+
+def _event_id(batch_id: str, rest: str) -> str:
+    """uuid5 of the batch's prefix and ``rest``, in the canonical form (see above)."""
     sha = _event_id_base(batch_id)
-    sha.update(f"{authorizer_unique_id}\x1f{timestamp}".encode())
+    sha.update(rest.encode())
     h = sha.hexdigest()
     return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
 

@@ -437,11 +437,11 @@ async def test_control_api_makes_every_shape(api: Api) -> None:
         ("count_skew", True, "count_skew must be of type int"),
         ("lazy", "yes", "lazy must be of type bool"),
         ("lazy", 1, "lazy must be of type bool"),
-        ("page_size", 0, "page_size must be an integer >= 1"),
-        ("page_size", "7", "page_size must be of type int"),
+        ("page_size", 0, "page_size must be an integer >= 1 (or null)"),
+        ("page_size", "7", "page_size must be an integer >= 1 (or null)"),
         ("has_more", "always", "has_more must be one of 'exact', 'full_page'"),
-        ("token_ttl_s", 0, "token_ttl_s must be a number > 0"),
-        ("token_ttl_s", "5", "token_ttl_s must be a number > 0"),
+        ("token_ttl_s", 0, "token_ttl_s must be a number > 0 (or null)"),
+        ("token_ttl_s", "5", "token_ttl_s must be a number > 0 (or null)"),
     ],
 )
 async def test_control_api_refuses_bad_shapes(
