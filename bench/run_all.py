@@ -1,8 +1,9 @@
 """``make bench``: throughput against the ceiling, scale, latency and big batches, on one broker.
 
 Runs ``bench/throughput.py``, ``bench/scale.py``, ``bench/latency.py``,
-``bench/big_batch.py`` and ``bench/value_format.py`` one after the other (each
-docstring says what it measures and how) against the broker at ``--bootstrap``,
+``bench/big_batch.py``, ``bench/value_format.py`` and ``bench/seen_memory.py`` (no
+broker) one after the other (each docstring says what it measures and how) against the
+broker at ``--bootstrap``,
 prints their figures, whether each performance target is met, and ends with one JSON
 line:
 
@@ -25,6 +26,11 @@ line:
                                 bytes written to the state topic per record (<= 32)
     big_batch_records_per_s     records / s from tracking to `completed` (records appear
                                 over 60 s, and the kill is included)
+    seen_peak_bytes_per_record  what a batch of 1,000,000 records remembers of what it
+                                published (bench/seen_memory.py): the heap's peak while it
+                                grows, bytes per record (<= 32)...
+    seen_restore_peak_bytes_per_record
+                                ...and while it is rebuilt from the state topic (<= 32)
     sweep_requests_per_record   100,000 records finishing out of order: sweep pages / records
                                 the sweeps found (sweep_pages, sweep_records, sweeps beside)
     json_bytes_per_event        a balance event's value with kafka.value_format json...
@@ -55,6 +61,7 @@ from typing import Any
 import big_batch
 import latency
 import scale
+import seen_memory
 import throughput
 import value_format
 
@@ -93,6 +100,8 @@ TARGETS: list[tuple[str, Callable[[float], bool], str]] = [
     ("big_batch_state_bytes_per_record", lambda v: v <= 32, "<= 32 B"),
     ("big_batch_peak_rss_mb", lambda v: v < 300, "< 300 MiB"),
     ("big_batch_resume_s", lambda v: v < 15, "< 15 s"),
+    ("seen_peak_bytes_per_record", lambda v: v <= 32, "<= 32 B"),
+    ("seen_restore_peak_bytes_per_record", lambda v: v <= 32, "<= 32 B"),
 ]
 
 
@@ -135,6 +144,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         workdir / "value_format",
     )
     print(value_format.summary_line(vf), flush=True)
+    sm = seen_memory.measure(20_000 if args.smoke else 1_000_000)
+    print(seen_memory.summary_line(sm), flush=True)
     big, ooo = bb["big"], bb["ooo"]
     return {
         "throughput_ratio": t["throughput_ratio"],
@@ -191,6 +202,12 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "json_sr_bytes_per_event": vf["json_sr_bytes_per_event"],
         "json_sr_cpu_s_per_million": vf["json_sr_cpu_s_per_million"],
         "json_sr_throughput_ratio": vf["json_sr_throughput_ratio"],
+        "seen_records": sm["records"],
+        "seen_publish_us_per_record": sm["publish_us_per_record"],
+        "seen_held_bytes_per_record": sm["publish_end_bytes_per_record"],
+        "seen_peak_bytes_per_record": sm["publish_peak_bytes_per_record"],
+        "seen_restore_us_per_record": sm["restore_us_per_record"],
+        "seen_restore_peak_bytes_per_record": sm["restore_peak_bytes_per_record"],
         "smoke": bool(args.smoke),
     }
 

@@ -1,52 +1,60 @@
 """What a batch has published, remembered compactly: one 64-bit fingerprint per event.
 
-A batch may have a million records, and every replica may hold thousands of
+A batch may have millions of records, and every replica may hold thousands of
 batches, so a plain ``set`` of ints (about 60 bytes a record) is too dear. A
-``SeenSet`` keeps a sorted ``array('Q')`` (8 bytes a record) and a small set of
-recent additions; the recent ones are merged into the array once they pass an
-eighth of it, so memory stays near 8 to 16 bytes a record and the merges cost
-O(n) amortised per record added.
+``SeenSet`` keeps its fingerprints in sorted buckets, each an ``array('Q')`` (8 bytes
+a record) of at most ``BUCKET_MAX`` values covering one range, and a small set of
+recent additions. The recent ones are merged into the buckets once they pass an
+eighth of what is stored, a bucket at a time, and a bucket that grows too large is
+cut in two: memory stays near 8 to 16 bytes a record, the merges cost O(1) amortised
+per record added, and no step ever copies the whole set (neither a merge nor a
+rebuild from the state topic), so nothing holds more than one bucket's worth of
+Python ints at once, whatever the size of the batch.
 """
 
 from __future__ import annotations
 
 from array import array
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator
 
-# Recent additions kept in the set before the first merge, whatever the array's size.
+# Recent additions kept in the set before the first merge, whatever is stored.
 MERGE_MIN = 1024
+# The most fingerprints in one bucket: a fuller one is cut into halves of this size.
+BUCKET_MAX = 4096
 
 
 class SeenSet:
-    """A set of 64-bit fingerprints that only grows."""
+    """A set of 64-bit fingerprints that only grows.
 
-    __slots__ = ("recent", "sorted")
+    ``buckets[j]`` holds, sorted, the stored values from ``firsts[j]`` up to (not
+    including) ``firsts[j + 1]``; ``firsts[0]`` is 0.
+    """
+
+    __slots__ = ("buckets", "firsts", "recent", "stored")
 
     def __init__(self, values: Iterable[int] = ()) -> None:
-        ordered = sorted(values)
-        if len(ordered) > MERGE_MIN:
-            # A value stored twice (a restore that read it from two chunks) is harmless.
-            self.sorted: array[int] = array("Q", ordered)
-            self.recent: set[int] = set()
-        else:
-            self.sorted = array("Q")
-            self.recent = set(ordered)
+        self.buckets: list[array[int]] = []
+        self.firsts: list[int] = []
+        self.recent: set[int] = set()
+        self.stored = 0
+        self.update(values)
 
     def __contains__(self, value: object) -> bool:
         if value in self.recent:
             return True
-        a = self.sorted
-        if not a or not isinstance(value, int):
+        if not self.buckets or type(value) is not int:
             return False
-        i = bisect_left(a, value)
-        return i < len(a) and a[i] == value
+        bucket = self.buckets[bisect_right(self.firsts, value) - 1]
+        i = bisect_left(bucket, value)
+        return i < len(bucket) and bucket[i] == value
 
     def __len__(self) -> int:
-        return len(self.sorted) + len(self.recent)
+        return self.stored + len(self.recent)
 
     def __iter__(self) -> Iterator[int]:
-        yield from self.sorted
+        for bucket in self.buckets:
+            yield from bucket
         yield from self.recent
 
     def __eq__(self, other: object) -> bool:
@@ -62,15 +70,52 @@ class SeenSet:
         return f"SeenSet({len(self)} fingerprints)"
 
     def update(self, values: Iterable[int]) -> None:
-        """Add fingerprints that are not yet in the set (the caller checked each one)."""
-        self.recent.update(values)
-        if len(self.recent) > MERGE_MIN + len(self.sorted) // 8:
-            self._merge()
+        """Add fingerprints that are not yet in the set (the caller checked each one).
+
+        ``values`` may be large (a batch's chunks, read back from the state topic): it
+        is taken in slices, merged as they come. A value given twice is stored twice,
+        which costs its 8 bytes and nothing else.
+        """
+        if not isinstance(values, list | array | tuple):
+            values = list(values)
+        recent, start = self.recent, 0
+        while start < len(values):
+            room = MERGE_MIN + self.stored // 8 + 1 - len(recent)
+            # Through a set: a set grows its table by half the room a value at a time does.
+            recent.update(set(values[start : start + room]))
+            start += room
+            if len(recent) > MERGE_MIN + self.stored // 8:
+                self._merge()
+                recent = self.recent
 
     def _merge(self) -> None:
-        # Two sorted runs: timsort merges them in one linear pass.
-        merged = self.sorted.tolist()
-        merged.extend(sorted(self.recent))
-        merged.sort()
-        self.sorted = array("Q", merged)
+        new = sorted(self.recent)
         self.recent = set()
+        if not self.buckets:
+            self.buckets, self.firsts = [array("Q")], [0]
+        buckets, firsts = self.buckets, self.firsts
+        out_buckets: list[array[int]] = []
+        out_firsts: list[int] = []
+        lo = 0
+        last = len(buckets) - 1
+        for j, bucket in enumerate(buckets):
+            hi = len(new) if j == last else bisect_left(new, firsts[j + 1], lo)
+            if hi == lo:
+                out_buckets.append(bucket)
+                out_firsts.append(firsts[j])
+                continue
+            # Two sorted runs: timsort merges them in one linear pass.
+            merged = bucket.tolist()
+            merged.extend(new[lo:hi])
+            merged.sort()
+            lo = hi
+            if len(merged) <= BUCKET_MAX:
+                out_buckets.append(array("Q", merged))
+                out_firsts.append(firsts[j])
+                continue
+            half = BUCKET_MAX // 2
+            for start in range(0, len(merged), half):
+                out_buckets.append(array("Q", merged[start : start + half]))
+                out_firsts.append(firsts[j] if start == 0 else merged[start])
+        self.buckets, self.firsts = out_buckets, out_firsts
+        self.stored += len(new)

@@ -381,16 +381,15 @@ class StateRestore:
 
 
 def _load_chunks(state: BatchState, chunks: dict[int, bytes]) -> None:
+    """Put a batch's chunks into its seen set, one at a time (each freed once taken)."""
     if not chunks:
         return
-    arrays = {n: decode_chunk(v) for n, v in chunks.items()}
-    every = array("Q", state.seen)
-    for arr in arrays.values():
-        every.extend(arr)
-    state.seen = SeenSet(every)
-    last = max(arrays)
+    last = max(chunks)
     log = state.chunks
-    log.open_seq = last
-    log.open = arrays[last]
+    for seq in sorted(chunks):
+        fps = decode_chunk(chunks.pop(seq))
+        state.seen.update(fps)
+        if seq == last:
+            log.open_seq, log.open = last, fps
     if len(log.open) >= CHUNK_FPS:
         log.open_seq, log.open = last + 1, array("Q")

@@ -7,7 +7,7 @@ earlier in the same poll.
 
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -86,16 +86,17 @@ def collect(
             if _first_sight(b, pending, rec.event_id):
                 append(rec)
     else:
-        recent, remembered = b.seen.recent, b.seen.sorted  # SeenSet.__contains__, inlined
-        n = len(remembered)
+        seen = b.seen  # SeenSet.__contains__, inlined
+        recent, buckets, firsts = seen.recent, seen.buckets, seen.firsts
         for rec in records:
             eid = rec.event_id
             d = int(eid[19:23] + eid[24:], 16)  # records.fingerprint, inlined
             if d in recent or d in fresh:
                 continue
-            if n:
-                i = bisect_left(remembered, d)
-                if i < n and remembered[i] == d:
+            if buckets:
+                bucket = buckets[bisect_right(firsts, d) - 1]
+                i = bisect_left(bucket, d)
+                if i < len(bucket) and bucket[i] == d:
                     continue
             fresh.add(d)
             append(rec)

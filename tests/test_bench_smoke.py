@@ -42,6 +42,11 @@ POSITIVE = (
     "json_bytes_per_event",
     "json_sr_bytes_per_event",
     "json_sr_throughput_ratio",
+    "seen_publish_us_per_record",
+    "seen_held_bytes_per_record",
+    "seen_peak_bytes_per_record",
+    "seen_restore_us_per_record",
+    "seen_restore_peak_bytes_per_record",
 )
 NOT_NEGATIVE = (
     "scale_p99_lateness_s",
@@ -80,4 +85,5 @@ def test_bench_smoke(kafka: str) -> None:
     assert result["big_batch_records"] == 20_000
     assert 0 < result["big_batch_killed_at_published"] < 20_000
     assert result["ooo_records"] == 5_000
+    assert result["seen_records"] == 20_000
     assert result["smoke"] is True

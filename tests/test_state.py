@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import random
+import tracemalloc
 from array import array
 from pathlib import Path
 
@@ -173,6 +174,34 @@ def test_fingerprints_accumulate_across_commits_and_restores() -> None:
     # What compaction keeps restores the same.
     topic.log = topic.compacted()
     assert topic.restore(1)["big"].seen == everything
+
+
+def test_a_restore_holds_no_python_int_per_fingerprint() -> None:
+    # 300,000 fingerprints in chunks, read back: the seen set is built a chunk at a
+    # time (each chunk's bytes let go once taken), never from one list of them all.
+    rng = random.Random(11)
+    state = BatchState(batch_id="big", partition=1, tracked_at=1.0)
+    everything = [rng.getrandbits(64) for _ in range(300_000)]
+    for start in range(0, len(everything), 5000):
+        state.remember(everything[start : start + 5000])
+    topic = Topic()
+    topic.write(state)
+    topic.log = topic.compacted()
+    del state
+    restore = StateRestore(1)
+    for key, value in topic.log:
+        restore.apply(key, value)
+    topic.log.clear()  # the restore holds the only copy of the chunks, as when reading
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        batches = restore.batches(lambda b, e: None)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    seen = batches["big"].seen
+    assert len(seen) == len(everything) and all(v in seen for v in everything[::997])
+    assert (peak - before) / len(everything) <= 24
 
 
 def test_every_record_is_bounded_whatever_the_commit_size() -> None:
