@@ -68,6 +68,7 @@ class _Batch:
 
     def __init__(self, published: int, rng: random.Random) -> None:
         self.fingerprint = fingerprint
+        self.tracks_authorizers = True  # a batch of this release: its authorizers are kept
         self.seen = SeenSet(rng.getrandbits(64) for _ in range(published))
 
 

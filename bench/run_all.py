@@ -27,10 +27,12 @@ line:
     big_batch_records_per_s     records / s from tracking to `completed` (records appear
                                 over 60 s, and the kill is included)
     seen_peak_bytes_per_record  what a batch of 1,000,000 records remembers of what it
-                                published (bench/seen_memory.py): the heap's peak while it
-                                grows, bytes per record (<= 32)...
+                                published, two 8-byte fingerprints a record
+                                (bench/seen_memory.py): the heap's peak while it grows,
+                                bytes per record (<= 64: never a Python int, some 40
+                                bytes, per fingerprint at once)...
     seen_restore_peak_bytes_per_record
-                                ...and while it is rebuilt from the state topic (<= 32)
+                                ...and while it is rebuilt from the state topic (<= 64)
     sweep_requests_per_record   100,000 records finishing out of order: sweep pages / records
                                 the sweeps found (sweep_pages, sweep_records, sweeps beside)
     json_bytes_per_event        a balance event's value with kafka.value_format json...
@@ -100,8 +102,8 @@ TARGETS: list[tuple[str, Callable[[float], bool], str]] = [
     ("big_batch_state_bytes_per_record", lambda v: v <= 32, "<= 32 B"),
     ("big_batch_peak_rss_mb", lambda v: v < 300, "< 300 MiB"),
     ("big_batch_resume_s", lambda v: v < 15, "< 15 s"),
-    ("seen_peak_bytes_per_record", lambda v: v <= 32, "<= 32 B"),
-    ("seen_restore_peak_bytes_per_record", lambda v: v <= 32, "<= 32 B"),
+    ("seen_peak_bytes_per_record", lambda v: v <= 64, "<= 64 B"),
+    ("seen_restore_peak_bytes_per_record", lambda v: v <= 64, "<= 64 B"),
 ]
 
 

@@ -1,22 +1,23 @@
 """Memory and time of what a batch remembers of what it published, as the batch grows.
 
-A tracked batch keeps one 64-bit fingerprint per record it published
-(``service.seen.SeenSet``), and a replica rebuilds it from the state topic's chunks
-when it takes the batch over (``service.state.StateRestore``). Both are timed and
-weighed here, alone (no broker, no network), for batches of ``--sizes`` records:
+A tracked batch keeps two 64-bit fingerprints per record it published, its event's
+and its authorizer's (``service.seen.SeenSet``), and a replica rebuilds them from the
+state topic's chunks when it takes the batch over (``service.state.StateRestore``).
+Both are timed and weighed here, alone (no broker, no network), for batches of
+``--sizes`` records:
 
-- ``publish``: the fingerprints arrive as a poll commits them, a page of 100 at a
-  time (``BatchState.remember``: into the seen set and the chunk log, the chunks
-  written out as a commit writes them); each record is first looked up as
-  ``step.collect`` does. Figures: µs per record, the Python heap at the end (bytes
-  per record) and its peak at any moment (bytes per record).
+- ``publish``: the records arrive as polls read and commit them, a page of 100 at a
+  time: ``step.collect`` (each record looked up), then what a commit keeps
+  (``BatchState.remember``: into the seen set and the chunk log, the chunks written
+  out). Figures: µs per record in those steps (not in making the records), the Python
+  heap at the end (bytes per record) and its peak at any moment (bytes per record).
 - ``restore``: the batch's summary and chunks, as read from the state topic, rebuilt
   into a ``BatchState``. Figures: µs per record and the heap's peak during the
   rebuild, over what the chunk bytes themselves take (bytes per record).
 
 Memory is the Python heap as ``tracemalloc`` counts it (arrays' buffers included),
-measured in a run apart from the timed one. The fingerprints are those of real event
-ids (uniform, from SHA-1). Prints a line per size, then one JSON line.
+measured in a run apart from the timed one. The records' event ids are real ones
+(uniform, from SHA-1). Prints a line per size, then one JSON line.
 
     uv run python bench/seen_memory.py [--sizes 100000,1000000,3000000]
 """
@@ -26,44 +27,51 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import sys
 import time
 import tracemalloc
 from collections.abc import Sequence
 from typing import Any
 
-from service.records import fingerprint
+from service.records import BalanceRecord, balance_event_id, fingerprint
 from service.state import BatchState, StateRestore, chunk_key, encode_state
+from service.step import Pending, collect
 
 BATCH_ID = "4c1f6a3e-2b7d-4f0e-9a51-6c2f1e0b7d11"
 PAGE = 100
 
 
-def _fingerprints(n: int) -> list[int]:
-    # The last 64 bits of random version-5 UUIDs: what fingerprint() takes from an event id.
+def _page(start: int, n: int) -> list[BalanceRecord]:
+    """Records ``start`` .. of a batch of ``n``, as a page of the API gives them."""
     out = []
-    for _ in range(n):
-        h = os.urandom(16).hex()
-        variant = "89ab"[int(h[16], 16) % 4]
-        out.append(fingerprint(f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{variant}{h[17:20]}-{h[20:32]}"))
+    for i in range(start, min(start + PAGE, n)):
+        uid, ts, balance = f"{i:08d}", "2026-11-28T10:00:00Z", f"{i}.25"
+        out.append(
+            BalanceRecord(uid, balance, 0, ts, balance_event_id(BATCH_ID, uid, ts, balance, 0))
+        )
     return out
 
 
-def _publish(fps: list[int], keep: bool = True) -> tuple[BatchState, dict[int, bytes]]:
-    """The batch after publishing every fingerprint; with ``keep``, the chunks as the
-    compacted state topic keeps them (the last value of each)."""
+def _publish(n: int, keep: bool = True) -> tuple[BatchState, dict[int, bytes], float]:
+    """The batch after publishing ``n`` records a page at a time, as a poll commits them:
+    ``collect`` then what ``Policy.commit`` keeps; with ``keep``, the chunks as the
+    compacted state topic keeps them (the last value of each). Also the seconds spent
+    in those (not in making the records)."""
     state = BatchState(batch_id=BATCH_ID, partition=0)
     chunks: dict[int, bytes] = {}
-    for start in range(0, len(fps), PAGE):
-        page = fps[start : start + PAGE]
-        fresh = [d for d in page if d not in state.seen]
-        state.remember(fresh)
-        state.published += len(fresh)
+    spent = 0.0
+    for start in range(0, n, PAGE):
+        page = _page(start, n)
+        began = time.perf_counter()
+        pending = Pending()
+        collect(state, page, [], pending)
+        state.remember(pending.digests)
+        state.published += len(pending.records)
         written = state.chunks.flush()
+        spent += time.perf_counter() - began
         if keep:
             chunks.update(written)
-    return state, chunks
+    return state, chunks, spent
 
 
 def _restore(summary: bytes, chunks: dict[int, bytes]) -> BatchState:
@@ -76,25 +84,25 @@ def _restore(summary: bytes, chunks: dict[int, bytes]) -> BatchState:
 
 
 def measure(n: int) -> dict[str, Any]:
-    fps = _fingerprints(n)
     gc.collect()
-    started = time.perf_counter()
-    state, chunks = _publish(fps)
-    publish_s = time.perf_counter() - started
-    assert len(state.seen) == n, "every fingerprint remembered"
+    state, chunks, publish_s = _publish(n)
+    assert state.published == n and state.records_seen == n
+    assert len(state.seen) == 2 * n, "each record's event and authorizer remembered"
     summary = encode_state(state)
     del state
     gc.collect()
     started = time.perf_counter()
     restored = _restore(summary, chunks)
     restore_s = time.perf_counter() - started
-    assert len(restored.seen) == n and all(d in restored.seen for d in fps[:: max(1, n // 1000)])
+    sample = [r for start in range(0, n, max(PAGE, n // 10)) for r in _page(start, n)]
+    assert len(restored.seen) == 2 * n
+    assert all(fingerprint(r.event_id) in restored.seen for r in sample)
     del restored
     gc.collect()
 
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
-    state, _ = _publish(fps, keep=False)
+    state, _, _ = _publish(n, keep=False)
     end = tracemalloc.get_traced_memory()[0]
     peak = tracemalloc.get_traced_memory()[1]
     del state

@@ -237,6 +237,12 @@ class Metrics:
             "Records found by sweeps: listed behind the cursor after it had passed them.",
             registry=r,
         )
+        self.records_relisted = Counter(
+            f"{PREFIX}_records_relisted",
+            "Balance events of records the API listed again with new content (a correction "
+            "in place, or a record listed twice): published, not counted as new records.",
+            registry=r,
+        )
         self.sweep_pages = Counter(
             f"{PREFIX}_sweep_pages",
             "Pages read by sweeps (each one API request that succeeded).",

@@ -168,7 +168,7 @@ class Policy:
     def sweep_due(self, b: BatchState, pending: Pending, total: int | None, now: float) -> bool:
         """Whether a poll that reached the end should read the batch again from page 1."""
         if total is not None:
-            if total <= b.records_seen + pending.size:
+            if total <= b.records_seen + pending.new_records:
                 return False  # nothing missing by the count (a smaller count: see README)
             return b.next_sweep_at is None or now >= b.next_sweep_at
         # No count: only a full read can tell what was listed behind the cursor. One runs
@@ -194,7 +194,7 @@ class Policy:
         updates: dict[str, object] = {"total_processed": total}
         if full is None:
             return updates, None
-        seen = b.records_seen + pending.size
+        seen = b.records_seen + pending.new_records
         found = seen - full.seen_before
         behind = 0 if total is None else total - seen
         # A poll that began at the first page (a batch of one page, a new batch) is a full
@@ -229,7 +229,7 @@ class Policy:
         the API's count; when the API gives no count, once a full read of the batch
         after the last new record found nothing more.
         """
-        seen = b.records_seen + pending.size
+        seen = b.records_seen + pending.new_records
         total = cast(int | None, updates.get("total_processed", b.total_processed))
         if b.expected_count is not None:
             if seen >= b.expected_count:
@@ -282,6 +282,7 @@ class Policy:
             cursor=cursor,
             published=b.published + len(pending.records),
             dead_lettered=b.dead_lettered + len(pending.invalid),
+            relisted=b.relisted + pending.relisted,
             counts=dict(counts),
             last_new_at=now if pending.size else b.last_new_at,
             last_poll_at=now,
@@ -297,6 +298,7 @@ class Policy:
             save=True,
             records=pending.records,
             invalid=pending.invalid,
+            relisted=pending.relisted,
             counts=new_counts,
         )
         if outcome is not None:
@@ -403,7 +405,7 @@ class Poll:
         self.token = None
         self._loop_watch(None)
         if self.full is None:
-            self.full = _FullRead(False, b.records_seen + self.pending.size)
+            self.full = _FullRead(False, b.records_seen + self.pending.new_records)
         return True
 
     def _loop_watch(self, token: str | None) -> None:
@@ -445,10 +447,10 @@ class Poll:
             full.pages += 1
         if not sweeping:
             self.cursor = used if last else self.token
-        elif total is not None and b.records_seen + self.pending.size >= total:
+        elif total is not None and b.records_seen + self.pending.new_records >= total:
             return True  # the sweep found every record the count says exists
         if last and full is None and self.policy.sweep_due(b, self.pending, total, now):
-            self.full = _FullRead(True, b.records_seen + self.pending.size)
+            self.full = _FullRead(True, b.records_seen + self.pending.new_records)
             self.token = None
             self._loop_watch(None)
             return False

@@ -9,7 +9,9 @@ A batch takes two kinds of record there, both on its partition:
 - its **summary**, key ``<batch_id>``: a small JSON document (cursor, counts,
   status, sweep schedule), rewritten by every commit;
 - its **fingerprint chunks**, key ``<batch_id>/fp/<n>``: the 64-bit fingerprints
-  of the events it published, 8 bytes each, at most ``CHUNK_FPS`` to a chunk.
+  of the events it published (and from version 5 of their authorizers, the two
+  kinds told apart by their top bits), 8 bytes each, at most ``CHUNK_FPS`` to a
+  chunk.
   Only the newest chunk is open: a commit rewrites it with the new
   fingerprints, and it is sealed once it is full or has been written
   ``CHUNK_MAX_WRITES`` times. So a commit writes O(new records) plus at most
@@ -20,7 +22,10 @@ that finishes for good tombstones its chunks. Summaries of versions 1 and 2
 carried the fingerprints inline; they are read as they are, and their
 fingerprints move into chunks with the batch's next commit. Version 4 has the layout
 of version 3; it marks a batch whose event ids cover the record's content, which a
-version-3 reader would make differently (``FP_VERSION``).
+version-3 reader would make differently (``FP_VERSION``). Version 5 has it too; it
+marks a batch whose seen set holds its authorizers and whose summary counts the
+events of records listed again (``relisted``), whose records a version-4 reader
+would count wrongly.
 """
 
 from __future__ import annotations
@@ -44,15 +49,18 @@ FINAL: frozenset[str] = frozenset({"completed", "expired", "failed", "stopped"})
 # A re-track request resumes these; completed and expired batches are done for good.
 RESUMABLE: frozenset[str] = frozenset({"failed", "stopped"})
 
-# 4: summary and fingerprint chunks, event ids of the record's content; 3: the same
+# 5: as 4, and the seen set holds the authorizers too (fp 4); 4: summary and fingerprint
+# chunks, event ids of the record's content; 3: the same
 # layout, event ids without the content; 2 and 1: one record, fingerprints inline.
-STATE_VERSION = 4
+STATE_VERSION = 5
 # What a batch's fingerprints are made of, stored as ``fp``:
+# 4: as 3, plus records.authorizer_fingerprint of the authorizer of every event published,
+#    with ``relisted`` counting the events whose authorizer had one already (version 5);
 # 3: records.fingerprint of records.balance_event_id (batches first stored by version 4);
 # 2: records.fingerprint of records.timestamp_event_id (versions 2 and 3);
 # 1: records.legacy_fingerprint of records.timestamp_event_id (version 1).
 # A batch keeps its kind until it finishes, so that what it published is recognised.
-FP_VERSION = 3
+FP_VERSION = 4
 
 # The largest message the service produces, and the state topic's max.message.bytes:
 # the producer refuses anything larger before it reaches a broker.
@@ -164,6 +172,7 @@ class BatchState:
     cursor: str | None = None  # page token of the page to read next (None: the first page)
     published: int = 0  # balance events
     dead_lettered: int = 0  # records sent to the DLQ
+    relisted: int = 0  # balance events of an authorizer that had one already (fp 4 only)
     counts: dict[str, int] = field(default_factory=dict)
     seen: SeenSet = field(default_factory=SeenSet)  # fingerprints of every event published
     seen_version: int = FP_VERSION  # the fingerprint function ``seen`` was made with
@@ -194,8 +203,15 @@ class BatchState:
         return self.seen_version >= 3
 
     @property
+    def tracks_authorizers(self) -> bool:
+        """Whether ``seen`` holds the authorizers too and ``relisted`` counts (``fp`` 4)."""
+        return self.seen_version >= 4
+
+    @property
     def records_seen(self) -> int:
-        return self.published + self.dead_lettered
+        """Records as the API counts them (``total_processed``, ``expected_count``): one
+        per authorizer, however many events its record was published as."""
+        return self.published + self.dead_lettered - self.relisted
 
     @property
     def records_behind(self) -> int:
@@ -232,6 +248,7 @@ class StateSummary(BaseModel):
     cursor: str | None = None
     published: int = Field(ge=0)
     dead_lettered: int = Field(default=0, ge=0)
+    relisted: int = Field(default=0, ge=0)
     counts: dict[str, int] = Field(default_factory=dict)
     seen: str = ""  # versions 1 and 2 only
     last_new_at: float | None = None
@@ -251,9 +268,11 @@ def encode_state(state: BatchState) -> bytes:
     if reason is not None and len(reason) > MAX_REASON_CHARS:
         reason = reason[: MAX_REASON_CHARS - 1] + "…"
     doc: dict[str, Any] = {
-        # A batch whose ids a version-3 reader would make differently is written as 4, which
-        # that reader leaves alone; the others stay readable by it (a rollback).
-        "v": STATE_VERSION if state.content_ids else 3,
+        # Each batch is written as the oldest version that reads it right, which older
+        # readers leave alone: one whose seen set holds its authorizers as 5 (a version-4
+        # reader would count its events as records), one whose ids a version-3 reader
+        # would make differently as 4; the others stay readable by both (a rollback).
+        "v": STATE_VERSION if state.tracks_authorizers else 4 if state.content_ids else 3,
         "fp": state.seen_version,
         "batch_id": state.batch_id,
         "expected_count": state.expected_count,
@@ -263,6 +282,7 @@ def encode_state(state: BatchState) -> bytes:
         "cursor": state.cursor,
         "published": state.published,
         "dead_lettered": state.dead_lettered,
+        "relisted": state.relisted,
         "counts": state.counts,
         "last_new_at": state.last_new_at,
         "last_poll_at": state.last_poll_at,
@@ -321,6 +341,7 @@ def decode_state(value: bytes, partition: int) -> BatchState:
         cursor=doc.cursor,
         published=doc.published,
         dead_lettered=doc.dead_lettered,
+        relisted=doc.relisted if (doc.fp or 0) >= 4 else 0,
         counts=dict(doc.counts),
         seen=SeenSet(inline),
         seen_version=1 if doc.v == 1 else doc.fp or 2,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from collections import Counter
 from dataclasses import dataclass, field
+from hashlib import blake2b
 
 from service.records import BalanceRecord, InvalidRecord, fingerprint
 from service.state import BatchState
@@ -37,6 +38,7 @@ class Step:
     lifecycle: str | None = None  # a lifecycle event to publish (tracking_started, completed...)
     records: list[BalanceRecord] = field(default_factory=list)  # new: publish as events
     invalid: list[InvalidRecord] = field(default_factory=list)  # new: dead-letter
+    relisted: int = 0  # of ``records``: those of an authorizer the batch had already
     counts: Counter[str] = field(default_factory=Counter)  # new records per status name
     poll_in: float | None = None  # delay to the next poll, from this poll's due time
     sweep: SweepReport | None = None
@@ -54,16 +56,24 @@ class Step:
 class Pending:
     """What one poll has read and not yet committed."""
 
-    __slots__ = ("digests", "invalid", "records")
+    __slots__ = ("digests", "invalid", "records", "relisted")
 
     def __init__(self) -> None:
         self.records: list[BalanceRecord] = []
         self.invalid: list[InvalidRecord] = []
+        # Fingerprints to remember: of the new events, and of their authorizers.
         self.digests: set[int] = set()
+        self.relisted = 0  # of ``records``: those whose authorizer the batch had already
 
     @property
     def size(self) -> int:
+        """New events: balance events and dead letters."""
         return len(self.records) + len(self.invalid)
+
+    @property
+    def new_records(self) -> int:
+        """New records as the API counts them (authorizers): events less those relisted."""
+        return len(self.records) + len(self.invalid) - self.relisted
 
 
 def _first_sight(b: BatchState, pending: Pending, event_id: str) -> bool:
@@ -73,6 +83,45 @@ def _first_sight(b: BatchState, pending: Pending, event_id: str) -> bool:
         return False
     pending.digests.add(d)
     return True
+
+
+def _collect_with_authorizers(
+    b: BatchState, records: list[BalanceRecord], pending: Pending
+) -> None:
+    """``collect`` for a batch whose seen set holds the authorizers of its events too.
+
+    The authorizer is looked up first: one the batch never had cannot have an event
+    published either, so for a new record (the common case) that one lookup is all.
+    One it had is looked up again by event: a known event is skipped, a new one is a
+    record listed again with new content (``relisted``).
+    """
+    fresh, append = pending.digests, pending.records.append
+    recent, buckets, firsts = b.seen.recent, b.seen.buckets, b.seen.firsts
+    relisted, from_bytes = 0, int.from_bytes
+    for rec in records:
+        eid = rec.event_id
+        # records.authorizer_fingerprint and records.fingerprint, inlined
+        a = from_bytes(blake2b(rec.authorizer_unique_id.encode(), digest_size=8).digest()) >> 2
+        d = int(eid[19:23] + eid[24:], 16)
+        known = a in recent or a in fresh
+        if not known and buckets:  # SeenSet.__contains__, inlined
+            bucket = buckets[bisect_right(firsts, a) - 1]
+            i = bisect_left(bucket, a)
+            known = i < len(bucket) and bucket[i] == a
+        if known:
+            if d in recent or d in fresh:
+                continue
+            if buckets:
+                bucket = buckets[bisect_right(firsts, d) - 1]
+                i = bisect_left(bucket, d)
+                if i < len(bucket) and bucket[i] == d:
+                    continue
+            relisted += 1
+        else:
+            fresh.add(a)
+        fresh.add(d)
+        append(rec)
+    pending.relisted += relisted
 
 
 def collect(
@@ -85,15 +134,16 @@ def collect(
         for rec in records:
             if _first_sight(b, pending, rec.event_id):
                 append(rec)
+    elif b.tracks_authorizers:
+        _collect_with_authorizers(b, records, pending)
     else:
-        seen = b.seen  # SeenSet.__contains__, inlined
-        recent, buckets, firsts = seen.recent, seen.buckets, seen.firsts
+        recent, buckets, firsts = b.seen.recent, b.seen.buckets, b.seen.firsts
         for rec in records:
             eid = rec.event_id
             d = int(eid[19:23] + eid[24:], 16)  # records.fingerprint, inlined
             if d in recent or d in fresh:
                 continue
-            if buckets:
+            if buckets:  # SeenSet.__contains__, inlined
                 bucket = buckets[bisect_right(firsts, d) - 1]
                 i = bisect_left(bucket, d)
                 if i < len(bucket) and bucket[i] == d:

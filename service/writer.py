@@ -58,6 +58,8 @@ class StepWriter:
             self.metrics.records_published.labels(status).inc(n)
         for reason, n in Counter(bad.reason for bad in step.invalid).items():
             self.metrics.dlq_records.labels(reason).inc(n)
+        if step.relisted:
+            self.metrics.records_relisted.inc(step.relisted)
         if step.finished:
             b = step.state
             self.metrics.batches_finished.labels(b.status).inc()
@@ -68,6 +70,7 @@ class StepWriter:
                 reason=b.reason,
                 records=b.published,
                 dead_lettered=b.dead_lettered,
+                relisted=b.relisted,
             )
 
     def poll_failed(self, step: Step, exc: ApiError) -> None:

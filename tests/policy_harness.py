@@ -38,6 +38,13 @@ class Vendor:
     def insert(self, position: int, rec: BalanceRecord) -> None:
         self.records.insert(min(position, len(self.records)), rec)
 
+    def amend(self, position: int) -> None:
+        """The record at ``position`` corrected in place: same authorizer, new content."""
+        uid, balance, code, ts, _ = self.records[position]
+        balance = f"{balance}1"
+        event_id = balance_event_id(BATCH, uid, ts, balance, code)
+        self.records[position] = BalanceRecord(uid, balance, code, ts, event_id)
+
     def page(self, token: str | None) -> Page:
         start = 0 if token is None else int(token[1:])
         end = start + self.page_size
@@ -78,16 +85,20 @@ class Driver:
     lifecycle: list[str] = field(default_factory=list)
     saved: list[BatchState] = field(default_factory=list)  # every state written
     listed_at_completion: list[str] | None = None  # the vendor's event ids when it completed
+    authorizers: set[str] = field(default_factory=set)  # of the balance events
+    authorizers_at_completion: set[str] | None = None  # the vendor's, when it completed
 
     def apply(self, step: Step | None) -> Step | None:
         if step is None:
             return None
         self.state = step.state
         self.emitted += [r.event_id for r in step.records]
+        self.authorizers.update(r.authorizer_unique_id for r in step.records)
         if step.lifecycle:
             self.lifecycle.append(step.lifecycle)
         if step.lifecycle == "completed":
             self.listed_at_completion = [r.event_id for r in self.vendor.records]
+            self.authorizers_at_completion = {r.authorizer_unique_id for r in self.vendor.records}
         if step.save:
             self.saved.append(step.state)
         return step

@@ -44,6 +44,7 @@ COUNTERS = frozenset(
         "rightfoot_poller_polls_total",
         "rightfoot_poller_sweeps_total",
         "rightfoot_poller_sweep_records_total",
+        "rightfoot_poller_records_relisted_total",
     }
 )
 GAUGES = frozenset(

@@ -1,42 +1,59 @@
 """``step.collect``: a page's records go on only if the batch has not published them.
 
-The hot path looks a fingerprint up in the seen set itself (``SeenSet.__contains__``
+The hot path looks fingerprints up in the seen set itself (``SeenSet.__contains__``
 inlined): here against sets small enough to be all recent additions and large
-enough to be mostly in sorted buckets, for both kinds of fingerprint a batch may use.
+enough to be mostly in sorted buckets, for each kind of fingerprint a batch may use.
+A batch of this release keeps its authorizers too, and counts a new event of an
+authorizer it had as a record listed again (``relisted``), not as a new record.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from service.records import BalanceRecord, balance_event_id, fingerprint, legacy_fingerprint
+from service.records import (
+    BalanceRecord,
+    authorizer_fingerprint,
+    balance_event_id,
+    fingerprint,
+    legacy_fingerprint,
+)
 from service.state import BatchState
 from service.step import Pending, collect
 
 BATCH = "b-collect"
 
 
-def _records(n: int) -> list[BalanceRecord]:
-    out = []
-    for i in range(n):
-        uid, ts, balance = f"auth-{i}", "2024-08-09T18:10:44Z", f"{i}.25"
-        event_id = balance_event_id(BATCH, uid, ts, balance, 0)
-        out.append(BalanceRecord(uid, balance, 0, ts, event_id))
-    return out
+def _record(i: int, correction: int = 0) -> BalanceRecord:
+    uid, ts, balance = f"auth-{i}", "2024-08-09T18:10:44Z", f"{i}.25{'1' * correction}"
+    return BalanceRecord(uid, balance, 0, ts, balance_event_id(BATCH, uid, ts, balance, 0))
+
+
+def _commit(state: BatchState, pending: Pending) -> None:
+    """What Policy.commit keeps of a poll: its fingerprints and its counts."""
+    state.remember(pending.digests)
+    state.published += len(pending.records)
+    state.relisted += pending.relisted
 
 
 @pytest.mark.parametrize("published", [0, 7, 900, 12_000])
-@pytest.mark.parametrize("seen_version", [3, 1])
+@pytest.mark.parametrize("seen_version", [4, 3, 1])
 def test_only_what_was_not_published_goes_on(published: int, seen_version: int) -> None:
-    records = _records(15_000)
+    records = [_record(i) for i in range(15_000)]
     state = BatchState(batch_id=BATCH, partition=0, seen_version=seen_version)
-    fp = fingerprint if seen_version == 3 else legacy_fingerprint
-    # Published over many commits, as a batch grows, but not in the order of the list.
+    # Published over many commits, as a batch grows, not in the order of the list.
     done = records[:published]
     for start in range(0, published, 500):
-        state.remember(fp(r.event_id) for r in reversed(done[start : start + 500]))
+        pending = Pending()
+        collect(state, list(reversed(done[start : start + 500])), [], pending)
+        _commit(state, pending)
+    assert state.published == published and state.relisted == 0
     if published > 2048:
         assert state.seen.buckets, "most fingerprints are in the sorted buckets"
+    event_fp = legacy_fingerprint if seen_version == 1 else fingerprint
+    assert all(event_fp(r.event_id) in state.seen for r in done)
+    if seen_version == 4:  # the inlined fingerprint is records.authorizer_fingerprint
+        assert all(authorizer_fingerprint(r.authorizer_unique_id) in state.seen for r in done)
 
     pending = Pending()
     # Pages of 100, the published ones among them, and a page read twice.
@@ -44,3 +61,34 @@ def test_only_what_was_not_published_goes_on(published: int, seen_version: int) 
     for page in [*pages, pages[-1]]:
         collect(state, page, [], pending)
     assert pending.records == records[published:]
+    assert pending.relisted == 0 and pending.new_records == len(records) - published
+
+
+@pytest.mark.parametrize("published", [5, 3000])
+@pytest.mark.parametrize("seen_version", [4, 3])
+def test_a_correction_is_a_new_event_and_only_this_release_counts_it_as_no_new_record(
+    published: int, seen_version: int
+) -> None:
+    state = BatchState(batch_id=BATCH, partition=0, seen_version=seen_version)
+    pending = Pending()
+    collect(state, [_record(i) for i in range(published)], [], pending)
+    _commit(state, pending)
+    # Read again: records corrected in place (some published, one read in this poll,
+    # one corrected twice), the rest as they were, and one new record.
+    page = [
+        _record(0, 1),
+        _record(1),
+        _record(published - 1, 1),
+        _record(published - 1, 2),
+        _record(published),
+        _record(published, 1),
+    ]
+    pending = Pending()
+    collect(state, page, [], pending)
+    collect(state, page, [], pending)  # the same page again: nothing more
+    assert pending.records == [page[0], *page[2:]]
+    tracked = seen_version == 4
+    assert pending.relisted == (4 if tracked else 0)
+    assert pending.new_records == (1 if tracked else 5)
+    _commit(state, pending)
+    assert state.records_seen == (published + 1 if tracked else published + 5)

@@ -70,6 +70,7 @@ EXPECTED: dict[str, tuple[str, tuple[str, ...]]] = {
     "rightfoot_poller_kafka_connection_errors_total": ("counter", ("reason",)),
     "rightfoot_poller_sweeps_total": ("counter", ("outcome",)),
     "rightfoot_poller_sweep_records_total": ("counter", ()),
+    "rightfoot_poller_records_relisted_total": ("counter", ()),
     "rightfoot_poller_sweep_pages_total": ("counter", ()),
     "rightfoot_poller_records_behind": ("gauge", ()),
     "rightfoot_poller_state_bytes_total": ("counter", ()),

@@ -15,6 +15,7 @@ once, and the lifecycle events say what happened, gaps included.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import uuid
 from decimal import Decimal
@@ -281,6 +282,51 @@ async def test_a_record_corrected_in_place_is_a_new_event(
     assert versions[0]["timestamp"] == versions[1]["timestamp"]
     # In the order published (one key, one partition): the correction comes second.
     assert [v["balance"] for v in versions] == [format(b, "f") for b in (last.balance, balance)]
+
+
+async def test_a_correction_does_not_stand_in_for_a_record_behind_the_cursor(
+    kafka: str,
+    topics: Topics,
+    sim_server: SimServer,
+    reader: TopicReader,
+    start_service: Any,
+) -> None:
+    """A correction is a new event but no new record: the counts go by authorizers.
+
+    The first record finishes late, at the head of the list, behind the cursor; before it
+    does, the last record is corrected. Counting events, the batch would have its 250
+    records (249 and the correction) and complete without the first one.
+    """
+    sim = sim_server.sim
+    batch = str(uuid.uuid4())
+    records = list(sim.generate_batch(str(uuid.uuid4()), 250, seed=91))
+    records[0] = dataclasses.replace(records[0], visible_at=20.0)
+    records[1:] = [dataclasses.replace(r, visible_at=0.0) for r in records[1:]]
+    sim.add_batch(batch, records, order="submission")
+    service = await start_service(RFP_POLLING__COMPLETE_AFTER_IDLE_S="3")
+    await track(kafka, topics, batch, 250)
+    last = records[-1]
+    await wait_for(
+        lambda: sum(1 for r in sim.request_log if r.batch_id == batch and r.status == 200) >= 4,
+        30,
+        "a poll after the first",
+    )
+    amended = sim.amend_record(
+        batch, last.authorizer_unique_id, balance=(last.balance or Decimal(0)) + 1
+    )
+
+    def relisted() -> float:
+        registry = service.metrics.registry
+        return registry.get_sample_value("rightfoot_poller_records_relisted_total") or 0.0
+
+    await wait_for(lambda: relisted() == 1, 15, "the correction published")
+    assert sim.visible_count(batch) == 249, "the first record has not finished yet"
+    events = await final_events(reader, topics, [batch], timeout=60)
+    balances = await reader.read_all(topics.balances)
+    served = {sim_event_id(batch, r) for r in records}
+    assert_exactly_once(balances, served | {sim_event_id(batch, amended)})
+    (final,) = [e for e in events[batch] if e["event"] != "tracking_started"]
+    assert (final["event"], final["records_published"]) == ("completed", 251)
 
 
 @pytest.mark.parametrize("order", ["completion", "submission"])

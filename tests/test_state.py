@@ -47,6 +47,7 @@ def full_state(**changes: object) -> BatchState:
         cursor="eyJvZmZzZXQiOiAxMDB9",
         published=240,
         dead_lettered=10,
+        relisted=4,
         counts={"SUCCESS": 200, "NO_SSN_MATCH": 30, "UNKNOWN": 10},
         last_new_at=1_723_220_100.5,
         last_poll_at=1_723_220_130.75,
@@ -91,6 +92,7 @@ class Topic:
 
 SCALARS = [
     "batch_id",
+    "relisted",
     "expected_count",
     "generation",
     "status",
@@ -123,8 +125,8 @@ def test_round_trip_keeps_everything() -> None:
     (back,) = topic.restore().values()
     assert scalars(back) == scalars(state)
     assert back.seen == SEEN | {0, 2**64 - 1}
-    assert back.records_seen == 250
-    assert back.records_behind == 10
+    assert back.records_seen == 246  # 240 events and 10 dead letters, 4 of them relisted
+    assert back.records_behind == 14
     assert back.partition == 3
     assert back.active
 
@@ -149,8 +151,8 @@ def test_summary_is_small_json_without_fingerprints() -> None:
     (summary,) = [v for k, v in state_records(full_state()) if parse_key(k)[1] is None]
     assert summary is not None
     doc = json.loads(summary)
-    assert doc["v"] == STATE_VERSION == 4
-    assert doc["fp"] == 3  # event ids of the record's content
+    assert doc["v"] == STATE_VERSION == 5
+    assert doc["fp"] == 4  # event ids of the record's content, and authorizers in the seen set
     assert "seen" not in doc
     assert len(summary) < 1000
 
@@ -346,13 +348,36 @@ def test_a_version_3_batch_keeps_its_event_ids_and_stays_readable_by_version_3()
     assert topic.restore(0)["v3-fixture-batch"].seen == state.seen
 
 
-def test_a_new_batch_is_written_as_version_4_which_version_3_would_refuse() -> None:
-    state = BatchState(batch_id="new", partition=0, tracked_at=1.0)
-    assert state.content_ids and state.seen_version == 3
-    summary = json.loads(encode_state(state))
+def test_a_version_4_batch_keeps_counting_events_and_stays_readable_by_version_4() -> None:
+    """Literal records of the previous release: its seen set has no authorizers, so its
+    batches go on counting events as records, and a rollback can still read them."""
+    lines = (FIXTURES / "state-v4.jsonl").read_text().splitlines()
+    topic = Topic()
+    for line in lines:
+        doc = json.loads(line)
+        topic.log.append((doc["key"].encode(), base64.b64decode(doc["value"])))
+    assert json.loads(topic.log[-1][1] or b"")["v"] == 4
+    state = topic.restore(0)["v4-fixture-batch"]
+    assert (state.published, state.seen_version, state.content_ids) == (120, 3, True)
+    assert not state.tracks_authorizers and state.relisted == 0 and state.records_seen == 120
+    assert len(state.seen) == 120
+    state.remember([12345])
+    records = topic.write(state)
+    summary = json.loads(records[-1][1] or b"")
     assert (summary["v"], summary["fp"]) == (4, 3)
-    # A version 3 reader refused any v above 3 (UnknownStateVersion): the batch is left
-    # alone by a rollback rather than read with ids it would make differently.
+    assert topic.restore(0)["v4-fixture-batch"].seen == state.seen
+
+
+def test_a_new_batch_is_written_as_version_5_which_version_4_would_refuse() -> None:
+    state = BatchState(batch_id="new", partition=0, tracked_at=1.0)
+    assert state.content_ids and state.tracks_authorizers and state.seen_version == 4
+    state.published, state.relisted = 7, 2
+    summary = json.loads(encode_state(state))
+    assert (summary["v"], summary["fp"], summary["relisted"]) == (5, 4, 2)
+    again = decode_state(encode_state(state), partition=0)
+    assert (again.relisted, again.records_seen) == (2, 5)
+    # Versions 3 and 4 refused any v above their own (UnknownStateVersion): the batch is
+    # left alone by a rollback rather than read with its events counted as records.
 
 
 @pytest.mark.parametrize(
@@ -383,8 +408,9 @@ def test_garbage_is_a_value_error(value: bytes) -> None:
         ("tracked_at", "yesterday"),
         ("total_processed", -1),
         ("v", 0),
-        ("v", 5),  # written by a newer version: refused, not read as this one
-        ("fp", 4),
+        ("v", 6),  # written by a newer version: refused, not read as this one
+        ("fp", 5),
+        ("relisted", -1),
         ("fp", 0),
     ],
 )
