@@ -147,6 +147,9 @@ class InvalidRecord:
     raw: str  # at most MAX_RAW_CHARS of the record's JSON text
     event_id: str
     raw_truncated: bool = False
+    # The record's authorizer, when it has a usable one: a dead letter is a record too, and
+    # a corrected version of it that is valid is not a new one.
+    authorizer_unique_id: str | None = None
 
 
 @dataclass(slots=True)
@@ -259,12 +262,15 @@ def _invalid(batch_id: str, item: Any, reason: str, detail: str) -> InvalidRecor
     raw = dumps_exact(item)
     event_id = str(uuid.uuid5(EVENT_NAMESPACE, f"{batch_id}\x1finvalid\x1f{raw}"))
     truncated = len(raw) > MAX_RAW_CHARS
+    uid = item.get("authorizer_unique_id") if isinstance(item, dict) else None
+    usable = isinstance(uid, str) and 0 < len(uid) <= MAX_ID_CHARS and _is_utf8(uid)
     return InvalidRecord(
         reason=reason,
         detail=detail,
         raw=raw[:MAX_RAW_CHARS] if truncated else raw,
         event_id=event_id,
         raw_truncated=truncated,
+        authorizer_unique_id=uid if usable else None,
     )
 
 

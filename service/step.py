@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from hashlib import blake2b
 
-from service.records import BalanceRecord, InvalidRecord, fingerprint
+from service.records import BalanceRecord, InvalidRecord, authorizer_fingerprint, fingerprint
 from service.state import BatchState
 
 
@@ -38,7 +38,7 @@ class Step:
     lifecycle: str | None = None  # a lifecycle event to publish (tracking_started, completed...)
     records: list[BalanceRecord] = field(default_factory=list)  # new: publish as events
     invalid: list[InvalidRecord] = field(default_factory=list)  # new: dead-letter
-    relisted: int = 0  # of ``records``: those of an authorizer the batch had already
+    relisted: int = 0  # of ``records`` and ``invalid``: those of an authorizer the batch had
     counts: Counter[str] = field(default_factory=Counter)  # new records per status name
     poll_in: float | None = None  # delay to the next poll, from this poll's due time
     sweep: SweepReport | None = None
@@ -63,7 +63,7 @@ class Pending:
         self.invalid: list[InvalidRecord] = []
         # Fingerprints to remember: of the new events, and of their authorizers.
         self.digests: set[int] = set()
-        self.relisted = 0  # of ``records``: those whose authorizer the batch had already
+        self.relisted = 0  # of ``records`` and ``invalid``: those of an authorizer already had
 
     @property
     def size(self) -> int:
@@ -150,6 +150,13 @@ def collect(
                     continue
             fresh.add(d)
             append(rec)
+    tracks = b.tracks_authorizers
     for bad in invalid:
         if _first_sight(b, pending, bad.event_id):
             pending.invalid.append(bad)
+            if tracks and bad.authorizer_unique_id is not None:
+                a = authorizer_fingerprint(bad.authorizer_unique_id)
+                if a in pending.digests or a in b.seen:
+                    pending.relisted += 1
+                else:
+                    pending.digests.add(a)

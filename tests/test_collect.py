@@ -13,10 +13,12 @@ import pytest
 
 from service.records import (
     BalanceRecord,
+    InvalidRecord,
     authorizer_fingerprint,
     balance_event_id,
     fingerprint,
     legacy_fingerprint,
+    parse_record,
 )
 from service.state import BatchState
 from service.step import Pending, collect
@@ -33,6 +35,7 @@ def _commit(state: BatchState, pending: Pending) -> None:
     """What Policy.commit keeps of a poll: its fingerprints and its counts."""
     state.remember(pending.digests)
     state.published += len(pending.records)
+    state.dead_lettered += len(pending.invalid)
     state.relisted += pending.relisted
 
 
@@ -92,3 +95,28 @@ def test_a_correction_is_a_new_event_and_only_this_release_counts_it_as_no_new_r
     assert pending.new_records == (1 if tracked else 5)
     _commit(state, pending)
     assert state.records_seen == (published + 1 if tracked else published + 5)
+
+
+def _dead_letter(item: dict[str, object]) -> InvalidRecord:
+    bad = parse_record(BATCH, item)
+    assert isinstance(bad, InvalidRecord)
+    return bad
+
+
+def test_a_dead_letter_is_a_record_and_its_correction_is_not_a_new_one() -> None:
+    state = BatchState(batch_id=BATCH, partition=0)
+    broken = {"authorizer_unique_id": "auth-7", "balance": "n/a", "timestamp": "x"}
+    nameless = {"balance": 1, "timestamp": "2024-08-09T18:10:44Z", "balance_status_code": 0}
+    pending = Pending()
+    collect(state, [_record(1)], [_dead_letter(broken), _dead_letter(nameless)], pending)
+    assert (pending.size, pending.new_records) == (3, 3)
+    _commit(state, pending)
+    # The broken record comes back valid, and record 1 comes back broken: two new events
+    # (a balance event and a dead letter), no new record.
+    pending = Pending()
+    again = {"authorizer_unique_id": "auth-1", "balance": [], "timestamp": "x"}
+    collect(state, [_record(7)], [_dead_letter(again), _dead_letter(nameless)], pending)
+    assert pending.records == [_record(7)] and len(pending.invalid) == 1
+    assert (pending.relisted, pending.new_records) == (2, 0)
+    _commit(state, pending)
+    assert state.records_seen == 3
