@@ -16,8 +16,8 @@ from service.seen import BUCKET_MAX, MERGE_MIN, SeenSet
 fingerprints = st.integers(min_value=0, max_value=2**64 - 1)
 
 
-@given(st.lists(st.lists(fingerprints, max_size=600), max_size=12), st.lists(fingerprints))
-def test_answers_like_a_set(additions: list[list[int]], probes: list[int]) -> None:
+def _grows_like_a_set(additions: list[list[int]], probes: list[int]) -> None:
+    """Added to a batch at a time, the set answers as a plain set does, after each batch."""
     seen = SeenSet()
     model: set[int] = set()
     for batch in additions:
@@ -25,10 +25,17 @@ def test_answers_like_a_set(additions: list[list[int]], probes: list[int]) -> No
         seen.update(new)
         model |= new
         assert len(seen) == len(model)
-    for value in [*probes, *model]:
+        if seen.buckets:
+            _check_buckets(seen)
+    for value in [*probes, *model, 0, 2**64 - 1]:
         assert (value in seen) == (value in model)
     assert set(seen) == model
     assert seen == model
+
+
+@given(st.lists(st.lists(fingerprints, max_size=600), max_size=12), st.lists(fingerprints))
+def test_answers_like_a_set(additions: list[list[int]], probes: list[int]) -> None:
+    _grows_like_a_set(additions, probes)
 
 
 def _check_buckets(seen: SeenSet) -> None:
@@ -52,18 +59,7 @@ def test_answers_like_a_set_through_many_merges_and_splits(
         mock.patch.object(seen_module, "MERGE_MIN", 2),
         mock.patch.object(seen_module, "BUCKET_MAX", 4),
     ):
-        seen = SeenSet()
-        model: set[int] = set()
-        for batch in additions:
-            new = set(batch) - model
-            seen.update(new)
-            model |= new
-            assert len(seen) == len(model)
-            if seen.buckets:
-                _check_buckets(seen)
-        for value in [*probes, *model, 0, 2**64 - 1]:
-            assert (value in seen) == (value in model)
-        assert seen == model
+        _grows_like_a_set(additions, probes)
 
 
 def test_starts_from_any_values_and_keeps_growing() -> None:

@@ -330,13 +330,18 @@ def test_a_version_1_record_keeps_its_fingerprint_function() -> None:
     assert full_state().fingerprint is fingerprint
 
 
-def test_a_version_3_batch_keeps_its_event_ids_and_stays_readable_by_version_3() -> None:
-    """Literal records of the previous release: its ids had no content; a rollback reads it."""
-    lines = (FIXTURES / "state-v3.jsonl").read_text().splitlines()
+def _fixture(name: str) -> Topic:
+    """A state partition holding the literal records of a fixture (one JSON line each)."""
     topic = Topic()
-    for line in lines:
+    for line in (FIXTURES / name).read_text().splitlines():
         doc = json.loads(line)
         topic.log.append((doc["key"].encode(), base64.b64decode(doc["value"])))
+    return topic
+
+
+def test_a_version_3_batch_keeps_its_event_ids_and_stays_readable_by_version_3() -> None:
+    """Literal records of the previous release: its ids had no content; a rollback reads it."""
+    topic = _fixture("state-v3.jsonl")
     assert json.loads(topic.log[-1][1] or b"")["v"] == 3
     state = topic.restore(0)["v3-fixture-batch"]
     assert (state.published, state.seen_version, state.content_ids) == (120, 2, False)
@@ -351,11 +356,7 @@ def test_a_version_3_batch_keeps_its_event_ids_and_stays_readable_by_version_3()
 def test_a_version_4_batch_keeps_counting_events_and_stays_readable_by_version_4() -> None:
     """Literal records of the previous release: its seen set has no authorizers, so its
     batches go on counting events as records, and a rollback can still read them."""
-    lines = (FIXTURES / "state-v4.jsonl").read_text().splitlines()
-    topic = Topic()
-    for line in lines:
-        doc = json.loads(line)
-        topic.log.append((doc["key"].encode(), base64.b64decode(doc["value"])))
+    topic = _fixture("state-v4.jsonl")
     assert json.loads(topic.log[-1][1] or b"")["v"] == 4
     state = topic.restore(0)["v4-fixture-batch"]
     assert (state.published, state.seen_version, state.content_ids) == (120, 3, True)
