@@ -10,7 +10,8 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from collections import Counter
 from dataclasses import dataclass, field
-from hashlib import blake2b
+
+from xxhash import xxh3_64_intdigest
 
 from service.records import BalanceRecord, InvalidRecord, authorizer_fingerprint, fingerprint
 from service.state import BatchState
@@ -97,11 +98,11 @@ def _collect_with_authorizers(
     """
     fresh, append = pending.digests, pending.records.append
     recent, buckets, firsts = b.seen.recent, b.seen.buckets, b.seen.firsts
-    relisted, from_bytes = 0, int.from_bytes
+    relisted, xxh3 = 0, xxh3_64_intdigest
     for rec in records:
         eid = rec.event_id
         # records.authorizer_fingerprint and records.fingerprint, inlined
-        a = from_bytes(blake2b(rec.authorizer_unique_id.encode(), digest_size=8).digest()) >> 2
+        a = xxh3(rec.authorizer_unique_id.encode()) >> 2
         d = int(eid[19:23] + eid[24:], 16)
         known = a in recent or a in fresh
         if not known and buckets:  # SeenSet.__contains__, inlined

@@ -11,6 +11,7 @@ from service.errors import ApiMalformedResponse
 from service.records import (
     BalanceRecord,
     InvalidRecord,
+    authorizer_fingerprint,
     balance_event_id,
     fingerprint,
     legacy_fingerprint,
@@ -401,6 +402,19 @@ def test_fingerprint_is_stable_and_64_bit() -> None:
     ids = [balance_event_id(BATCH, str(i), "2024-08-09T18:10:44Z", "1", 0) for i in range(20_000)]
     assert len({fingerprint(i) for i in ids}) == 20_000
     assert all(0 <= fingerprint(i) < 2**64 for i in ids)
+
+
+def test_authorizer_fingerprint_is_stable_and_never_an_event_fingerprint() -> None:
+    # Stored on the state topic (version 5) beside the events': pinned as it is.
+    assert authorizer_fingerprint("1286672") == 4144327974361685157
+    assert authorizer_fingerprint("") == 811105335370900784
+    uids = [str(i) for i in range(20_000)]
+    fps = {authorizer_fingerprint(u) for u in uids}
+    assert len(fps) == 20_000
+    # Top two bits 00; an event fingerprint's are 10 (the UUID variant): never equal.
+    assert all(0 <= a < 2**62 for a in fps)
+    ids = [balance_event_id(BATCH, u, "2024-08-09T18:10:44Z", "1", 0) for u in uids[:2000]]
+    assert all(fingerprint(i) >> 62 == 0b10 for i in ids)
 
 
 def test_legacy_fingerprint_is_version_1s() -> None:
