@@ -72,13 +72,21 @@ class SeenSet:
     def update(self, values: Iterable[int]) -> None:
         """Add fingerprints that are not yet in the set (the caller checked each one).
 
-        ``values`` may be large (a batch's chunks, read back from the state topic): it
-        is taken in slices, merged as they come. A value given twice is stored twice,
-        which costs its 8 bytes and nothing else.
+        ``values`` may be large (a batch's chunks, read back from the state topic): a
+        sequence is taken in slices, merged as they come; a set (a commit's new
+        fingerprints) at once. A value given twice is stored twice, which costs its 8
+        bytes and nothing else.
         """
+        recent = self.recent
+        if isinstance(values, set | frozenset):
+            # The common case, a commit's new fingerprints (a bounded number): all at once.
+            recent.update(values)
+            if len(recent) > MERGE_MIN + self.stored // 8:
+                self._merge()
+            return
         if not isinstance(values, list | array | tuple):
             values = list(values)
-        recent, start = self.recent, 0
+        start = 0
         while start < len(values):
             room = MERGE_MIN + self.stored // 8 + 1 - len(recent)
             # Through a set: a set grows its table by half the room a value at a time does.

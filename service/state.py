@@ -222,7 +222,8 @@ class BatchState:
 
     def remember(self, fps: Iterable[int]) -> None:
         """Record newly published fingerprints; they are saved with the next state write."""
-        fps = list(fps)
+        if not isinstance(fps, set | frozenset | list):
+            fps = list(fps)
         self.seen.update(fps)
         self.chunks.add(fps)
 
