@@ -1,13 +1,14 @@
-"""What a batch has published, remembered compactly: one 64-bit fingerprint per event.
+"""What a batch has published, remembered compactly: 64-bit fingerprints (of its events,
+and of their authorizers in batches that keep those: ``state.FP_VERSION``).
 
 A batch may have millions of records, and every replica may hold thousands of
-batches, so a plain ``set`` of ints (about 60 bytes a record) is too dear. A
+batches, so a plain ``set`` of ints (about 60 bytes a fingerprint) is too dear. A
 ``SeenSet`` keeps its fingerprints in sorted buckets, each an ``array('Q')`` (8 bytes
-a record) of at most ``BUCKET_MAX`` values covering one range, and a small set of
+a fingerprint) of at most ``BUCKET_MAX`` values covering one range, and a small set of
 recent additions. The recent ones are merged into the buckets once they pass an
 eighth of what is stored, a bucket at a time, and a bucket that grows too large is
-cut in two: memory stays near 8 to 16 bytes a record, the merges cost O(1) amortised
-per record added, and no step ever copies the whole set (neither a merge nor a
+cut in two: memory stays near 8 to 16 bytes a fingerprint, the merges cost O(1)
+amortised per fingerprint added, and no step ever copies the whole set (neither a merge nor a
 rebuild from the state topic), so nothing holds more than one bucket's worth of
 Python ints at once, whatever the size of the batch.
 """
@@ -81,20 +82,24 @@ class SeenSet:
         if isinstance(values, set | frozenset):
             # The common case, a commit's new fingerprints (a bounded number): all at once.
             recent.update(values)
-            if len(recent) > MERGE_MIN + self.stored // 8:
+            if len(recent) > self._limit():
                 self._merge()
             return
         if not isinstance(values, list | array | tuple):
             values = list(values)
         start = 0
         while start < len(values):
-            room = MERGE_MIN + self.stored // 8 + 1 - len(recent)
+            room = self._limit() + 1 - len(recent)
             # Through a set: a set grows its table by half the room a value at a time does.
             recent.update(set(values[start : start + room]))
             start += room
-            if len(recent) > MERGE_MIN + self.stored // 8:
+            if len(recent) > self._limit():
                 self._merge()
                 recent = self.recent
+
+    def _limit(self) -> int:
+        """The most recent additions kept before they are merged into the buckets."""
+        return MERGE_MIN + self.stored // 8
 
     def _merge(self) -> None:
         new = sorted(self.recent)

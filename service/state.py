@@ -342,7 +342,7 @@ def decode_state(value: bytes, partition: int) -> BatchState:
         cursor=doc.cursor,
         published=doc.published,
         dead_lettered=doc.dead_lettered,
-        relisted=doc.relisted if (doc.fp or 0) >= 4 else 0,
+        relisted=doc.relisted,
         counts=dict(doc.counts),
         seen=SeenSet(inline),
         seen_version=1 if doc.v == 1 else doc.fp or 2,

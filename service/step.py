@@ -74,7 +74,7 @@ class Pending:
     @property
     def new_records(self) -> int:
         """New records as the API counts them (authorizers): events less those relisted."""
-        return len(self.records) + len(self.invalid) - self.relisted
+        return self.size - self.relisted
 
 
 def _first_sight(b: BatchState, pending: Pending, event_id: str) -> bool:
