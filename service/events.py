@@ -243,6 +243,7 @@ class EventFactory:
         reason: str | None = None,
         records_dead_lettered: int | None = None,
         total_processed: int | None = None,
+        records_relisted: int | None = None,
     ) -> OutMessage:
         """A lifecycle event; its id is deterministic per batch, tracking generation and event."""
         if event not in LIFECYCLE_EVENTS:
@@ -260,6 +261,7 @@ class EventFactory:
         if event != "tracking_started":
             value["counts_by_status"] = counts_by_status or {}
             value["records_dead_lettered"] = records_dead_lettered or 0
+            value["records_relisted"] = records_relisted or 0
             if total_processed is not None:
                 value["total_processed"] = total_processed
         if reason is not None:

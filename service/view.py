@@ -26,6 +26,7 @@ VIEW_FIELDS: set[str] = {
     "expected_count",
     "published",
     "dead_lettered",
+    "relisted",
     "counts",
     "tracked_at",
     "last_poll_at",

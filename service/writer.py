@@ -128,6 +128,7 @@ class StepWriter:
             reason=b.reason,
             records_dead_lettered=b.dead_lettered,
             total_processed=b.total_processed,
+            records_relisted=b.relisted,
         )
 
     def state(self, b: BatchState) -> list[OutMessage]:

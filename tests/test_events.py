@@ -177,6 +177,29 @@ def test_failed_event_carries_its_reason(factory: EventFactory) -> None:
     assert value["reason"] == "404"
     assert value["counts_by_status"] == {}
     assert value["records_dead_lettered"] == 0
+    assert value["records_relisted"] == 0
+
+
+def test_terminal_events_say_how_many_were_relisted(factory: EventFactory) -> None:
+    for event in ("completed", "expired", "failed", "stopped"):
+        msg = factory.lifecycle(
+            BATCH,
+            event,
+            generation=1,
+            expected_count=None,
+            records_published=302,
+            records_dead_lettered=1,
+            records_relisted=3,
+            total_processed=300,
+            reason="r",
+        )
+        value = json.loads(msg.value or b"")
+        assert (value["records_relisted"], value["total_processed"]) == (3, 300), event
+        validate_message("batch", msg.key, msg.value, msg.headers)
+    started = factory.lifecycle(
+        BATCH, "tracking_started", generation=1, expected_count=None, records_published=0
+    )
+    assert "records_relisted" not in json.loads(started.value or b"")
 
 
 def lifecycle_id(factory: EventFactory, batch: str, generation: int, event: str) -> str:

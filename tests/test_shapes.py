@@ -327,6 +327,8 @@ async def test_a_correction_does_not_stand_in_for_a_record_behind_the_cursor(
     assert_exactly_once(balances, served | {sim_event_id(batch, amended)})
     (final,) = [e for e in events[batch] if e["event"] != "tracking_started"]
     assert (final["event"], final["records_published"]) == ("completed", 251)
+    # What a consumer reconciles with: 251 events, one of them a correction, 250 records.
+    assert (final["records_relisted"], final["records_dead_lettered"]) == (1, 0)
 
 
 @pytest.mark.parametrize("order", ["completion", "submission"])
