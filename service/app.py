@@ -37,6 +37,7 @@ from service.metrics import Metrics
 from service.pacing import RateLimiter
 from service.partitions import PartitionOwner
 from service.requests import TrackingRequest, decode_request, reject_reason
+from service.runtime import memory_limit_bytes
 from service.tracker import Tracker
 from service.view import StateView
 from service.wire import frames_when_available
@@ -60,6 +61,7 @@ class PollerService:
         self.settings = settings
         self.kcfg = settings.kafka
         self.metrics = metrics or Metrics()
+        self.metrics.memory_limit.set(memory_limit_bytes() or 0)
         self.instance = settings.instance_id
         self.transactional = self.kcfg.delivery == "exactly_once"
         self.limiter = RateLimiter(settings.rightfoot.max_requests_per_s)

@@ -1,7 +1,9 @@
 """Every metric the service exports, in one place.
 
-Names start with ``rightfoot_poller_``; label values come from small fixed sets
-(HTTP codes, status names, outcomes), never from batch IDs or record contents.
+Names start with ``rightfoot_poller_``, beside the standard ``process_*`` series of
+prometheus_client (resident memory, CPU, open file descriptors); label values come from
+small fixed sets (HTTP codes, status names, outcomes), never from batch IDs or record
+contents.
 
 Every label value known in advance is exported at 0 from the start, so a
 dashboard shows zero instead of nothing and ``increase()``/``rate()`` see the
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import platform
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client import disable_created_metrics as _disable_created_metrics
 
 from service import __version__
@@ -103,6 +105,8 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        # The standard process_* series (resident memory, CPU, file descriptors).
+        ProcessCollector(registry=r)
         self.build_info = Gauge(
             f"{PREFIX}_build_info",
             "Version of the running service.",
@@ -251,6 +255,18 @@ class Metrics:
         self.records_behind = Gauge(
             f"{PREFIX}_records_behind",
             "Records the API counts (total_processed) that tracked batches have not seen.",
+            registry=r,
+        )
+        self.fingerprints_held = Gauge(
+            f"{PREFIX}_fingerprints_held",
+            "Fingerprints held in memory for the batches of this replica's partitions (one "
+            "or two per record seen, 10 to 16 bytes each): the memory that grows with them.",
+            registry=r,
+        )
+        self.memory_limit = Gauge(
+            f"{PREFIX}_memory_limit_bytes",
+            "The memory limit of the replica's container (its cgroup), 0 when none is set. "
+            "Its resident memory is process_resident_memory_bytes.",
             registry=r,
         )
         self.state_bytes = Counter(

@@ -14,11 +14,16 @@ the collector only has to find the rare reference cycles.
 garbage) out of every future collection, and raises the thresholds so that a
 young collection runs every 50,000 allocations. Memory stays bounded: cycles
 are still collected, only less often.
+
+``memory_limit_bytes`` reads the container's memory limit, which the service exports
+beside its resident memory so that an alert can warn before the limit is reached.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
+from pathlib import Path
 
 GC_THRESHOLDS = (50_000, 20, 100)
 
@@ -28,3 +33,45 @@ def tune_gc(thresholds: tuple[int, int, int] = GC_THRESHOLDS) -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*thresholds)
+
+
+# Values at or above this in a cgroup v1 limit mean "no limit" (the kernel's page-rounded
+# LONG_MAX, e.g. 9223372036854771712).
+_UNLIMITED = 1 << 62
+
+
+def memory_limit_bytes(
+    proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")
+) -> int | None:
+    """The memory limit of the process's cgroup (a container's ``resources.limits.memory``),
+    or None when there is none or it cannot be read.
+
+    The process's own cgroup, as ``/proc/self/cgroup`` names it: ``memory.max`` under
+    cgroup v2 (``0::<path>``), ``memory.limit_in_bytes`` under v1 (``<n>:memory:<path>``);
+    then the root's, as a container sees its own cgroup.
+    """
+    candidates: list[Path] = []
+    with contextlib.suppress(OSError):
+        for line in proc_cgroup.read_text().splitlines():
+            fields = line.split(":", 2)
+            if len(fields) != 3:
+                continue
+            _, controllers, where = fields
+            if controllers == "":
+                candidates.append(root / where.lstrip("/") / "memory.max")
+            elif "memory" in controllers.split(","):
+                candidates.append(root / "memory" / where.lstrip("/") / "memory.limit_in_bytes")
+    candidates += [root / "memory.max", root / "memory" / "memory.limit_in_bytes"]
+    for path in candidates:
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text == "max":
+            return None
+        try:
+            value = int(text)
+        except ValueError:
+            continue
+        return value if 0 < value < _UNLIMITED else None
+    return None

@@ -99,6 +99,9 @@ class Tracker:
         metrics.batches_unreadable.set_function(
             lambda: sum(len(w.unreadable) for w in self.workers.values())
         )
+        metrics.fingerprints_held.set_function(
+            lambda: sum(len(b.seen) for w in self.workers.values() for b in w.batches.values())
+        )
 
     # ---- partitions -------------------------------------------------------------------
 

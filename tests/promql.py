@@ -61,6 +61,10 @@ GAUGES = frozenset(
         "rightfoot_poller_build_info",
         "rightfoot_poller_records_behind",
         "rightfoot_poller_kafka_broker_reachable",
+        "rightfoot_poller_fingerprints_held",
+        "rightfoot_poller_memory_limit_bytes",
+        # prometheus_client's standard process series, which the service exports too
+        "process_resident_memory_bytes",
     }
 )
 HISTOGRAMS = frozenset(

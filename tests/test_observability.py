@@ -130,6 +130,15 @@ ALLOWANCES: dict[str, Allowance] = {
         "writes none. The gauge itself is queried (0 on every replica).",
         strip=((" > 0", ""),),
     ),
+    "alert:RightfootMemoryNearLimit": Allowance(
+        "fires above 85% of a container memory limit, which the test's service process "
+        "has none of (the gauge is 0); the ratio to the gauge is queried without both "
+        "conditions (resident memory over 0: +Inf).",
+        strip=(
+            ("(rightfoot_poller_memory_limit_bytes > 0)", "rightfoot_poller_memory_limit_bytes"),
+            ("> 0.85", ""),
+        ),
+    ),
     "alert:RightfootApiUnauthorized": Allowance(
         "true only while the API rejects the key: queried at that instant of the run.",
         at_unauthorized=True,

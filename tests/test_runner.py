@@ -348,3 +348,41 @@ async def test_the_records_held_stay_within_max_records_in_flight_and_none_is_lo
     # Polls committed early (a commit per poll would have been 20 units with records).
     with_records = [u for u, _ in committer.units if any(isinstance(m, BalanceEvents) for m in u)]
     assert len(with_records) > 20
+
+
+async def test_fingerprints_held_count_what_the_replica_keeps_in_memory() -> None:
+    """Two fingerprints a record (its event, its authorizer) while a batch may still see
+    records; none once it completed; a stopped batch keeps them, as it may be resumed."""
+    names = ("done", "open", "stopped")
+    source = Vendors({b: Vendor([record(i, b) for i in range(30)], page_size=10) for b in names})
+    tracker = runner(source)  # type: ignore[arg-type]
+    gauge = tracker.metrics.registry
+    worker = PartitionWorker(partition=0, publisher=HeldCommitter())
+    tracker.add_worker(worker)
+
+    def held() -> float | None:
+        return gauge.get_sample_value("rightfoot_poller_fingerprints_held")
+
+    assert held() == 0
+    for offset, (batch_id, count) in enumerate((("done", 30), ("open", 40), ("stopped", 40))):
+        req = TrackingRequest(batch_id=batch_id, expected_count=count)
+        await tracker.handle_request(worker, req, req.encode(), offset)
+    scheduler = asyncio.create_task(tracker.run())
+    try:
+        for _ in range(200):
+            b = worker.batches
+            if b["done"].status == "completed" and len(b["open"].seen) == 60 == len(
+                b["stopped"].seen
+            ):
+                break
+            await asyncio.sleep(0.01)
+        stop = TrackingRequest(batch_id="stopped", action="stop")
+        await tracker.handle_request(worker, stop, stop.encode(), 3)
+        await settle()
+    finally:
+        tracker.stop()
+        scheduler.cancel()
+    statuses = {b: worker.batches[b].status for b in names}
+    assert statuses == {"done": "completed", "open": "tracking", "stopped": "stopped"}
+    assert len(worker.batches["open"].seen) == len(worker.batches["stopped"].seen) == 60
+    assert held() == 120
