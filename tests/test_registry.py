@@ -582,3 +582,44 @@ def test_the_wheel_carries_the_event_schemas(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     for name in SCHEMA_FILES.values():
         assert f"service/schemas/{name}" in names
+
+
+
+# Every text an earlier release registered for an event schema that has changed since,
+# and whether a BACKWARD rule takes this release's after it (README, "Upgrades").
+EARLIER = {
+    "balance-event.before-content-ids": True,  # descriptions only
+    "batch-event.before-records-relisted": False,  # records_relisted added
+}
+KINDS = {"balance-event": "balances", "batch-event": "lifecycle", "dlq-event": "dlq"}
+FIXTURES = Path(__file__).parent / "fixtures" / "schemas"
+
+
+def test_every_earlier_schema_text_is_listed() -> None:
+    assert {p.stem for p in FIXTURES.glob("*.json")} == set(EARLIER)
+
+
+@pytest.mark.kafka
+@pytest.mark.registry
+@pytest.mark.parametrize("earlier", sorted(EARLIER))
+async def test_an_upgrade_registers_under_forward_compatibility(
+    registry: str, prefix: str, earlier: str
+) -> None:
+    """The schemas evolve by adding optional fields to open objects: events of this
+    release are read by consumers of an earlier schema (FORWARD), so a subject holding
+    an earlier release's schema under a FORWARD rule takes this one as a new version.
+    BACKWARD refuses any property added to an open object; where that happened the
+    README's upgrade notes say so, and the rollout waits, naming the subject."""
+    kind = KINDS[earlier.split(".")[0]]
+    text = registry_schema((FIXTURES / f"{earlier}.json").read_text("utf-8"))
+    async with RegistryClient(SchemaRegistryConfig(url=registry)) as client:
+        for level in ("FORWARD_TRANSITIVE", "BACKWARD"):
+            subject = subject_for(f"{prefix}.{level.lower()}.{kind}")
+            first = await client.register(subject, text)
+            await client.set_compatibility(subject, level)
+            if level == "BACKWARD" and not EARLIER[earlier]:
+                with pytest.raises(SchemaIncompatible) as info:
+                    await client.register(subject, registry_schema(published(kind)))
+                assert f"'{subject}'" in str(info.value)
+                continue
+            assert await client.register(subject, registry_schema(published(kind))) != first
