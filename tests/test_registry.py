@@ -584,7 +584,6 @@ def test_the_wheel_carries_the_event_schemas(tmp_path: Path) -> None:
         assert f"service/schemas/{name}" in names
 
 
-
 # Every text an earlier release registered for an event schema that has changed since,
 # and whether a BACKWARD rule takes this release's after it (README, "Upgrades").
 EARLIER = {
