@@ -61,7 +61,8 @@ class PollerService:
         self.settings = settings
         self.kcfg = settings.kafka
         self.metrics = metrics or Metrics()
-        self.metrics.memory_limit.set(memory_limit_bytes() or 0)
+        # Read when scraped: a pod's limits can be resized in place.
+        self.metrics.memory_limit.set_function(lambda: memory_limit_bytes() or 0)
         self.instance = settings.instance_id
         self.transactional = self.kcfg.delivery == "exactly_once"
         self.limiter = RateLimiter(settings.rightfoot.max_requests_per_s)
