@@ -37,7 +37,7 @@ from service.metrics import Metrics
 from service.pacing import RateLimiter
 from service.partitions import PartitionOwner
 from service.requests import TrackingRequest, decode_request, reject_reason
-from service.runtime import memory_limit_bytes
+from service.runtime import memory_limit_bytes, memory_limit_files
 from service.tracker import Tracker
 from service.view import StateView
 from service.wire import frames_when_available
@@ -61,8 +61,9 @@ class PollerService:
         self.settings = settings
         self.kcfg = settings.kafka
         self.metrics = metrics or Metrics()
-        # Read when scraped: a pod's limits can be resized in place.
-        self.metrics.memory_limit.set_function(lambda: memory_limit_bytes() or 0)
+        # Read when scraped (a pod's limits can be resized in place), from files found once.
+        limit_files = memory_limit_files()
+        self.metrics.memory_limit.set_function(lambda: memory_limit_bytes(limit_files) or 0)
         self.instance = settings.instance_id
         self.transactional = self.kcfg.delivery == "exactly_once"
         self.limiter = RateLimiter(settings.rightfoot.max_requests_per_s)

@@ -305,10 +305,10 @@ class PartitionPublisher:
         """Balance events through aiokafka's batch API: one future per full record batch.
 
         ``producer.send()`` costs one future, one metadata wait and a pure-Python murmur2
-        (aiokafka's) per message. Here each event goes into the open record batch of its partition
-        (the Java client's: ``partition_for_key``), and a batch is handed to the producer
-        when it is full. The open batches (``builders``) are the whole commit's: the
-        balance events of all its units fill them together, and ``_send`` hands over
+        (aiokafka's) per message. Here each event goes into the open record batch of its
+        partition (the Java client's: ``partition_for_key``), and a batch is handed to the
+        producer when it is full. The open batches (``builders``) are the whole commit's:
+        the balance events of all its units fill them together, and ``_send`` hands over
         what is left once every unit is in. Inside a transaction, ``send_batch`` adds
         the partition to it as ``send()`` does: the batches commit or abort with the
         state and the offsets. ``send_batch`` waits while the partition's previous batch

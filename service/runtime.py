@@ -40,17 +40,14 @@ def tune_gc(thresholds: tuple[int, int, int] = GC_THRESHOLDS) -> None:
 _UNLIMITED = 1 << 62
 
 
-def memory_limit_bytes(
+def memory_limit_files(
     proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")
-) -> int | None:
-    """The memory limit of the process's cgroup (a container's ``resources.limits.memory``),
-    or None when there is none or it cannot be read.
-
-    The process's own cgroup, as ``/proc/self/cgroup`` names it: ``memory.max`` under
-    cgroup v2 (``0::<path>``), ``memory.limit_in_bytes`` under v1 (``<n>:memory:<path>``);
-    then the root's, as a container sees its own cgroup.
-    """
-    candidates: list[Path] = []
+) -> list[Path]:
+    """Where the process's memory limit may be read, in order: its own cgroup, as
+    ``/proc/self/cgroup`` names it (``memory.max`` under cgroup v2, ``0::<path>``;
+    ``memory.limit_in_bytes`` under v1, ``<n>:memory:<path>``), then the root's, as a
+    container sees its own cgroup. The cgroup does not change; the limit in it may."""
+    files: list[Path] = []
     with contextlib.suppress(OSError):
         for line in proc_cgroup.read_text().splitlines():
             fields = line.split(":", 2)
@@ -58,11 +55,18 @@ def memory_limit_bytes(
                 continue
             _, controllers, where = fields
             if controllers == "":
-                candidates.append(root / where.lstrip("/") / "memory.max")
+                files.append(root / where.lstrip("/") / "memory.max")
             elif "memory" in controllers.split(","):
-                candidates.append(root / "memory" / where.lstrip("/") / "memory.limit_in_bytes")
-    candidates += [root / "memory.max", root / "memory" / "memory.limit_in_bytes"]
-    for path in candidates:
+                files.append(root / "memory" / where.lstrip("/") / "memory.limit_in_bytes")
+    files += [root / "memory.max", root / "memory" / "memory.limit_in_bytes"]
+    return list(dict.fromkeys(files))  # a container's own cgroup is the root: once
+
+
+def memory_limit_bytes(files: list[Path] | None = None) -> int | None:
+    """The memory limit (a container's ``resources.limits.memory``) in the first of
+    ``files`` (default: ``memory_limit_files()``) that can be read, or None when there
+    is none or none can be read."""
+    for path in memory_limit_files() if files is None else files:
         try:
             text = path.read_text().strip()
         except OSError:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from service.runtime import memory_limit_bytes
+from service.runtime import memory_limit_bytes, memory_limit_files
 
 
 def tree(tmp_path: Path, proc: str, files: dict[str, str]) -> tuple[Path, Path]:
@@ -43,11 +43,19 @@ def test_memory_limit_bytes(
     tmp_path: Path, proc: str, files: dict[str, str], limit: int | None
 ) -> None:
     proc_cgroup, root = tree(tmp_path, proc, files)
-    assert memory_limit_bytes(proc_cgroup, root) == limit
+    assert memory_limit_bytes(memory_limit_files(proc_cgroup, root)) == limit
 
 
 def test_no_proc_file_falls_back_to_the_root(tmp_path: Path) -> None:
     root = tmp_path / "cgroup"
     root.mkdir()
     (root / "memory.max").write_text("1000\n")
-    assert memory_limit_bytes(tmp_path / "missing", root) == 1000
+    assert memory_limit_bytes(memory_limit_files(tmp_path / "missing", root)) == 1000
+
+
+def test_the_files_are_found_once_and_the_limit_read_each_time(tmp_path: Path) -> None:
+    proc_cgroup, root = tree(tmp_path, "0::/c\n", {"c/memory.max": "1000\n"})
+    files = memory_limit_files(proc_cgroup, root)
+    assert memory_limit_bytes(files) == 1000
+    (root / "c" / "memory.max").write_text("2000\n")  # resized in place
+    assert memory_limit_bytes(files) == 2000

@@ -101,7 +101,7 @@ class HeldCommitter:
         return out
 
 
-def runner(source: HeldSource, **polling: float) -> Tracker:
+def runner(source: HeldSource | Vendors, **polling: float) -> Tracker:
     settings = Settings.model_validate(
         {
             "kafka": {"partitions": 1, "batch_events_topic": "batch-events"},
@@ -355,13 +355,13 @@ async def test_fingerprints_held_count_what_the_replica_keeps_in_memory() -> Non
     records; none once it completed; a stopped batch keeps them, as it may be resumed."""
     names = ("done", "open", "stopped")
     source = Vendors({b: Vendor([record(i, b) for i in range(30)], page_size=10) for b in names})
-    tracker = runner(source)  # type: ignore[arg-type]
-    gauge = tracker.metrics.registry
+    tracker = runner(source)
+    registry = tracker.metrics.registry
     worker = PartitionWorker(partition=0, publisher=HeldCommitter())
     tracker.add_worker(worker)
 
     def held() -> float | None:
-        return gauge.get_sample_value("rightfoot_poller_fingerprints_held")
+        return registry.get_sample_value("rightfoot_poller_fingerprints_held")
 
     assert held() == 0
     for offset, (batch_id, count) in enumerate((("done", 30), ("open", 40), ("stopped", 40))):
@@ -370,10 +370,9 @@ async def test_fingerprints_held_count_what_the_replica_keeps_in_memory() -> Non
     scheduler = asyncio.create_task(tracker.run())
     try:
         for _ in range(200):
-            b = worker.batches
-            if b["done"].status == "completed" and len(b["open"].seen) == 60 == len(
-                b["stopped"].seen
-            ):
+            seen = {b: len(worker.batches[b].seen) for b in names}
+            done = worker.batches["done"].status == "completed"  # and its fingerprints let go
+            if done and seen == {"done": 0, "open": 60, "stopped": 60}:
                 break
             await asyncio.sleep(0.01)
         stop = TrackingRequest(batch_id="stopped", action="stop")
