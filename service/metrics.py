@@ -49,6 +49,9 @@ BATCH_OUTCOMES: tuple[str, ...] = ("completed", "expired", "failed", "stopped")
 # What a sweep (a read of a whole batch again, because the API's count says records
 # are missing) came to: it found them all, found some, or found none.
 SWEEP_OUTCOMES: tuple[str, ...] = ("reconciled", "partial", "nothing")
+# Reads of a batch's fingerprints back from the state topic, when it is tracked again:
+# done; the commit that tracked it again not yet visible (read again shortly); Kafka failed.
+FINGERPRINT_LOAD_OUTCOMES: tuple[str, ...] = ("loaded", "not_visible", "failed")
 TRANSACTION_RESULTS: tuple[str, ...] = ("commit", "abort")
 # "connect": the broker could not be reached at start; "fenced": another replica took
 # the partition over; any other failure is counted under its exception class name.
@@ -263,6 +266,13 @@ class Metrics:
             "or two per record seen, 10 to 16 bytes each): the memory that grows with them.",
             registry=r,
         )
+        self.fingerprint_loads = Counter(
+            f"{PREFIX}_fingerprint_loads",
+            "Reads of a batch's fingerprints back from the state topic, by outcome: a batch "
+            "stopped or failed holds none in memory until it is tracked again.",
+            ["outcome"],
+            registry=r,
+        )
         self.memory_limit = Gauge(
             f"{PREFIX}_memory_limit_bytes",
             "The memory limit of the replica's container (its cgroup), 0 when none is set. "
@@ -306,6 +316,8 @@ class Metrics:
             self.batches_finished.labels(outcome)
         for outcome in SWEEP_OUTCOMES:
             self.sweeps.labels(outcome)
+        for outcome in FINGERPRINT_LOAD_OUTCOMES:
+            self.fingerprint_loads.labels(outcome)
         for kind in PUBLISH_ERROR_KINDS:
             self.publish_errors.labels(kind)
         for result in TRANSACTION_RESULTS:

@@ -62,6 +62,7 @@ class PartitionOwner:
         self._resets: dict[int, tuple[float, int]] = {}
         self._reset_tasks: set[asyncio.Task[None]] = set()
         tracker.on_publish_failure = self._on_publish_failure
+        tracker.load_batch = self.load_batch
 
     @property
     def all_restored(self) -> bool:
@@ -156,6 +157,37 @@ class PartitionOwner:
 
     async def _read_state(self, p: int) -> tuple[dict[str, BatchState], dict[str, str]]:
         """Every batch of state partition p as last committed, and those not understood."""
+        restore = StateRestore(p)
+        unreadable: dict[str, str] = {}
+        await self._read_partition(p, restore, self._state_unreadable)
+
+        def refused(batch_id: str, exc: ValueError) -> None:
+            unreadable[batch_id] = str(exc)[:300]
+            self._state_unreadable(batch_id, exc)
+
+        return restore.batches(refused), unreadable
+
+    async def load_batch(self, p: int, batch_id: str) -> BatchState | None:
+        """One batch of state partition p as last committed, with all its fingerprints
+        (None if it has no summary there); ValueError if its records are not understood.
+
+        Another batch's records are skipped unparsed (the restore reported them).
+        """
+        restore = StateRestore(p, only=batch_id)
+        errors: list[ValueError] = []
+        await self._read_partition(p, restore, lambda _batch_id, exc: errors.append(exc))
+        batches = restore.batches(lambda _batch_id, exc: errors.append(exc))
+        if errors:
+            raise errors[0]
+        return batches.get(batch_id)
+
+    async def _read_partition(
+        self,
+        p: int,
+        restore: StateRestore,
+        on_error: Callable[[str | None, ValueError], None],
+    ) -> None:
+        """Read state partition p from its beginning to its last committed record."""
         tp = TopicPartition(self.kcfg.state_topic, p)
         consumer = AIOKafkaConsumer(
             **client_args(self.kcfg, f"rightfoot-poller-restore-{self.instance}"),
@@ -164,8 +196,6 @@ class PartitionOwner:
             max_partition_fetch_bytes=4 * 1024 * 1024,
         )
         await consumer.start()
-        restore = StateRestore(p)
-        unreadable: dict[str, str] = {}
         try:
             consumer.assign([tp])
             await consumer.seek_to_beginning(tp)
@@ -176,15 +206,9 @@ class PartitionOwner:
                     try:
                         restore.apply(msg.key, msg.value)
                     except ValueError as exc:
-                        self._state_unreadable(None, exc)
+                        on_error(None, exc)
         finally:
             await stop_client(consumer)
-
-        def refused(batch_id: str, exc: ValueError) -> None:
-            unreadable[batch_id] = str(exc)[:300]
-            self._state_unreadable(batch_id, exc)
-
-        return restore.batches(refused), unreadable
 
     def _state_unreadable(self, batch_id: str | None, exc: ValueError) -> None:
         invalid = self.metrics.invalid_input

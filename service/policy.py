@@ -151,8 +151,12 @@ class Policy:
 
     def _finish(self, b: BatchState, status: str, reason: str, now: float) -> Step:
         updated = replace(b, status=cast(Status, status), reason=reason, last_poll_at=now)
-        if status not in RESUMABLE:
-            updated.seen = SeenSet()  # never needed again: not tracked again
+        # Finished for good, its fingerprints are never needed again; stopped or failed, it
+        # may be tracked again, and they stay on the state topic (the commit of this step
+        # saves what is not there yet), to be read back by its first poll if it is.
+        updated.seen = SeenSet()
+        if status in RESUMABLE:
+            updated.seen_loaded = False
         return Step(updated, status, save=True, lifecycle=status)
 
     # ---- reconciliation and completion --------------------------------------------

@@ -18,7 +18,10 @@ A batch takes two kinds of record there, both on its partition:
   one open chunk, never the whole batch, and no record grows with the batch.
 
 Batch IDs never contain ``/``, so the two kinds of key cannot collide. A batch
-that finishes for good tombstones its chunks. Summaries of versions 1 and 2
+that finishes for good tombstones its chunks. A batch stopped or failed keeps its
+chunks on the topic, since it may be tracked again, but not in memory: its seen set
+is read back from its chunks (``StateRestore(p, only=batch_id)``) by the first poll
+after it is tracked again. Summaries of versions 1 and 2
 carried the fingerprints inline; they are read as they are, and their
 fingerprints move into chunks with the batch's next commit. Version 4 has the layout
 of version 3; it marks a batch whose event ids cover the record's content, which a
@@ -160,6 +163,13 @@ class ChunkLog:
         """The chunk numbers that may hold data on the topic."""
         return range(self.open_seq + (1 if self.open else 0))
 
+    def seal(self) -> None:
+        """Close the open chunk (once saved): the next fingerprints start a new one."""
+        if self.open:
+            self.open_seq += 1
+            self.open = array("Q")
+            self.writes = 0
+
 
 @dataclass(slots=True)
 class BatchState:
@@ -176,6 +186,9 @@ class BatchState:
     counts: dict[str, int] = field(default_factory=dict)
     seen: SeenSet = field(default_factory=SeenSet)  # fingerprints of every event published
     seen_version: int = FP_VERSION  # the fingerprint function ``seen`` was made with
+    # False: ``seen`` is empty and the batch's fingerprints are only on the state topic
+    # (a batch stopped or failed); a poll reads them back before it reads a page.
+    seen_loaded: bool = True
     chunks: ChunkLog = field(default_factory=ChunkLog)
     last_new_at: float | None = None
     last_poll_at: float | None = None
@@ -305,8 +318,9 @@ def state_records(state: BatchState) -> list[tuple[bytes, bytes | None]]:
     """Every state-topic record (key, value) that saves the batch as it stands now.
 
     The fingerprints not yet saved go into chunks; a batch finished for good
-    tombstones its chunks; the summary comes last, so that with ``at_least_once``
-    (no transaction) a summary is never ahead of its fingerprints.
+    tombstones its chunks; one whose seen set was let go (stopped or failed) seals its
+    open chunk, so that memory keeps nothing of it. The summary comes last, so that with
+    ``at_least_once`` (no transaction) a summary is never ahead of its fingerprints.
     """
     out: list[tuple[bytes, bytes | None]] = []
     if state.status in FINAL and state.status not in RESUMABLE:
@@ -314,6 +328,8 @@ def state_records(state: BatchState) -> list[tuple[bytes, bytes | None]]:
         state.chunks = ChunkLog()
     else:
         out.extend((chunk_key(state.batch_id, n), v) for n, v in state.chunks.flush())
+        if not state.seen_loaded:
+            state.chunks.seal()
     out.append((state.batch_id.encode(), encode_state(state)))
     return out
 
@@ -361,23 +377,51 @@ def decode_state(value: bytes, partition: int) -> BatchState:
 
 
 class StateRestore:
-    """Rebuilds the batches of one state partition from its records, read in order."""
+    """Rebuilds the batches of one state partition from its records, read in order.
 
-    def __init__(self, partition: int) -> None:
+    A batch whose summary says stopped or failed at any point of the read is restored
+    without its fingerprints (``seen_loaded`` False), and its chunks are not kept while
+    the partition is read, only their numbers: what a replica holds, during a restore
+    too, does not grow with the batches that were stopped or failed over time. If such
+    a batch was tracked again later in the log, it is restored active and unloaded, and
+    its first poll reads its fingerprints back.
+
+    ``only``: read one batch, whatever its status, with every fingerprint (the read
+    that loads a batch tracked again).
+    """
+
+    def __init__(self, partition: int, only: str | None = None) -> None:
         self.partition = partition
+        self.only = only
+        self._only_key = None if only is None else only.encode()
+        self._only_chunks = b"" if only is None else chunk_key(only, 0)[:-1]
         self._summaries: dict[str, bytes] = {}
         self._chunks: dict[str, dict[int, bytes]] = {}
+        self._parked: set[str] = set()  # batches whose chunks are not kept
+        self._last_chunk: dict[str, int] = {}  # of those: the highest chunk number written
 
     def apply(self, key: bytes | None, value: bytes | None) -> None:
         """Take one record; ValueError if its key is not a state key."""
         if key is None:
             raise ValueError("no key")
+        if self._only_key is not None and not (
+            key == self._only_key or key.startswith(self._only_chunks)
+        ):
+            return  # another batch's record (not parsed: its errors were counted at restore)
         batch_id, seq = parse_key(key)
         if seq is None:
             if value is None:
                 self._summaries.pop(batch_id, None)
-            else:
-                self._summaries[batch_id] = value
+                return
+            self._summaries[batch_id] = value
+            if self.only is None and batch_id not in self._parked and _parked(value):
+                self._parked.add(batch_id)
+                chunks = self._chunks.pop(batch_id, {})
+                if chunks:
+                    self._last_chunk[batch_id] = max(chunks)
+        elif batch_id in self._parked:
+            if value is not None:
+                self._last_chunk[batch_id] = max(seq, self._last_chunk.get(batch_id, -1))
         elif value is None:
             self._chunks.get(batch_id, {}).pop(seq, None)
         else:
@@ -391,7 +435,13 @@ class StateRestore:
             chunks = self._chunks.pop(batch_id, {})
             try:
                 state = decode_state(value, self.partition)
-                if state.active or state.status in RESUMABLE:
+                if not (state.active or state.status in RESUMABLE or self.only is not None):
+                    pass  # finished for good: its fingerprints are never needed again
+                elif batch_id in self._parked and not state.chunks.unsaved:
+                    # (A summary of versions 1 and 2 carries its fingerprints inline:
+                    # those stay in memory until a commit puts them into chunks.)
+                    _park(state, self._last_chunk.get(batch_id))
+                else:
                     _load_chunks(state, chunks)
             except ValueError as exc:
                 on_error(batch_id, exc)
@@ -399,7 +449,24 @@ class StateRestore:
             out[batch_id] = state
         self._summaries.clear()
         self._chunks.clear()
+        self._parked.clear()
+        self._last_chunk.clear()
         return out
+
+
+def _parked(summary: bytes) -> bool:
+    """Whether a summary record is of a batch stopped or failed (False if not understood:
+    ``batches`` reports it)."""
+    try:
+        return json.loads(summary).get("status") in RESUMABLE
+    except (ValueError, AttributeError):
+        return False
+
+
+def _park(state: BatchState, last_chunk: int | None) -> None:
+    """A batch restored without its fingerprints: new ones go after its last chunk."""
+    state.seen_loaded = False
+    state.chunks = ChunkLog(open_seq=0 if last_chunk is None else last_chunk + 1)
 
 
 def _load_chunks(state: BatchState, chunks: dict[int, bytes]) -> None:

@@ -19,7 +19,7 @@ import itertools
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import structlog
 
@@ -92,6 +92,10 @@ class Tracker:
         self._auth_ok = asyncio.Event()
         self._auth_ok.set()
         self.on_publish_failure: Callable[[int, BaseException], None] | None = None
+        # Reads one batch back from the state topic, all its fingerprints included
+        # (PartitionOwner.load_batch): for a batch tracked again after it stopped or failed.
+        self.load_batch: Callable[[int, str], Awaitable[BatchState | None]] | None = None
+        self._load_attempts: dict[str, int] = {}
         # Gauges over every batch are computed when scraped, not on each poll.
         metrics.tracked_batches.set_function(lambda: len(self._active()))
         metrics.records_behind.set_function(lambda: sum(b.records_behind for b in self._active()))
@@ -187,8 +191,20 @@ class Tracker:
             log.info(
                 "tracking_started", batch_id=req.batch_id, expected_count=step.state.expected_count
             )
-            self._schedule(w, req.batch_id, self.clock() + (step.poll_in or 0.0))
+            if step.state.seen_loaded:
+                self._schedule(w, req.batch_id, self.clock() + (step.poll_in or 0.0))
+            else:
+                # Tracked again: its first poll reads its fingerprints back from the state
+                # topic, which shows them once this commit is done.
+                fut.add_done_callback(lambda f: self._resumed(w, req.batch_id, f))
         return fut
+
+    def _resumed(self, w: PartitionWorker, batch_id: str, commit: asyncio.Future[None]) -> None:
+        if commit.cancelled() or commit.exception() is not None or w.closed:
+            return  # (a failed commit: the partition is restored from Kafka)
+        current = w.batches.get(batch_id)
+        if current is not None and current.active and batch_id not in self.due:
+            self._schedule(w, batch_id, self.clock())
 
     def _send(
         self, w: PartitionWorker, messages: Sequence[Publishable], next_offset: int | None
@@ -300,9 +316,9 @@ class Tracker:
 
     async def _poll_batch(self, w: PartitionWorker, batch_id: str) -> float | None:
         """Poll once; the delay to the next poll, or None if none is to follow from it."""
-        b = w.batches.get(batch_id)
-        if b is None or not b.active:
-            return None
+        b = await self._ready(w, batch_id)
+        if not isinstance(b, BatchState):
+            return b
         begun = self.policy.begin(b, self.wall())
         if isinstance(begun, Step):  # expired
             await self._apply(w, begun)
@@ -358,6 +374,71 @@ class Tracker:
             return None  # stopped (or tracked again) while it read: that poll is dropped
         self.metrics.polls.labels("ok").inc()
         return last.poll_in
+
+    async def _ready(self, w: PartitionWorker, batch_id: str) -> BatchState | float | None:
+        """The batch to poll, its fingerprints in memory; else the delay before trying
+        again, or None if it is no longer to be polled."""
+        b = w.batches.get(batch_id)
+        if b is not None and b.active and not b.seen_loaded:
+            retry = await self._load_seen(w, b)
+            if retry is not None:
+                return retry
+            b = w.batches.get(batch_id)
+        if b is None or not b.active or not b.seen_loaded:
+            return None
+        return b
+
+    async def _load_seen(self, w: PartitionWorker, b: BatchState) -> float | None:
+        """Read back the fingerprints of a batch tracked again after it stopped or failed:
+        None once its seen set holds them (or the batch changed meanwhile), else the delay
+        before the poll that tries again. Nothing of the batch is read from the API before.
+        """
+        batch_id, started = b.batch_id, self.clock()
+        try:
+            if self.load_batch is None:
+                raise RuntimeError("no state topic to read fingerprints from")
+            stored = await self.load_batch(w.partition, batch_id)
+        except Exception as exc:  # Kafka unreachable, or the records are not understood
+            self.metrics.fingerprint_loads.labels("failed").inc()
+            delay = self._load_retry(batch_id, self.policy.window())
+            log.warning(
+                "fingerprints_load_failed",
+                batch_id=batch_id,
+                error=repr(exc)[:300],
+                retry_in_s=round(delay, 2),
+            )
+            return delay
+        current = w.batches.get(batch_id)
+        if (
+            current is None
+            or not current.active
+            or current.generation != b.generation
+            or current.seen_loaded
+        ):
+            self._load_attempts.pop(batch_id, None)
+            return None  # stopped or tracked again while it read, or loaded by another poll
+        if stored is None or stored.generation != current.generation or not stored.active:
+            # The commit that tracked it again is not yet visible to a read_committed
+            # consumer (its transaction's markers follow the commit): read again shortly.
+            self.metrics.fingerprint_loads.labels("not_visible").inc()
+            delay = self._load_retry(batch_id, 0.1)
+            log.debug("fingerprints_not_visible_yet", batch_id=batch_id, retry_in_s=delay)
+            return delay
+        self._load_attempts.pop(batch_id, None)
+        current.seen, current.seen_loaded = stored.seen, True
+        self.metrics.fingerprint_loads.labels("loaded").inc()
+        log.info(
+            "fingerprints_loaded",
+            batch_id=batch_id,
+            fingerprints=len(stored.seen),
+            took_s=round(self.clock() - started, 3),
+        )
+        return None
+
+    def _load_retry(self, batch_id: str, first: float) -> float:
+        """The delay before the next read of a batch's fingerprints: doubled each time."""
+        attempts = self._load_attempts[batch_id] = self._load_attempts.get(batch_id, 0) + 1
+        return min(first * 2.0 ** (attempts - 1), self.settings.rightfoot.backoff_max_s)
 
     async def _fetch(self, w: PartitionWorker, poll: Poll) -> Page:
         """The poll's next page; a rejected page token restarts from the first page."""

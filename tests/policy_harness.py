@@ -15,7 +15,7 @@ from service.config import PollingConfig
 from service.policy import Policy, Poll, Step
 from service.records import BalanceRecord, Page, balance_event_id
 from service.requests import TrackingRequest
-from service.state import BatchState
+from service.state import BatchState, StateRestore, state_records
 
 BATCH = "batch-1"
 
@@ -88,10 +88,15 @@ class Driver:
     authorizers: set[str] = field(default_factory=set)  # of the balance events
     authorizers_at_completion: set[str] | None = None  # the vendor's, when it completed
 
+    # The state topic's records, as the runner's commits write them.
+    state_log: list[tuple[bytes, bytes | None]] = field(default_factory=list)
+
     def apply(self, step: Step | None) -> Step | None:
         if step is None:
             return None
         self.state = step.state
+        if step.save:
+            self.state_log += state_records(step.state)
         self.emitted += [r.event_id for r in step.records]
         self.authorizers.update(r.authorizer_unique_id for r in step.records)
         if step.lifecycle:
@@ -114,6 +119,13 @@ class Driver:
 
     def begin(self) -> Poll | None:
         assert self.state is not None
+        if not self.state.seen_loaded:  # tracked again: read back, as the runner does
+            restore = StateRestore(0, only=BATCH)
+            for key, value in self.state_log:
+                restore.apply(key, value)
+            stored = restore.batches(lambda b, e: None)[BATCH]
+            assert stored.generation == self.state.generation
+            self.state.seen, self.state.seen_loaded = stored.seen, True
         begun = self.policy.begin(self.state, self.now)
         if isinstance(begun, Step):
             self.apply(begun)

@@ -45,6 +45,7 @@ COUNTERS = frozenset(
         "rightfoot_poller_sweeps_total",
         "rightfoot_poller_sweep_records_total",
         "rightfoot_poller_records_relisted_total",
+        "rightfoot_poller_fingerprint_loads_total",
     }
 )
 GAUGES = frozenset(

@@ -406,6 +406,84 @@ async def test_a_batch_stored_by_state_version_3_resumes_without_duplicates(
     assert json.loads(summaries[-1].value)["v"] == 3
 
 
+def batch_in(service: Any, batch_id: str) -> BatchState | None:
+    """The batch as a running in-process service holds it."""
+    for worker in service.tracker.workers.values():
+        if batch_id in worker.batches:
+            return worker.batches[batch_id]  # type: ignore[no-any-return]
+    return None
+
+
+def sample(service: Any, name: str, **labels: str) -> float:
+    return service.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+async def stop_request(kafka: str, topics: Topics, batch_id: str) -> None:
+    body = json.dumps({"batch_id": batch_id, "action": "stop"}).encode()
+    await produce(kafka, topics.requests, batch_id.encode(), body)
+
+
+async def test_a_batch_stopped_then_tracked_again_across_restarts_publishes_each_record_once(
+    kafka: str,
+    topics: Topics,
+    sim_server: SimServer,
+    reader: TopicReader,
+    start_service: Any,
+) -> None:
+    """A stopped batch holds no fingerprints in memory; they are read back from the state
+    topic when it is tracked again, before any page: in the replica that stopped it, in a
+    replica that restored it stopped, and in one that restored it after it was tracked
+    again (the stopped summary still ahead of the chunks that followed it). Records are
+    listed in submission order, so sweeps read the batch again from its first page."""
+    sim = sim_server.sim
+    batch = str(uuid.uuid4())
+    sim.generate_batch(batch, 3000, spread_s=24.0, seed=71, order="submission")
+    held = "rightfoot_poller_fingerprints_held"
+    loaded = "rightfoot_poller_fingerprint_loads_total"
+
+    def published(service: Any) -> int:
+        b = batch_in(service, batch)
+        return 0 if b is None else b.published
+
+    first = await start_service(RFP_INSTANCE_ID="test-stop-a")
+    await track(kafka, topics, batch)
+    await wait_for(lambda: published(first) >= 300, 30, "records published")
+    await stop_request(kafka, topics, batch)
+    await wait_for(lambda: getattr(batch_in(first, batch), "status", "") == "stopped", 20, "stop")
+    assert sample(first, held) == 0 and len(batch_in(first, batch).seen) == 0  # type: ignore[union-attr]
+    # Tracked again in the replica that stopped it.
+    await track(kafka, topics, batch)
+    before = published(first)
+    await wait_for(lambda: published(first) > before + 200, 30, "more records, after the load")
+    assert sample(first, loaded, outcome="loaded") == 1
+    await stop_request(kafka, topics, batch)
+    await wait_for(lambda: getattr(batch_in(first, batch), "status", "") == "stopped", 20, "stop")
+    await first.stop()
+
+    # Restored stopped: nothing in memory until it is tracked again.
+    second = await start_service(RFP_INSTANCE_ID="test-stop-b")
+    restored = batch_in(second, batch)
+    assert restored is not None and restored.status == "stopped" and not restored.seen_loaded
+    assert sample(second, held) == 0
+    await track(kafka, topics, batch)
+    before = published(second)
+    await wait_for(lambda: published(second) > before + 200, 30, "more records, after the load")
+    assert sample(second, loaded, outcome="loaded") == 1
+    await second.stop()
+
+    # Restored active from a log where the stopped summary comes before its new chunks.
+    third = await start_service(RFP_INSTANCE_ID="test-stop-c")
+    restored = batch_in(third, batch)
+    assert restored is not None and restored.active
+    await track(kafka, topics, batch, 3000)
+    await wait_completed(reader, topics, [batch], timeout=90)
+    assert sample(third, loaded, outcome="loaded") == 1
+    balances = await reader.read_all(topics.balances)
+    assert_exactly_once(balances, served_ids(sim, [batch]))
+    events = await lifecycle_by_batch(reader, topics)
+    assert events[batch].count("stopped") == 2 and events[batch][-1] == "completed"
+
+
 async def test_sigterm_during_poll_exits_zero_within_grace(
     kafka: str,
     topics: Topics,

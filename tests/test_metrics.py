@@ -24,6 +24,7 @@ from service.metrics import (
     API_ENDPOINTS,
     BATCH_OUTCOMES,
     DLQ_REASONS,
+    FINGERPRINT_LOAD_OUTCOMES,
     INVALID_INPUT,
     KAFKA_CONNECTION_ERROR_REASONS,
     POLL_RESULTS,
@@ -75,6 +76,7 @@ EXPECTED: dict[str, tuple[str, tuple[str, ...]]] = {
     "rightfoot_poller_records_behind": ("gauge", ()),
     "rightfoot_poller_state_bytes_total": ("counter", ()),
     "rightfoot_poller_fingerprints_held": ("gauge", ()),
+    "rightfoot_poller_fingerprint_loads_total": ("counter", ("outcome",)),
     "rightfoot_poller_memory_limit_bytes": ("gauge", ()),
 }
 # prometheus_client's standard process series (Linux), which the memory alert reads.
@@ -135,6 +137,7 @@ INITIAL: dict[str, set[tuple[str, ...]]] = {
     "rightfoot_poller_records_published_total": {(s,) for s in ALL_STATUS_NAMES},
     "rightfoot_poller_batches_finished_total": {(o,) for o in BATCH_OUTCOMES},
     "rightfoot_poller_sweeps_total": {(o,) for o in SWEEP_OUTCOMES},
+    "rightfoot_poller_fingerprint_loads_total": {(o,) for o in FINGERPRINT_LOAD_OUTCOMES},
     "rightfoot_poller_publish_errors_total": {(k,) for k in PUBLISH_ERROR_KINDS},
     "rightfoot_poller_transactions_total": {(r,) for r in TRANSACTION_RESULTS},
     "rightfoot_poller_dlq_records_total": {(r,) for r in DLQ_REASONS},
@@ -180,6 +183,7 @@ DECLARED: dict[str, list[set[str]]] = {
     "polls": [set(POLL_RESULTS)],
     "batches_finished": [set(BATCH_OUTCOMES)],
     "sweeps": [set(SWEEP_OUTCOMES)],
+    "fingerprint_loads": [set(FINGERPRINT_LOAD_OUTCOMES)],
     "publish_errors": [set(PUBLISH_ERROR_KINDS)],
     "transactions": [set(TRANSACTION_RESULTS)],
     "dlq_records": [set(DLQ_REASONS)],

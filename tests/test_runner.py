@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+
+import pytest
 
 from service.config import Settings
 from service.errors import UnknownStateVersion
@@ -352,7 +354,8 @@ async def test_the_records_held_stay_within_max_records_in_flight_and_none_is_lo
 
 async def test_fingerprints_held_count_what_the_replica_keeps_in_memory() -> None:
     """Two fingerprints a record (its event, its authorizer) while a batch may still see
-    records; none once it completed; a stopped batch keeps them, as it may be resumed."""
+    records; none once it completed, nor once it stopped (they stay on the state topic,
+    should it be tracked again)."""
     names = ("done", "open", "stopped")
     source = Vendors({b: Vendor([record(i, b) for i in range(30)], page_size=10) for b in names})
     tracker = runner(source)
@@ -383,5 +386,102 @@ async def test_fingerprints_held_count_what_the_replica_keeps_in_memory() -> Non
         scheduler.cancel()
     statuses = {b: worker.batches[b].status for b in names}
     assert statuses == {"done": "completed", "open": "tracking", "stopped": "stopped"}
-    assert len(worker.batches["open"].seen) == len(worker.batches["stopped"].seen) == 60
-    assert held() == 120
+    assert len(worker.batches["open"].seen) == 60
+    assert len(worker.batches["stopped"].seen) == 0 and not worker.batches["stopped"].seen_loaded
+    assert held() == 60
+
+
+class Trace:
+    """What reached the vendor and the state topic, in order."""
+
+    def __init__(self) -> None:
+        self.steps: list[str] = []
+
+
+class TracedVendors(Vendors):
+    def __init__(self, vendors: dict[str, Vendor], trace: Trace) -> None:
+        super().__init__(vendors)
+        self.trace = trace
+
+    async def fetch_page(self, batch_id: str, token: str | None, *a: object, **k: object) -> Page:
+        self.trace.steps.append(f"page:{token}")
+        return await super().fetch_page(batch_id, token)
+
+
+def state_reader(
+    tracker: Tracker, committer: HeldCommitter, trace: Trace, faults: list[str]
+) -> Callable[[int, str], Awaitable[BatchState | None]]:
+    """PartitionOwner.load_batch over what the committer committed. ``faults`` are
+    the next reads' faults, in order: "down" (Kafka unreachable) or "behind" (the last
+    commit not yet visible to the read)."""
+
+    async def load(partition: int, batch_id: str) -> BatchState | None:
+        fault = faults.pop(0) if faults else None
+        trace.steps.append(f"load:{fault or 'ok'}")
+        if fault == "down":
+            raise ConnectionError("broker unreachable")
+        units = [
+            u for (u, _), g in zip(committer.units, committer.gates, strict=True) if g.is_set()
+        ]
+        if fault == "behind":
+            units = units[:-1]
+        restore = StateRestore(partition, only=batch_id)
+        for unit in units:
+            for m in unit:
+                if isinstance(m, OutMessage) and m.topic == tracker.settings.kafka.state_topic:
+                    restore.apply(m.key, m.value)
+        return restore.batches(lambda b, e: pytest.fail(str(e))).get(batch_id)
+
+    return load
+
+
+async def test_a_batch_tracked_again_reads_its_fingerprints_back_before_any_page() -> None:
+    """Stopped after 30 records, tracked again once 10 more are listed: its first poll
+    reads its fingerprints from the state topic before it asks the API for anything;
+    a read that fails, or that does not yet show the commit that tracked it again, is
+    tried again; every record is published once."""
+    vendor = Vendor([record(i) for i in range(30)], page_size=10)
+    trace = Trace()
+    tracker = runner(
+        TracedVendors({BATCH: vendor}, trace), interval_min_s=0.02, interval_max_s=0.02
+    )
+    committer = HeldCommitter()
+    worker = PartitionWorker(partition=0, publisher=committer)
+    tracker.add_worker(worker)
+    faults: list[str] = []
+    tracker.load_batch = state_reader(tracker, committer, trace, faults)
+    registry = tracker.metrics.registry
+    scheduler = asyncio.create_task(tracker.run())
+    try:
+        await started(tracker, worker, TrackingRequest(batch_id=BATCH))
+        for _ in range(200):
+            if worker.batches[BATCH].published == 30:
+                break
+            await asyncio.sleep(0.01)
+        stop = TrackingRequest(batch_id=BATCH, action="stop")
+        await tracker.handle_request(worker, stop, stop.encode(), 1)
+        assert len(worker.batches[BATCH].seen) == 0
+        vendor.records += [record(i) for i in range(30, 40)]
+        faults += ["down", "behind"]
+        mark = len(trace.steps)
+        again = TrackingRequest(batch_id=BATCH, expected_count=40)
+        await tracker.handle_request(worker, again, again.encode(), 2)
+        for _ in range(500):
+            if worker.batches[BATCH].status == "completed":
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        tracker.stop()
+        scheduler.cancel()
+    assert worker.batches[BATCH].status == "completed"
+    after = trace.steps[mark:]
+    assert after[:3] == ["load:down", "load:behind", "load:ok"], after
+    assert all(step.startswith("page:") for step in after[3:])
+    records = [e for e in committer.events() if e.startswith("record:")]
+    assert sorted(records) == sorted(f"record:{record(i).event_id}" for i in range(40))
+    loads = {
+        o: registry.get_sample_value("rightfoot_poller_fingerprint_loads_total", {"outcome": o})
+        for o in ("loaded", "not_visible", "failed")
+    }
+    assert loads == {"loaded": 1, "not_visible": 1, "failed": 1}
+    assert len(worker.batches[BATCH].seen) == 0  # completed: let go

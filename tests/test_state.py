@@ -16,7 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from service.errors import ApiForbidden
+from service.policy import Policy
 from service.records import balance_event_id, fingerprint, legacy_fingerprint
+from service.requests import TrackingRequest
 from service.state import (
     CHUNK_FPS,
     MAX_MESSAGE_BYTES,
@@ -29,6 +32,7 @@ from service.state import (
     parse_key,
     state_records,
 )
+from tests.policy_harness import config
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SEEN = {
@@ -266,13 +270,107 @@ def test_finished_for_good_tombstones_its_chunks(status: str) -> None:
     assert not back.active
 
 
+def finish(state: BatchState, status: str) -> BatchState:
+    """The batch as the policy finishes it (a stop request, or a poll's failure)."""
+    policy = Policy(config(), 60.0, random.Random(1))
+    if status == "stopped":
+        step = policy.stop(state, 1_723_220_200.0)
+        assert step is not None
+        return step.state
+    return policy.failed(state, ApiForbidden("forbidden", status=403), 1_723_220_200.0).state
+
+
 @pytest.mark.parametrize("status", ["failed", "stopped"])
-def test_resumable_outcomes_keep_their_fingerprints(status: str) -> None:
+def test_a_stopped_or_failed_batch_keeps_its_fingerprints_on_the_topic_not_in_memory(
+    status: str,
+) -> None:
+    """It may be tracked again, so its chunks stay; the replica holds none of them, and
+    a restore does not hold them either while it reads the partition."""
     topic = Topic()
-    topic.write(full_state(status=status, reason="api_not_found: gone"))
-    back = topic.restore()["b-1"]
-    assert back.seen == SEEN | {0, 2**64 - 1}
-    assert (back.status, back.reason) == (status, "api_not_found: gone")
+    state = full_state()
+    everything = SEEN | {0, 2**64 - 1} | set(range(1, 3 * CHUNK_FPS))
+    state.remember(range(1, 3 * CHUNK_FPS))  # 252 + 6,143 fingerprints, 3 chunks and a bit
+    topic.write(state)
+    state.remember([7_777_777_777])  # published by the poll that the stop ends
+    finished = finish(state, status)
+    assert finished.status == status and len(finished.seen) == 0 and not finished.seen_loaded
+    written = topic.write(finished)
+    assert [parse_key(k)[1] for k, v in written if v is not None] == [3, None]
+    assert not finished.chunks.open and finished.chunks.open_seq == 4  # sealed: nothing held
+    everything.add(7_777_777_777)
+
+    for log in (topic.log, topic.compacted()):
+        restore, held = read_measured(log)
+        assert held < 2_000, held  # the summaries only: 8 bytes a fingerprint would be 51 KB
+        back = restore.batches(lambda b, e: pytest.fail(str(e)))["b-1"]
+        assert (back.status, back.generation) == (status, 2)
+        assert len(back.seen) == 0 and not back.seen_loaded
+        assert back.chunks.open_seq == 4 and not back.chunks.open  # new chunks go after 3
+        # What the first poll after it is tracked again reads back: every fingerprint.
+        whole = read_one(log, "b-1")
+        assert whole.seen == everything and whole.seen_loaded and whole.status == status
+
+
+def read_measured(log: list[tuple[bytes, bytes | None]]) -> tuple[StateRestore, int]:
+    """A restore of ``log``, and the bytes it holds once it has read every record."""
+    restore = StateRestore(3)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for key, value in log:  # as read from Kafka: each record a new bytes object
+            restore.apply(key, None if value is None else bytes(bytearray(value)))
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    return restore, held
+
+
+def read_one(log: list[tuple[bytes, bytes | None]], batch_id: str) -> BatchState:
+    restore = StateRestore(3, only=batch_id)
+    for key, value in log:
+        restore.apply(key, value)
+    return restore.batches(lambda b, e: pytest.fail(str(e)))[batch_id]
+
+
+def test_tracked_again_before_a_restart_it_is_restored_unloaded_and_read_back_whole() -> None:
+    """Stopped, tracked again, published more, then the replica restarts before the log
+    is compacted: the stopped summary is read before the chunks that followed it, so the
+    batch comes back active without fingerprints, for its first poll to read them all."""
+    topic = Topic()
+    state = full_state()
+    topic.write(state)
+    stopped = finish(state, "stopped")
+    topic.write(stopped)
+    policy = Policy(config(), 60.0, random.Random(1))
+    again = policy.track(stopped, TrackingRequest(batch_id="b-1"), 3, 1_723_220_300.0).state
+    assert again.active and again.generation == 3 and not again.seen_loaded
+    topic.write(again)
+    # Its first poll read the fingerprints back, then published 5,000 more.
+    again.seen, again.seen_loaded = read_one(topic.log, "b-1").seen, True
+    again.remember(range(10**6, 10**6 + 5000))
+    topic.write(again)
+    everything = SEEN | {0, 2**64 - 1} | set(range(10**6, 10**6 + 5000))
+    restore, held = read_measured(topic.log)
+    assert held < 2_000, held  # not the 40 KB of chunks written after the stop
+    back = restore.batches(lambda b, e: pytest.fail(str(e)))["b-1"]
+    assert back.active and back.generation == 3 and not back.seen_loaded
+    assert back.chunks.open_seq == 4  # chunk 0 (sealed by the stop), then 1 to 3
+    assert read_one(topic.log, "b-1").seen == everything
+    # Once compacted, the stopped summary is gone: a plain restore loads it all.
+    compacted = Topic()
+    compacted.log = topic.compacted()
+    back = compacted.restore()["b-1"]
+    assert back.seen_loaded and back.seen == everything
+
+
+def test_reading_one_batch_skips_the_others_unparsed() -> None:
+    topic = Topic()
+    topic.write(full_state())
+    topic.write(full_state(batch_id="b-10", published=1))
+    topic.log.insert(0, (b"b-1x/fp/not-a-number", b"junk"))
+    one = read_one(topic.log, "b-1")
+    assert one.published == 240 and one.seen == SEEN | {0, 2**64 - 1}
+    assert read_one(topic.log, "b-10").published == 1
 
 
 def test_a_version_2_record_resumes_and_moves_its_fingerprints_into_chunks() -> None:
