@@ -140,7 +140,7 @@ async def main() -> None:
     # What the consumer itself holds while it reads the partition (no record kept).
     _, read_s, read_peak, _ = await measured(
         lambda: owner(args.bootstrap, topic)._read_partition(
-            0, StateRestore(0, only="none"), lambda _b, e: None
+            0, StateRestore(0, only=[]), lambda _b, e: None
         )
     )
     tracking_owner = owner(args.bootstrap, tracking)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -61,6 +61,10 @@ class PartitionOwner:
         self.joined = False
         self._resets: dict[int, tuple[float, int]] = {}
         self._reset_tasks: set[asyncio.Task[None]] = set()
+        # load_batch: the batches waiting for a read of their partition, and its reader.
+        self._loads: dict[int, dict[str, list[asyncio.Future[BatchState | None]]]] = {}
+        self._load_tasks: dict[int, asyncio.Task[None]] = {}
+        self._load_lock = asyncio.Lock()
         tracker.on_publish_failure = self._on_publish_failure
         tracker.load_batch = self.load_batch
 
@@ -98,9 +102,10 @@ class PartitionOwner:
 
     async def release_all(self, timeout: float) -> None:
         """At shutdown: stop polling, commit what is queued (within ``timeout``), close."""
-        for task in list(self._reset_tasks):
+        tasks = [*self._reset_tasks, *self._load_tasks.values()]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._reset_tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         async with self.lock:
             workers = list(self.tracker.workers)
             await asyncio.gather(*(self.tracker.remove_worker(p, timeout) for p in workers))
@@ -171,15 +176,55 @@ class PartitionOwner:
         """One batch of state partition p as last committed, with all its fingerprints
         (None if it has no summary there); ValueError if its records are not understood.
 
+        Each load reads the whole partition, so loads wait for each other: one partition
+        is read at a time, and the batches asked for meanwhile share the next read (a
+        hundred batches tracked again at once cost a read or two of their partition, and
+        one consumer's buffers at a time).
+        """
+        waiter: asyncio.Future[BatchState | None] = asyncio.get_running_loop().create_future()
+        self._loads.setdefault(p, {}).setdefault(batch_id, []).append(waiter)
+        if p not in self._load_tasks:
+            task = asyncio.create_task(self._load_batches(p), name=f"load-batches-{p}")
+            self._load_tasks[p] = task
+        return await waiter
+
+    async def _load_batches(self, p: int) -> None:
+        try:
+            while self._loads.get(p):
+                async with self._load_lock:
+                    wanted = self._loads.pop(p)  # all those that waited for the lock too
+                    try:
+                        found, errors = await self._read_batches(p, wanted)
+                    except Exception as exc:  # Kafka unreachable: each poll retries
+                        found, errors = {}, dict.fromkeys(wanted, exc)
+                for batch_id, waiters in wanted.items():
+                    for waiter in waiters:
+                        if waiter.done():
+                            continue
+                        if batch_id in errors:
+                            waiter.set_exception(errors[batch_id])
+                        else:
+                            waiter.set_result(found.get(batch_id))
+        finally:
+            self._load_tasks.pop(p, None)
+
+    async def _read_batches(
+        self, p: int, batch_ids: Iterable[str]
+    ) -> tuple[dict[str, BatchState], dict[str, Exception]]:
+        """Those batches of state partition p, whole; and the errors of those not understood.
+
         Another batch's records are skipped unparsed (the restore reported them).
         """
-        restore = StateRestore(p, only=batch_id)
-        errors: list[ValueError] = []
-        await self._read_partition(p, restore, lambda _batch_id, exc: errors.append(exc))
-        batches = restore.batches(lambda _batch_id, exc: errors.append(exc))
-        if errors:
-            raise errors[0]
-        return batches.get(batch_id)
+        restore = StateRestore(p, only=batch_ids)
+        errors: dict[str, Exception] = {}
+
+        def refused(batch_id: str | None, exc: ValueError) -> None:
+            if batch_id is not None:
+                errors[batch_id] = exc
+
+        await self._read_partition(p, restore, refused)
+        log.debug("state_partition_read", partition=p, batches=len(restore.only or ()))
+        return restore.batches(refused), errors
 
     async def _read_partition(
         self,

@@ -20,7 +20,7 @@ A batch takes two kinds of record there, both on its partition:
 Batch IDs never contain ``/``, so the two kinds of key cannot collide. A batch
 that finishes for good tombstones its chunks. A batch stopped or failed keeps its
 chunks on the topic, since it may be tracked again, but not in memory: its seen set
-is read back from its chunks (``StateRestore(p, only=batch_id)``) by the first poll
+is read back from its chunks (``StateRestore(p, only=[batch_id])``) by the first poll
 after it is tracked again. Summaries of versions 1 and 2
 carried the fingerprints inline; they are read as they are, and their
 fingerprints move into chunks with the batch's next commit. Version 4 has the layout
@@ -72,6 +72,7 @@ CHUNK_FPS = 2048  # 16 KiB of fingerprints
 CHUNK_MAX_WRITES = 8  # so a batch fed a few records at a time does not rewrite its chunk forever
 CHUNK_MAGIC = b"F1"
 CHUNK_SEPARATOR = "/fp/"
+_SEPARATOR = CHUNK_SEPARATOR.encode()
 # Strings that come from outside are bounded so that a summary always fits: a page token
 # (records.MAX_PAGE_TOKEN_CHARS, longer ones are refused as a malformed page) and the
 # reason, which may quote an API error message.
@@ -386,15 +387,16 @@ class StateRestore:
     a batch was tracked again later in the log, it is restored active and unloaded, and
     its first poll reads its fingerprints back.
 
-    ``only``: read one batch, whatever its status, with every fingerprint (the read
-    that loads a batch tracked again).
+    ``only``: read those batches alone, whatever their status, with every fingerprint
+    (the read that loads batches tracked again).
     """
 
-    def __init__(self, partition: int, only: str | None = None) -> None:
+    def __init__(self, partition: int, only: Iterable[str] | None = None) -> None:
+        if isinstance(only, str):
+            raise TypeError("only: a collection of batch IDs, not one")
         self.partition = partition
-        self.only = only
-        self._only_key = None if only is None else only.encode()
-        self._only_chunks = b"" if only is None else chunk_key(only, 0)[:-1]
+        self.only = None if only is None else frozenset(only)
+        self._only_keys = None if only is None else frozenset(b.encode() for b in only)
         self._summaries: dict[str, bytes] = {}
         self._chunks: dict[str, dict[int, bytes]] = {}
         self._parked: set[str] = set()  # batches whose chunks are not kept
@@ -404,9 +406,7 @@ class StateRestore:
         """Take one record; ValueError if its key is not a state key."""
         if key is None:
             raise ValueError("no key")
-        if self._only_key is not None and not (
-            key == self._only_key or key.startswith(self._only_chunks)
-        ):
+        if self._only_keys is not None and key.partition(_SEPARATOR)[0] not in self._only_keys:
             return  # another batch's record (not parsed: its errors were counted at restore)
         batch_id, seq = parse_key(key)
         if seq is None:

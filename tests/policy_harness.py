@@ -120,7 +120,7 @@ class Driver:
     def begin(self) -> Poll | None:
         assert self.state is not None
         if not self.state.seen_loaded:  # tracked again: read back, as the runner does
-            restore = StateRestore(0, only=BATCH)
+            restore = StateRestore(0, only=[BATCH])
             for key, value in self.state_log:
                 restore.apply(key, value)
             stored = restore.batches(lambda b, e: None)[BATCH]

@@ -484,6 +484,59 @@ async def test_a_batch_stopped_then_tracked_again_across_restarts_publishes_each
     assert events[batch].count("stopped") == 2 and events[batch][-1] == "completed"
 
 
+async def test_batches_tracked_again_at_once_share_the_reads_of_their_partition(
+    kafka: str,
+    topics: Topics,
+    sim_server: SimServer,
+    reader: TopicReader,
+    start_service: Any,
+) -> None:
+    """Five batches of one partition, stopped, then tracked again together (as after an
+    outage that failed many): each first poll needs the partition read, and the loads
+    share reads instead of running five at once; every record is published once."""
+    sim = sim_server.sim
+    batches: list[str] = []
+    while len(batches) < 5:
+        batch = str(uuid.uuid4())
+        if canonical_partition(batch, topics.partitions) == 0:
+            batches.append(batch)
+    for n, batch in enumerate(batches):
+        sim.generate_batch(batch, 400, spread_s=12.0, seed=80 + n)
+    service = await start_service()
+    for batch in batches:
+        await track(kafka, topics, batch)
+    await wait_for(
+        lambda: all(getattr(batch_in(service, b), "published", 0) >= 50 for b in batches),
+        30,
+        "records of every batch",
+    )
+    for batch in batches:
+        await stop_request(kafka, topics, batch)
+    await wait_for(
+        lambda: all(getattr(batch_in(service, b), "status", "") == "stopped" for b in batches),
+        20,
+        "every batch stopped",
+    )
+    owner = service.partitions
+    original = owner._read_partition
+    reads: list[frozenset[str]] = []
+
+    async def counted(p: int, restore: Any, on_error: Any) -> None:
+        reads.append(restore.only)
+        await original(p, restore, on_error)
+
+    owner._read_partition = counted
+    for batch in batches:
+        await track(kafka, topics, batch, 400)
+    await wait_completed(reader, topics, batches, timeout=90)
+    loaded = "rightfoot_poller_fingerprint_loads_total"
+    assert sample(service, loaded, outcome="loaded") == 5
+    assert set().union(*reads) == set(batches)
+    assert len(reads) <= 3, reads  # five loads, a read or two (three if the commits lag)
+    balances = await reader.read_all(topics.balances)
+    assert_exactly_once(balances, served_ids(sim, batches))
+
+
 async def test_sigterm_during_poll_exits_zero_within_grace(
     kafka: str,
     topics: Topics,

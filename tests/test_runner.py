@@ -425,7 +425,7 @@ def state_reader(
         ]
         if fault == "behind":
             units = units[:-1]
-        restore = StateRestore(partition, only=batch_id)
+        restore = StateRestore(partition, only=[batch_id])
         for unit in units:
             for m in unit:
                 if isinstance(m, OutMessage) and m.topic == tracker.settings.kafka.state_topic:

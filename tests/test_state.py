@@ -326,7 +326,7 @@ def read_measured(log: list[tuple[bytes, bytes | None]]) -> tuple[StateRestore, 
 
 
 def read_one(log: list[tuple[bytes, bytes | None]], batch_id: str) -> BatchState:
-    restore = StateRestore(3, only=batch_id)
+    restore = StateRestore(3, only=[batch_id])
     for key, value in log:
         restore.apply(key, value)
     return restore.batches(lambda b, e: pytest.fail(str(e)))[batch_id]
@@ -371,6 +371,13 @@ def test_reading_one_batch_skips_the_others_unparsed() -> None:
     one = read_one(topic.log, "b-1")
     assert one.published == 240 and one.seen == SEEN | {0, 2**64 - 1}
     assert read_one(topic.log, "b-10").published == 1
+    both = StateRestore(3, only=["b-1", "b-10"])
+    for key, value in topic.log:
+        both.apply(key, value)
+    read = both.batches(lambda b, e: pytest.fail(str(e)))
+    assert {b: s.published for b, s in read.items()} == {"b-1": 240, "b-10": 1}
+    with pytest.raises(TypeError):
+        StateRestore(3, only="b-1")
 
 
 def test_a_version_2_record_resumes_and_moves_its_fingerprints_into_chunks() -> None:
