@@ -526,8 +526,15 @@ async def test_batches_tracked_again_at_once_share_the_reads_of_their_partition(
         await original(p, restore, on_error)
 
     owner._read_partition = counted
-    for batch in batches:
-        await track(kafka, topics, batch, 400)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka, enable_idempotence=True)
+    await producer.start()
+    try:  # the five requests together, as a client resubmitting a list would send them
+        for batch in batches:
+            body = json.dumps({"batch_id": batch, "expected_count": 400}).encode()
+            await producer.send(topics.requests, body, key=batch.encode())
+        await producer.flush()
+    finally:
+        await producer.stop()
     await wait_completed(reader, topics, batches, timeout=90)
     loaded = "rightfoot_poller_fingerprint_loads_total"
     assert sample(service, loaded, outcome="loaded") == 5
