@@ -31,10 +31,11 @@ typecheck: install
 unit: install
 	$(UV) run --frozen pytest -m "not kafka" -q
 
-# Everything: lint, types, then the whole suite against a real broker that the test
-# session starts (scripts/kafka.sh on $(KAFKA_TEST_PORT)) and stops.
+# Everything: lint, types, then the whole suite: the tests against a real broker that their
+# session starts (scripts/kafka.sh on $(KAFKA_TEST_PORT)) and stops, and beside them, at
+# the same time, those that need none (scripts/test-suite.sh).
 test: lint typecheck tools
-	$(UV) run --frozen pytest -q
+	scripts/test-suite.sh
 
 run: install
 	scripts/run-demo.sh
