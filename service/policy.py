@@ -172,7 +172,7 @@ class Policy:
     def sweep_due(self, b: BatchState, pending: Pending, total: int | None, now: float) -> bool:
         """Whether a poll that reached the end should read the batch again from page 1."""
         if total is not None:
-            if total <= b.records_seen + pending.new_records:
+            if total <= seen_with(b, pending):
                 return False  # nothing missing by the count (a smaller count: see README)
             return b.next_sweep_at is None or now >= b.next_sweep_at
         # No count: only a full read can tell what was listed behind the cursor. One runs
@@ -198,7 +198,7 @@ class Policy:
         updates: dict[str, object] = {"total_processed": total}
         if full is None:
             return updates, None
-        seen = b.records_seen + pending.new_records
+        seen = seen_with(b, pending)
         found = seen - full.seen_before
         behind = 0 if total is None else total - seen
         # A poll that began at the first page (a batch of one page, a new batch) is a full
@@ -233,7 +233,7 @@ class Policy:
         the API's count; when the API gives no count, once a full read of the batch
         after the last new record found nothing more.
         """
-        seen = b.records_seen + pending.new_records
+        seen = seen_with(b, pending)
         total = cast(int | None, updates.get("total_processed", b.total_processed))
         if b.expected_count is not None:
             if seen >= b.expected_count:
@@ -409,7 +409,7 @@ class Poll:
         self.token = None
         self._loop_watch(None)
         if self.full is None:
-            self.full = _FullRead(False, b.records_seen + self.pending.new_records)
+            self.full = _FullRead(False, seen_with(b, self.pending))
         return True
 
     def _loop_watch(self, token: str | None) -> None:
@@ -451,14 +451,19 @@ class Poll:
             full.pages += 1
         if not sweeping:
             self.cursor = used if last else self.token
-        elif total is not None and b.records_seen + self.pending.new_records >= total:
+        elif total is not None and seen_with(b, self.pending) >= total:
             return True  # the sweep found every record the count says exists
         if last and full is None and self.policy.sweep_due(b, self.pending, total, now):
-            self.full = _FullRead(True, b.records_seen + self.pending.new_records)
+            self.full = _FullRead(True, seen_with(b, self.pending))
             self.token = None
             self._loop_watch(None)
             return False
         return last
+
+
+def seen_with(b: BatchState, pending: Pending) -> int:
+    """The batch's records as the API counts them, those the poll has not committed included."""
+    return b.records_seen + pending.new_records
 
 
 def expired_reason(b: BatchState, seen: int, total: int | None) -> str:
