@@ -72,9 +72,11 @@ class Policy:
         """The delay from one poll's due time to the next: uniform in the polling window."""
         return self.rng.uniform(self.cfg.interval_min_s, self.cfg.interval_max_s)
 
-    def backoff(self, failures: int, cap: float) -> float:
-        """The delay after ``failures`` failures in a row: a window doubled each time, capped."""
-        return min(cap, self.window() * float(2 ** min(failures - 1, MAX_DOUBLINGS)))
+    def backoff(self, failures: int, cap: float, first: float | None = None) -> float:
+        """The delay after ``failures`` failures in a row: ``first`` (default: a polling
+        window) doubled each time, capped."""
+        base = self.window() if first is None else first
+        return min(cap, base * float(2 ** min(failures - 1, MAX_DOUBLINGS)))
 
     @staticmethod
     def next_due(due: float, delay: float, now: float) -> float:

@@ -435,13 +435,13 @@ class StateRestore:
             chunks = self._chunks.pop(batch_id, {})
             try:
                 state = decode_state(value, self.partition)
-                if not (state.active or state.status in RESUMABLE or self.only is not None):
-                    pass  # finished for good: its fingerprints are never needed again
-                elif batch_id in self._parked and not state.chunks.unsaved:
-                    # (A summary of versions 1 and 2 carries its fingerprints inline:
-                    # those stay in memory until a commit puts them into chunks.)
+                # A batch finished for good never needs its fingerprints again. (A summary
+                # of versions 1 and 2 carries its fingerprints inline: those stay in memory
+                # until a commit puts them into chunks.)
+                wanted = state.active or state.status in RESUMABLE or self.only is not None
+                if wanted and batch_id in self._parked and not state.chunks.unsaved:
                     _park(state, self._last_chunk.get(batch_id))
-                else:
+                elif wanted:
                     _load_chunks(state, chunks)
             except ValueError as exc:
                 on_error(batch_id, exc)

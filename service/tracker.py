@@ -400,7 +400,7 @@ class Tracker:
             stored = await self.load_batch(w.partition, batch_id)
         except Exception as exc:  # Kafka unreachable, or the records are not understood
             self.metrics.fingerprint_loads.labels("failed").inc()
-            delay = self._load_retry(batch_id, self.policy.window())
+            delay = self.policy.backoff(self._load_attempt(batch_id), self.policy.backoff_max_s)
             log.warning(
                 "fingerprints_load_failed",
                 batch_id=batch_id,
@@ -421,7 +421,8 @@ class Tracker:
             # The commit that tracked it again is not yet visible to a read_committed
             # consumer (its transaction's markers follow the commit): read again shortly.
             self.metrics.fingerprint_loads.labels("not_visible").inc()
-            delay = self._load_retry(batch_id, 0.1)
+            attempt = self._load_attempt(batch_id)
+            delay = self.policy.backoff(attempt, self.policy.backoff_max_s, first=0.1)
             log.debug("fingerprints_not_visible_yet", batch_id=batch_id, retry_in_s=delay)
             return delay
         self._load_attempts.pop(batch_id, None)
@@ -435,10 +436,10 @@ class Tracker:
         )
         return None
 
-    def _load_retry(self, batch_id: str, first: float) -> float:
-        """The delay before the next read of a batch's fingerprints: doubled each time."""
+    def _load_attempt(self, batch_id: str) -> int:
+        """Count a read of a batch's fingerprints that did not load them: how many in a row."""
         attempts = self._load_attempts[batch_id] = self._load_attempts.get(batch_id, 0) + 1
-        return min(first * 2.0 ** (attempts - 1), self.settings.rightfoot.backoff_max_s)
+        return attempts
 
     async def _fetch(self, w: PartitionWorker, poll: Poll) -> Page:
         """The poll's next page; a rejected page token restarts from the first page."""

@@ -9,6 +9,7 @@ runner does: a step's state becomes the batch's state at once.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from service.config import PollingConfig
@@ -25,6 +26,21 @@ def record(n: int, batch_id: str = BATCH) -> BalanceRecord:
     ts = "2026-11-28T10:00:00Z"
     balance, code = f"{n}.01", n % 3
     return BalanceRecord(uid, balance, code, ts, balance_event_id(batch_id, uid, ts, balance, code))
+
+
+def read_back(
+    records: Iterable[tuple[bytes | None, bytes | None]], batch_id: str, partition: int = 0
+) -> BatchState | None:
+    """One batch read back whole from state-topic records (key, value), as
+    ``PartitionOwner.load_batch`` reads it; ValueError if they are not understood."""
+    restore = StateRestore(partition, only=[batch_id])
+    for key, value in records:
+        restore.apply(key, value)
+    errors: list[ValueError] = []
+    batches = restore.batches(lambda _batch_id, exc: errors.append(exc))
+    if errors:
+        raise errors[0]
+    return batches.get(batch_id)
 
 
 @dataclass
@@ -120,11 +136,8 @@ class Driver:
     def begin(self) -> Poll | None:
         assert self.state is not None
         if not self.state.seen_loaded:  # tracked again: read back, as the runner does
-            restore = StateRestore(0, only=[BATCH])
-            for key, value in self.state_log:
-                restore.apply(key, value)
-            stored = restore.batches(lambda b, e: None)[BATCH]
-            assert stored.generation == self.state.generation
+            stored = read_back(self.state_log, BATCH)
+            assert stored is not None and stored.generation == self.state.generation
             self.state.seen, self.state.seen_loaded = stored.seen, True
         begun = self.policy.begin(self.state, self.now)
         if isinstance(begun, Step):

@@ -10,8 +10,6 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable, Sequence
 
-import pytest
-
 from service.config import Settings
 from service.errors import UnknownStateVersion
 from service.events import BalanceEvents, EventFactory, OutMessage, Publishable
@@ -21,7 +19,7 @@ from service.requests import TrackingRequest
 from service.state import BatchState, StateRestore, decode_state
 from service.tracker import Tracker
 from service.worker import PartitionWorker
-from tests.policy_harness import BATCH, Vendor, record
+from tests.policy_harness import BATCH, Vendor, read_back, record
 
 
 class HeldSource:
@@ -425,12 +423,14 @@ def state_reader(
         ]
         if fault == "behind":
             units = units[:-1]
-        restore = StateRestore(partition, only=[batch_id])
-        for unit in units:
-            for m in unit:
-                if isinstance(m, OutMessage) and m.topic == tracker.settings.kafka.state_topic:
-                    restore.apply(m.key, m.value)
-        return restore.batches(lambda b, e: pytest.fail(str(e))).get(batch_id)
+        topic = tracker.settings.kafka.state_topic
+        records = [
+            (m.key, m.value)
+            for unit in units
+            for m in unit
+            if isinstance(m, OutMessage) and m.topic == topic
+        ]
+        return read_back(records, batch_id, partition)
 
     return load
 

@@ -32,7 +32,7 @@ from service.state import (
     parse_key,
     state_records,
 )
-from tests.policy_harness import config
+from tests.policy_harness import config, read_back
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SEEN = {
@@ -326,10 +326,9 @@ def read_measured(log: list[tuple[bytes, bytes | None]]) -> tuple[StateRestore, 
 
 
 def read_one(log: list[tuple[bytes, bytes | None]], batch_id: str) -> BatchState:
-    restore = StateRestore(3, only=[batch_id])
-    for key, value in log:
-        restore.apply(key, value)
-    return restore.batches(lambda b, e: pytest.fail(str(e)))[batch_id]
+    state = read_back(log, batch_id, 3)
+    assert state is not None
+    return state
 
 
 def test_tracked_again_before_a_restart_it_is_restored_unloaded_and_read_back_whole() -> None:
