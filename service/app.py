@@ -155,6 +155,7 @@ class PollerService:
         await self.client.start()
         self._workers = [
             asyncio.create_task(self.tracker.run(), name="scheduler"),
+            asyncio.create_task(self.tracker.forget_loop(), name="forget-finished"),
             asyncio.create_task(self._consume(), name="requests-consumer"),
             asyncio.create_task(self._auth_probe(), name="auth-probe"),
         ]

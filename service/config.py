@@ -83,6 +83,15 @@ class PollingConfig(_Section):
     sweep_backoff_max_s: float = Field(
         3600.0, gt=0, description="longest wait between sweeps that keep finding nothing"
     )
+    # A finished batch (completed, expired, failed, stopped) is kept this long, then
+    # forgotten: its state tombstoned, so that what a replica holds and restores does not
+    # grow with every batch it ever tracked.
+    finished_retention_s: float = Field(
+        30 * 86400.0,
+        gt=0,
+        description="how long a finished batch's state is kept (GET /v1/batches, "
+        "a repeated tracking request ignored, a stopped or failed batch resumed)",
+    )
 
     @model_validator(mode="after")
     def _check_window(self) -> PollingConfig:

@@ -273,6 +273,19 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.finished_batches = Gauge(
+            f"{PREFIX}_finished_batches",
+            "Finished batches (completed, expired, failed, stopped) this replica's partitions "
+            "still keep: each is forgotten polling.finished_retention_s after it finished.",
+            registry=r,
+        )
+        self.batches_forgotten = Counter(
+            f"{PREFIX}_batches_forgotten",
+            "Finished batches forgotten once kept polling.finished_retention_s (their state "
+            "tombstoned), by how they had finished.",
+            ["outcome"],
+            registry=r,
+        )
         self.memory_limit = Gauge(
             f"{PREFIX}_memory_limit_bytes",
             "The memory limit of the replica's container (its cgroup), 0 when none is set. "
@@ -314,6 +327,7 @@ class Metrics:
             self.records_published.labels(status)
         for outcome in BATCH_OUTCOMES:
             self.batches_finished.labels(outcome)
+            self.batches_forgotten.labels(outcome)
         for outcome in SWEEP_OUTCOMES:
             self.sweeps.labels(outcome)
         for outcome in FINGERPRINT_LOAD_OUTCOMES:

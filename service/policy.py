@@ -117,6 +117,17 @@ class Policy:
             b.expected_count = req.expected_count
         return Step(b, "started", save=True, lifecycle="tracking_started", poll_in=0.0)
 
+    def forgettable(self, b: BatchState, now: float) -> bool:
+        """Whether a finished batch has been kept ``polling.finished_retention_s``.
+
+        A batch's last poll is when it finished (``_finish`` sets it; a finished batch
+        is never polled again); a summary without one counts from its tracking.
+        """
+        if b.active:
+            return False
+        finished_at = b.last_poll_at if b.last_poll_at is not None else b.tracked_at
+        return now - finished_at >= self.cfg.finished_retention_s
+
     def stop(self, b: BatchState | None, now: float) -> Step | None:
         """A stop request: the batch is stopped at once; a poll under way is dropped."""
         if b is None or not b.active:

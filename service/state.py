@@ -335,6 +335,17 @@ def state_records(state: BatchState) -> list[tuple[bytes, bytes | None]]:
     return out
 
 
+def forget_records(state: BatchState) -> list[tuple[bytes, bytes | None]]:
+    """The tombstones that forget a finished batch: its chunks (those of a batch stopped
+    or failed are still on the topic), then its summary, so that a reader never sees a
+    summary without the chunks it counts on."""
+    out: list[tuple[bytes, bytes | None]] = [
+        (chunk_key(state.batch_id, n), None) for n in state.chunks.written()
+    ]
+    out.append((state.batch_id.encode(), None))
+    return out
+
+
 def decode_state(value: bytes, partition: int) -> BatchState:
     """A summary record; raise ValueError if it is not understood.
 
@@ -410,8 +421,11 @@ class StateRestore:
             return  # another batch's record (not parsed: its errors were counted at restore)
         batch_id, seq = parse_key(key)
         if seq is None:
-            if value is None:
+            if value is None:  # forgotten: what follows is a new batch of that ID
                 self._summaries.pop(batch_id, None)
+                self._chunks.pop(batch_id, None)
+                self._parked.discard(batch_id)
+                self._last_chunk.pop(batch_id, None)
                 return
             self._summaries[batch_id] = value
             if self.only is None and batch_id not in self._parked and _parked(value):

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import random
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 
 import structlog
@@ -51,6 +52,9 @@ log = structlog.get_logger(__name__)
 
 # A poll goes on reading while this many of its commits are under way.
 MAX_COMMITS_IN_FLIGHT = 2
+# Finished batches forgotten in one commit: at most this many tombstones (a batch stopped
+# after a million records has some thousand chunks); the rest go in the next round.
+MAX_FORGET_MESSAGES = 5000
 
 
 class Tracker:
@@ -102,6 +106,9 @@ class Tracker:
         metrics.batches_in_backoff.set_function(lambda: sum(b.failures > 0 for b in self._active()))
         metrics.batches_unreadable.set_function(
             lambda: sum(len(w.unreadable) for w in self.workers.values())
+        )
+        metrics.finished_batches.set_function(
+            lambda: sum(not b.active for w in self.workers.values() for b in w.batches.values())
         )
         metrics.fingerprints_held.set_function(
             lambda: sum(len(b.seen) for w in self.workers.values() for b in w.batches.values())
@@ -239,6 +246,56 @@ class Tracker:
     def _committed(self, fut: asyncio.Future[None], step: Step) -> None:
         if not fut.cancelled() and fut.exception() is None:
             self.writer.committed(step)  # (a failed commit: the partition is restored)
+
+    # ---- finished batches -------------------------------------------------------------
+
+    def forget_finished(self) -> bool:
+        """Forget the finished batches kept ``polling.finished_retention_s``: each owned
+        partition's are dropped from memory and tombstoned in one commit (queued behind
+        the partition's other commits, so a tracking request applied after this starts
+        a new batch, written after the tombstones). True if some are left for next time."""
+        now, more = self.wall(), False
+        for w in list(self.workers.values()):
+            if w.closed:
+                continue
+            messages: list[Publishable] = []
+            forgotten: Counter[str] = Counter()
+            for b in list(w.batches.values()):
+                if not self.policy.forgettable(b, now):
+                    continue
+                if len(messages) >= MAX_FORGET_MESSAGES:
+                    more = True
+                    break
+                del w.batches[b.batch_id]
+                messages.extend(self.writer.forget(b))
+                forgotten[b.status] += 1
+            if not messages:
+                continue
+            fut = self._send(w, messages, None)
+            fut.add_done_callback(functools.partial(self._forgot, w.partition, forgotten))
+        return more
+
+    def _forgot(self, partition: int, forgotten: Counter[str], fut: asyncio.Future[None]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            return  # (a failed commit: the partition is restored, and they are forgotten again)
+        for status, n in forgotten.items():
+            self.metrics.batches_forgotten.labels(status).inc(n)
+        log.info(
+            "batches_forgotten",
+            partition=partition,
+            batches=sum(forgotten.values()),
+            by_status=dict(forgotten),
+            retention_s=self.settings.polling.finished_retention_s,
+        )
+
+    async def forget_loop(self) -> None:
+        """``forget_finished`` a few times per retention period (at most every 10 minutes),
+        and again within a second while a round leaves some; until cancelled."""
+        every = min(600.0, self.settings.polling.finished_retention_s / 4)
+        delay = every
+        while True:
+            await asyncio.sleep(delay)
+            delay = 1.0 if self.forget_finished() else every
 
     # ---- scheduling -------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from service.errors import ApiError, ApiNotFound, ApiUnauthorized
 from service.events import BalanceEvents, EventFactory, OutMessage, Publishable
 from service.logs import Throttle
 from service.metrics import Metrics
-from service.state import BatchState, state_records
+from service.state import BatchState, forget_records, state_records
 from service.step import Step
 
 log = structlog.get_logger(__name__)
@@ -133,11 +133,20 @@ class StepWriter:
 
     def state(self, b: BatchState) -> list[OutMessage]:
         """The state-topic messages that save ``b`` (its summary, and chunks as needed)."""
+        return self._state_messages(b, state_records(b))
+
+    def forget(self, b: BatchState) -> list[OutMessage]:
+        """The state-topic tombstones that forget the finished batch ``b``."""
+        return self._state_messages(b, forget_records(b))
+
+    def _state_messages(
+        self, b: BatchState, records: list[tuple[bytes, bytes | None]]
+    ) -> list[OutMessage]:
         out = [
             OutMessage(
                 topic=self.state_topic, key=key, value=value, headers=[], partition=b.partition
             )
-            for key, value in state_records(b)
+            for key, value in records
         ]
         self.metrics.state_bytes.inc(sum(len(m.key or b"") + len(m.value or b"") for m in out))
         return out

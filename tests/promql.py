@@ -46,6 +46,7 @@ COUNTERS = frozenset(
         "rightfoot_poller_sweep_records_total",
         "rightfoot_poller_records_relisted_total",
         "rightfoot_poller_fingerprint_loads_total",
+        "rightfoot_poller_batches_forgotten_total",
     }
 )
 GAUGES = frozenset(
@@ -63,6 +64,7 @@ GAUGES = frozenset(
         "rightfoot_poller_records_behind",
         "rightfoot_poller_kafka_broker_reachable",
         "rightfoot_poller_fingerprints_held",
+        "rightfoot_poller_finished_batches",
         "rightfoot_poller_memory_limit_bytes",
         # prometheus_client's standard process series, which the service exports too
         "process_resident_memory_bytes",

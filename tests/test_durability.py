@@ -484,6 +484,75 @@ async def test_a_batch_stopped_then_tracked_again_across_restarts_publishes_each
     assert events[batch].count("stopped") == 2 and events[batch][-1] == "completed"
 
 
+async def test_finished_batches_are_forgotten_after_the_retention_and_a_restart_keeps_none(
+    kafka: str,
+    topics: Topics,
+    sim_server: SimServer,
+    reader: TopicReader,
+    start_service: Any,
+) -> None:
+    """``polling.finished_retention_s`` 2 s: a completed batch and a stopped one are
+    tombstoned on the state topic (the stopped one's fingerprint chunks too), leave the
+    replica's memory and GET /v1/batches, and a restart restores neither. Tracking the
+    completed one again starts it anew: its records are published a second time, with
+    the same event ids."""
+    sim = sim_server.sim
+    done, stopped = str(uuid.uuid4()), str(uuid.uuid4())
+    sim.generate_batch(done, 300, seed=90)
+    sim.generate_batch(stopped, 3000, spread_s=20.0, seed=91)
+    forgotten = "rightfoot_poller_batches_forgotten_total"
+    first = await start_service(RFP_POLLING__FINISHED_RETENTION_S="2")
+    await track(kafka, topics, done, 300)
+    await track(kafka, topics, stopped)
+    await wait_for(
+        lambda: getattr(batch_in(first, stopped), "published", 0) >= 300, 30, "records published"
+    )
+    await stop_request(kafka, topics, stopped)
+    await wait_completed(reader, topics, [done], timeout=60)
+    await wait_for(
+        lambda: (
+            sample(first, forgotten, outcome="completed") == 1
+            and sample(first, forgotten, outcome="stopped") == 1
+        ),
+        30,
+        "both batches forgotten",
+    )
+    assert batch_in(first, done) is None and batch_in(first, stopped) is None
+    assert sample(first, "rightfoot_poller_finished_batches") == 0
+    await wait_for(
+        lambda: first.view.get(done) is None and first.view.get(stopped) is None,
+        30,
+        "GET /v1/batches without them",
+    )
+    last: dict[bytes, bytes | None] = {}
+    for msg in await reader.read_all(topics.state):
+        last[msg.key] = msg.value
+    theirs = {k for k in last if k.decode().split("/fp/")[0] in (done, stopped)}
+    assert f"{stopped}/fp/0".encode() in theirs and done.encode() in theirs
+    assert {k: last[k] for k in theirs if last[k] is not None} == {}
+    await first.stop()
+
+    second = await start_service(RFP_INSTANCE_ID="test-forget-b")
+    assert batch_in(second, done) is None and batch_in(second, stopped) is None
+    await track(kafka, topics, done, 300)
+
+    async def done_twice() -> bool:
+        return (await lifecycle_by_batch(reader, topics))[done].count("completed") == 2
+
+    for _ in range(60):
+        if await done_twice():
+            break
+        await asyncio.sleep(1.0)
+    events = await lifecycle_by_batch(reader, topics)
+    assert events[done] == ["tracking_started", "completed"] * 2
+    values = [
+        validate_message("balance", m.key, m.value, m.headers)
+        for m in await reader.read_all(topics.balances)
+    ]
+    ids = Counter(v["event_id"] for v in values if v["batch_id"] == done)
+    assert set(ids) == served_ids(sim, [done]) and set(ids.values()) == {2}
+
+
 async def test_batches_tracked_again_at_once_share_the_reads_of_their_partition(
     kafka: str,
     topics: Topics,

@@ -77,6 +77,8 @@ EXPECTED: dict[str, tuple[str, tuple[str, ...]]] = {
     "rightfoot_poller_state_bytes_total": ("counter", ()),
     "rightfoot_poller_fingerprints_held": ("gauge", ()),
     "rightfoot_poller_fingerprint_loads_total": ("counter", ("outcome",)),
+    "rightfoot_poller_finished_batches": ("gauge", ()),
+    "rightfoot_poller_batches_forgotten_total": ("counter", ("outcome",)),
     "rightfoot_poller_memory_limit_bytes": ("gauge", ()),
 }
 # prometheus_client's standard process series (Linux), which the memory alert reads.
@@ -136,6 +138,7 @@ INITIAL: dict[str, set[tuple[str, ...]]] = {
     "rightfoot_poller_polls_total": {(r,) for r in POLL_RESULTS},
     "rightfoot_poller_records_published_total": {(s,) for s in ALL_STATUS_NAMES},
     "rightfoot_poller_batches_finished_total": {(o,) for o in BATCH_OUTCOMES},
+    "rightfoot_poller_batches_forgotten_total": {(o,) for o in BATCH_OUTCOMES},
     "rightfoot_poller_sweeps_total": {(o,) for o in SWEEP_OUTCOMES},
     "rightfoot_poller_fingerprint_loads_total": {(o,) for o in FINGERPRINT_LOAD_OUTCOMES},
     "rightfoot_poller_publish_errors_total": {(k,) for k in PUBLISH_ERROR_KINDS},
@@ -161,6 +164,7 @@ NON_LITERAL_LABELS: dict[tuple[str, str], str] = {
     ("dlq_records", "reason"): "InvalidRecord.reason, one of DLQ_REASONS (tested below)",
     ("records_published", "status"): "BalanceRecord.balance_status, one of ALL_STATUS_NAMES",
     ("batches_finished", "b.status"): "a final Status of state.py (BATCH_OUTCOMES)",
+    ("batches_forgotten", "status"): "a finished batch's Status (BATCH_OUTCOMES): forgettable",
     ("requests_received", "req.action"): "TrackingRequest.action: Literal['track', 'stop']",
     (
         "publish_errors",
@@ -182,6 +186,7 @@ DECLARED: dict[str, list[set[str]]] = {
     "api_requests": [set(API_ENDPOINTS), set(API_CODES)],
     "polls": [set(POLL_RESULTS)],
     "batches_finished": [set(BATCH_OUTCOMES)],
+    "batches_forgotten": [set(BATCH_OUTCOMES)],
     "sweeps": [set(SWEEP_OUTCOMES)],
     "fingerprint_loads": [set(FINGERPRINT_LOAD_OUTCOMES)],
     "publish_errors": [set(PUBLISH_ERROR_KINDS)],

@@ -488,3 +488,19 @@ def test_a_correction_does_not_stand_in_for_a_record_still_behind_the_cursor(
     assert d.authorizers_at_completion is not None
     assert d.authorizers_at_completion <= d.authorizers
     assert d.state.relisted == 1 and d.state.published == 6 and d.state.records_seen == 5
+
+
+def test_a_finished_batch_is_forgettable_once_kept_for_the_retention() -> None:
+    """Counted from its finish (the last poll ``_finish`` sets), or from its tracking when
+    a summary has no poll; a batch still tracking never is, however old."""
+    policy = make(finished_retention_s=100.0)
+    tracking = BatchState(batch_id=BATCH, partition=0, tracked_at=0.0, last_poll_at=0.0)
+    assert not policy.forgettable(tracking, 10_000.0)
+    stop = policy.stop(tracking, 500.0)
+    assert stop is not None
+    stopped = stop.state
+    assert not policy.forgettable(stopped, 599.0)
+    assert policy.forgettable(stopped, 600.0)
+    never_polled = BatchState(batch_id=BATCH, partition=0, status="failed", tracked_at=50.0)
+    assert not policy.forgettable(never_polled, 149.0)
+    assert policy.forgettable(never_polled, 150.0)

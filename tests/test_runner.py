@@ -10,6 +10,8 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable, Sequence
 
+import pytest
+
 from service.config import Settings
 from service.errors import UnknownStateVersion
 from service.events import BalanceEvents, EventFactory, OutMessage, Publishable
@@ -485,3 +487,179 @@ async def test_a_batch_tracked_again_reads_its_fingerprints_back_before_any_page
     }
     assert loads == {"loaded": 1, "not_visible": 1, "failed": 1}
     assert len(worker.batches[BATCH].seen) == 0  # completed: let go
+
+
+def state_log(tracker: Tracker, committer: HeldCommitter) -> list[tuple[bytes, bytes | None]]:
+    """The state-topic records the committer committed, in order."""
+    topic = tracker.settings.kafka.state_topic
+    return [
+        (m.key or b"", m.value)
+        for m in committer.messages()
+        if isinstance(m, OutMessage) and m.topic == topic
+    ]
+
+
+def restored(records: list[tuple[bytes, bytes | None]]) -> dict[str, BatchState]:
+    """The batches a restore of the partition would give from ``records``."""
+    restore = StateRestore(0)
+    for key, value in records:
+        restore.apply(key, value)
+    return restore.batches(lambda batch_id, exc: pytest.fail(f"{batch_id}: {exc}"))
+
+
+async def run_until(cond: Callable[[], bool], what: str) -> None:
+    for _ in range(500):
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+    pytest.fail(f"never {what}")
+
+
+async def test_finished_batches_are_forgotten_once_kept_for_the_retention(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A completed and a stopped batch are kept ``finished_retention_s``, then dropped from
+    memory and tombstoned (the stopped one's chunks first, its summary last); a batch still
+    tracking is left alone, a restore from the log finds neither, and a new tracking request
+    for the completed one starts it anew."""
+    monkeypatch.setattr("service.state.CHUNK_FPS", 16)  # the stopped batch: several chunks
+    names = ("done", "open", "stopped")
+    source = Vendors({b: Vendor([record(i, b) for i in range(30)], page_size=10) for b in names})
+    tracker = runner(source, interval_min_s=0.01, interval_max_s=0.01, finished_retention_s=100)
+    wall = [1_000_000.0]
+    tracker.wall = lambda: wall[0]
+    committer = HeldCommitter()
+    worker = PartitionWorker(partition=0, publisher=committer)
+    tracker.add_worker(worker)
+    registry = tracker.metrics.registry
+
+    def sample(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    for offset, (batch_id, count) in enumerate((("done", 30), ("open", 40), ("stopped", 40))):
+        req = TrackingRequest(batch_id=batch_id, expected_count=count)
+        await tracker.handle_request(worker, req, req.encode(), offset)
+    scheduler = asyncio.create_task(tracker.run())
+    try:
+        await run_until(
+            lambda: (
+                worker.batches["done"].status == "completed"
+                and all(worker.batches[b].published == 30 for b in names)
+            ),
+            "all published",
+        )
+        stop = TrackingRequest(batch_id="stopped", action="stop")
+        await tracker.handle_request(worker, stop, stop.encode(), 3)
+        stopped_chunks = list(worker.batches["stopped"].chunks.written())
+        assert len(stopped_chunks) >= 4
+        assert sample("rightfoot_poller_finished_batches") == 2
+
+        wall[0] += 99.0  # not yet
+        assert not tracker.forget_finished()
+        await settle()
+        assert set(worker.batches) == set(names)
+
+        wall[0] += 1.0
+        mark = len(committer.units)
+        assert not tracker.forget_finished()
+        await settle()
+        assert set(worker.batches) == {"open"}
+        assert len(committer.units) == mark + 1  # one commit for the partition
+        (unit, offset) = committer.units[mark]
+        assert offset is None
+        tombstones = [(m.key, m.value) for m in unit if isinstance(m, OutMessage)]
+        assert all(value is None for _, value in tombstones)
+        keys = [key for key, _ in tombstones]
+        stopped_keys = [f"stopped/fp/{n}".encode() for n in stopped_chunks] + [b"stopped"]
+        assert [k for k in keys if k.startswith(b"stopped")] == stopped_keys
+        assert b"done" in keys and not any(k.startswith(b"open") for k in keys)
+        assert sample("rightfoot_poller_batches_forgotten_total", outcome="completed") == 1
+        assert sample("rightfoot_poller_batches_forgotten_total", outcome="stopped") == 1
+        assert sample("rightfoot_poller_finished_batches") == 0
+        assert set(restored(state_log(tracker, committer))) == {"open"}
+
+        again = TrackingRequest(batch_id="done", expected_count=30)
+        await tracker.handle_request(worker, again, again.encode(), 4)
+        await run_until(lambda: worker.batches["done"].status == "completed", "done again")
+    finally:
+        tracker.stop()
+        scheduler.cancel()
+    events = committer.events()
+    assert events.count("tracking_started") == 4 and events.count("completed") == 2
+    done_records = [f"record:{record(i, 'done').event_id}" for i in range(30)]
+    assert all(events.count(r) == 2 for r in done_records)  # anew: the same event ids
+
+
+async def test_a_batch_tracked_again_while_its_forgetting_commits_starts_anew_after_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The window between forgetting a stopped batch and its tombstones' commit: a tracking
+    request for it then is a new batch, whose state is queued after the tombstones, and a
+    restore from that log gives the new batch, not the stopped one waiting for its
+    fingerprints to be read back."""
+    monkeypatch.setattr("service.state.CHUNK_FPS", 16)
+    source = Vendors({BATCH: Vendor([record(i) for i in range(30)], page_size=10)})
+    tracker = runner(source, interval_min_s=0.01, interval_max_s=0.01, finished_retention_s=100)
+    wall = [1_000_000.0]
+    tracker.wall = lambda: wall[0]
+    committer = HeldCommitter()
+    worker = PartitionWorker(partition=0, publisher=committer)
+    tracker.add_worker(worker)
+    scheduler = asyncio.create_task(tracker.run())
+    try:
+        await started(tracker, worker, TrackingRequest(batch_id=BATCH))
+        await run_until(lambda: worker.batches[BATCH].published == 30, "published")
+        stop = TrackingRequest(batch_id=BATCH, action="stop")
+        await tracker.handle_request(worker, stop, stop.encode(), 1)
+        wall[0] += 100.0
+        committer.hold = True  # the forgetting's commit waits
+        tracker.forget_finished()
+        again = TrackingRequest(batch_id=BATCH, action="track")
+        pending = tracker.handle_request(worker, again, again.encode(), 2)
+        fresh = worker.batches[BATCH]
+        assert fresh.active and fresh.generation == 1 and fresh.published == 0
+        assert fresh.seen_loaded  # nothing to read back: a new batch
+        committer.release_all()
+        await pending
+    finally:
+        tracker.stop()
+        scheduler.cancel()
+    log = state_log(tracker, committer)
+    tombstone = log.index((BATCH.encode(), None))
+    chunks = {k for k, v in log[:tombstone] if k.startswith(f"{BATCH}/fp/".encode())}
+    assert len(chunks) >= 4 and chunks <= {k for k, v in log[:tombstone] if v is None}
+    after = [k for k, v in log[tombstone + 1 :] if v is not None]
+    assert after and after[0] in (BATCH.encode(), f"{BATCH}/fp/0".encode())
+    back = restored(log)[BATCH]
+    assert back.active and back.seen_loaded and back.generation == 1
+
+
+async def test_a_round_of_forgetting_commits_a_bounded_number_of_tombstones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """However many batches are due (a first upgrade to a version that forgets, say), one
+    commit takes at most MAX_FORGET_MESSAGES tombstones; the round says more are left, and
+    the next ones take the rest."""
+    monkeypatch.setattr("service.tracker.MAX_FORGET_MESSAGES", 3)
+    tracker = runner(Vendors({}), finished_retention_s=10)
+    tracker.wall = lambda: 1_000.0
+    committer = HeldCommitter()
+    worker = PartitionWorker(partition=0, publisher=committer)
+    for n in range(7):
+        b = BatchState(batch_id=f"old-{n}", partition=0, status="completed", last_poll_at=0.0)
+        worker.batches[b.batch_id] = b
+    tracker.add_worker(worker)
+    rounds = []
+    while True:
+        more = tracker.forget_finished()
+        await settle()
+        rounds.append(len(committer.units[-1][0]))
+        if not more:
+            break
+    assert rounds == [3, 3, 1] and not worker.batches
+    assert (
+        tracker.metrics.registry.get_sample_value(
+            "rightfoot_poller_batches_forgotten_total", {"outcome": "completed"}
+        )
+        == 7
+    )
