@@ -87,3 +87,38 @@ def test_bench_smoke(kafka: str) -> None:
     assert result["ooo_records"] == 5_000
     assert result["seen_records"] == 20_000
     assert result["smoke"] is True
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "keys"),
+    [
+        (
+            "finished_batches.py",
+            ["--batches", "300", "--records", "100"],
+            ("restore_bytes_per_batch", "view_bytes_per_batch", "forget_commits"),
+        ),
+        (
+            "stopped_batches.py",
+            ["--batches", "3", "--records", "3000"],
+            ("restore_s", "tracking_heap_kept_mib", "load_fingerprints"),
+        ),
+    ],
+)
+def test_state_benchmarks_at_toy_sizes(
+    kafka: str, script: str, args: list[str], keys: tuple[str, ...]
+) -> None:
+    """The two benchmarks of what a replica keeps of finished and stopped batches (not
+    part of ``make bench``) run and report their figures; each checks its own results."""
+    run = subprocess.run(
+        [sys.executable, script, "--bootstrap", kafka, *args],
+        cwd=ROOT / "bench",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert all(result[key] > 0 for key in keys), result
+    if script == "finished_batches.py":
+        assert result["tombstones"] == 300 and result["restore_after_heap_kept_mib"] < 0.05
