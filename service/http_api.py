@@ -31,7 +31,18 @@ log = structlog.get_logger(__name__)
 
 class BatchView(Protocol):
     def get(self, batch_id: str) -> dict[str, Any] | None: ...
-    def list(self) -> list[dict[str, Any]]: ...
+    def list(
+        self,
+        *,
+        statuses: frozenset[str] | None = None,
+        after: str | None = None,
+        limit: int | None = None,
+    ) -> tuple[list[dict[str, Any]], bool]: ...
+
+
+# GET /v1/batches: at most this many batches a page (and by default).
+LIST_LIMIT = 1000
+LIST_STATUSES = ("tracking", "completed", "expired", "failed", "stopped")
 
 
 Submit = Callable[[TrackingRequest], Awaitable[None]]
@@ -44,6 +55,24 @@ _NO_TOKEN = (
 
 def _error(status: int, message: str, **extra: Any) -> web.Response:
     return web.json_response({"error": message, **extra}, status=status)
+
+
+def _list_query_problem(query: Any) -> str | None:
+    """What is wrong with the query of GET /v1/batches, if anything."""
+    unknown = sorted(set(query) - {"status", "after", "limit"})
+    if unknown:
+        return f"unknown query parameter {unknown[0]!r}: use status, after and limit"
+    if any(s not in LIST_STATUSES for s in query.getall("status", ())):
+        return f"status must be one of {', '.join(LIST_STATUSES)} (repeat it for several)"
+    for name in ("after", "limit"):
+        if len(query.getall(name, ())) > 1:
+            return f"{name} given more than once"
+    limit = query.get("limit")
+    if limit is not None and not (
+        limit.isascii() and limit.isdigit() and 1 <= int(limit) <= LIST_LIMIT
+    ):
+        return f"limit must be an integer from 1 to {LIST_LIMIT}"
+    return None
 
 
 def openapi_document() -> bytes:
@@ -265,8 +294,21 @@ class HttpApi:
             return failed
         return web.json_response({"batch_id": batch_id, "status": "stopping"}, status=202)
 
-    async def list_batches(self, _request: web.Request) -> web.Response:
-        return web.json_response({"batches": self.view.list()})
+    async def list_batches(self, request: web.Request) -> web.Response:
+        """A page of batches by ID, after ``after``, of the given statuses (any by default);
+        ``next_after`` is what to pass as ``after`` for the next page (null: the last)."""
+        query = request.query
+        problem = _list_query_problem(query)
+        if problem is not None:
+            self.metrics.invalid_input.labels("http", "bad_query").inc()
+            log.info("http_request_rejected", reason=problem, path=request.path)
+            return _error(400, problem)
+        statuses = frozenset(query.getall("status", ())) or None
+        limit = int(query.get("limit", LIST_LIMIT))
+        page, more = self.view.list(statuses=statuses, after=query.get("after"), limit=limit)
+        return web.json_response(
+            {"batches": page, "next_after": page[-1]["batch_id"] if more and page else None}
+        )
 
     async def get_batch(self, request: web.Request) -> web.Response:
         found = self.view.get(request.match_info["batch_id"])

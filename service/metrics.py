@@ -72,7 +72,14 @@ INVALID_INPUT: tuple[tuple[str, str], ...] = (
     *(("state_topic", r) for r in ("no_key", "invalid_state", "unknown_version")),
     *(
         ("http", r)
-        for r in ("unauthorized", "content_type", "too_large", "malformed_http", *_REQUEST_REJECTS)
+        for r in (
+            "unauthorized",
+            "content_type",
+            "too_large",
+            "malformed_http",
+            "bad_query",
+            *_REQUEST_REJECTS,
+        )
     ),
 )
 TRACKING_REQUESTS: tuple[tuple[str, str], ...] = (

@@ -7,6 +7,8 @@ Any replica answers for all of them: the view follows every state partition
 from __future__ import annotations
 
 import asyncio
+import itertools
+from bisect import bisect_right
 from typing import Any
 
 import structlog
@@ -48,8 +50,26 @@ class StateView:
     def get(self, batch_id: str) -> dict[str, Any] | None:
         return self.batches.get(batch_id)
 
-    def list(self) -> list[dict[str, Any]]:
-        return [self.batches[k] for k in sorted(self.batches)]
+    def list(
+        self,
+        *,
+        statuses: frozenset[str] | None = None,
+        after: str | None = None,
+        limit: int | None = None,
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """The batches by ID, after ``after``, of ``statuses`` (any if None), at most
+        ``limit``; and whether more follow."""
+        keys = sorted(self.batches)
+        start = 0 if after is None else bisect_right(keys, after)
+        out: list[dict[str, Any]] = []
+        for key in itertools.islice(keys, start, None):
+            batch = self.batches[key]
+            if statuses is not None and batch["status"] not in statuses:
+                continue
+            if limit is not None and len(out) >= limit:
+                return out, True
+            out.append(batch)
+        return out, False
 
     async def run(self) -> None:
         delay = 1.0

@@ -11,9 +11,11 @@ import pytest
 from aiohttp.test_utils import TestServer
 from test_metrics import PROCESS
 
-from service.http_api import HttpApi
+from service.config import KafkaConfig
+from service.http_api import LIST_LIMIT, HttpApi
 from service.metrics import Metrics
 from service.requests import TrackingRequest
+from service.view import StateView
 
 TOKEN = "admin-token-0a1b2c3d4e5f"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -26,9 +28,9 @@ class Boundary:
         self.submitted: list[TrackingRequest] = []
         self.ready = True
         self.ready_detail: dict[str, Any] = {"kafka": True, "state_restored": True}
-        self.batches: dict[str, dict[str, Any]] = {
-            "b-1": {"batch_id": "b-1", "status": "tracking", "records_published": 12},
-        }
+        self.view = StateView(KafkaConfig(), "test")  # its batches set by the tests
+        self.batches = self.view.batches
+        self.batches["b-1"] = {"batch_id": "b-1", "status": "tracking", "records_published": 12}
 
     async def submit(self, req: TrackingRequest) -> None:
         self.submitted.append(req)
@@ -39,8 +41,8 @@ class Boundary:
     def get(self, batch_id: str) -> dict[str, Any] | None:
         return self.batches.get(batch_id)
 
-    def list(self) -> list[dict[str, Any]]:
-        return list(self.batches.values())
+    def list(self, **query: Any) -> tuple[list[dict[str, Any]], bool]:
+        return self.view.list(**query)
 
 
 class Http:
@@ -238,7 +240,7 @@ async def test_delete_invalid_batch_id_is_400(http: Http) -> None:
 async def test_get_list_and_one(http: Http) -> None:
     status, answer, _ = await http.call("GET", "/v1/batches")
     assert status == 200
-    assert answer == {"batches": [http.boundary.batches["b-1"]]}
+    assert answer == {"batches": [http.boundary.batches["b-1"]], "next_after": None}
     status, answer, _ = await http.call("GET", "/v1/batches/b-1")
     assert status == 200
     assert answer == http.boundary.batches["b-1"]
@@ -307,3 +309,54 @@ async def test_metrics_page(http: Http) -> None:
     assert "process_resident_memory_bytes" in names
     assert "rightfoot_poller_build_info" in names
     assert 'rightfoot_poller_invalid_input_total{reason="unauthorized",source="http"} 1.0' in text
+
+
+async def test_the_list_filters_by_status_and_pages_by_batch_id(http: Http) -> None:
+    """``status`` (repeatable) filters, ``limit`` bounds a page, and ``next_after`` is the
+    ``after`` of the next page: walked to the end, every batch of those statuses once, in
+    batch-ID order; without ``limit`` a page holds at most LIST_LIMIT."""
+    statuses = ("tracking", "completed", "stopped")
+    http.boundary.batches.clear()
+    for n in range(2500):
+        batch_id = f"b-{n:05d}"
+        http.boundary.batches[batch_id] = {"batch_id": batch_id, "status": statuses[n % 3]}
+    status, answer, _ = await http.call("GET", "/v1/batches")
+    assert status == 200 and len(answer["batches"]) == LIST_LIMIT
+    assert answer["next_after"] == f"b-{LIST_LIMIT - 1:05d}"
+
+    seen: list[str] = []
+    after: str | None = None
+    while True:
+        query = "status=tracking&status=stopped&limit=333" + (f"&after={after}" if after else "")
+        status, answer, _ = await http.call("GET", f"/v1/batches?{query}")
+        assert status == 200 and len(answer["batches"]) <= 333
+        seen += [b["batch_id"] for b in answer["batches"]]
+        after = answer["next_after"]
+        if after is None:
+            break
+    wanted = sorted(b for b, v in http.boundary.batches.items() if v["status"] != "completed")
+    assert seen == wanted
+    status, answer, _ = await http.call("GET", "/v1/batches?status=failed")
+    assert answer == {"batches": [], "next_after": None}
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "status=done",
+        "limit=0",
+        "limit=1001",
+        "limit=ten",
+        "limit=%EF%BC%91",  # a full-width digit: isdigit() but not ASCII
+        "limit=5&limit=6",
+        "after=a&after=b",
+        "page=2",
+    ],
+)
+async def test_a_bad_list_query_is_400_counted_and_says_why(http: Http, query: str) -> None:
+    status, answer, _ = await http.call("GET", f"/v1/batches?{query}")
+    assert status == 400 and answer["error"]
+    counted = http.metrics.registry.get_sample_value(
+        "rightfoot_poller_invalid_input_total", {"source": "http", "reason": "bad_query"}
+    )
+    assert counted == 1
