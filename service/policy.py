@@ -341,6 +341,9 @@ class Poll:
         self.policy = policy
         self.batch_id = b.batch_id
         self.generation = b.generation
+        # A batch forgotten (finished_retention_s) and tracked anew starts again at
+        # generation 1: its tracking time tells the two apart.
+        self.tracked_at = b.tracked_at
         self.content_ids = b.content_ids  # which event ids the batch's records get
         self.token = b.cursor  # the page to read next
         self.cursor = b.cursor  # where the next poll starts
@@ -352,7 +355,12 @@ class Poll:
 
     def current(self, b: BatchState | None) -> bool:
         """Whether the poll still stands for ``b`` (not stopped or re-tracked meanwhile)."""
-        return b is not None and b.active and b.generation == self.generation
+        return (
+            b is not None
+            and b.active
+            and b.generation == self.generation
+            and b.tracked_at == self.tracked_at
+        )
 
     def page(self, b: BatchState | None, page: Page, now: float) -> Step | None:
         """Take one page; a step when there is progress to commit.

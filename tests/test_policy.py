@@ -318,6 +318,26 @@ def test_a_poll_of_an_earlier_generation_commits_nothing_after_stop_and_track() 
     assert len(d.emitted) == 6 == len(set(d.emitted))
 
 
+def test_a_poll_of_a_forgotten_batch_commits_nothing_to_the_batch_tracked_anew() -> None:
+    """Stopped, forgotten (``finished_retention_s``) and tracked anew while a poll of the
+    first tracking still waits for a page: the new batch has generation 1 again, and the
+    old poll must still see that it is not its batch."""
+    d = driver(records=6, max_records_per_transaction=2)
+    old = d.begin()
+    assert old is not None
+    d.page(old)
+    d.stop()
+    d.state = None  # forgotten
+    d.now += 1.0
+    d.track()
+    assert d.state is not None and d.state.generation == old.generation
+    assert d.page(old) is None and old.done
+    assert d.state.cursor is None and d.state.published == 0
+    d.poll()
+    assert d.emitted.count(record(0).event_id) == 2  # anew: published again
+    assert sorted(set(d.emitted)) == sorted(record(i).event_id for i in range(6))
+
+
 def test_an_expected_count_given_during_a_poll_is_kept_and_the_cursor_never_goes_back() -> None:
     d = driver(records=6, max_records_per_transaction=2)
     poll = d.begin()
