@@ -515,6 +515,18 @@ async def run_until(cond: Callable[[], bool], what: str) -> None:
     pytest.fail(f"never {what}")
 
 
+def forgetting(source: Vendors) -> tuple[Tracker, list[float], HeldCommitter, PartitionWorker]:
+    """A runner with a retention of 100 s, its wall clock in the test's hands (``wall[0]``),
+    and one partition."""
+    tracker = runner(source, interval_min_s=0.01, interval_max_s=0.01, finished_retention_s=100)
+    wall = [1_000_000.0]
+    tracker.wall = lambda: wall[0]
+    committer = HeldCommitter()
+    worker = PartitionWorker(partition=0, publisher=committer)
+    tracker.add_worker(worker)
+    return tracker, wall, committer, worker
+
+
 async def test_finished_batches_are_forgotten_once_kept_for_the_retention(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -525,12 +537,7 @@ async def test_finished_batches_are_forgotten_once_kept_for_the_retention(
     monkeypatch.setattr("service.state.CHUNK_FPS", 16)  # the stopped batch: several chunks
     names = ("done", "open", "stopped")
     source = Vendors({b: Vendor([record(i, b) for i in range(30)], page_size=10) for b in names})
-    tracker = runner(source, interval_min_s=0.01, interval_max_s=0.01, finished_retention_s=100)
-    wall = [1_000_000.0]
-    tracker.wall = lambda: wall[0]
-    committer = HeldCommitter()
-    worker = PartitionWorker(partition=0, publisher=committer)
-    tracker.add_worker(worker)
+    tracker, wall, committer, worker = forgetting(source)
     registry = tracker.metrics.registry
 
     def sample(name: str, **labels: str) -> float | None:
@@ -599,12 +606,7 @@ async def test_a_batch_tracked_again_while_its_forgetting_commits_starts_anew_af
     fingerprints to be read back."""
     monkeypatch.setattr("service.state.CHUNK_FPS", 16)
     source = Vendors({BATCH: Vendor([record(i) for i in range(30)], page_size=10)})
-    tracker = runner(source, interval_min_s=0.01, interval_max_s=0.01, finished_retention_s=100)
-    wall = [1_000_000.0]
-    tracker.wall = lambda: wall[0]
-    committer = HeldCommitter()
-    worker = PartitionWorker(partition=0, publisher=committer)
-    tracker.add_worker(worker)
+    tracker, wall, committer, worker = forgetting(source)
     scheduler = asyncio.create_task(tracker.run())
     try:
         await started(tracker, worker, TrackingRequest(batch_id=BATCH))
