@@ -15,6 +15,7 @@ from typing import Any
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.conn import create_conn
 from aiokafka.errors import (
     AuthenticationFailedError,
@@ -240,6 +241,22 @@ def make_producer(
     )
 
 
+# The state topic, as the service creates it.
+STATE_TOPIC_CONFIGS: dict[str, str] = {
+    "cleanup.policy": "compact",
+    # What the producer may send (max_request_size), with room for the record batch's
+    # own header.
+    "max.message.bytes": str(MAX_MESSAGE_BYTES + 1024),
+    # The cleaner compacts closed segments only. With the broker's defaults (1 GiB, 7
+    # days) a partition would keep up to a week of superseded summaries, open chunks and
+    # forgotten batches, which every restore, every fingerprint read-back and every
+    # replica's view for GET /v1/batches read in full; an hour's segments bound that, as
+    # Kafka's own compacted topics bound theirs (100 MiB).
+    "segment.bytes": str(100 * 1024 * 1024),
+    "segment.ms": str(3_600_000),
+}
+
+
 async def ensure_topics(cfg: KafkaConfig, client_id: str) -> int:
     """Create missing topics; refuse a state topic not co-partitioned with the requests topic.
 
@@ -258,12 +275,7 @@ async def ensure_topics(cfg: KafkaConfig, client_id: str) -> int:
                 cfg.state_topic,
                 cfg.partitions,
                 rf,
-                topic_configs={
-                    "cleanup.policy": "compact",
-                    # What the producer may send (max_request_size), with room for the
-                    # record batch's own header.
-                    "max.message.bytes": str(MAX_MESSAGE_BYTES + 1024),
-                },
+                topic_configs=STATE_TOPIC_CONFIGS,
             ),
             NewTopic(cfg.balances_topic, cfg.partitions, rf),
             NewTopic(cfg.batch_events_topic, cfg.partitions, rf),
@@ -279,6 +291,7 @@ async def ensure_topics(cfg: KafkaConfig, client_id: str) -> int:
         elif missing:
             names = ", ".join(t.name for t in missing)
             raise PollerError(f"kafka: missing topics ({names}) and kafka.create_topics is false")
+        await _check_state_topic(admin, cfg.state_topic)
         counts = await _partition_counts(admin, [cfg.requests_topic, cfg.state_topic])
         if counts.get(cfg.requests_topic) != counts.get(cfg.state_topic):
             raise PollerError(
@@ -288,6 +301,27 @@ async def ensure_topics(cfg: KafkaConfig, client_id: str) -> int:
         return counts[cfg.requests_topic]
     finally:
         await admin.close()
+
+
+async def _check_state_topic(admin: AIOKafkaAdminClient, topic: str) -> None:
+    """A WARNING if a state topic made by hand is not compacted: with ``delete`` its
+    retention deletes the progress of batches tracked longer (they would start over and
+    publish again), and nothing removes superseded progress or forgotten batches."""
+    try:
+        described = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+        entries = {e[0]: e[1] for r in described for res in r.resources for e in res[4]}
+    except KafkaError as exc:  # not allowed to describe it (ACLs), say: nothing to check
+        log.info("state_topic_config_unknown", topic=topic, error=repr(exc)[:200])
+        return
+    policy = entries.get("cleanup.policy") or ""
+    if "compact" not in policy.split(","):
+        log.warning(
+            "state_topic_not_compacted",
+            topic=topic,
+            cleanup_policy=policy,
+            retention_ms=entries.get("retention.ms"),
+            wanted=STATE_TOPIC_CONFIGS,
+        )
 
 
 async def _partition_counts(
