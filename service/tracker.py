@@ -267,6 +267,7 @@ class Tracker:
                     more = True
                     break
                 del w.batches[b.batch_id]
+                self._load_attempts.pop(b.batch_id, None)  # a failed read, then a stop
                 messages.extend(self.writer.forget(b))
                 forgotten[b.status] += 1
             if not messages:
