@@ -337,8 +337,10 @@ def state_records(state: BatchState) -> list[tuple[bytes, bytes | None]]:
 
 def forget_records(state: BatchState) -> list[tuple[bytes, bytes | None]]:
     """The tombstones that forget a finished batch: its chunks (those of a batch stopped
-    or failed are still on the topic), then its summary, so that a reader never sees a
-    summary without the chunks it counts on."""
+    or failed are still on the topic), then its summary. The summary goes last: should
+    the write stop halfway (``at_least_once`` has no transaction), the summary still
+    stands, and the batch is forgotten again, chunks and all; chunks whose summary were
+    gone would stay on the topic with nothing left to find them by."""
     out: list[tuple[bytes, bytes | None]] = [
         (chunk_key(state.batch_id, n), None) for n in state.chunks.written()
     ]
