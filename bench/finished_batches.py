@@ -47,7 +47,7 @@ from service.config import KafkaConfig, Settings
 from service.events import OutMessage, Publishable
 from service.policy import Policy
 from service.state import BatchState, state_records
-from service.tracker import Tracker
+from service.tracker import MAX_FORGET_MESSAGES, Tracker
 from service.view import StateView
 from service.worker import PartitionWorker
 
@@ -169,7 +169,7 @@ async def main() -> None:
         if isinstance(m, OutMessage)
     ]
     assert len(tombstones) == args.batches and all(v is None for _, v in tombstones)
-    assert max(len(unit) for unit in committer.units) <= 5000
+    assert max(len(unit) for unit in committer.units) <= MAX_FORGET_MESSAGES
     del restored
     await write(args.bootstrap, topic, tombstones)
 

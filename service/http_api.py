@@ -307,7 +307,7 @@ class HttpApi:
         limit = int(query.get("limit", LIST_LIMIT))
         page, more = self.view.list(statuses=statuses, after=query.get("after"), limit=limit)
         return web.json_response(
-            {"batches": page, "next_after": page[-1]["batch_id"] if more and page else None}
+            {"batches": page, "next_after": page[-1]["batch_id"] if more else None}
         )
 
     async def get_batch(self, request: web.Request) -> web.Response:

@@ -303,13 +303,18 @@ async def ensure_topics(cfg: KafkaConfig, client_id: str) -> int:
         await admin.close()
 
 
+async def topic_configs(admin: AIOKafkaAdminClient, topic: str) -> dict[str, str]:
+    """A topic's configuration as the broker describes it: name -> value."""
+    described = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+    return {e[0]: e[1] for r in described for res in r.resources for e in res[4]}
+
+
 async def _check_state_topic(admin: AIOKafkaAdminClient, topic: str) -> None:
     """A WARNING if a state topic made by hand is not compacted: with ``delete`` its
     retention deletes the progress of batches tracked longer (they would start over and
     publish again), and nothing removes superseded progress or forgotten batches."""
     try:
-        described = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
-        entries = {e[0]: e[1] for r in described for res in r.resources for e in res[4]}
+        entries = await topic_configs(admin, topic)
     except KafkaError as exc:  # not allowed to describe it (ACLs), say: nothing to check
         log.info("state_topic_config_unknown", topic=topic, error=repr(exc)[:200])
         return

@@ -7,12 +7,11 @@ from collections.abc import AsyncIterator
 import pytest
 import structlog
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from conftest import Topics
 
 from service.config import KafkaConfig
 from service.errors import PollerError
-from service.kafka_clients import STATE_TOPIC_CONFIGS, ensure_topics
+from service.kafka_clients import STATE_TOPIC_CONFIGS, ensure_topics, topic_configs
 
 pytestmark = pytest.mark.kafka
 
@@ -34,11 +33,6 @@ def config(kafka: str, topics: Topics) -> KafkaConfig:
         state_topic=topics.state,
         partitions=topics.partitions,
     )
-
-
-async def topic_configs(admin: AIOKafkaAdminClient, topic: str) -> dict[str, str]:
-    described = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
-    return {e[0]: e[1] for r in described for res in r.resources for e in res[4]}
 
 
 async def test_the_state_topic_is_created_compacted_with_segments_the_cleaner_can_close(
