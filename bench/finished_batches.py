@@ -13,9 +13,10 @@ statuses, finished through ``Policy``. Then, with the service's own code:
 - ``view``: the same records through ``StateView``, which every replica keeps of every
   partition for ``GET /v1/batches``: the heap it keeps;
 - ``forget``: the restored batches past ``polling.finished_retention_s`` forgotten by
-  ``Tracker.forget_finished`` (rounds of at most ``MAX_FORGET_MESSAGES`` tombstones, as
-  the service commits them): the CPU seconds of building them, the rounds, and the
-  tombstones, which are then written to the partition;
+  ``Tracker.forget_finished`` (a commit takes no more batches once it holds
+  ``MAX_FORGET_MESSAGES`` tombstones, as the service commits them): the CPU seconds of
+  building them, the rounds, and the tombstones, which are then written to the
+  partition;
 - ``restore_after``: the partition read again once the tombstones are on it: seconds
   and heap kept. The broker's cleaner has not run yet, so the read still goes over
   every record; once it has, the summaries and then the tombstones

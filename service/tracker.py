@@ -52,8 +52,9 @@ log = structlog.get_logger(__name__)
 
 # A poll goes on reading while this many of its commits are under way.
 MAX_COMMITS_IN_FLIGHT = 2
-# Finished batches forgotten in one commit: at most this many tombstones (a batch stopped
-# after a million records has some thousand chunks); the rest go in the next round.
+# Finished batches forgotten in one commit: no batch is added once it holds this many
+# tombstones, so a commit has at most this many plus one batch's (a batch stopped after a
+# million records has some thousand chunks); the rest go in the next round.
 MAX_FORGET_MESSAGES = 5000
 
 

@@ -640,8 +640,8 @@ async def test_a_round_of_forgetting_commits_a_bounded_number_of_tombstones(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """However many batches are due (a first upgrade to a version that forgets, say), one
-    commit takes at most MAX_FORGET_MESSAGES tombstones; the round says more are left, and
-    the next ones take the rest."""
+    commit takes no more batches once it holds MAX_FORGET_MESSAGES tombstones; the round
+    says more are left, and the next ones take the rest."""
     monkeypatch.setattr("service.tracker.MAX_FORGET_MESSAGES", 3)
     tracker = runner(Vendors({}), finished_retention_s=10)
     tracker.wall = lambda: 1_000.0
