@@ -60,7 +60,7 @@ curl -fsS "http://127.0.0.1:$HTTP_PORT/readyz" >/dev/null || { echo "service not
 
 echo "== tracking the demo batches"
 # Door 1, the CLI:
-uv run --frozen rightfoot-poller track 5d3c6bbb-fc1a-46a4-93da-1ce4a54b0d83 --expected-count 10 --config config.yaml
+uv run --frozen rightfoot-poller track 5d3c6bbb-fc1a-46a4-93da-1ce4a54b0d83 --expected-count 14 --config config.yaml
 uv run --frozen rightfoot-poller track 6a1d2c3b-4e5f-4a6b-8c7d-000000001250 --expected-count 1250 --config config.yaml
 # Door 2, the admin API:
 for batch in 7b2e3d4c-5f6a-4b7c-9d8e-000000000020 8c3f4e5d-6a7b-4c8d-ae9f-000000000004 00000000-0000-4000-8000-000000000404; do

@@ -241,7 +241,10 @@ class Policy:
     ) -> tuple[str, str] | None:
         """Whether the batch is finished, after a poll that read to the end.
 
-        With ``expected_count``: once that many records were seen. Without it: once no
+        With ``expected_count``: once that many records were seen and the API counts no
+        more; if it counts more (the expected count may be short), once it has them all
+        too, or once no new record came for ``polling.complete_after_idle_s`` (the count
+        may be wrong), the reason then saying how many it counts. Without it: once no
         new record came for ``polling.complete_after_idle_s`` and nothing is missing by
         the API's count; when the API gives no count, once a full read of the batch
         after the last new record found nothing more.
@@ -250,7 +253,13 @@ class Policy:
         total = cast(int | None, updates.get("total_processed", b.total_processed))
         if b.expected_count is not None:
             if seen >= b.expected_count:
-                return "completed", f"{seen} of {b.expected_count} expected records published"
+                if total is None or seen >= total:
+                    return "completed", expected_reason(seen, b.expected_count, total)
+                if self.idle(b, pending, now):
+                    return "completed", (
+                        f"{expected_reason(seen, b.expected_count, total)}, "
+                        f"{total - seen} never listed within polling.complete_after_idle_s"
+                    )
         elif self.idle(b, pending, now):
             last_full = cast(float | None, updates.get("last_sweep_at", b.last_sweep_at))
             if total is not None and seen >= total:
@@ -318,6 +327,9 @@ class Policy:
             relisted=pending.relisted,
             counts=new_counts,
         )
+        expected, total = b.expected_count, updated.total_processed
+        if expected is not None and total is not None and total > expected:
+            step.above_expected = b.total_processed is None or b.total_processed <= expected
         if outcome is not None:
             finish = self._finish(updated, outcome[0], outcome[1], now)
             step.state, step.note, step.lifecycle = finish.state, finish.note, finish.lifecycle
@@ -485,6 +497,15 @@ class Poll:
 def seen_with(b: BatchState, pending: Pending) -> int:
     """The batch's records as the API counts them, those the poll has not committed included."""
     return b.records_seen + pending.new_records
+
+
+def expected_reason(seen: int, expected: int, total: int | None) -> str:
+    """How a batch with an expected count completed."""
+    if seen == expected:
+        reason = f"{seen} of {expected} expected records published"
+    else:
+        reason = f"{seen} records published, {expected} expected"
+    return reason if total is None or total <= expected else f"{reason}; the API counts {total}"
 
 
 def expired_reason(b: BatchState, seen: int, total: int | None) -> str:

@@ -43,6 +43,8 @@ class Step:
     counts: Counter[str] = field(default_factory=Counter)  # new records per status name
     poll_in: float | None = None  # delay to the next poll, from this poll's due time
     sweep: SweepReport | None = None
+    # The API's count went past the batch's expected_count with this step (logged once).
+    above_expected: bool = False
 
     @property
     def finished(self) -> bool:

@@ -60,6 +60,17 @@ class StepWriter:
             self.metrics.dlq_records.labels(reason).inc(n)
         if step.relisted:
             self.metrics.records_relisted.inc(step.relisted)
+        if step.above_expected:
+            b = step.state
+            log.warning(
+                "count_above_expected",
+                batch_id=b.batch_id,
+                expected_count=b.expected_count,
+                total_processed=b.total_processed,
+                records_seen=b.records_seen,
+                detail="the API counts more records than expected_count; the batch completes "
+                "once it has them all",
+            )
         if step.finished:
             b = step.state
             self.metrics.batches_finished.labels(b.status).inc()

@@ -50,6 +50,7 @@ class Vendor:
     records: list[BalanceRecord] = field(default_factory=list)
     page_size: int = 2
     counts: bool = True  # whether pages carry total_processed
+    unlisted: int = 0  # records the count includes that the list does not show yet
 
     def insert(self, position: int, rec: BalanceRecord) -> None:
         self.records.insert(min(position, len(self.records)), rec)
@@ -67,7 +68,7 @@ class Vendor:
         more = end < len(self.records)
         return Page(
             batch_id=BATCH,
-            total_processed=len(self.records) if self.counts else None,
+            total_processed=len(self.records) + self.unlisted if self.counts else None,
             has_more=more,
             next_page_token=f"t{end}" if more else None,
             records=list(self.records[start:end]),

@@ -226,6 +226,41 @@ def test_with_an_expected_count_the_batch_completes_once_that_many_records_were_
     assert d.lifecycle == ["tracking_started", "completed"]
 
 
+def test_an_expected_count_below_the_api_count_waits_for_the_records_the_api_counts() -> None:
+    """The expected count is reached, but the API counts a record it does not list yet:
+    completing then would leave it unpublished for good."""
+    d = Driver(make(), Vendor([record(i) for i in range(4)], unlisted=1))
+    d.track(expected_count=3)
+    first = d.poll()  # 4 of 3 expected seen; the API counts 5, and a sweep finds no more
+    assert first is not None and first.above_expected and first.lifecycle is None
+    assert d.state is not None and d.state.status == "tracking"
+    d.vendor.unlisted = 0
+    d.vendor.records.append(record(4))  # listed at last
+    d.now += 45
+    last = d.poll()
+    assert last is not None and last.lifecycle == "completed" and not last.above_expected
+    assert sorted(d.emitted) == sorted(r.event_id for r in d.vendor.records)
+    assert d.state.reason == "5 records published, 3 expected; the API counts 5"
+
+
+def test_an_expected_count_reached_completes_after_idleness_if_the_api_count_never_is() -> None:
+    """The API counts records it never lists (a wrong count): the batch does not wait for
+    them for ever, and its reason says how many the API counts."""
+    d = Driver(make(complete_after_idle_s=900.0), Vendor([record(i) for i in range(3)], unlisted=2))
+    d.track(expected_count=3)
+    d.poll()
+    d.now += 899
+    assert d.poll() is not None and d.state is not None and d.state.status == "tracking"
+    d.now += 1
+    last = d.poll()
+    assert last is not None and last.lifecycle == "completed"
+    assert d.state.reason == (
+        "3 of 3 expected records published; the API counts 5, 2 never listed within "
+        "polling.complete_after_idle_s"
+    )
+    assert sorted(d.emitted) == sorted(r.event_id for r in d.vendor.records)
+
+
 def test_without_a_count_idleness_completes_only_when_the_api_count_is_reached() -> None:
     d = driver(records=4, complete_after_idle_s=900.0)
     d.poll()

@@ -113,28 +113,46 @@ async def test_without_total_processed_full_reads_find_them(
         assert "full read" in final["reason"]  # not completed on idleness alone
 
 
+@pytest.mark.parametrize("expected", [None, 300], ids=["no_count", "expected_count"])
 async def test_a_count_that_never_reconciles_is_said_in_the_final_event(
     kafka: str,
     topics: Topics,
     sim_server: SimServer,
     reader: TopicReader,
     start_service: Any,
+    expected: int | None,
 ) -> None:
-    """The API counts five records it never lists: the batch does not complete as if whole."""
+    """The API counts five records it never lists: the batch does not complete as if whole.
+
+    Without an expected count it expires, saying what is missing. With one that it
+    reaches, it waits for the five while records still come, then completes after
+    idleness, saying what the API counts (one warning line when the count passes it).
+    """
     sim = sim_server.sim
     batch = str(uuid.uuid4())
     sim.generate_batch(batch, 300, spread_s=1.0, seed=61, order="submission", count_skew=5)
-    await start_service(
-        RFP_POLLING__COMPLETE_AFTER_IDLE_S="1",
-        RFP_POLLING__MAX_AGE_S="12",
-        RFP_POLLING__SWEEP_BACKOFF_MAX_S="3",
-    )
-    await track(kafka, topics, batch)
-    events = await final_events(reader, topics, [batch], timeout=60)
+    with structlog.testing.capture_logs() as logs:
+        await start_service(
+            RFP_POLLING__COMPLETE_AFTER_IDLE_S="1" if expected is None else "4",
+            RFP_POLLING__MAX_AGE_S="12",
+            RFP_POLLING__SWEEP_BACKOFF_MAX_S="3",
+        )
+        await track(kafka, topics, batch, expected)
+        events = await final_events(reader, topics, [batch], timeout=60)
     assert_exactly_once(await reader.read_all(topics.balances), served_ids(sim, [batch]))
     (final,) = [e for e in events[batch] if e["event"] != "tracking_started"]
-    assert final["event"] == "expired"
-    assert "5 of the 305 records the API counts never listed" in final["reason"]
+    warned = [e for e in logs if e["event"] == "count_above_expected"]
+    if expected is None:
+        assert final["event"] == "expired"
+        assert "5 of the 305 records the API counts never listed" in final["reason"]
+        assert not warned
+    else:
+        assert final["event"] == "completed" and final["records_published"] == 300
+        assert final["reason"] == (
+            "300 of 300 expected records published; the API counts 305, 5 never listed "
+            "within polling.complete_after_idle_s"
+        )
+        assert len(warned) == 1 and warned[0]["total_processed"] == 305, warned
     # Sweeps that find nothing are spaced out (polls every 0.2-0.4 s would make ~40).
     assert 2 <= sweeps(sim, batch) <= 15
 
