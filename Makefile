@@ -25,7 +25,7 @@ format: install
 	$(UV) run --frozen ruff check --fix service rightfoot_simulator tests bench scripts examples
 
 typecheck: install
-	$(UV) run --frozen mypy service rightfoot_simulator
+	$(UV) run --frozen mypy service rightfoot_simulator tests
 
 # Pure logic only; no broker needed.
 unit: install

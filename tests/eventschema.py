@@ -107,8 +107,11 @@ def _json_integer(checker: object, instance: object) -> bool:
     return isinstance(instance, int) and not isinstance(instance, bool)
 
 
-_Lenient = validators.extend(Draft202012Validator, validators={"pattern": ecma_pattern})
-_Strict = validators.extend(
+# validators.extend has no annotations in jsonschema's stubs (types-jsonschema).
+_Lenient = validators.extend(  # type: ignore[no-untyped-call]
+    Draft202012Validator, validators={"pattern": ecma_pattern}
+)
+_Strict = validators.extend(  # type: ignore[no-untyped-call]
     _Lenient, type_checker=Draft202012Validator.TYPE_CHECKER.redefine("integer", _json_integer)
 )
 

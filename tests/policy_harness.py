@@ -13,10 +13,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from service.config import PollingConfig
-from service.policy import Policy, Poll, Step
+from service.policy import Policy, Poll
 from service.records import BalanceRecord, Page, balance_event_id
 from service.requests import TrackingRequest
 from service.state import BatchState, StateRestore, state_records
+from service.step import Step
 
 BATCH = "batch-1"
 
@@ -87,7 +88,7 @@ def config(**changes: float) -> PollingConfig:
         "sweep_backoff_max_s": 3600.0,
     }
     base.update(changes)
-    return PollingConfig(**base)  # type: ignore[arg-type]
+    return PollingConfig(**base)
 
 
 @dataclass

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable
+from typing import TypeVar
 
 import pytest
 
@@ -15,8 +17,11 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
-def task(coro: object) -> asyncio.Task[bool]:
-    return asyncio.ensure_future(coro)  # type: ignore[arg-type]
+T = TypeVar("T")
+
+
+def task(coro: Awaitable[T]) -> asyncio.Task[T]:
+    return asyncio.ensure_future(coro)
 
 
 async def test_a_page_waits_for_room_and_gets_it_when_a_commit_gives_some_back() -> None:

@@ -9,6 +9,8 @@ authorizer it had as a record listed again (``relisted``), not as a new record.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import pytest
 
 from service.records import (
@@ -97,7 +99,7 @@ def test_a_correction_is_a_new_event_and_only_this_release_counts_it_as_no_new_r
     assert state.records_seen == (published + 1 if tracked else published + 5)
 
 
-def _dead_letter(item: dict[str, object]) -> InvalidRecord:
+def _dead_letter(item: Mapping[str, object]) -> InvalidRecord:
     bad = parse_record(BATCH, item)
     assert isinstance(bad, InvalidRecord)
     return bad

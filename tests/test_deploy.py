@@ -540,11 +540,11 @@ def test_schema_registry_variant_delivers_password_tls_and_egress() -> None:
     # The default stays plain JSON: no registry password, no registry egress rule.
     default = documents(ci("default"))
     assert rendered_config(default)["kafka"]["value_format"] == "json"
-    env = {
+    names = {
         e["name"]
         for e in only(default, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
     }
-    assert not {"RFP_SCHEMA_REGISTRY__PASSWORD", "RFP_SCHEMA_REGISTRY__PASSWORD_FILE"} & env
+    assert not {"RFP_SCHEMA_REGISTRY__PASSWORD", "RFP_SCHEMA_REGISTRY__PASSWORD_FILE"} & names
 
 
 def test_network_policy_allows_only_what_the_service_needs() -> None:

@@ -708,7 +708,7 @@ async def test_401_pauses_polling_turns_readiness_red_and_recovers(
     before = len(sim.request_log)
     await asyncio.sleep(3.0)
     assert len(sim.request_log) - before <= 8
-    assert service.view.get(batch)["status"] == "tracking"  # type: ignore[index]
+    assert service.view.get(batch)["status"] == "tracking"
     sim.set_api_keys(good_keys)
     await wait_for(lambda: service.readiness()[0], 10, "readiness green again")
     await wait_completed(reader, topics, [batch], timeout=60)
@@ -936,8 +936,9 @@ def first_poll_page(n: int, limit: int) -> Callable[[PageRequest, list[PageReque
 
     def aim(req: PageRequest, mine: list[PageRequest]) -> bool:
         pages = [r for r in mine if r.batch_id == mine[0].batch_id]
-        in_a_row = all(
-            r.offset == pages[0].offset + i * limit for i, r in enumerate(pages)
+        start = pages[0].offset
+        in_a_row = start is not None and all(
+            r.offset == start + i * limit for i, r in enumerate(pages)
         )  # a later poll would start on the last page read again
         return req.batch_id == mine[0].batch_id and len(pages) == n and in_a_row
 
@@ -986,7 +987,11 @@ async def test_sigkill_in_the_first_poll_after_a_restart(
     for n, instance in enumerate(aims, start=1):
         service.env["RFP_INSTANCE_ID"] = instance
         service.start()  # (killed before it may be seen ready)
-        await wait_for(lambda n=n: len(hook.kills) == n, 60, f"the kill of {instance}")
+
+        def killed(n: int = n) -> bool:
+            return len(hook.kills) == n
+
+        await wait_for(killed, 60, f"the kill of {instance}")
         await service.wait(timeout=5)
     sim.on_page_request = None
     killed_at = [(k.instance, k.batch_id[:8], k.offset) for k in hook.kills]
@@ -1005,7 +1010,8 @@ async def test_sigkill_in_the_first_poll_after_a_restart(
 
 def partition_of(batch_id: str, partitions: int) -> int:
     """The requests and state partition of a batch: Kafka's default partitioner on its ID."""
-    return (murmur2(batch_id.encode()) & 0x7FFFFFFF) % partitions
+    hashed: int = murmur2(batch_id.encode())  # (aiokafka has no type hints)
+    return (hashed & 0x7FFFFFFF) % partitions
 
 
 def batch_ids_on(partition: int, partitions: int, n: int) -> list[str]:
@@ -1081,7 +1087,7 @@ async def wait_for_logged(path: Path, offset: int, event: str, timeout: float) -
             for line in lines:
                 with contextlib.suppress(ValueError):
                     entry = json.loads(line)
-                    if entry.get("event") == event:
+                    if isinstance(entry, dict) and entry.get("event") == event:
                         return entry
             await asyncio.sleep(0.005)
     raise AssertionError(f"{event} not logged within {timeout}s")

@@ -100,7 +100,7 @@ async def test_three_doors_every_record_exactly_once(
 
     def finished() -> bool:
         return all(
-            service.view.get(b) is not None and service.view.get(b)["status"] == outcome  # type: ignore[index]
+            service.view.get(b) is not None and service.view.get(b)["status"] == outcome
             for b, outcome in outcomes.items()
         )
 

@@ -193,7 +193,8 @@ def test_terminal_events_say_how_many_were_relisted(factory: EventFactory) -> No
             total_processed=300,
             reason="r",
         )
-        value = json.loads(msg.value or b"")
+        assert msg.value is not None
+        value = json.loads(msg.value)
         assert (value["records_relisted"], value["total_processed"]) == (3, 300), event
         validate_message("batch", msg.key, msg.value, msg.headers)
     started = factory.lifecycle(

@@ -115,7 +115,7 @@ def test_parse_record_same_with_and_without_the_shortcut(batch_id: str, item: An
     try:
         general = parse_record(batch_id, item)
     finally:
-        records._exact_fields = shortcut  # type: ignore[assignment]
+        records._exact_fields = shortcut
     assert fast == general
 
 
@@ -146,7 +146,7 @@ def test_balance_event_bytes_match_the_general_path(
 
 def test_balance_event_general_path_for_unusual_types() -> None:
     factory = EventFactory(balances_topic="b", batch_events_topic="e", source="http://x/v1")
-    rec = BalanceRecord("a", "1.5", True, "2024-08-09T12:00:00Z", "id")  # type: ignore[arg-type]
+    rec = BalanceRecord("a", "1.5", True, "2024-08-09T12:00:00Z", "id")
     assert factory.balance("batch", rec) == factory._balance_general("batch", rec)
     assert json.loads(factory.balance("batch", rec).value or b"")["balance_status_code"] is True
     assert factory.balance("", rec) == factory._balance_general("", rec)

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from service.errors import ApiMalformedResponse, RequestRejected
 from service.records import Page, balance_event_id, parse_page
 from service.requests import TrackingRequest, decode_request
+from service.seen import SeenSet
 from service.state import BatchState, decode_state, encode_state
 
 FUZZ = settings(max_examples=200, deadline=None)
@@ -185,7 +186,7 @@ def test_arbitrary_bytes_into_decode_state(value: bytes) -> None:
 
 
 VALID_STATE = json.loads(
-    encode_state(BatchState(batch_id="b", partition=0, seen={1, 2, 3}, tracked_at=1.0))
+    encode_state(BatchState(batch_id="b", partition=0, seen=SeenSet({1, 2, 3}), tracked_at=1.0))
 )
 
 

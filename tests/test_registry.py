@@ -16,7 +16,7 @@ import json
 import random
 import ssl
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +176,7 @@ def _variants(example: dict[str, Any], schema: dict[str, Any]) -> list[dict[str,
         missing = copy.deepcopy(example)
         missing.pop(field, None)
         out.append(missing)
+        wrong: object
         for wrong in (1.5, "x", None, [], {}):
             changed = copy.deepcopy(example)
             changed[field] = wrong
@@ -236,7 +237,7 @@ def test_client_needs_a_url() -> None:
 
 # --------------------------------------------------------------------------- a local server
 
-Handler = Callable[[web.Request], web.StreamResponse]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @pytest.fixture
@@ -503,12 +504,15 @@ def check_read_back(
     values: dict[str, bytes],
 ) -> None:
     """``values``: as the factory writes them with the registry's ids (framed)."""
-    decoded = {}
+    decoded: dict[str, dict[str, Any]] = {}
     for topic, framed in values.items():
         schema_id, text = unframe(framed)
         assert schema_id == ids[topic]
-        decoded[topic] = deserializer(framed, SerializationContext(topic, MessageField.VALUE))
-        assert decoded[topic] == json.loads(text)
+        # A dict, though confluent-kafka annotates JSONDeserializer.__call__ as bytes | None.
+        value: object = deserializer(framed, SerializationContext(topic, MessageField.VALUE))
+        assert isinstance(value, dict)
+        decoded[topic] = value
+        assert value == json.loads(text)
 
     balance = decoded[cfg.balances_topic]
     ts = "2024-08-09T18:10:44Z"

@@ -11,6 +11,7 @@ import json
 from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
+from policy_harness import BATCH, Vendor, read_back, record
 
 from service.config import Settings
 from service.errors import UnknownStateVersion
@@ -21,7 +22,6 @@ from service.requests import TrackingRequest
 from service.state import BatchState, StateRestore, decode_state
 from service.tracker import Tracker
 from service.worker import PartitionWorker
-from tests.policy_harness import BATCH, Vendor, read_back, record
 
 
 class HeldSource:
@@ -245,7 +245,11 @@ def test_a_summary_of_an_unknown_newer_version_is_refused_with_a_clear_error() -
     restore.apply(BATCH.encode(), newer.encode())
     restore.apply(b"fine", _summary("fine"))
     errors: dict[str, ValueError] = {}
-    batches = restore.batches(lambda batch_id, exc: errors.setdefault(batch_id, exc))
+
+    def on_error(batch_id: str, exc: ValueError) -> None:
+        errors[batch_id] = exc
+
+    batches = restore.batches(on_error)
     assert list(batches) == ["fine"]
     assert isinstance(errors[BATCH], UnknownStateVersion)
     assert "state version 99 is newer" in str(errors[BATCH])
@@ -266,7 +270,7 @@ async def test_requests_for_an_unreadable_batch_are_refused_and_its_state_left_a
     )
     tracker.add_worker(worker)
     for offset, action in enumerate(("track", "stop")):
-        req = TrackingRequest(batch_id=BATCH, action=action)  # type: ignore[arg-type]
+        req = TrackingRequest(batch_id=BATCH, action=action)
         await tracker.handle_request(worker, req, req.encode(), offset)
     assert committer.units == [([], 1), ([], 2)]  # offsets committed, nothing written
     sample = tracker.metrics.registry.get_sample_value
@@ -572,8 +576,8 @@ async def test_finished_batches_are_forgotten_once_kept_for_the_retention(
         await settle()
         assert set(worker.batches) == {"open"}
         assert len(committer.units) == mark + 1  # one commit for the partition
-        (unit, offset) = committer.units[mark]
-        assert offset is None
+        (unit, request_offset) = committer.units[mark]
+        assert request_offset is None
         tombstones = [(m.key, m.value) for m in unit if isinstance(m, OutMessage)]
         assert all(value is None for _, value in tombstones)
         keys = [key for key, _ in tombstones]

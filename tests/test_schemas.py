@@ -77,7 +77,9 @@ def walk(schema: Any, where: str = "#") -> Iterator[tuple[str, dict[str, Any]]]:
 
 def draft07(kind: Kind) -> Any:
     schema = {k: v for k, v in eventschema.load_schema(kind).items() if k != "$schema"}
-    cls = validators.extend(Draft7Validator, validators={"pattern": eventschema.ecma_pattern})
+    cls = validators.extend(  # type: ignore[no-untyped-call]  # untyped in jsonschema's stubs
+        Draft7Validator, validators={"pattern": eventschema.ecma_pattern}
+    )
     return cls(schema, format_checker=eventschema.FORMAT_CHECKER)
 
 
@@ -722,6 +724,7 @@ def test_service_events_match_the_schemas_and_headers() -> None:
     for msg in out:
         kind = kinds.get(msg.topic, "dlq")
         source = SOURCE if kind != "batch" else None
+        assert msg.value is not None
         doc = eventschema.validate_message(kind, msg.key, msg.value, msg.headers, source=source)
         seen.append((kind, doc.get("balance", doc.get("reason", doc.get("event")))))
     assert seen[:5] == [

@@ -624,8 +624,14 @@ class _Boundary:
     def get(self, batch_id: str) -> dict[str, Any] | None:
         return None
 
-    def list(self) -> list[dict[str, Any]]:
-        return []
+    def list(
+        self,
+        *,
+        statuses: frozenset[str] | None = None,
+        after: str | None = None,
+        limit: int | None = None,
+    ) -> tuple[list[dict[str, Any]], bool]:
+        return [], False
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import dataclasses
 import json
 import uuid
 from decimal import Decimal
-from typing import Any, cast
+from typing import Any, TypedDict
 
 import pytest
 import structlog
@@ -176,6 +176,14 @@ async def test_a_smaller_count_than_seen_completes(
     assert sweeps(sim, batch) == 0
 
 
+class PageShape(TypedDict, total=False):
+    """How the simulator lists a batch (``Simulator.generate_batch``'s keywords)."""
+
+    page_size: int
+    has_more: str
+    order: str
+
+
 async def test_pages_of_any_size_and_lists_that_end_on_an_empty_page(
     kafka: str,
     topics: Topics,
@@ -185,7 +193,7 @@ async def test_pages_of_any_size_and_lists_that_end_on_an_empty_page(
 ) -> None:
     """Pages shorter and longer than ``limit``, and ``has_more`` on every full page."""
     sim = sim_server.sim
-    shapes = [
+    shapes: list[PageShape] = [
         {"page_size": 7, "has_more": "full_page"},
         {"page_size": 250, "has_more": "full_page", "order": "submission"},
         {"page_size": 250, "order": "completion"},
@@ -195,8 +203,8 @@ async def test_pages_of_any_size_and_lists_that_end_on_an_empty_page(
     batches = [str(uuid.uuid4()) for _ in shapes]
     for i, (b, shape) in enumerate(zip(batches, shapes, strict=True)):
         # Counts that end on a full page of each size, appearing over 4 s.
-        count = {7: 700, 250: 1000, 1: 120}.get(cast(int, shape.get("page_size")), 400)
-        sim.generate_batch(b, count, spread_s=4.0, seed=70 + i, **shape)  # type: ignore[arg-type]
+        count = {7: 700, 250: 1000, 1: 120}.get(shape.get("page_size", 0), 400)
+        sim.generate_batch(b, count, spread_s=4.0, seed=70 + i, **shape)
     offsets: set[tuple[str, int | None]] = set()
     sim.on_page_request = lambda r: offsets.add((r.batch_id, r.offset))
     await start_service(

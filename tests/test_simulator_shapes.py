@@ -647,7 +647,7 @@ async def test_lazy_batches_serve_every_shape(api: Api) -> None:
 # --------------------------------------------------------------------------- page size and has_more
 
 
-def pages_by_size(listed: list[int], size: int, full_page: bool) -> list[tuple[list[int], bool]]:
+def pages_by_size(listed: list[str], size: int, full_page: bool) -> list[tuple[list[str], bool]]:
     """How a vendor serving ``size`` records a page lists ``listed`` (list order)."""
     pages = []
     for start in range(0, len(listed) + 1, size):

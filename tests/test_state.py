@@ -15,6 +15,7 @@ from array import array
 from pathlib import Path
 
 import pytest
+from policy_harness import config, read_back
 
 from service.errors import ApiForbidden
 from service.policy import Policy
@@ -32,7 +33,6 @@ from service.state import (
     parse_key,
     state_records,
 )
-from tests.policy_harness import config, read_back
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SEEN = {
