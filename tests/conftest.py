@@ -16,7 +16,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import pytest
@@ -169,7 +169,10 @@ def service_env(topics: Topics, bootstrap: str, api_url: str, **overrides: str) 
     return env
 
 
-ServiceFactory = Callable[..., Awaitable[PollerService]]
+class ServiceFactory(Protocol):
+    """The ``start_service`` fixture: starts a service with these settings (``RFP_...``)."""
+
+    def __call__(self, **overrides: str) -> Awaitable[PollerService]: ...
 
 
 @pytest.fixture
@@ -351,8 +354,12 @@ class ServiceProcess:
         return "\n".join(text.splitlines()[-lines:])
 
 
+# The ``service_processes`` fixture: a service process (not started) with this env and name.
+ServiceProcesses = Callable[[dict[str, str], str], ServiceProcess]
+
+
 @pytest.fixture
-def service_processes(tmp_path: Path) -> Iterator[Callable[[dict[str, str], str], ServiceProcess]]:
+def service_processes(tmp_path: Path) -> Iterator[ServiceProcesses]:
     made: list[ServiceProcess] = []
 
     def make(env: dict[str, str], name: str) -> ServiceProcess:

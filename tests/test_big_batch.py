@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiokafka import AIOKafkaConsumer
-from conftest import SimServer, Topics, service_env, sim_event_id
+from conftest import ServiceProcesses, SimServer, Topics, service_env, sim_event_id
 from prometheus_client.parser import text_string_to_metric_families
 from test_durability import track
 
@@ -87,7 +87,7 @@ def event_id(message: Any) -> str:
 
 
 async def test_a_300k_batch_killed_halfway_is_published_exactly_once(
-    kafka: str, topics: Topics, sim_server: SimServer, service_processes: Any
+    kafka: str, topics: Topics, sim_server: SimServer, service_processes: ServiceProcesses
 ) -> None:
     sim = sim_server.sim
     batch = str(uuid.uuid4())

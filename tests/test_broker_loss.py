@@ -28,11 +28,18 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
-from conftest import ROOT, ServiceProcess, SimServer, TopicReader, Topics, service_env
+from conftest import (
+    ROOT,
+    ServiceProcess,
+    ServiceProcesses,
+    SimServer,
+    TopicReader,
+    Topics,
+    service_env,
+)
 from test_durability import assert_exactly_once, served_ids, track, wait_completed
 
 pytestmark = [pytest.mark.kafka, pytest.mark.cluster, pytest.mark.faults]
@@ -109,7 +116,7 @@ def log_summary(paths: list[Path]) -> tuple[Counter[str], Counter[str]]:
 async def test_each_broker_lost_in_turn_while_two_replicas_publish(
     kafka_cluster: str,
     sim_server: SimServer,
-    service_processes: Any,
+    service_processes: ServiceProcesses,
 ) -> None:
     run_started = time.monotonic()
     bootstrap = kafka_cluster

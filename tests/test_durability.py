@@ -26,6 +26,9 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.partitioner import murmur2
 from conftest import (
+    ServiceFactory,
+    ServiceProcess,
+    ServiceProcesses,
     SimServer,
     TopicReader,
     Topics,
@@ -37,15 +40,16 @@ from conftest import (
 )
 from eventschema import validate_message
 
-from rightfoot_simulator import PageRequest
+from rightfoot_simulator import PageRequest, Simulator
+from service.app import PollerService
 from service.kafka import canonical_partition
 from service.records import legacy_fingerprint, status_name, timestamp_event_id
-from service.state import BatchState, encode_state
+from service.state import BatchState, StateRestore, encode_state
 
 pytestmark = [pytest.mark.kafka, pytest.mark.faults]
 
 
-def served_ids(sim: Any, batch_ids: list[str]) -> set[str]:
+def served_ids(sim: Simulator, batch_ids: list[str]) -> set[str]:
     return {sim_event_id(b, r) for b in batch_ids for r in sim.all_records(b)}
 
 
@@ -98,7 +102,7 @@ async def test_sigkill_at_random_moments_loses_and_repeats_nothing(
     topics: Topics,
     sim_server: SimServer,
     reader: TopicReader,
-    service_processes: Any,
+    service_processes: ServiceProcesses,
 ) -> None:
     """SIGKILLed again and again while the batches' records arrive, then left to finish.
 
@@ -181,7 +185,7 @@ async def test_broker_restart_mid_run(
     topics: Topics,
     sim_server: SimServer,
     reader: TopicReader,
-    service_processes: Any,
+    service_processes: ServiceProcesses,
 ) -> None:
     sim = sim_server.sim
     batches = [str(uuid.uuid4()) for _ in range(3)]
@@ -210,7 +214,7 @@ async def test_api_faults_sustained_5xx_429_timeouts_malformed_and_token_400(
     topics: Topics,
     sim_server: SimServer,
     reader: TopicReader,
-    start_service: Any,
+    start_service: ServiceFactory,
 ) -> None:
     sim = sim_server.sim
     batches = [str(uuid.uuid4()) for _ in range(3)]
@@ -255,7 +259,7 @@ async def test_api_error_after_a_commit_keeps_the_progress_committed_in_that_pol
     topics: Topics,
     sim_server: SimServer,
     reader: TopicReader,
-    start_service: Any,
+    start_service: ServiceFactory,
 ) -> None:
     """A poll commits every 200 records; a later page of the same poll fails.
 
@@ -293,7 +297,7 @@ async def test_a_batch_stored_by_state_version_1_resumes_without_duplicates(
     topics: Topics,
     sim_server: SimServer,
     reader: TopicReader,
-    start_service: Any,
+    start_service: ServiceFactory,
 ) -> None:
     """An upgrade: the stored progress holds version 1 (BLAKE2b) fingerprints, inline.
 
@@ -346,7 +350,7 @@ async def test_a_batch_stored_by_state_version_2_resumes_without_duplicates(
     topics: Topics,
     sim_server: SimServer,
     reader: TopicReader,
-    start_service: Any,
+    start_service: ServiceFactory,
 ) -> None:
     """An upgrade from the previous release: a literal version 2 record (tests/fixtures).
 
@@ -375,7 +379,7 @@ async def test_a_batch_stored_by_state_version_3_resumes_without_duplicates(
     topics: Topics,
     sim_server: SimServer,
     reader: TopicReader,
-    start_service: Any,
+    start_service: ServiceFactory,
 ) -> None:
     """An upgrade from the previous release: literal version 3 records (tests/fixtures).
 
@@ -406,15 +410,15 @@ async def test_a_batch_stored_by_state_version_3_resumes_without_duplicates(
     assert json.loads(summaries[-1].value)["v"] == 3
 
 
-def batch_in(service: Any, batch_id: str) -> BatchState | None:
+def batch_in(service: PollerService, batch_id: str) -> BatchState | None:
     """The batch as a running in-process service holds it."""
     for worker in service.tracker.workers.values():
         if batch_id in worker.batches:
-            return worker.batches[batch_id]  # type: ignore[no-any-return]
+            return worker.batches[batch_id]
     return None
 
 
-def sample(service: Any, name: str, **labels: str) -> float:
+def sample(service: PollerService, name: str, **labels: str) -> float:
     return service.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
@@ -428,7 +432,7 @@ async def test_a_batch_stopped_then_tracked_again_across_restarts_publishes_each
     topics: Topics,
     sim_server: SimServer,
     reader: TopicReader,
-    start_service: Any,
+    start_service: ServiceFactory,
 ) -> None:
     """A stopped batch holds no fingerprints in memory; they are read back from the state
     topic when it is tracked again, before any page: in the replica that stopped it, in a
@@ -441,7 +445,7 @@ async def test_a_batch_stopped_then_tracked_again_across_restarts_publishes_each
     held = "rightfoot_poller_fingerprints_held"
     loaded = "rightfoot_poller_fingerprint_loads_total"
 
-    def published(service: Any) -> int:
+    def published(service: PollerService) -> int:
         b = batch_in(service, batch)
         return 0 if b is None else b.published
 
@@ -450,7 +454,8 @@ async def test_a_batch_stopped_then_tracked_again_across_restarts_publishes_each
     await wait_for(lambda: published(first) >= 200, 30, "records published")
     await stop_request(kafka, topics, batch)
     await wait_for(lambda: getattr(batch_in(first, batch), "status", "") == "stopped", 20, "stop")
-    assert sample(first, held) == 0 and len(batch_in(first, batch).seen) == 0  # type: ignore[union-attr]
+    stopped = batch_in(first, batch)
+    assert stopped is not None and len(stopped.seen) == 0 and sample(first, held) == 0
     # Tracked again in the replica that stopped it.
     await track(kafka, topics, batch)
     before = published(first)
@@ -489,7 +494,7 @@ async def test_finished_batches_are_forgotten_after_the_retention_and_a_restart_
     topics: Topics,
     sim_server: SimServer,
     reader: TopicReader,
-    start_service: Any,
+    start_service: ServiceFactory,
 ) -> None:
     """``polling.finished_retention_s`` 2 s: a completed batch and a stopped one are
     tombstoned on the state topic (the stopped one's fingerprint chunks too), leave the
@@ -558,7 +563,8 @@ async def test_batches_tracked_again_at_once_share_the_reads_of_their_partition(
     topics: Topics,
     sim_server: SimServer,
     reader: TopicReader,
-    start_service: Any,
+    start_service: ServiceFactory,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Five batches of one partition, stopped, then tracked again together (as after an
     outage that failed many): each first poll needs the partition read, and the loads
@@ -588,13 +594,15 @@ async def test_batches_tracked_again_at_once_share_the_reads_of_their_partition(
     )
     owner = service.partitions
     original = owner._read_partition
-    reads: list[frozenset[str]] = []
+    reads: list[frozenset[str] | None] = []  # the batches each read is for (None: all)
 
-    async def counted(p: int, restore: Any, on_error: Any) -> None:
+    async def counted(
+        p: int, restore: StateRestore, on_error: Callable[[str | None, ValueError], None]
+    ) -> None:
         reads.append(restore.only)
         await original(p, restore, on_error)
 
-    owner._read_partition = counted
+    monkeypatch.setattr(owner, "_read_partition", counted)
     producer = AIOKafkaProducer(bootstrap_servers=kafka, enable_idempotence=True)
     await producer.start()
     try:  # the five requests together, as a client resubmitting a list would send them
@@ -607,7 +615,8 @@ async def test_batches_tracked_again_at_once_share_the_reads_of_their_partition(
     await wait_completed(reader, topics, batches, timeout=90)
     loaded = "rightfoot_poller_fingerprint_loads_total"
     assert sample(service, loaded, outcome="loaded") == 5
-    assert set().union(*reads) == set(batches)
+    assert None not in reads, reads  # every read one for the loads, none of a whole restore
+    assert set().union(*filter(None, reads)) == set(batches)
     assert len(reads) <= 3, reads  # five loads, a read or two (three if the commits lag)
     balances = await reader.read_all(topics.balances)
     assert_exactly_once(balances, served_ids(sim, batches))
@@ -618,7 +627,7 @@ async def test_sigterm_during_poll_exits_zero_within_grace(
     topics: Topics,
     sim_server: SimServer,
     reader: TopicReader,
-    service_processes: Any,
+    service_processes: ServiceProcesses,
 ) -> None:
     sim = sim_server.sim
     batch = str(uuid.uuid4())
@@ -653,7 +662,7 @@ async def test_at_least_once_loses_nothing_and_duplicates_keep_their_event_id(
     topics: Topics,
     sim_server: SimServer,
     reader: TopicReader,
-    service_processes: Any,
+    service_processes: ServiceProcesses,
 ) -> None:
     sim = sim_server.sim
     batches = [str(uuid.uuid4()) for _ in range(3)]
@@ -689,7 +698,7 @@ async def test_401_pauses_polling_turns_readiness_red_and_recovers(
     topics: Topics,
     sim_server: SimServer,
     reader: TopicReader,
-    start_service: Any,
+    start_service: ServiceFactory,
 ) -> None:
     sim = sim_server.sim
     batch = str(uuid.uuid4())
@@ -708,7 +717,8 @@ async def test_401_pauses_polling_turns_readiness_red_and_recovers(
     before = len(sim.request_log)
     await asyncio.sleep(3.0)
     assert len(sim.request_log) - before <= 8
-    assert service.view.get(batch)["status"] == "tracking"
+    view = service.view.get(batch)
+    assert view is not None and view["status"] == "tracking"
     sim.set_api_keys(good_keys)
     await wait_for(lambda: service.readiness()[0], 10, "readiness green again")
     await wait_completed(reader, topics, [batch], timeout=60)
@@ -721,7 +731,7 @@ async def test_404_grace_survives_a_restart(
     topics: Topics,
     sim_server: SimServer,
     reader: TopicReader,
-    service_processes: Any,
+    service_processes: ServiceProcesses,
 ) -> None:
     missing = str(uuid.uuid4())  # never exists
     env = service_env(
@@ -818,9 +828,10 @@ class OpenTransactions:
         }
 
 
-async def sigkill_and_reap(service: Any) -> None:
+async def sigkill_and_reap(service: ServiceProcess) -> None:
     """SIGKILL the service process (from a page hook too); back once it is gone and reaped."""
     proc = service.proc
+    assert proc is not None, "the service was never started"
     proc.kill()
     await asyncio.to_thread(proc.wait)
 
@@ -830,7 +841,7 @@ async def test_sigkill_inside_an_open_transaction_aborts_it_and_repeats_nothing(
     topics: Topics,
     sim_server: SimServer,
     reader: TopicReader,
-    service_processes: Any,
+    service_processes: ServiceProcesses,
 ) -> None:
     """Killed in the middle of a poll, while its transaction has sent records uncommitted.
 
@@ -916,7 +927,9 @@ class AimedKill:
     one included). The page is held until the process is gone, so it is never served.
     """
 
-    def __init__(self, service: Any, aim: Callable[[PageRequest, list[PageRequest]], bool]):
+    def __init__(
+        self, service: ServiceProcess, aim: Callable[[PageRequest, list[PageRequest]], bool]
+    ):
         self.service = service
         self.aim = aim
         self.requests: dict[str | None, list[PageRequest]] = defaultdict(list)
@@ -950,7 +963,7 @@ async def test_sigkill_in_the_first_poll_after_a_restart(
     topics: Topics,
     sim_server: SimServer,
     reader: TopicReader,
-    service_processes: Any,
+    service_processes: ServiceProcesses,
 ) -> None:
     """A restarted service is killed in its first poll: on its first page request, then
     (after the next restart) on the third page of its first poll, once that poll has
@@ -1098,7 +1111,7 @@ async def test_sigkill_during_a_restore(
     topics: Topics,
     sim_server: SimServer,
     reader: TopicReader,
-    service_processes: Any,
+    service_processes: ServiceProcesses,
 ) -> None:
     """Killed twice while restoring its state, before it is ready.
 

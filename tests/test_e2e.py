@@ -19,6 +19,7 @@ import aiohttp
 import pytest
 from conftest import (
     ADMIN_TOKEN,
+    ServiceFactory,
     SimServer,
     TopicReader,
     Topics,
@@ -61,7 +62,11 @@ async def post_batch(port: int, body: dict[str, Any], token: str = ADMIN_TOKEN) 
 
 
 async def test_three_doors_every_record_exactly_once(
-    kafka: str, topics: Topics, sim_server: SimServer, start_service: Any, reader: TopicReader
+    kafka: str,
+    topics: Topics,
+    sim_server: SimServer,
+    start_service: ServiceFactory,
+    reader: TopicReader,
 ) -> None:
     sim = sim_server.sim
     big = str(uuid.uuid4())  # > 1,000 records appearing over several polls
@@ -100,8 +105,7 @@ async def test_three_doors_every_record_exactly_once(
 
     def finished() -> bool:
         return all(
-            service.view.get(b) is not None and service.view.get(b)["status"] == outcome
-            for b, outcome in outcomes.items()
+            (service.view.get(b) or {}).get("status") == outcome for b, outcome in outcomes.items()
         )
 
     await wait_for(finished, 60, "every batch finished")
@@ -164,7 +168,11 @@ async def test_three_doors_every_record_exactly_once(
 
 
 async def test_a_huge_malformed_record_is_dead_lettered_truncated_and_blocks_nothing(
-    kafka: str, topics: Topics, sim_server: SimServer, start_service: Any, reader: TopicReader
+    kafka: str,
+    topics: Topics,
+    sim_server: SimServer,
+    start_service: ServiceFactory,
+    reader: TopicReader,
 ) -> None:
     sim = sim_server.sim
     batch = str(uuid.uuid4())

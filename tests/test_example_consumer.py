@@ -8,16 +8,19 @@ import subprocess
 import sys
 import uuid
 from decimal import Decimal
-from typing import Any
 
 import pytest
-from conftest import ROOT, SimServer, TopicReader, Topics, produce, wait_for
+from conftest import ROOT, ServiceFactory, SimServer, TopicReader, Topics, produce, wait_for
 
 pytestmark = pytest.mark.kafka
 
 
 async def test_example_consumer_prints_each_event_once_with_exact_balances(
-    kafka: str, topics: Topics, sim_server: SimServer, start_service: Any, reader: TopicReader
+    kafka: str,
+    topics: Topics,
+    sim_server: SimServer,
+    start_service: ServiceFactory,
+    reader: TopicReader,
 ) -> None:
     sim = sim_server.sim
     batch = str(uuid.uuid4())

@@ -14,6 +14,7 @@ import json
 import uuid
 from decimal import Decimal
 from typing import Any
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
@@ -110,12 +111,8 @@ def test_event_id_is_uuid5(
 )
 def test_parse_record_same_with_and_without_the_shortcut(batch_id: str, item: Any) -> None:
     fast = parse_record(batch_id, item)
-    shortcut = records._exact_fields
-    records._exact_fields = lambda _item: None  # type: ignore[assignment]
-    try:
+    with mock.patch.object(records, "_exact_fields", lambda _item: None):
         general = parse_record(batch_id, item)
-    finally:
-        records._exact_fields = shortcut
     assert fast == general
 
 

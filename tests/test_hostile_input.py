@@ -18,7 +18,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import ADMIN_TOKEN, SimServer, TopicReader, Topics, wait_for
+from conftest import ADMIN_TOKEN, ServiceFactory, SimServer, TopicReader, Topics, wait_for
 
 from rightfoot_simulator import SimRecord
 from service.records import BalanceRecord, parse_record
@@ -146,7 +146,7 @@ async def post_batch(port: int, batch_id: str) -> None:
 
 
 async def run_page_mix(
-    start_service: Any,
+    start_service: ServiceFactory,
     sim_server: SimServer,
     topics: Topics,
     reader: TopicReader,
@@ -207,7 +207,7 @@ async def run_page_mix(
 
 
 async def test_a_page_of_hostile_records_loses_no_good_record(
-    start_service: Any, sim_server: SimServer, topics: Topics, reader: TopicReader
+    start_service: ServiceFactory, sim_server: SimServer, topics: Topics, reader: TopicReader
 ) -> None:
     hostile = [r for r, _ in CATALOGUE] + mutations(random.Random(8), 40)
     seen = await run_page_mix(start_service, sim_server, topics, reader, hostile, seed=1)
@@ -254,7 +254,7 @@ SURROGATES: list[tuple[str, str]] = [
 
 
 async def test_lone_surrogates_are_dead_lettered_not_a_crash(
-    start_service: Any, sim_server: SimServer, topics: Topics, reader: TopicReader
+    start_service: ServiceFactory, sim_server: SimServer, topics: Topics, reader: TopicReader
 ) -> None:
     seen = await run_page_mix(
         start_service, sim_server, topics, reader, [r for r, _ in SURROGATES], seed=2

@@ -23,8 +23,12 @@ class Clock:
         return self.now
 
 
+# The log stream, and the clock of the broker-log summaries.
+Output = tuple[io.StringIO, Clock]
+
+
 @pytest.fixture
-def output(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[io.StringIO, Clock]]:
+def output(monkeypatch: pytest.MonkeyPatch) -> Iterator[Output]:
     clock = Clock()
     monkeypatch.setattr(kafka_logs, "BROKERS", BrokerLog(clock))
     stream = io.StringIO()
@@ -45,7 +49,7 @@ def lost(node: int, n: int = 1) -> None:
         fetcher.error("Failed fetch messages from %s: %s", node, "NodeNotReadyError")
 
 
-def test_a_lost_broker_is_one_warning_not_thousands_of_errors(output: Any) -> None:
+def test_a_lost_broker_is_one_warning_not_thousands_of_errors(output: Output) -> None:
     stream, clock = output
     lost(2, 1000)
     clock.now += 10
@@ -57,7 +61,7 @@ def test_a_lost_broker_is_one_warning_not_thousands_of_errors(output: Any) -> No
     assert "Connect call failed" in out[0]["error"]
 
 
-def test_a_broker_that_stays_down_gets_one_summary_a_minute(output: Any) -> None:
+def test_a_broker_that_stays_down_gets_one_summary_a_minute(output: Output) -> None:
     stream, clock = output
     lost(3)
     for _ in range(3):
@@ -69,7 +73,7 @@ def test_a_broker_that_stays_down_gets_one_summary_a_minute(output: Any) -> None
     assert summaries[0]["down_for_s"] == SUMMARY_EVERY_S
 
 
-def test_each_broker_is_reported_on_its_own_and_recovery_is_said_once(output: Any) -> None:
+def test_each_broker_is_reported_on_its_own_and_recovery_is_said_once(output: Output) -> None:
     stream, clock = output
 
     class Conn:
@@ -100,7 +104,7 @@ def test_each_broker_is_reported_on_its_own_and_recovery_is_said_once(output: An
     ]
 
 
-def test_real_problems_stay_errors(output: Any) -> None:
+def test_real_problems_stay_errors(output: Output) -> None:
     stream, _clock = output
     sender = logging.getLogger("aiokafka.producer.sender")
     for _ in range(3):
@@ -111,7 +115,7 @@ def test_real_problems_stay_errors(output: Any) -> None:
     assert "InvalidTxnState" in out[0]["event"]
 
 
-def test_other_aiokafka_warnings_pass_once_a_minute_with_a_count(output: Any) -> None:
+def test_other_aiokafka_warnings_pass_once_a_minute_with_a_count(output: Output) -> None:
     stream, clock = output
     coordinator = logging.getLogger("aiokafka.consumer.group_coordinator")
     for _ in range(40):
@@ -127,7 +131,7 @@ def test_other_aiokafka_warnings_pass_once_a_minute_with_a_count(output: Any) ->
     assert out[1]["lines_held"] == 39
 
 
-def test_the_service_own_lines_are_untouched(output: Any) -> None:
+def test_the_service_own_lines_are_untouched(output: Output) -> None:
     stream, _clock = output
     for _ in range(3):
         logging.getLogger("service.app").error("unable connect to node with id %s: %s", 1, "x")

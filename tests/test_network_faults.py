@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -31,6 +32,7 @@ import pytest
 import structlog
 from conftest import (
     ROOT,
+    ServiceFactory,
     SimServer,
     TopicReader,
     Topics,
@@ -116,7 +118,7 @@ async def test_network_faults_between_the_service_and_the_api_lose_and_repeat_no
     topics: Topics,
     sim_server: SimServer,
     reader: TopicReader,
-    start_service: Any,
+    start_service: ServiceFactory,
     toxiproxy: Toxiproxy,
 ) -> None:
     sim = sim_server.sim
@@ -202,7 +204,7 @@ async def _faults(
 
 
 @pytest.fixture
-async def proxied_kafka(toxiproxy: Toxiproxy, tmp_path: Any) -> AsyncIterator[str]:
+async def proxied_kafka(toxiproxy: Toxiproxy, tmp_path: Path) -> AsyncIterator[str]:
     """A broker of its own whose clients all reach it through the proxy "kafka"."""
     port, controller = free_port(), free_port()
     listen = await toxiproxy.proxy("kafka", f"127.0.0.1:{port}")

@@ -74,7 +74,8 @@ def test_persistent_5xx_backs_off_exponentially_capped_and_other_batches_are_una
     assert b.failures == 8 and step.save and step.lifecycle is None
     # The other batch's next poll is a plain window, and one good poll resets the count.
     d = Driver(policy, Vendor([record(1)]), state=other)
-    assert d.poll().poll_in == 30.0  # type: ignore[union-attr]
+    window = d.poll()
+    assert window is not None and window.poll_in == 30.0
     d.state = b
     d.poll()
     assert d.state.failures == 0
@@ -107,7 +108,8 @@ def test_404_is_waited_for_during_the_grace_then_fails_the_batch() -> None:
     assert first is not None and first.save and first.lifecycle is None
     assert d.state.not_found_since == d.now
     d.now += 299.0
-    assert d.apply(d.policy.failed(d.state, gone, d.now)).lifecycle is None  # type: ignore[union-attr]
+    waiting = d.apply(d.policy.failed(d.state, gone, d.now))
+    assert waiting is not None and waiting.lifecycle is None
     d.now += 1.0
     last = d.apply(d.policy.failed(d.state, gone, d.now))
     assert last is not None and last.lifecycle == "failed" and d.state.status == "failed"
@@ -326,7 +328,8 @@ def test_stop_then_track_again_resumes_where_it_stood_with_a_new_generation() ->
 def test_track_of_a_completed_batch_is_ignored_and_track_of_an_active_one_changes_nothing() -> None:
     d = driver(records=1)
     assert d.track().note == "already_tracked"
-    d.state.status = "completed"  # type: ignore[union-attr]
+    assert d.state is not None
+    d.state.status = "completed"
     step = d.track()
     assert step.note == "already_finished" and not step.save
 

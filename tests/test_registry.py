@@ -18,7 +18,7 @@ import ssl
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jsonschema
 import pytest
@@ -240,8 +240,14 @@ def test_client_needs_a_url() -> None:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+class LocalServer(Protocol):
+    """The ``local_server`` fixture: serves ``handler`` (``ssl=`` for TLS); the base URL."""
+
+    def __call__(self, handler: Handler, **kwargs: Any) -> Awaitable[str]: ...
+
+
 @pytest.fixture
-async def local_server() -> AsyncIterator[Callable[..., Any]]:
+async def local_server() -> AsyncIterator[LocalServer]:
     """Serves one handler for every path; returns its base URL."""
     servers: list[TestServer] = []
 
@@ -266,7 +272,7 @@ def answer(status: int, body: object) -> Handler:
     return handler
 
 
-async def test_basic_auth_is_sent_and_a_refusal_is_clear(local_server: Any) -> None:
+async def test_basic_auth_is_sent_and_a_refusal_is_clear(local_server: LocalServer) -> None:
     seen: list[tuple[str, str, str | None]] = []
 
     async def handler(request: web.Request) -> web.StreamResponse:
@@ -305,7 +311,7 @@ async def test_basic_auth_is_sent_and_a_refusal_is_clear(local_server: Any) -> N
     ],
 )
 async def test_error_answers_are_typed(
-    local_server: Any, status: int, body: object, error: type[Exception], words: str
+    local_server: LocalServer, status: int, body: object, error: type[Exception], words: str
 ) -> None:
     url = await local_server(answer(status, body))
     async with RegistryClient(SchemaRegistryConfig(url=url)) as client:
@@ -314,7 +320,7 @@ async def test_error_answers_are_typed(
     assert words in str(info.value)
 
 
-async def test_an_answer_without_an_id_is_an_error(local_server: Any) -> None:
+async def test_an_answer_without_an_id_is_an_error(local_server: LocalServer) -> None:
     url = await local_server(answer(200, {"version": 1}))
     async with RegistryClient(SchemaRegistryConfig(url=url)) as client:
         with pytest.raises(RegistryError, match="no schema id") as info:
@@ -322,7 +328,7 @@ async def test_an_answer_without_an_id_is_an_error(local_server: Any) -> None:
     assert not isinstance(info.value, RegistryUnavailable)
 
 
-async def test_tls_verified_against_ssl_cafile(local_server: Any, tmp_path: Path) -> None:
+async def test_tls_verified_against_ssl_cafile(local_server: LocalServer, tmp_path: Path) -> None:
     ca = CertificateAuthority(tmp_path / "tls", name="registry-ca")
     leaf = ca.issue("registry")
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -347,7 +353,7 @@ async def test_unreachable_registry_is_retryable() -> None:
 
 
 async def test_start_up_waits_with_backoff_while_the_registry_is_unavailable(
-    local_server: Any,
+    local_server: LocalServer,
 ) -> None:
     answers = [(503, {"message": "starting"}), (500, {"message": "store error"})]
 
@@ -378,7 +384,7 @@ async def test_start_up_waits_with_backoff_while_the_registry_is_unavailable(
     assert 0.5 <= slept[0] <= 1 and 1 <= slept[1] <= 2
 
 
-async def test_start_up_does_not_retry_what_retrying_cannot_fix(local_server: Any) -> None:
+async def test_start_up_does_not_retry_what_retrying_cannot_fix(local_server: LocalServer) -> None:
     url = await local_server(answer(401, {"error_code": 401, "message": "Unauthorized"}))
     slept: list[float] = []
 

@@ -20,7 +20,7 @@ from collections import Counter, defaultdict
 from typing import Any
 
 import pytest
-from conftest import SimServer, TopicReader, Topics, produce, service_env
+from conftest import ServiceProcesses, SimServer, TopicReader, Topics, produce, service_env
 from eventschema import validate_message
 from test_durability import assert_exactly_once, served_ids, wait_completed
 
@@ -69,7 +69,7 @@ async def test_replicas_share_batches_and_take_over_a_dead_one(
     kafka: str,
     sim_server: SimServer,
     reader: TopicReader,
-    service_processes: Any,
+    service_processes: ServiceProcesses,
 ) -> None:
     topics = Topics(prefix=f"t{uuid.uuid4().hex[:10]}", partitions=12)
     sim = sim_server.sim

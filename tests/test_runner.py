@@ -290,7 +290,9 @@ class Vendors:
         return self.vendors[batch_id].page(token)
 
 
-async def test_the_records_held_stay_within_max_records_in_flight_and_none_is_lost() -> None:
+async def test_the_records_held_stay_within_max_records_in_flight_and_none_is_lost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # 20 batches of 50 records, all listed at once; a poll would gather a whole batch
     # (max_records_per_transaction 1000) and the commits wait: without the bound the
     # replica would hold all 1,000 records. Within 60, the polls must commit early.
@@ -318,7 +320,7 @@ async def test_the_records_held_stay_within_max_records_in_flight_and_none_is_lo
         add(n)
         peaks.append(room.held)
 
-    room._add = spied  # type: ignore[method-assign]
+    monkeypatch.setattr(room, "_add", spied)
     committer = HeldCommitter(hold=True)
     worker = PartitionWorker(partition=0, publisher=committer)
     tracker.add_worker(worker)

@@ -36,6 +36,7 @@ from conftest import (
     API_KEY,
     ROOT,
     ServiceProcess,
+    ServiceProcesses,
     SimServer,
     Topics,
     run_cli,
@@ -383,7 +384,7 @@ async def test_wrong_password_is_one_clear_error_and_recovers(
     topics: Topics,
     sim_server: SimServer,
     tmp_path: Path,
-    service_processes: Any,
+    service_processes: ServiceProcesses,
 ) -> None:
     password_file = tmp_path / "sasl-password"
     password_file.write_text(WRONG_PASSWORD)
@@ -428,7 +429,7 @@ async def test_untrusted_broker_certificate_is_one_clear_error(
     topics: Topics,
     sim_server: SimServer,
     tmp_path: Path,
-    service_processes: Any,
+    service_processes: ServiceProcesses,
 ) -> None:
     env = service_env(
         topics,
@@ -521,7 +522,7 @@ async def test_api_key_from_file_never_leaks(
     topics: Topics,
     sim_server: SimServer,
     tmp_path: Path,
-    service_processes: Any,
+    service_processes: ServiceProcesses,
 ) -> None:
     """RIGHTFOOT_API_KEY_FILE: used, re-read after a 401, and nowhere in what the service says."""
     sim = sim_server.sim

@@ -23,9 +23,12 @@ from typing import Any, TypedDict
 
 import pytest
 import structlog
-from conftest import SimServer, TopicReader, Topics, sim_event_id, wait_for
+from conftest import ServiceFactory, SimServer, TopicReader, Topics, sim_event_id, wait_for
 from eventschema import validate_message
 from test_durability import assert_exactly_once, served_ids, track
+
+from rightfoot_simulator import Simulator
+from service.app import PollerService
 
 pytestmark = [pytest.mark.kafka]
 
@@ -48,7 +51,7 @@ async def final_events(
         await asyncio.sleep(1.0)
 
 
-def sweeps(sim: Any, batch_id: str) -> int:
+def sweeps(sim: Simulator, batch_id: str) -> int:
     """Requests for the first page of a batch after its first one: reads from the start."""
     firsts = [
         r
@@ -64,7 +67,7 @@ async def test_records_that_finish_behind_the_cursor_are_all_published_once(
     topics: Topics,
     sim_server: SimServer,
     reader: TopicReader,
-    start_service: Any,
+    start_service: ServiceFactory,
     with_count: bool,
 ) -> None:
     sim = sim_server.sim
@@ -94,7 +97,7 @@ async def test_without_total_processed_full_reads_find_them(
     topics: Topics,
     sim_server: SimServer,
     reader: TopicReader,
-    start_service: Any,
+    start_service: ServiceFactory,
     with_count: bool,
 ) -> None:
     sim = sim_server.sim
@@ -119,7 +122,7 @@ async def test_a_count_that_never_reconciles_is_said_in_the_final_event(
     topics: Topics,
     sim_server: SimServer,
     reader: TopicReader,
-    start_service: Any,
+    start_service: ServiceFactory,
     expected: int | None,
 ) -> None:
     """The API counts five records it never lists: the batch does not complete as if whole.
@@ -162,7 +165,7 @@ async def test_a_smaller_count_than_seen_completes(
     topics: Topics,
     sim_server: SimServer,
     reader: TopicReader,
-    start_service: Any,
+    start_service: ServiceFactory,
 ) -> None:
     sim = sim_server.sim
     batch = str(uuid.uuid4())
@@ -189,7 +192,7 @@ async def test_pages_of_any_size_and_lists_that_end_on_an_empty_page(
     topics: Topics,
     sim_server: SimServer,
     reader: TopicReader,
-    start_service: Any,
+    start_service: ServiceFactory,
 ) -> None:
     """Pages shorter and longer than ``limit``, and ``has_more`` on every full page."""
     sim = sim_server.sim
@@ -226,7 +229,7 @@ async def test_a_page_token_loop_fails_the_poll_and_nothing_else(
     topics: Topics,
     sim_server: SimServer,
     reader: TopicReader,
-    start_service: Any,
+    start_service: ServiceFactory,
 ) -> None:
     """A ``next_page_token`` that leads back to a page already read: the poll must end.
 
@@ -261,7 +264,7 @@ async def test_a_page_token_loop_fails_the_poll_and_nothing_else(
     assert "loop" in warned[0]["error"]
 
 
-def loop_failures(service: Any) -> float:
+def loop_failures(service: PollerService) -> float:
     registry = service.metrics.registry
     value = registry.get_sample_value(
         "rightfoot_poller_invalid_input_total", {"source": "api", "reason": "page_token_loop"}
@@ -274,7 +277,7 @@ async def test_a_record_corrected_in_place_is_a_new_event(
     topics: Topics,
     sim_server: SimServer,
     reader: TopicReader,
-    start_service: Any,
+    start_service: ServiceFactory,
 ) -> None:
     """Same authorizer, same timestamp, another balance: published again, with a new id.
 
@@ -315,7 +318,7 @@ async def test_a_correction_does_not_stand_in_for_a_record_behind_the_cursor(
     topics: Topics,
     sim_server: SimServer,
     reader: TopicReader,
-    start_service: Any,
+    start_service: ServiceFactory,
 ) -> None:
     """A correction is a new event but no new record: the counts go by authorizers.
 
@@ -363,7 +366,7 @@ async def test_page_tokens_that_expire_between_polls(
     topics: Topics,
     sim_server: SimServer,
     reader: TopicReader,
-    start_service: Any,
+    start_service: ServiceFactory,
     order: str,
 ) -> None:
     """Every poll's stored token has expired: each poll reads again from the first page.

@@ -28,6 +28,7 @@ from service.state import (
     STATE_VERSION,
     BatchState,
     StateRestore,
+    Status,
     decode_state,
     encode_state,
     parse_key,
@@ -254,12 +255,12 @@ def test_a_trickle_seals_its_chunk_after_a_few_writes() -> None:
 
 
 @pytest.mark.parametrize("status", ["completed", "expired"])
-def test_finished_for_good_tombstones_its_chunks(status: str) -> None:
+def test_finished_for_good_tombstones_its_chunks(status: Status) -> None:
     topic = Topic()
     state = full_state()
     state.remember(range(1, 3 * CHUNK_FPS))
     topic.write(state)
-    state.status, state.reason = status, "done"  # type: ignore[assignment]
+    state.status, state.reason = status, "done"
     written = topic.write(state)
     tombstones = [parse_key(k) for k, v in written if v is None]
     assert tombstones == [("b-1", n) for n in range(4)]  # 252 + 6,143 fingerprints
