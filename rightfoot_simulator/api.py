@@ -17,8 +17,10 @@ import inspect
 import io
 import math
 import re
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
+from email.utils import formatdate
 
 import structlog
 from aiohttp import web
@@ -100,15 +102,11 @@ def _bad_request(message: str) -> web.Response:
     return _error(400, "BAD_REQUEST", message)
 
 
-def _fault_response(status: int, retry_after_s: float) -> web.Response:
+def _fault_response(status: int, retry_after_s: float, as_date: bool = False) -> web.Response:
     if status == 429:
         seconds = max(0, math.ceil(retry_after_s))
-        return _error(
-            429,
-            "RATE_LIMITED",
-            "Too many requests.",
-            headers={"Retry-After": str(seconds)},
-        )
+        when = formatdate(time.time() + seconds, usegmt=True) if as_date else str(seconds)
+        return _error(429, "RATE_LIMITED", "Too many requests.", headers={"Retry-After": when})
     if status in _PROXY_PAGES:
         title = _PROXY_PAGES[status]
         html = f"<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n"
@@ -148,7 +146,7 @@ async def _injected_fault(request: web.Request, batch_ids: Sequence[str]) -> web
     if status is None:
         return None
     log.debug("simulator fault", status=status, batch_ids=list(batch_ids))
-    return _fault_response(status, sim.faults.retry_after_s)
+    return _fault_response(status, sim.faults.retry_after_s, sim.faults.retry_after_date)
 
 
 # --------------------------------------------------------------------------- HTTP: balances
@@ -263,7 +261,8 @@ def _page_response(
         token: str | None = asked_with
     else:
         token = None if cursor is None else sim._tokens.issue(batch.batch_id, cursor, sim.clock())
-    has_more = token is not None
+    # "absent": no has_more at all; the token alone says that a page follows
+    has_more = None if batch.shape.has_more == "absent" else token is not None
     reported = batch.reported_total(total)
     kind = sim._take_malformed(batch.batch_id)
     if kind is None:

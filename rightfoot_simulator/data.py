@@ -371,14 +371,16 @@ def _page_json(
     batch_id: str,
     total: int | None,
     balances_json: str,
-    has_more: bool | str,
+    has_more: bool | str | None,
     token: str | None,
 ) -> str:
-    """A page body; ``total`` None omits ``total_processed``."""
+    """A page body; ``total`` None omits ``total_processed``, ``has_more`` None ``has_more``."""
     text = f'{{"batch_id":{json.dumps(batch_id)},'
     if total is not None:
         text += f'"total_processed":{total},'
-    text += f'"balances":{balances_json},"has_more":{json.dumps(has_more)}'
+    text += f'"balances":{balances_json}'
+    if has_more is not None:
+        text += f',"has_more":{json.dumps(has_more)}'
     if token is not None:
         text += f',"next_page_token":{json.dumps(token)}'
     return text + "}"

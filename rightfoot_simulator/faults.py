@@ -44,6 +44,9 @@ class Faults:
     rate_limit_rate: float = 0.0
     #: Seconds announced by ``Retry-After`` (rounded up to whole seconds).
     retry_after_s: float = 1.0
+    #: Announce them as an HTTP date instead (``Sun, 06 Nov 1994 08:49:37 GMT``, by the
+    #: wall clock), the other form RFC 9110 allows.
+    retry_after_date: bool = False
     #: Delay added to every API request.
     latency_s: float = 0.0
     #: The next N API requests wait ``hang_s`` before answering.
@@ -82,6 +85,10 @@ def _check_fault_value(name: str, hint: object, value: object) -> object:
         if value is None or isinstance(value, str):
             return value
         raise ValueError(f"{name} must be a string or null")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{name} must be true or false")
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{name} must be a number")
     if hint is int and not isinstance(value, int):

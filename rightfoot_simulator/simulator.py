@@ -174,7 +174,9 @@ class Simulator:
         ``page_size``: every page holds that many records (fewer only at the end), whatever
         ``limit`` the client asks for; None: ``limit``. ``has_more``: ``"exact"`` says
         whether records follow the page; ``"full_page"`` says so whenever the page is
-        full, so a list that ends on a full page is followed by an empty one.
+        full, so a list that ends on a full page is followed by an empty one;
+        ``"absent"`` leaves the field out (no field of the vendor's schema is required):
+        only ``next_page_token`` tells that a page follows.
         ``token_ttl_s``: a page token is refused (400 INVALID_PAGE_TOKEN) once that many
         seconds have passed since it was issued; None: tokens do not expire.
         """

@@ -15,6 +15,7 @@ import random
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,12 @@ log = structlog.get_logger(__name__)
 MAX_BODY_BYTES = 16 * 1024 * 1024
 # A 429 asking for a longer wait than this ends the attempt; the batch is rescheduled.
 MAX_INLINE_RETRY_AFTER_S = 30.0
+# A Retry-After is honoured up to an hour. A longer one (a date years ahead, say) would hold
+# every request of the replica back, and its batches' polls, for as long: it counts as an
+# hour, with a warning, and a 429 then may ask again.
+MAX_RETRY_AFTER_S = 3600.0
+# An error body's message is kept to this many characters in errors and log lines.
+MAX_ERROR_MESSAGE_CHARS = 500
 
 
 class _ErrorDetail(BaseModel):
@@ -78,6 +85,8 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
             when = parsedate_to_datetime(value)
         except (TypeError, ValueError):
             return None
+        if when.tzinfo is None:  # "-0000" or asctime: an HTTP date is in GMT
+            when = when.replace(tzinfo=UTC)
         seconds = when.timestamp() - (time.time() if now is None else now)
     if not math.isfinite(seconds):
         return None
@@ -92,6 +101,10 @@ def error_from_response(status: int, body: bytes, retry_after: float | None) -> 
             code, message = parsed.error.code, parsed.error.message
     except ValidationError:
         pass
+    if message is not None and len(message) > MAX_ERROR_MESSAGE_CHARS:
+        message = message[:MAX_ERROR_MESSAGE_CHARS] + "…"
+    if code is not None:
+        code = code[:100]
     text = message or f"the API answered {status}"
     cls: type[ApiError]
     if status == 400:
@@ -158,6 +171,7 @@ class RightfootClient:
         # Every request of this client holds one of these while in flight, the export's too.
         self.concurrency = asyncio.Semaphore(cfg.max_concurrent_requests)
         self.retries = Throttle()  # api_retry: one line a kind of failure a minute
+        self.warnings = Throttle()  # retry_after_capped
         self._session: aiohttp.ClientSession | None = None
         self._base = cfg.base_url.rstrip("/")
 
@@ -274,7 +288,7 @@ class RightfootClient:
                     body = await self._read_body(resp)
                     if resp.status == 200:
                         return body
-                    retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                    retry_after = self.retry_after(resp)
                     if resp.status == 429:
                         self.rate_limited(retry_after)
                     raise error_from_response(resp.status, body, retry_after)
@@ -289,6 +303,23 @@ class RightfootClient:
             finally:
                 self.metrics.api_requests.labels(endpoint, code).inc()
                 self.metrics.api_duration.labels(endpoint).observe(time.perf_counter() - started)
+
+    def retry_after(self, resp: aiohttp.ClientResponse) -> float | None:
+        """The answer's Retry-After in seconds, at most ``MAX_RETRY_AFTER_S``."""
+        value = parse_retry_after(resp.headers.get("Retry-After"))
+        if value is None or value <= MAX_RETRY_AFTER_S:
+            return value
+        self.metrics.invalid_input.labels("api", "retry_after").inc()
+        held = self.warnings.admit("retry_after_capped")
+        if held is not None:
+            log.warning(
+                "retry_after_capped",
+                retry_after_s=round(value),
+                waited_s=MAX_RETRY_AFTER_S,
+                suppressed=held,
+                detail="the API asked for a wait longer than an hour; waiting an hour",
+            )
+        return MAX_RETRY_AFTER_S
 
     def rate_limited(self, retry_after: float | None) -> None:
         """A 429 applies to the whole API key: hold every request of this client back."""

@@ -43,7 +43,7 @@ from pathlib import Path
 import aiohttp
 import structlog
 
-from service.api import ApiKey, RightfootClient, error_from_response, parse_retry_after
+from service.api import ApiKey, RightfootClient, error_from_response
 from service.config import Settings
 from service.errors import (
     ApiError,
@@ -318,7 +318,7 @@ async def _error_response(client: RightfootClient, resp: aiohttp.ClientResponse)
         body += chunk[: MAX_ERROR_BODY_BYTES - len(body)]
         if len(body) >= MAX_ERROR_BODY_BYTES:
             break
-    retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+    retry_after = client.retry_after(resp)
     if resp.status == 429:
         client.rate_limited(retry_after)
     return error_from_response(resp.status, bytes(body), retry_after)

@@ -66,7 +66,13 @@ _REQUEST_REJECTS = ("invalid_json", "empty", "invalid_field")
 INVALID_INPUT: tuple[tuple[str, str], ...] = (
     *(
         ("api", r)
-        for r in (*DLQ_REASONS, "malformed_page", "page_token_rejected", "page_token_loop")
+        for r in (
+            *DLQ_REASONS,
+            "malformed_page",
+            "page_token_rejected",
+            "page_token_loop",
+            "retry_after",
+        )
     ),
     *(("requests_topic", r) for r in _REQUEST_REJECTS),
     *(("state_topic", r) for r in ("no_key", "invalid_state", "unknown_version")),

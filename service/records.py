@@ -45,6 +45,12 @@ MAX_RAW_CHARS = 64 * 1024
 MAX_ID_CHARS = 1024
 # A page token is stored with the batch's progress, so it is bounded too.
 MAX_PAGE_TOKEN_CHARS = 8 * 1024
+# A balance and a timestamp go into every event as text: bounded, so that one record can
+# neither take the memory (a JSON exponent such as 1e999999999 written out in plain
+# digits) nor make an event too large for Kafka. Far beyond any amount of money or any
+# RFC 3339 date-time; a record past them is dead-lettered.
+MAX_BALANCE_CHARS = 100
+MAX_TIMESTAMP_CHARS = 64
 
 EVENT_NAMESPACE = uuid.UUID("3f0c4a52-7d0e-5b8a-9a51-6c2f1e0b7d11")
 
@@ -172,8 +178,19 @@ class _Envelope(BaseModel):
     batch_id: StrictStr | None = None
     total_processed: StrictInt | None = Field(default=None, ge=0)
     balances: list[Any]
-    has_more: StrictBool = False
+    has_more: StrictBool | None = None
     next_page_token: StrictStr | None = Field(default=None, max_length=MAX_PAGE_TOKEN_CHARS)
+
+    @property
+    def more(self) -> bool:
+        return _more(self.has_more, self.next_page_token)
+
+
+def _more(has_more: bool | None, next_page_token: str | None) -> bool:
+    """Whether a page has a next one. ``has_more`` says so; a page without it (no field
+    of the vendor's schema is marked required) has one if it gives a ``next_page_token``:
+    taken as the last page, the pages after it would never be read."""
+    return has_more if has_more is not None else bool(next_page_token)
 
 
 class _Record(BaseModel):
@@ -219,9 +236,16 @@ def _exact_fields(item: dict[str, Any]) -> _Fields | None:
     return None
 
 
+def _parse_int(text: str) -> int | Decimal:
+    """A JSON integer; past MAX_BALANCE_CHARS digits a Decimal, which no field takes as an
+    integer (CPython will not read an int of over 4,300 digits, and json.loads would refuse
+    the whole body: one record would then stop its page)."""
+    return int(text) if len(text) <= MAX_BALANCE_CHARS else Decimal(text)
+
+
 def loads_exact(text: str | bytes) -> Any:
     """json.loads with every non-integer number as an exact Decimal."""
-    return json.loads(text, parse_float=Decimal, parse_constant=Decimal)
+    return json.loads(text, parse_float=Decimal, parse_int=_parse_int, parse_constant=Decimal)
 
 
 class _Text(str):
@@ -258,6 +282,27 @@ def dumps_exact(value: Any) -> str:
 
 def _plain(balance: Decimal) -> str:
     return format(balance, "f")
+
+
+def _plain_within_bound(number: str) -> str | None:
+    """The plain notation of a JSON number's text; None past ``MAX_BALANCE_CHARS``."""
+    value = Decimal(number)
+    return format(value, "f") if _plain_chars(value) <= MAX_BALANCE_CHARS else None
+
+
+# An int balance is at most MAX_BALANCE_CHARS characters, its sign included.
+_INT_MAX, _INT_MIN = 10**MAX_BALANCE_CHARS, -(10 ** (MAX_BALANCE_CHARS - 1))
+
+
+def _plain_chars(balance: Decimal) -> int:
+    """len(_plain(balance)) of a finite Decimal, without writing out a huge exponent."""
+    sign, digits, exp = balance.as_tuple()
+    exp = int(exp)
+    if exp >= 0:
+        body = 1 if digits == (0,) else len(digits) + exp
+    else:  # the digits, with "0." and zeros before them when there are fewer than -exp
+        body = max(len(digits), 1 - exp) + 1
+    return body + sign
 
 
 def _invalid(batch_id: str, item: Any, reason: str, detail: str) -> InvalidRecord:
@@ -334,6 +379,13 @@ def parse_record(
         return _invalid(batch_id, item, "invalid_balance", "balance is not a JSON number or null")
     if isinstance(balance, Decimal) and not balance.is_finite():
         return _invalid(batch_id, item, "invalid_balance", "balance is not a finite number")
+    if isinstance(balance, Decimal) and _plain_chars(balance) > MAX_BALANCE_CHARS:
+        return _invalid(
+            batch_id,
+            item,
+            "invalid_balance",
+            f"balance is over {MAX_BALANCE_CHARS} characters in plain notation",
+        )
     rec: _Fields | _Record | None = _exact_fields(item)
     if rec is None:
         try:
@@ -342,7 +394,7 @@ def parse_record(
             err = exc.errors()[0]
             where = ".".join(str(p) for p in err["loc"])
             return _invalid(batch_id, item, "invalid_field", f"{where}: {err['msg']}")
-    if not _is_timestamp(rec.timestamp):
+    if len(rec.timestamp) > MAX_TIMESTAMP_CHARS or not _is_timestamp(rec.timestamp):
         return _invalid(
             batch_id,
             item,
@@ -385,7 +437,7 @@ class _FastPage(msgspec.Struct, gc=False):
     balances: list[_FastRecord]
     batch_id: str | None = None
     total_processed: int | None = None
-    has_more: bool = False
+    has_more: bool | None = None
     next_page_token: str | None = None
 
 
@@ -408,7 +460,8 @@ def _parse_page_fast(batch_id: str, body: bytes, content_ids: bool = True) -> Pa
         env = _FAST_PAGE.decode(body)
     except (UnicodeDecodeError, msgspec.DecodeError):  # ValidationError included
         return None
-    if env.has_more and not env.next_page_token:
+    more = _more(env.has_more, env.next_page_token)
+    if more and not env.next_page_token:
         return None
     if (env.next_page_token and len(env.next_page_token) > MAX_PAGE_TOKEN_CHARS) or (
         env.total_processed is not None and env.total_processed < 0
@@ -424,17 +477,25 @@ def _parse_page_fast(batch_id: str, body: bytes, content_ids: bool = True) -> Pa
             code = r.status_code
             if code is None:
                 return None
-        if not uid or len(uid) > MAX_ID_CHARS or not is_timestamp(timestamp):
+        if (
+            not uid
+            or len(uid) > MAX_ID_CHARS
+            or len(timestamp) > MAX_TIMESTAMP_CHARS
+            or not is_timestamp(timestamp)
+        ):
             return None
         kind = type(balance)
         if kind is _Number:
             # JSON's digits are plain decimal notation already, unless there is an exponent
-            text: str | None = (
-                format(Decimal(balance), "f") if "e" in balance or "E" in balance else str(balance)
-            )
+            if "e" in balance or "E" in balance or len(balance) > MAX_BALANCE_CHARS:
+                text: str | None = _plain_within_bound(balance)
+                if text is None:
+                    return None
+            else:
+                text = str(balance)
         elif balance is None:
             text = None
-        elif kind is int:
+        elif kind is int and _INT_MIN < balance < _INT_MAX:
             text = str(balance)
         else:
             return None
@@ -451,8 +512,8 @@ def _parse_page_fast(batch_id: str, body: bytes, content_ids: bool = True) -> Pa
     return Page(
         batch_id=env.batch_id,
         total_processed=env.total_processed,
-        has_more=env.has_more,
-        next_page_token=env.next_page_token if env.has_more else None,
+        has_more=more,
+        next_page_token=env.next_page_token if more else None,
         records=records,
     )
 
@@ -464,7 +525,16 @@ def parse_page(batch_id: str, body: bytes, *, content_ids: bool = True) -> Page:
     ``timestamp_event_id`` (batches first stored by state versions 1 to 3).
     """
     page = _parse_page_fast(batch_id, body, content_ids)
-    return page if page is not None else _parse_page_general(batch_id, body, content_ids)
+    if page is None:
+        page = _parse_page_general(batch_id, body, content_ids)
+    # A page of another batch (an API that mixed up its answers): its records published
+    # as this batch's would be wrong for good. Case aside: an ID may be echoed normalised.
+    if page.batch_id is not None and page.batch_id.casefold() != batch_id.casefold():
+        raise ApiMalformedResponse(
+            f"the page is of batch {page.batch_id[:MAX_ID_CHARS]!r}, not of the batch asked for",
+            status=200,
+        )
+    return page
 
 
 def _parse_page_general(batch_id: str, body: bytes, content_ids: bool = True) -> Page:
@@ -481,13 +551,14 @@ def _parse_page_general(batch_id: str, body: bytes, content_ids: bool = True) ->
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
         raise ApiMalformedResponse(f"response {where}: {err['msg']}", status=200) from None
-    if env.has_more and not env.next_page_token:
+    more = env.more
+    if more and not env.next_page_token:
         raise ApiMalformedResponse("has_more is true but next_page_token is missing", status=200)
     page = Page(
         batch_id=env.batch_id,
         total_processed=env.total_processed,
-        has_more=env.has_more,
-        next_page_token=env.next_page_token if env.has_more else None,
+        has_more=more,
+        next_page_token=env.next_page_token if more else None,
     )
     for item in env.balances:
         parsed = parse_record(batch_id, item, content_ids=content_ids)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import socket
 import time
@@ -12,11 +13,18 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import pytest
+import structlog
 from aiohttp.test_utils import TestServer
 
 from rightfoot_simulator import Simulator, build_app
 from service import __version__
-from service.api import ApiKey, RightfootClient
+from service.api import (
+    MAX_RETRY_AFTER_S,
+    ApiKey,
+    RightfootClient,
+    error_from_response,
+    parse_retry_after,
+)
 from service.config import RightfootConfig
 from service.errors import (
     ApiBadRequest,
@@ -201,6 +209,64 @@ async def test_429_with_a_long_retry_after_is_not_waited_inline(api: Harness) ->
     assert info.value.retry_after == 120
     assert api.requests() == [429]
     assert api.client_sleeps.delays == []
+
+
+async def test_429_with_retry_after_as_an_http_date_is_honoured(api: Harness) -> None:
+    api.sim.faults.rate_limit_next = 1
+    api.sim.faults.retry_after_s = 120
+    api.sim.faults.retry_after_date = True
+    client = await api.client()
+    with pytest.raises(ApiRateLimited) as info:
+        await client.fetch_page(BATCH, None)
+    assert info.value.retry_after is not None and 115 <= info.value.retry_after <= 121
+
+
+async def test_a_retry_after_of_years_holds_requests_back_an_hour_at_most(api: Harness) -> None:
+    """A date decades ahead would stop every request of the replica, and every poll."""
+    api.sim.faults.rate_limit_next = 1
+    api.sim.faults.retry_after_s = 80 * 365 * 86400
+    api.sim.faults.retry_after_date = True
+    client = await api.client()
+    with structlog.testing.capture_logs() as logs, pytest.raises(ApiRateLimited) as info:
+        await client.fetch_page(BATCH, None)
+    assert info.value.retry_after == MAX_RETRY_AFTER_S == 3600.0
+    labels = {"source": "api", "reason": "retry_after"}
+    assert api.metrics.registry.get_sample_value("rightfoot_poller_invalid_input_total", labels)
+    (warned,) = [e for e in logs if e["event"] == "retry_after_capped"]
+    assert warned["log_level"] == "warning" and warned["retry_after_s"] > 79 * 365 * 86400
+    # The next request waits out the hour (the limiter's recorded sleep), then goes on.
+    assert len((await client.fetch_page(BATCH, None)).records) == 100
+    assert 3500.0 < max(api.limiter_sleeps.delays) <= 3600.0
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "Sun, 06 Nov 1994 08:49:37 GMT",
+        "Sun, 06 Nov 1994 08:49:37 -0000",
+        "Sun Nov  6 08:49:37 1994",
+    ],
+)
+def test_an_http_date_is_read_in_gmt_whatever_the_local_time_zone(
+    header: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RFC 9110: HTTP dates are GMT. "-0000" and asctime dates parse without a zone, and
+    would otherwise be read in the pod's local time."""
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        assert parse_retry_after(header, now=784111777.0 - 30) == 30.0
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_an_error_bodys_message_is_kept_short_in_the_error() -> None:
+    """It goes into log lines and into the batch's state: one answer must not flood them."""
+    body = json.dumps({"error": {"code": "X" * 5000, "message": "overloaded " * 2000}}).encode()
+    exc = error_from_response(503, body, None)
+    assert str(exc).startswith("HTTP 503 XXX") and "overloaded overloaded" in str(exc)
+    assert len(str(exc)) < 650
 
 
 @pytest.mark.parametrize("key", ["wrong-key-0000000000", None])

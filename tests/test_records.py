@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 from typing import Any
 
 import pytest
 
 from service.errors import ApiMalformedResponse
 from service.records import (
+    MAX_RAW_CHARS,
     BalanceRecord,
     InvalidRecord,
     authorizer_fingerprint,
@@ -39,9 +41,11 @@ VENDOR_EXAMPLE = b"""{
 }"""
 
 
-def page_of(*items: str, has_more: bool = False, token: str | None = None) -> bytes:
+def page_of(
+    *items: str, has_more: bool = False, token: str | None = None, batch_id: str = "b"
+) -> bytes:
     """A page body whose records are given as raw JSON text (to keep their exact digits)."""
-    text = '{"batch_id":"b","balances":[' + ",".join(items) + "]"
+    text = '{"batch_id":' + json.dumps(batch_id) + ',"balances":[' + ",".join(items) + "]"
     text += f',"has_more":{json.dumps(has_more)}'
     if token is not None:
         text += f',"next_page_token":{json.dumps(token)}'
@@ -109,6 +113,64 @@ def test_has_more_defaults_to_false_and_empty_page_is_fine() -> None:
         [],
         [],
     )
+
+
+# Both paths: a valid record alone goes through the fast one; beside a record to
+# dead-letter, through the general one.
+BOTH_PATHS = pytest.mark.parametrize("beside", [(), ("[]",)], ids=["fast", "general"])
+
+
+@BOTH_PATHS
+def test_a_page_without_has_more_that_gives_a_token_has_a_next_page(beside: tuple[str]) -> None:
+    """No field of the vendor's schema is required. Taken as the last page, a page without
+    ``has_more`` would leave the pages after it unread; its token says there are more."""
+    body = '{"balances":[' + ",".join([record_text(), *beside]) + '],"next_page_token":"t2"}'
+    page = parse_page("b", body.encode())
+    assert (page.has_more, page.next_page_token, len(page.records)) == (True, "t2", 1)
+    ended = parse_page("b", ('{"balances":[' + ",".join([record_text(), *beside]) + "]}").encode())
+    assert (ended.has_more, ended.next_page_token) == (False, None)
+
+
+@BOTH_PATHS
+def test_a_page_of_another_batch_is_refused(beside: tuple[str]) -> None:
+    """Published as this batch's, its records would be wrong for good; an ID echoed in
+    another case is the same batch."""
+    items = (record_text(), *beside)
+    with pytest.raises(ApiMalformedResponse, match="of batch 'other'"):
+        parse_page("b", page_of(*items, batch_id="other"))
+    assert len(parse_page(BATCH, page_of(*items, batch_id=BATCH.upper())).records) == 1
+
+
+@BOTH_PATHS
+@pytest.mark.parametrize(
+    "balance",
+    ["1e999999999", "-1E+100", "0." + "0" * 98 + "1", "1" * 101, "-" + "9" * 100, "9" * 5000],
+)
+def test_a_balance_too_long_to_write_is_dead_lettered_alone(
+    balance: str, beside: tuple[str]
+) -> None:
+    """Written out in plain digits, 1e999999999 would take a gigabyte; 5,000 digits are past
+    what CPython reads as an int (and would have failed the whole page)."""
+    good = record_text(authorizer_unique_id="good")
+    page = parse_page("b", page_of(record_text(balance=balance), good, *beside))
+    assert [r.authorizer_unique_id for r in page.records] == ["good"]
+    bad = page.invalid[0]
+    assert bad.reason == "invalid_balance" and "over 100 characters" in bad.detail
+    assert len(bad.raw) <= MAX_RAW_CHARS
+
+
+@pytest.mark.parametrize("balance", ["1" * 100, "-" + "9" * 99, "-0." + "0" * 96 + "1", "1E+99"])
+def test_a_balance_of_up_to_100_characters_keeps_its_digits(balance: str) -> None:
+    text = one_record(record_text(balance=balance)).balance
+    assert text is not None and len(text) <= 100 and Decimal(text) == Decimal(balance)
+
+
+@BOTH_PATHS
+def test_a_timestamp_too_long_is_dead_lettered(beside: tuple[str]) -> None:
+    long = "2024-08-09T18:10:44." + "1" * 50 + "Z"
+    page = parse_page("b", page_of(record_text(timestamp=long), *beside))
+    assert page.records == [] and page.invalid[0].reason == "invalid_field"
+    assert one_record(record_text(timestamp="2024-08-09T18:10:44.123456789+05:30"))
 
 
 @pytest.mark.parametrize(
@@ -269,7 +331,8 @@ def test_invalid_record_event_id_is_deterministic() -> None:
     text = '{"balance": 1.5}'
     first, second = one_invalid(text), one_invalid(text)
     assert first.event_id == second.event_id
-    assert parse_page("other", page_of(text)).invalid[0].event_id != first.event_id
+    other = page_of(text, batch_id="other")
+    assert parse_page("other", other).invalid[0].event_id != first.event_id
 
 
 @pytest.mark.parametrize(
@@ -370,14 +433,18 @@ def test_event_id_deterministic_and_sensitive_to_every_field_of_the_record() -> 
 
 def test_a_record_listed_again_with_another_balance_is_a_new_event() -> None:
     """Same authorizer and timestamp, other content: a new id; batches of state v1-v3 not."""
-    before = parse_page(BATCH, page_of(record_text(balance="1.00"))).records[0]
-    after = parse_page(BATCH, page_of(record_text(balance="2.00"))).records[0]
-    again = parse_page(BATCH, page_of(record_text(balance="1.00"))).records[0]
+    before = parse_page(BATCH, page_of(record_text(balance="1.00"), batch_id=BATCH)).records[0]
+    after = parse_page(BATCH, page_of(record_text(balance="2.00"), batch_id=BATCH)).records[0]
+    again = parse_page(BATCH, page_of(record_text(balance="1.00"), batch_id=BATCH)).records[0]
     assert before.event_id != after.event_id
     assert before.event_id == again.event_id
-    old = parse_page(BATCH, page_of(record_text(balance="1.00")), content_ids=False).records[0]
+    old = parse_page(
+        BATCH, page_of(record_text(balance="1.00"), batch_id=BATCH), content_ids=False
+    ).records[0]
     assert old.event_id == timestamp_event_id(BATCH, old.authorizer_unique_id, old.timestamp)
-    old_after = parse_page(BATCH, page_of(record_text(balance="2.00")), content_ids=False)
+    old_after = parse_page(
+        BATCH, page_of(record_text(balance="2.00"), batch_id=BATCH), content_ids=False
+    )
     assert old_after.records[0].event_id == old.event_id
 
 

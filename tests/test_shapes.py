@@ -194,7 +194,8 @@ async def test_pages_of_any_size_and_lists_that_end_on_an_empty_page(
     reader: TopicReader,
     start_service: ServiceFactory,
 ) -> None:
-    """Pages shorter and longer than ``limit``, and ``has_more`` on every full page."""
+    """Pages shorter and longer than ``limit``, ``has_more`` on every full page, and pages
+    without ``has_more``."""
     sim = sim_server.sim
     shapes: list[PageShape] = [
         {"page_size": 7, "has_more": "full_page"},
@@ -202,6 +203,9 @@ async def test_pages_of_any_size_and_lists_that_end_on_an_empty_page(
         {"page_size": 250, "order": "completion"},
         {"page_size": 1, "has_more": "full_page", "order": "submission"},
         {"has_more": "full_page"},
+        # No has_more at all (no field is required): only the page token says more follow.
+        {"page_size": 50, "has_more": "absent", "order": "submission"},
+        {"has_more": "absent"},
     ]
     batches = [str(uuid.uuid4()) for _ in shapes]
     for i, (b, shape) in enumerate(zip(batches, shapes, strict=True)):

@@ -98,6 +98,9 @@ class Page:
 
     @property
     def has_more(self) -> bool:
+        """``has_more``; a page without it (``has_more="absent"``) has more if it has a token."""
+        if "has_more" not in self.body:
+            return "next_page_token" in self.body
         value = self.body["has_more"]
         assert isinstance(value, bool)
         return value
@@ -439,7 +442,7 @@ async def test_control_api_makes_every_shape(api: Api) -> None:
         ("lazy", 1, "lazy must be of type bool"),
         ("page_size", 0, "page_size must be an integer >= 1 (or null)"),
         ("page_size", "7", "page_size must be an integer >= 1 (or null)"),
-        ("has_more", "always", "has_more must be one of 'exact', 'full_page'"),
+        ("has_more", "always", "has_more must be one of 'exact', 'full_page', 'absent'"),
         ("token_ttl_s", 0, "token_ttl_s must be a number > 0 (or null)"),
         ("token_ttl_s", "5", "token_ttl_s must be a number > 0 (or null)"),
     ],
@@ -664,7 +667,7 @@ async def test_pages_of_the_vendors_size_and_has_more_on_full_pages(api: Api, se
     """Every visible record once, in list order, in pages of ``page_size`` whatever the limit."""
     rng = random.Random(seed)
     order = rng.choice(["completion", "submission"])
-    has_more = rng.choice(["exact", "full_page"])
+    has_more = rng.choice(["exact", "full_page", "absent"])
     size, limit = rng.choice([1, 3, 7, 250]), rng.randrange(1, 101)
     count = rng.choice([0, size, 2 * size, rng.randrange(0, 600)])
     lazy = rng.random() < 0.5
@@ -685,6 +688,21 @@ async def test_pages_of_the_vendors_size_and_has_more_on_full_pages(api: Api, se
         got = [(p.ids, p.has_more) for p in read.pages]
         want = pages_by_size(served, size, has_more == "full_page")
         assert got == want, (order, has_more, size, count, elapsed)
+
+
+@pytest.mark.parametrize("order", ["completion", "submission"])
+async def test_without_has_more_only_the_token_says_that_a_page_follows(
+    api: Api, order: str
+) -> None:
+    api.sim.generate_batch(BATCH, 250, seed=3, has_more="absent", order=order)
+    read = await api.read_all(BATCH)
+    assert all("has_more" not in p.body for p in read.pages)
+    assert [(len(p.ids), p.token is not None) for p in read.pages] == [
+        (100, True),
+        (100, True),
+        (50, False),
+    ]
+    assert read.ids == ids(api.sim.records_served(BATCH))
 
 
 async def test_a_list_ending_on_a_full_page_is_followed_by_an_empty_one(api: Api) -> None:
