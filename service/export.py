@@ -19,9 +19,11 @@ download holds one of ``rightfoot.max_concurrent_requests`` slots while it runs.
   written yet).
 * Timeouts are per read (``timeout_s`` between two reads, ``connect_timeout_s``
   to connect): an export may legitimately take far longer than one page.
-* Rows are counted exactly: a newline inside a quoted field (RFC 4180) does not
-  end a row, and the header row is not counted. A body that ends inside a
-  quoted field is truncated, and treated like a connection dropped mid-body.
+* Rows are counted as Python's ``csv.reader`` reads them (:class:`CsvRowCounter`):
+  a quote opens a quoted field only at the start of a field, a newline (LF, CRLF
+  or a bare CR) inside a quoted field does not end a row, and the header row is
+  not counted. A body that ends inside a quoted field is truncated, and treated
+  like a connection dropped mid-body.
 
 The outputs (file or stdout) are in service/export_output.py, the progress line
 in service/export_progress.py.
@@ -123,32 +125,148 @@ def output_path(value: str) -> Path | None:
 
 # --------------------------------------------------------------------------- row counting
 
+# Where CsvRowCounter stands after the last byte fed (the states of CPython's csv reader
+# that matter to counting rows).
+_RECORD_START = 0  # at the start of a row
+_AFTER_CR = 1  # at the start of a row that ended with CR: a LF next is the same row end
+_FIELD_START = 2  # after a comma
+_IN_FIELD = 3  # inside an unquoted field, or after the closing quote of a quoted one
+_QUOTED = 4  # inside a quoted field
+_QUOTE_IN_QUOTED = 5  # after a quote inside a quoted field: its end, or the first of ""
+
+_QUOTE = 0x22
+_LF = 0x0A
+_CR = 0x0D
+_FIELD_ENDS = b",\r\n"  # a quote right after one of these (or first in the body) opens a field
+# The rest of a quoted field, up to its closing quote or the end of the chunk: anything but a
+# quote, and escaped quotes "". The first stops at a CR or LF too (rare in a quoted field).
+_QUOTED_TEXT = re.compile(rb'[^"\r\n]*(?:""[^"\r\n]*)*')
+_QUOTED_TEXT_NEWLINES = re.compile(rb'[^"]*(?:""[^"]*)*')
+# Closed quoted fields without CR or LF, each followed by commas or newlines: fields that
+# need no other look (any number of them, none at all included).
+_QUOTED_FIELDS = re.compile(rb'(?:"[^"\r\n]*+(?:""[^"\r\n]*+)*+"[,\r\n]++)*+')
+_BARE_CR = re.compile(rb"\r(?!\n)")  # at the end of the range too: counted exactly then
+
+
+#: The state after an unquoted stretch, by its last byte (any other: _IN_FIELD).
+_STATE_AFTER = {_CR: _AFTER_CR, _LF: _RECORD_START, ord(","): _FIELD_START}
+
+
+def _matched_end(pattern: re.Pattern[bytes], data: bytes, pos: int) -> int:
+    """Where ``pattern``, which matches the empty string, stops matching at ``pos``."""
+    match = pattern.match(data, pos)
+    assert match is not None
+    return match.end()
+
+
+def _resume(state: int, chunk: bytes) -> tuple[int, int]:
+    """The state and the position to go on from in ``chunk``, after what the previous
+    chunk left pending at its last byte: chunk[pos] is then inside a quoted field, or
+    outside quotes and opening none."""
+    pos = 0
+    if state == _AFTER_CR:
+        state = _RECORD_START
+        if chunk[0] == _LF:  # a CRLF split across chunks
+            pos = 1
+    elif state == _QUOTE_IN_QUOTED:
+        # "" split across chunks (an escaped quote), or the field was closed.
+        return (_QUOTED, 1) if chunk[0] == _QUOTE else (_IN_FIELD, 0)
+    if state in (_RECORD_START, _FIELD_START) and chunk[pos : pos + 1] == b'"':
+        return _QUOTED, pos + 1
+    return state, pos
+
+
+def _opening_quote(chunk: bytes, start: int) -> int:
+    """The first quote from ``start`` (> 0) that opens a field, -1 if none: one right after
+    a comma or a newline (a quote anywhere else is an ordinary character)."""
+    quote = chunk.find(b'"', start)
+    while quote != -1 and chunk[quote - 1] not in _FIELD_ENDS:
+        quote = chunk.find(b'"', quote + 1)
+    return quote
+
+
+def _row_ends(data: bytes, start: int, end: int) -> int:
+    """The row ends in ``data[start:end]`` as if nothing were quoted: LF, CRLF, bare CR."""
+    lf = data.count(b"\n", start, end)
+    if data.find(b"\r", start, end) == -1 or not _BARE_CR.search(data, start, end):
+        return lf  # no CR, or only in CRLFs (counting CRLFs costs more than this search)
+    return lf + data.count(b"\r", start, end) - data.count(b"\r\n", start, end)
+
 
 class CsvRowCounter:
     """Counts the rows of a CSV byte stream, fed in chunks, excluding the header row.
 
-    A row ends at a newline outside quotes. Inside a quoted field an escaped quote is
-    written ``""``: two toggles, so tracking the parity of quote characters is exact.
+    The rows are those Python's ``csv.reader`` reads (default dialect, ``strict=False``,
+    on the body decoded from UTF-8, opened with ``newline=""``), whatever the chunking:
+
+    * a quote opens a quoted field only at the start of a field (first in a row, or after
+      a comma); anywhere else it is an ordinary character (``Bank 5" Branch``);
+    * inside a quoted field, ``""`` is an escaped quote and a quote followed by anything
+      else closes the field (what follows is the rest of the field, unquoted);
+    * outside quotes, LF, CRLF and a bare CR each end a row (an empty line is a row);
+      inside quotes they are part of the field;
+    * a last row without a final newline counts.
+
+    A body that ends inside a quoted field is truncated: ``csv.reader`` with
+    ``strict=True`` refuses it ("unexpected end of data"), and :meth:`finish` raises.
+
+    The bytes are scanned with ``bytes.count``/``find`` and regular expressions: a chunk
+    costs a few passes in C plus a little Python per quoted field (and per quote inside an
+    unquoted field). Chunks may be cut anywhere (between CR and LF, between the quotes of
+    ``""``, inside a UTF-8 character); nothing is kept from one chunk to the next but the
+    state, not even a field. ``csv.reader`` itself is not used: it cannot stop in the middle
+    of a row to wait for the next chunk, it refuses a field longer than
+    ``csv.field_size_limit()`` (128 KiB unless changed for the whole process), and it builds
+    every field, for no use here.
     """
 
     def __init__(self) -> None:
-        self.records = 0
-        self.in_quotes = False
-        self._open_record = False  # bytes seen after the last row end
+        self.records = 0  # row ends seen outside quotes (the header's included)
+        self._state = _RECORD_START
+
+    @property
+    def in_quotes(self) -> bool:
+        """Whether the bytes fed so far end inside a quoted field."""
+        return self._state == _QUOTED
 
     def feed(self, chunk: bytes) -> None:
-        if not chunk:
+        n = len(chunk)
+        if not n:
             return
-        if b'"' not in chunk:
-            if not self.in_quotes:
-                self.records += chunk.count(b"\n")
-        else:
-            for i, part in enumerate(chunk.split(b'"')):
-                if i:
-                    self.in_quotes = not self.in_quotes
-                if not self.in_quotes:
-                    self.records += part.count(b"\n")
-        self._open_record = self.in_quotes or not chunk.endswith(b"\n")
+        # Every row end in the chunk as if nothing were quoted, less those inside quoted
+        # fields below (a CRLF never straddles a quote, so the parts add up).
+        records = self.records + _row_ends(chunk, 0, n)
+        state, pos = _resume(self._state, chunk)
+        if self._state == _AFTER_CR and chunk[0] == _LF:
+            records -= 1  # the LF of a CRLF split across chunks: no second row end
+        # From here chunk[pos] is outside quotes but opens no field, or inside a quoted field.
+        while True:
+            if state != _QUOTED:
+                quote = _opening_quote(chunk, pos + 1)
+                if quote == -1:
+                    if pos < n:
+                        state = _STATE_AFTER.get(chunk[n - 1], _IN_FIELD)
+                    break
+                # Quoted fields one after the other (every field quoted), in one go.
+                pos = _matched_end(_QUOTED_FIELDS, chunk, quote)
+                if pos == n:
+                    state = _STATE_AFTER[chunk[n - 1]]
+                    break
+                if pos > quote and chunk[pos] != _QUOTE:  # at an unquoted field
+                    continue
+                state, pos = _QUOTED, pos + 1
+            # Inside a quoted field: on to its closing quote.
+            end = _matched_end(_QUOTED_TEXT, chunk, pos)
+            if end < n and chunk[end] != _QUOTE:  # a CR or LF inside the field
+                end = _matched_end(_QUOTED_TEXT_NEWLINES, chunk, end)
+                records -= _row_ends(chunk, pos, end)
+            if end >= n - 1:  # inside the field, or at a quote that may be the first of ""
+                state = _QUOTED if end == n else _QUOTE_IN_QUOTED
+                break
+            # Closed (the byte after the quote is not another one): outside quotes again.
+            state, pos = _IN_FIELD, end + 1
+        self.records = records
+        self._state = state
 
     @property
     def rows(self) -> int:
@@ -160,12 +278,13 @@ class CsvRowCounter:
 
         Raises ApiTransportError if the body ends inside a quoted field (truncated).
         """
-        if self.in_quotes:
+        if self._state == _QUOTED:
             raise ApiTransportError(
                 "the export ended inside a quoted field: the body is truncated",
                 code="truncated",
             )
-        return max(0, self.records + (1 if self._open_record else 0) - 1)
+        open_row = self._state not in (_RECORD_START, _AFTER_CR)
+        return max(0, self.records + open_row - 1)
 
 
 # --------------------------------------------------------------------------- download

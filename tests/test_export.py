@@ -817,6 +817,25 @@ async def test_drops_until_attempts_run_out_leave_nothing(
         assert target.read_bytes() == b"keep me\n"
 
 
+async def test_a_quote_inside_an_unquoted_field_is_no_truncation(
+    raw_server: Callable[..., Awaitable[RawServer]], tmp_path: Path
+) -> None:
+    # One quote in the last row, in an unquoted field, as csv.reader reads it: the body
+    # holds an odd number of quotes, none of them left open.
+    server = await raw_server("full")
+    server.body = CSV_BODY + f'1258580,{BATCH},Bank 5" Branch,,12345,,NO_MATCH,,{STAMP}'.encode()
+    client = make_client(make_settings(server.url))
+    await client.start()
+    try:
+        result = await export_csv(client, [BATCH], tmp_path / "x.csv")
+    finally:
+        await client.close()
+    assert server.connections == 1
+    assert (tmp_path / "x.csv").read_bytes() == server.body
+    assert result.rows == 2001
+    assert listing(tmp_path) == ["x.csv"]
+
+
 async def test_a_body_that_is_not_csv_fails_without_retry(
     raw_server: Callable[..., Awaitable[RawServer]], tmp_path: Path
 ) -> None:

@@ -1,10 +1,12 @@
 """Property tests of the CSV export's reader: whatever the API streams, rows are counted
-exactly or the export fails with a typed, counted error, never anything else.
+as Python's ``csv`` module reads them or the export fails with a typed, counted error,
+never anything else.
 
-* ``CsvRowCounter`` against Python's ``csv`` module on any CSV that ``csv.writer`` can
-  produce (quotes, commas, CR and LF inside fields, non-ASCII), cut into any chunks;
-* ``CsvRowCounter`` on arbitrary bytes: never raises while fed, the same count
-  however the bytes are chunked, and only the typed ``truncated`` error at the end;
+* ``CsvRowCounter`` against ``csv.reader`` (default dialect, ``strict=False``) on the
+  whole body, for any bytes cut into any chunks: the same rows, and ``truncated`` exactly
+  when the body ends inside a quoted field (where ``strict=True`` would say "unexpected
+  end of data"); on any CSV that ``csv.writer`` can produce too;
+* examples of what a quote-parity count got wrong or what chunking could break;
 * the whole download (``download_export``) against a server streaming arbitrary bytes
   with an arbitrary Content-Type: the file holds exactly what was sent, or nothing is
   left behind and the error is typed and counted in ``api_requests_total``.
@@ -16,9 +18,10 @@ import csv
 import io
 import itertools
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import pytest
 from aiohttp import web
@@ -33,7 +36,7 @@ from service.export import CsvRowCounter, download_export
 from service.metrics import Metrics
 from service.pacing import RateLimiter
 
-FUZZ = settings(max_examples=150, deadline=None)
+FUZZ = settings(max_examples=300, deadline=None)
 BATCH = "11111111-2222-4333-8444-555555555555"
 KEY = "sk-fuzz-csv-0a1b2c3d4e5f"
 
@@ -41,6 +44,19 @@ fields = st.text(
     alphabet=st.sampled_from("ab ,\"\r\n;\t'é€😀\\") | st.characters(codec="utf-8"), max_size=12
 )
 rows = st.lists(st.lists(fields, min_size=1, max_size=5), min_size=0, max_size=12)
+# Bytes made mostly of what matters to a CSV reader (quotes, commas, CR, LF), with some
+# UTF-8, invalid UTF-8 and NUL; and any bytes at all.
+csvish = st.lists(
+    st.sampled_from(
+        [
+            *(b'"', b'"', b",", b"\r", b"\n", b"\r\n", b"a", b" ", b"\xc3\xa9", b"\xe9", b"\0"),
+            *(b',"', b'",', b'"\r\n', b'\n"', b'""'),  # quoted fields, more often
+        ]
+    ),
+    max_size=80,
+).map(b"".join)
+bodies = csvish | st.binary(max_size=400)
+cuts_lists = st.lists(st.integers(0, 10**6), max_size=20)
 
 
 def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
@@ -49,52 +65,109 @@ def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in itertools.pairwise(points)]
 
 
-def count(chunks: list[bytes]) -> int:
+def csv_reads(body: bytes) -> tuple[int, bool]:
+    """What ``csv.reader`` makes of the whole body: its data rows, and whether it ends
+    inside a quoted field.
+
+    The counter works on bytes, csv on text: undecodable bytes become lone surrogates
+    (quotes, commas, CR and LF are ASCII, and no multi-byte UTF-8 sequence holds an ASCII
+    byte, so the structure is the same). With ``strict=False`` csv ends a body that stops
+    inside a quoted field with that field as read so far, silently; what follows such a
+    body becomes part of the field, which is how it is told here.
+    """
+    text = body.decode("utf-8", "surrogateescape")
+    records = list(csv.reader(io.StringIO(text, newline="")))
+    followed = list(csv.reader(io.StringIO(text + "\nEND", newline="")))
+    inside_quotes = followed[-1] != ["END"]
+    try:
+        list(csv.reader(io.StringIO(text, newline=""), strict=True))
+    except csv.Error as exc:
+        # What strict=True says of a body ending inside a quoted field; it may stop before
+        # the end, at a closing quote followed by anything but a comma or a newline.
+        if "unexpected end of data" in str(exc):
+            assert inside_quotes
+    else:
+        assert not inside_quotes
+    return max(0, len(records) - 1), inside_quotes
+
+
+def counted(chunks: list[bytes]) -> tuple[int, bool]:
+    """What ``CsvRowCounter`` makes of the chunks: rows (0 if truncated) and truncated."""
     counter = CsvRowCounter()
     for chunk in chunks:
         counter.feed(chunk)
-    return counter.finish()
+    try:
+        return counter.finish(), False
+    except ApiTransportError as exc:
+        assert exc.code == "truncated"
+        assert counter.in_quotes
+        return 0, True
+
+
+def expected(body: bytes) -> tuple[int, bool]:
+    rows, truncated = csv_reads(body)
+    return (0 if truncated else rows), truncated
+
+
+def every_chunking(body: bytes) -> Iterator[list[bytes]]:
+    """The body whole, byte by byte, and cut in two at every offset."""
+    yield [body]
+    yield [body[i : i + 1] for i in range(len(body))]
+    for i in range(1, len(body)):
+        yield [body[:i], body[i:]]
 
 
 @FUZZ
-@given(rows, st.sampled_from(["\r\n", "\n"]), st.booleans(), st.lists(st.integers(0, 10**6)))
-def test_counts_every_csv_the_csv_module_reads(
-    table: list[list[str]], terminator: str, final_newline: bool, cuts: list[int]
-) -> None:
-    if terminator == "\n":
-        # A row ends at LF. csv.writer leaves a CR unquoted when the line terminator is
-        # LF alone, which RFC 4180 does not allow, and Python's reader then ends a row at
-        # that bare CR: such bodies are not CSV the counter is meant to agree on.
-        table = [[f.replace("\r", "") for f in row] for row in table]
-    out = io.StringIO(newline="")
-    csv.writer(out, lineterminator=terminator, quoting=csv.QUOTE_MINIMAL).writerows(table)
-    text = out.getvalue()
-    if not final_newline and text.endswith(terminator):
-        text = text[: -len(terminator)]
-    expected = max(0, len(list(csv.reader(io.StringIO(text, newline="")))) - 1)
-    assert count(chunked(text.encode(), cuts)) == expected
-
-
-@FUZZ
-@given(st.binary(max_size=400), st.lists(st.integers(0, 10**6), max_size=20))
-def test_arbitrary_bytes_never_crash_and_chunking_does_not_matter(
+@given(bodies, cuts_lists)
+def test_any_bytes_any_chunking_counted_as_csv_reader_reads_them(
     body: bytes, cuts: list[int]
 ) -> None:
-    whole = CsvRowCounter()
-    whole.feed(body)
     counter = CsvRowCounter()
     previous = 0
     for chunk in chunked(body, cuts):
         counter.feed(chunk)  # never raises
         assert counter.rows >= previous  # progress never goes backwards
         previous = counter.rows
-    assert counter.in_quotes == whole.in_quotes == (body.count(b'"') % 2 == 1)
-    if counter.in_quotes:
+    rows, truncated = csv_reads(body)
+    assert counter.in_quotes == truncated
+    if truncated:
         with pytest.raises(ApiTransportError) as caught:
             counter.finish()
         assert caught.value.code == "truncated"
     else:
-        assert counter.finish() == whole.finish() >= 0
+        assert counter.finish() == rows
+        assert counter.rows <= rows
+    # A cut anywhere (between CR and LF, between the quotes of "", inside a UTF-8
+    # character...), and every byte a chunk of its own.
+    for chunks in every_chunking(body):
+        assert counted(chunks) == ((0, True) if truncated else (rows, False)), chunks
+
+
+@FUZZ
+@given(
+    rows,
+    st.sampled_from(["\r\n", "\n", "\r"]),
+    st.booleans(),
+    st.sampled_from([csv.QUOTE_MINIMAL, csv.QUOTE_ALL]),
+    cuts_lists,
+)
+def test_counts_every_csv_the_csv_module_writes(
+    table: list[list[str]],
+    terminator: str,
+    final_newline: bool,
+    quoting: Literal[0, 1, 2, 3],
+    cuts: list[int],
+) -> None:
+    # With QUOTE_MINIMAL, csv.writer quotes a field holding a CR or LF only if that
+    # character is in its line terminator ('a\rb' stays unquoted with '\n'), and
+    # csv.reader then ends a row at it: the counter agrees with the reader all the same.
+    out = io.StringIO(newline="")
+    csv.writer(out, lineterminator=terminator, quoting=quoting).writerows(table)
+    text = out.getvalue()
+    if not final_newline and text.endswith(terminator):
+        text = text[: -len(terminator)]
+    body = text.encode()
+    assert counted(chunked(body, cuts)) == expected(body)
 
 
 @FUZZ
@@ -105,13 +178,97 @@ def test_a_body_cut_inside_a_quoted_field_is_truncated(
     out = io.StringIO(newline="")
     csv.writer(out, lineterminator="\r\n", quoting=csv.QUOTE_ALL).writerows(table)
     body = out.getvalue().encode()
-    # Cut just after an opening quote: the body ends inside a quoted field.
+    # With every field quoted, every quote opens or closes a field or is one of "": after
+    # an odd number of them the body is inside a quoted field.
     opening = [i + 1 for i in range(len(body)) if body[: i + 1].count(b'"') % 2 == 1]
     cut = data.draw(st.sampled_from(opening))
+    assert csv_reads(body[:cut])[1]
     counter = CsvRowCounter()
     counter.feed(body[:cut])
     with pytest.raises(ApiTransportError, match="truncated"):
         counter.finish()
+
+
+# --------------------------------------------------------------------------- examples
+
+
+@pytest.mark.parametrize(
+    ("body", "rows", "truncated"),
+    [
+        # A quote inside an unquoted field is an ordinary character (an odd number of
+        # quotes in the body, which a quote-parity count took for a truncated body).
+        pytest.param(
+            b"Authorizer ID,Institution,Zip\r\n"
+            b'1258580,Bank 5" Branch,88627\r\n'
+            b"1258581,Chase,00517\r\n",
+            2,
+            False,
+            id="quote-inside-unquoted-field",
+        ),
+        pytest.param(b'h1,h2\r\n1,5" and 6"\r\n2,x"\r\n3,"q"\r\n', 3, False, id="quotes-unquoted"),
+        # After a quoted field is closed, what follows is unquoted: a quote there opens
+        # nothing (csv reads the field as 'ab"c').
+        pytest.param(b'h\n"a"b"c,d\n1,2\n', 2, False, id="quote-after-closed-field"),
+        pytest.param(b"h1,h2\r1,2\r3,4\r", 2, False, id="bare-cr"),
+        pytest.param(b"h1,h2\r1,2\r3,4", 2, False, id="bare-cr-no-final"),
+        pytest.param(b"h\r\r\n\n\r1\n", 4, False, id="empty-lines-are-rows"),
+        pytest.param(b'h\r\n1,"say ""hi"", ok",x\r\n2,"""",y\r\n', 2, False, id="escaped-quotes"),
+        # Newlines of every kind inside a quoted field end no row.
+        pytest.param(
+            b'h1,h2\r\n1,"line 1\r\nline 2\nline 3\rline 4"\r\n2,"\n"\r\n3,"a\r"\r\n',
+            3,
+            False,
+            id="quoted-newlines",
+        ),
+        pytest.param(b'h\r\n1,"open\r\nfield', 0, True, id="ends-inside-quotes"),
+        pytest.param(b'h\r\n1,"a""', 0, True, id="ends-after-escaped-quote"),
+        pytest.param(b'h\r\n1,"', 0, True, id="ends-after-opening-quote"),
+        pytest.param(b'h\r\n1,"a"', 1, False, id="ends-after-closing-quote"),
+        pytest.param(b"", 0, False, id="empty"),
+    ],
+)
+def test_examples_whatever_the_chunking(body: bytes, rows: int, truncated: bool) -> None:
+    assert expected(body) == (rows, truncated)
+    for chunks in every_chunking(body):
+        assert counted(chunks) == (rows, truncated), chunks
+
+
+def test_the_truncated_body_is_what_strict_csv_refuses_at_its_end() -> None:
+    text = 'h\r\n1,"open\r\nfield'
+    # strict=False reads a last row, silently; strict=True says where it stopped.
+    assert list(csv.reader(io.StringIO(text, newline=""))) == [["h"], ["1", "open\r\nfield"]]
+    with pytest.raises(csv.Error, match="unexpected end of data"):
+        list(csv.reader(io.StringIO(text, newline=""), strict=True))
+    assert counted([text.encode()]) == (0, True)
+
+
+def test_a_crlf_split_across_chunks_is_one_row_end() -> None:
+    counter = CsvRowCounter()
+    counter.feed(b"h\r\n1,a\r")
+    assert counter.rows == 1  # the CR ended the row
+    counter.feed(b'\n"2\r\n",b\r')  # the LF ends no other row; a quoted field follows
+    assert counter.rows == 2
+    counter.feed(b"\n")
+    counter.feed(b"\r")  # a bare CR: an empty row
+    assert counter.finish() == 3 == csv_reads(b'h\r\n1,a\r\n"2\r\n",b\r\n\r')[0]
+
+
+def test_escaped_quote_split_across_chunks_stays_inside_the_field() -> None:
+    # 'a"' + LF + 'b' is one field: taking the first quote for the field's end would make
+    # the second an ordinary character and the LF a row end.
+    body = b'h\n"a""\nb"\n'
+    assert csv_reads(body) == (1, False)
+    counter = CsvRowCounter()
+    counter.feed(b'h\n"a"')
+    assert not counter.in_quotes  # a closing quote, or the first of "": the next byte says
+    counter.feed(b'"\nb"\n')
+    assert counter.finish() == 1
+
+
+def test_multi_byte_characters_split_across_chunks() -> None:
+    body = 'h\n"é€😀, ""x""\n",😀\n€,é\n'.encode()
+    for chunks in every_chunking(body):
+        assert counted(chunks) == (2, False)
 
 
 # --------------------------------------------------------------------------- the download
@@ -153,7 +310,7 @@ async def export_server() -> AsyncIterator[tuple[str, Streamed]]:
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
-    st.binary(max_size=2000) | rows.map(lambda t: _csv_bytes(t)),
+    st.binary(max_size=2000) | csvish | rows.map(lambda t: _csv_bytes(t)),
     st.lists(st.integers(0, 10**6), max_size=8),
     st.sampled_from(["text/csv", "text/csv; charset=utf-8", "application/json", "text/html"]),
 )
@@ -197,14 +354,15 @@ async def test_download_of_any_body_is_exact_or_a_typed_counted_error(
             assert streamed.requests == 1 and code == {"malformed": 1}
         else:
             assert isinstance(exc, ApiTransportError) and exc.code == "truncated"
-            assert body.count(b'"') % 2 == 1
+            assert csv_reads(body)[1]  # the body ends inside a quoted field
             assert streamed.requests == 2 and code == {"truncated": 2}
         assert KEY not in str(exc)
     else:
         assert content_type.startswith("text/csv")
         assert target.read_bytes() == body
         assert result.bytes == len(body)
-        assert result.rows == count([body])
+        assert not csv_reads(body)[1]
+        assert result.rows == csv_reads(body)[0]
         assert _counted(metrics) == {"200": 1}
     finally:
         await client.close()
