@@ -173,6 +173,20 @@ def test_a_timestamp_too_long_is_dead_lettered(beside: tuple[str]) -> None:
     assert one_record(record_text(timestamp="2024-08-09T18:10:44.123456789+05:30"))
 
 
+@BOTH_PATHS
+def test_a_field_named_twice_keeps_its_last_value_as_the_vendors_samples_read_it(
+    beside: tuple[str],
+) -> None:
+    twice = record_text(balance="1.00")[:-1] + ', "balance": 2.00}'
+    (rec,) = parse_page("b", page_of(twice, *beside)).records
+    assert rec.balance == "2.00" and json.loads(twice)["balance"] == 2.0
+
+
+def test_a_leap_second_is_dead_lettered_for_a_person_to_look_at() -> None:
+    bad = one_invalid(record_text(timestamp="2016-12-31T23:59:60Z"))
+    assert bad.reason == "invalid_field" and "timestamp" in bad.detail
+
+
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
