@@ -270,7 +270,10 @@ def _page_response(
     else:
         log.debug("simulator malformed page", batch_id=batch.batch_id, kind=kind)
         body = _malformed_page(kind, batch.batch_id, reported, items, token)
-    return web.Response(text=body, content_type="application/json")
+    response = web.Response(text=body, content_type="application/json")
+    if sim.faults.compress_pages:
+        response.enable_compression()
+    return response
 
 
 # --------------------------------------------------------------------------- HTTP: export

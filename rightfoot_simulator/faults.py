@@ -47,6 +47,9 @@ class Faults:
     #: Announce them as an HTTP date instead (``Sun, 06 Nov 1994 08:49:37 GMT``, by the
     #: wall clock), the other form RFC 9110 allows.
     retry_after_date: bool = False
+    #: Compress pages (gzip or deflate, as the request's Accept-Encoding allows), as a
+    #: vendor behind a CDN may.
+    compress_pages: bool = False
     #: Delay added to every API request.
     latency_s: float = 0.0
     #: The next N API requests wait ``hang_s`` before answering.

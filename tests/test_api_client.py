@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
+import aiohttp
 import pytest
 import structlog
 from aiohttp.test_utils import TestServer
@@ -259,6 +260,18 @@ def test_an_http_date_is_read_in_gmt_whatever_the_local_time_zone(
     finally:
         monkeypatch.undo()
         time.tzset()
+
+
+async def test_a_compressed_page_is_read_whole(api: Harness) -> None:
+    api.sim.faults.compress_pages = True
+    async with aiohttp.ClientSession(auto_decompress=False) as raw:
+        headers = {"Authorization": f"Bearer {KEY}", "Accept-Encoding": "gzip"}
+        url = f"{api.url}/v1/balances?batchId={BATCH}"
+        async with raw.get(url, headers=headers) as resp:
+            assert resp.headers["Content-Encoding"] == "gzip"
+    client = await api.client()
+    page = await client.fetch_page(BATCH, None)
+    assert len(page.records) == 100 and page.has_more
 
 
 def test_an_error_bodys_message_is_kept_short_in_the_error() -> None:
