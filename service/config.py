@@ -262,6 +262,8 @@ def _read_secret_file(var: str, env: dict[str, str]) -> str | None:
         return Path(path).read_text(encoding="utf-8").strip()
     except OSError as exc:
         raise ConfigError(f"{var}: cannot read the secret file: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{var}: the secret file is not UTF-8 text") from None
 
 
 def _secrets_from_env(env: dict[str, str]) -> dict[str, dict[str, str]]:
@@ -305,6 +307,10 @@ def load_settings(path: Path | str | None, env: dict[str, str] | None = None) ->
             loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
         except OSError as exc:
             raise ConfigError(f"config file {path}: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"config file {path}: not UTF-8 text (byte {exc.start} cannot be decoded)"
+            ) from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

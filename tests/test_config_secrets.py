@@ -1,0 +1,90 @@
+"""Secrets from the environment and mounted files: read, cleaned and checked at load.
+
+Every refusal is one line naming where the secret came from, and never holds the secret.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from service.cli import main
+from service.config import load_settings
+from service.errors import ConfigError
+
+API_KEY = "rf_live_api_key_0123456789abcdef"
+ADMIN_TOKEN = "admin-token-fedcba9876543210"
+SASL_PASSWORD = "sasl-password-13579bdf"
+REGISTRY_PASSWORD = "registry-password-2468ace0"
+
+SASL = {
+    "RFP_KAFKA__SECURITY_PROTOCOL": "SASL_SSL",
+    "RFP_KAFKA__SASL_MECHANISM": "SCRAM-SHA-512",
+    "RFP_KAFKA__SASL_USERNAME": "poller",
+}
+REGISTRY = {
+    "RFP_SCHEMA_REGISTRY__URL": "https://registry:8081",
+    "RFP_SCHEMA_REGISTRY__USERNAME": "poller",
+}
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """os.environ without any variable the configuration reads."""
+    for name in list(os.environ):
+        if name.startswith(("RFP_", "RIGHTFOOT_")) or name == "POD_NAME":
+            monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def refusal(env: dict[str, str]) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, env=env)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+# --- a secret file that is not UTF-8 ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("var", "extra"),
+    [
+        ("RIGHTFOOT_API_KEY_FILE", {}),
+        ("RFP_KAFKA__SASL_PASSWORD_FILE", SASL),
+        ("RFP_SCHEMA_REGISTRY__PASSWORD_FILE", REGISTRY),
+    ],
+)
+def test_a_secret_file_that_is_not_utf8_is_one_line_naming_the_variable(
+    tmp_path: Path, var: str, extra: dict[str, str]
+) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"\xff\xfek\x00e\x00y\x00")  # UTF-16, as some editors save it
+    message = refusal({var: str(secret), **extra})
+    assert message.startswith(f"{var}: ")
+    assert "UTF-8" in message
+
+
+def test_check_config_with_a_secret_file_that_is_not_utf8_exits_2_with_one_line(
+    tmp_path: Path, clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    secret = tmp_path / "api-key"
+    secret.write_bytes(b"rf_live_\xe9\xff")
+    clean_env.setenv("RIGHTFOOT_API_KEY_FILE", str(secret))
+    assert main(["check-config"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1
+    assert "RIGHTFOOT_API_KEY_FILE" in err
+    assert "rf_live_" not in err
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_bytes(b"instance_id: r\xe9plica\n")  # Latin-1
+    with pytest.raises(ConfigError, match=r"^config file .*: not UTF-8 text") as info:
+        load_settings(path, env={})
+    assert "\n" not in str(info.value)
