@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -21,12 +22,41 @@ from service.errors import ConfigError
 ENV_PREFIX = "RFP_"
 # RFP_* variables that are not configuration keys.
 NOT_KEYS = {"RFP_CONFIG"}
-SECRET_KEYS = {
-    ("rightfoot", "api_key"),
-    ("http", "admin_token"),
-    ("kafka", "sasl_password"),
-    ("schema_registry", "password"),
-}
+
+
+@dataclass(frozen=True)
+class SecretSource:
+    """Where one secret comes from: environment variables in order of precedence, then a
+    file named by a variable. A variable that is empty counts as unset: an empty
+    ``RFP_RIGHTFOOT__API_KEY=""`` does not hide ``RIGHTFOOT_API_KEY`` or the key file."""
+
+    section: str
+    key: str
+    env: tuple[str, ...]
+    file_var: str | None = None
+
+
+SECRET_SOURCES = (
+    SecretSource(
+        "rightfoot",
+        "api_key",
+        ("RFP_RIGHTFOOT__API_KEY", "RIGHTFOOT_API_KEY"),
+        "RIGHTFOOT_API_KEY_FILE",
+    ),
+    SecretSource("http", "admin_token", ("RFP_HTTP__ADMIN_TOKEN",)),
+    SecretSource(
+        "kafka", "sasl_password", ("RFP_KAFKA__SASL_PASSWORD",), "RFP_KAFKA__SASL_PASSWORD_FILE"
+    ),
+    SecretSource(
+        "schema_registry",
+        "password",
+        ("RFP_SCHEMA_REGISTRY__PASSWORD",),
+        "RFP_SCHEMA_REGISTRY__PASSWORD_FILE",
+    ),
+)
+SECRET_KEYS = {(s.section, s.key) for s in SECRET_SOURCES}
+# Read by SecretSource, not as plain overrides.
+SECRET_ENV = {name for s in SECRET_SOURCES for name in s.env}
 
 
 class _Section(BaseModel):
@@ -266,22 +296,15 @@ def _read_secret_file(var: str, env: dict[str, str]) -> str | None:
         raise ConfigError(f"{var}: the secret file is not UTF-8 text") from None
 
 
-def _secrets_from_env(env: dict[str, str]) -> dict[str, dict[str, str]]:
-    found: dict[str, dict[str, str]] = {}
-    api_key = (
-        env.get("RFP_RIGHTFOOT__API_KEY")
-        or env.get("RIGHTFOOT_API_KEY")
-        or _read_secret_file("RIGHTFOOT_API_KEY_FILE", env)
-    )
-    if api_key:
-        found.setdefault("rightfoot", {})["api_key"] = api_key
-    password = _read_secret_file("RFP_KAFKA__SASL_PASSWORD_FILE", env)
-    if password and not env.get("RFP_KAFKA__SASL_PASSWORD"):
-        found.setdefault("kafka", {})["sasl_password"] = password
-    registry_password = _read_secret_file("RFP_SCHEMA_REGISTRY__PASSWORD_FILE", env)
-    if registry_password and not env.get("RFP_SCHEMA_REGISTRY__PASSWORD"):
-        found.setdefault("schema_registry", {})["password"] = registry_password
-    return found
+def _secret(source: SecretSource, env: dict[str, str]) -> str | None:
+    """The secret's value from its first source that gives one (empty counts as unset)."""
+    for var in source.env:
+        value = env.get(var, "")
+        if value:
+            return value
+    if source.file_var is not None:
+        return _read_secret_file(source.file_var, env) or None
+    return None
 
 
 def _format_error(exc: ValidationError) -> str:
@@ -328,11 +351,13 @@ def load_settings(path: Path | str | None, env: dict[str, str] | None = None) ->
                 f"{section}.{key}: secrets are not read from the config file; "
                 "use the environment or a mounted file"
             )
-    for section, values in _secrets_from_env(env).items():
-        block = data.setdefault(section, {})
-        if isinstance(block, dict):
-            block.update(values)
     _apply_env_overrides(data, env)
+    for source in SECRET_SOURCES:
+        value = _secret(source, env)
+        if value is not None:
+            block = data.setdefault(source.section, {})
+            if isinstance(block, dict):
+                block[source.key] = value
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
@@ -343,6 +368,8 @@ def _apply_env_overrides(data: dict[str, Any], env: dict[str, str]) -> None:
     """``RFP_SECTION__KEY=value`` sets ``section.key``; ``RFP_KEY`` a top-level key."""
     for name, value in sorted(env.items()):
         if not name.startswith(ENV_PREFIX) or name.endswith("_FILE") or name in NOT_KEYS:
+            continue
+        if name in SECRET_ENV:  # see SecretSource
             continue
         path = name[len(ENV_PREFIX) :].lower().split("__")
         target = data

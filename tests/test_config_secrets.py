@@ -88,3 +88,61 @@ def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^config file .*: not UTF-8 text") as info:
         load_settings(path, env={})
     assert "\n" not in str(info.value)
+
+
+# --- an empty variable counts as unset ------------------------------------------------------
+
+
+def test_an_empty_rfp_api_key_does_not_hide_rightfoot_api_key() -> None:
+    s = load_settings(None, env={"RFP_RIGHTFOOT__API_KEY": "", "RIGHTFOOT_API_KEY": API_KEY})
+    assert s.rightfoot.api_key is not None
+    assert s.rightfoot.api_key.get_secret_value() == API_KEY
+
+
+def test_empty_api_key_variables_do_not_hide_the_key_file(tmp_path: Path) -> None:
+    key_file = tmp_path / "api-key"
+    key_file.write_text(API_KEY + "\n", encoding="utf-8")
+    env = {
+        "RFP_RIGHTFOOT__API_KEY": "",
+        "RIGHTFOOT_API_KEY": "",
+        "RIGHTFOOT_API_KEY_FILE": str(key_file),
+    }
+    s = load_settings(None, env=env)
+    assert s.rightfoot.api_key is not None
+    assert s.rightfoot.api_key.get_secret_value() == API_KEY
+
+
+@pytest.mark.parametrize(
+    ("var", "file_var", "extra", "section", "key"),
+    [
+        (
+            "RFP_KAFKA__SASL_PASSWORD",
+            "RFP_KAFKA__SASL_PASSWORD_FILE",
+            SASL,
+            "kafka",
+            "sasl_password",
+        ),
+        (
+            "RFP_SCHEMA_REGISTRY__PASSWORD",
+            "RFP_SCHEMA_REGISTRY__PASSWORD_FILE",
+            REGISTRY,
+            "schema_registry",
+            "password",
+        ),
+    ],
+)
+def test_an_empty_password_variable_does_not_hide_the_password_file(
+    tmp_path: Path, var: str, file_var: str, extra: dict[str, str], section: str, key: str
+) -> None:
+    pw_file = tmp_path / "password"
+    pw_file.write_text(SASL_PASSWORD + "\n", encoding="utf-8")
+    s = load_settings(None, env={var: "", file_var: str(pw_file), **extra})
+    value = getattr(getattr(s, section), key)
+    assert value is not None
+    assert value.get_secret_value() == SASL_PASSWORD
+
+
+def test_an_empty_admin_token_leaves_the_admin_api_disabled() -> None:
+    s = load_settings(None, env={"RFP_HTTP__ADMIN_TOKEN": ""})
+    assert s.http.admin_token is None
+    assert s.masked()["http"]["admin_token"] is None
