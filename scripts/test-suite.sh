@@ -5,6 +5,10 @@
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 mkdir -p .run
+# The benchmark smoke test needs Benthos (bench/peer.py); on a fresh machine its build takes
+# minutes. Start it now, at low priority, so that it overlaps the other tests instead of
+# holding up that one (scripts/benthos.sh lets one build run at a time).
+nice -n 10 scripts/benthos.sh >/dev/null 2>.run/benthos-build.log &
 log=.run/tests-without-broker.log
 uv run --frozen pytest -q -m "not kafka" -p no:cacheprovider "$@" >"$log" 2>&1 &
 unit=$!
