@@ -11,11 +11,20 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 
 from service.errors import ConfigError
 
@@ -59,15 +68,55 @@ SECRET_KEYS = {(s.section, s.key) for s in SECRET_SOURCES}
 SECRET_ENV = {name for s in SECRET_SOURCES for name in s.env}
 
 
+def _printable(value: str, *, spaces: bool) -> bool:
+    """No control or invisible character (nor any whitespace, unless ``spaces``: then
+    plain spaces pass)."""
+    return value.isprintable() and (spaces or " " not in value)
+
+
+def _bearer_token(value: SecretStr) -> SecretStr:
+    if not _printable(value.get_secret_value(), spaces=False):
+        raise ValueError(
+            "contains whitespace or a control character, which an HTTP "
+            "Authorization: Bearer header cannot carry"
+        )
+    return value
+
+
+def _password(value: SecretStr) -> SecretStr:
+    if not _printable(value.get_secret_value(), spaces=True):
+        raise ValueError("contains a control or invisible character")
+    return value
+
+
+def _stripped(value: Any) -> Any:
+    return value.strip() if isinstance(value, str) else value
+
+
+def _header_text(value: str) -> str:
+    if not _printable(value, spaces=True):
+        raise ValueError(
+            "contains a control or invisible character, which the User-Agent header cannot carry"
+        )
+    return value
+
+
+# Secrets go into HTTP headers (a Bearer token) or a login (a password): whitespace around
+# them is removed when they are read (see SecretSource); what is left inside is checked.
+BearerToken = Annotated[SecretStr, AfterValidator(_bearer_token)]
+Password = Annotated[SecretStr, AfterValidator(_password)]
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # An error never repeats the value given: it may be a secret.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
 
 class RightfootConfig(_Section):
     base_url: str = "https://api.rightfoot.com"
     page_limit: int = Field(100, ge=1, le=100)
     export_path: str = "/v1/balances/export"
-    api_key: SecretStr | None = None
+    api_key: BearerToken | None = None
     ca_bundle: Path | None = None
     timeout_s: float = Field(10.0, gt=0)
     connect_timeout_s: float = Field(5.0, gt=0)
@@ -146,7 +195,7 @@ class KafkaConfig(_Section):
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
+    sasl_password: Password | None = None
     ssl_cafile: Path | None = None
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
@@ -182,7 +231,7 @@ class SchemaRegistryConfig(_Section):
 
     url: str | None = Field(None, description="e.g. https://registry:8081 or …/apis/ccompat/v7")
     username: str | None = None
-    password: SecretStr | None = None
+    password: Password | None = None
     ssl_cafile: Path | None = None
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
@@ -221,7 +270,7 @@ class SchemaRegistryConfig(_Section):
 class HttpConfig(_Section):
     host: str = "0.0.0.0"
     port: int = Field(8080, ge=0, le=65535)
-    admin_token: SecretStr | None = None
+    admin_token: BearerToken | None = None
     max_body_bytes: int = Field(16384, ge=256)
 
 
@@ -231,13 +280,16 @@ class LoggingConfig(_Section):
 
 
 def default_instance_id() -> str:
-    return os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+    return os.environ.get("POD_NAME", "").strip() or f"{socket.gethostname()}-{os.getpid()}"
 
 
 class Settings(_Section):
     """The effective configuration of one replica."""
 
-    instance_id: str = Field(default_factory=default_instance_id, min_length=1, max_length=128)
+    # In the User-Agent header, the logs and Kafka client ids; the default is checked too.
+    instance_id: Annotated[str, BeforeValidator(_stripped), AfterValidator(_header_text)] = Field(
+        default_factory=default_instance_id, min_length=1, max_length=128, validate_default=True
+    )
     shutdown_grace_s: float = Field(20.0, gt=0)
     rightfoot: RightfootConfig = RightfootConfig()
     polling: PollingConfig = PollingConfig()
@@ -296,18 +348,21 @@ def _read_secret_file(var: str, env: dict[str, str]) -> str | None:
         raise ConfigError(f"{var}: the secret file is not UTF-8 text") from None
 
 
-def _secret(source: SecretSource, env: dict[str, str]) -> str | None:
-    """The secret's value from its first source that gives one (empty counts as unset)."""
+def _secret(source: SecretSource, env: dict[str, str]) -> tuple[str, str] | None:
+    """The secret's value, whitespace around it removed, from its first source that gives
+    one (empty counts as unset); and the variable it came from."""
     for var in source.env:
-        value = env.get(var, "")
+        value = env.get(var, "").strip()
         if value:
-            return value
+            return value, var
     if source.file_var is not None:
-        return _read_secret_file(source.file_var, env) or None
+        value = _read_secret_file(source.file_var, env)
+        if value:
+            return value, source.file_var
     return None
 
 
-def _format_error(exc: ValidationError) -> str:
+def _format_error(exc: ValidationError, origins: dict[tuple[str, ...], str] | None = None) -> str:
     first = exc.errors()[0]
     msg = first["msg"].removeprefix("Value error, ")
     if not first["loc"] and first["type"] == "value_error":
@@ -315,6 +370,9 @@ def _format_error(exc: ValidationError) -> str:
     loc = ".".join(str(p) for p in first["loc"]) or "config"
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
+    origin = (origins or {}).get(tuple(str(p) for p in first["loc"]))
+    if origin is not None:
+        msg = f"{msg} (from {origin})"
     return f"{loc}: {msg}"
 
 
@@ -352,16 +410,17 @@ def load_settings(path: Path | str | None, env: dict[str, str] | None = None) ->
                 "use the environment or a mounted file"
             )
     _apply_env_overrides(data, env)
+    origins: dict[tuple[str, ...], str] = {}
     for source in SECRET_SOURCES:
-        value = _secret(source, env)
-        if value is not None:
+        found = _secret(source, env)
+        if found is not None:
             block = data.setdefault(source.section, {})
             if isinstance(block, dict):
-                block[source.key] = value
+                block[source.key], origins[(source.section, source.key)] = found
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_error(exc)) from None
+        raise ConfigError(_format_error(exc, origins)) from None
 
 
 def _apply_env_overrides(data: dict[str, Any], env: dict[str, str]) -> None:

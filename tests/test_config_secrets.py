@@ -146,3 +146,138 @@ def test_an_empty_admin_token_leaves_the_admin_api_disabled() -> None:
     s = load_settings(None, env={"RFP_HTTP__ADMIN_TOKEN": ""})
     assert s.http.admin_token is None
     assert s.masked()["http"]["admin_token"] is None
+
+
+# --- whitespace around a secret is removed; what an HTTP header cannot carry is refused ----
+
+
+@pytest.mark.parametrize("around", ["\n", "\r\n", " ", "\t", "  \n\n"])
+@pytest.mark.parametrize(
+    ("var", "extra", "section", "key"),
+    [
+        ("RIGHTFOOT_API_KEY", {}, "rightfoot", "api_key"),
+        ("RFP_RIGHTFOOT__API_KEY", {}, "rightfoot", "api_key"),
+        ("RFP_HTTP__ADMIN_TOKEN", {}, "http", "admin_token"),
+        ("RFP_KAFKA__SASL_PASSWORD", SASL, "kafka", "sasl_password"),
+        ("RFP_SCHEMA_REGISTRY__PASSWORD", REGISTRY, "schema_registry", "password"),
+    ],
+)
+def test_whitespace_around_a_secret_from_the_environment_is_removed(
+    var: str, extra: dict[str, str], section: str, key: str, around: str
+) -> None:
+    # A Secret set with `echo token | kubectl create secret ...` ends with a newline.
+    s = load_settings(None, env={var: ADMIN_TOKEN + around, **extra})
+    value = getattr(getattr(s, section), key)
+    assert value is not None
+    assert value.get_secret_value() == ADMIN_TOKEN
+    assert ADMIN_TOKEN in s.secrets()
+
+
+@pytest.mark.parametrize("around", ["", "\n", " "])
+def test_a_whitespace_only_secret_counts_as_unset(around: str) -> None:
+    env = {"RFP_RIGHTFOOT__API_KEY": " \n" + around, "RIGHTFOOT_API_KEY": API_KEY}
+    s = load_settings(None, env={**env, "RFP_HTTP__ADMIN_TOKEN": "\n" + around})
+    assert s.rightfoot.api_key is not None
+    assert s.rightfoot.api_key.get_secret_value() == API_KEY
+    assert s.http.admin_token is None
+
+
+@pytest.mark.parametrize("inside", ["\n", "\r", " ", "\t", "\x00", "\x7f", "\u00a0", "\u200b"])
+@pytest.mark.parametrize(
+    ("var", "key"),
+    [
+        ("RIGHTFOOT_API_KEY", "rightfoot.api_key"),
+        ("RFP_RIGHTFOOT__API_KEY", "rightfoot.api_key"),
+        ("RFP_HTTP__ADMIN_TOKEN", "http.admin_token"),
+    ],
+)
+def test_a_bearer_token_with_whitespace_or_a_control_character_inside_is_refused(
+    var: str, key: str, inside: str
+) -> None:
+    secret = f"{API_KEY[:16]}{inside}{API_KEY[16:]}"
+    message = refusal({var: secret + "\n"})
+    assert message.startswith(f"{key}: ")
+    assert var in message
+    assert "header" in message
+    assert API_KEY[:16] not in message and API_KEY[16:] not in message
+
+
+@pytest.mark.parametrize(
+    ("var", "extra", "key"),
+    [
+        ("RFP_KAFKA__SASL_PASSWORD", SASL, "kafka.sasl_password"),
+        ("RFP_SCHEMA_REGISTRY__PASSWORD", REGISTRY, "schema_registry.password"),
+    ],
+)
+def test_a_password_may_hold_spaces_but_no_control_character(
+    var: str, extra: dict[str, str], key: str
+) -> None:
+    s = load_settings(None, env={var: "correct horse battery\n", **extra})
+    assert "correct horse battery" in s.secrets()
+    message = refusal({var: "correct\x00horse\n", **extra})
+    assert message.startswith(f"{key}: contains a control")
+    assert var in message
+    assert "correct" not in message and "horse" not in message
+
+
+@pytest.mark.parametrize(
+    ("var", "extra", "key"),
+    [
+        ("RIGHTFOOT_API_KEY_FILE", {}, "rightfoot.api_key"),
+        ("RFP_KAFKA__SASL_PASSWORD_FILE", SASL, "kafka.sasl_password"),
+        ("RFP_SCHEMA_REGISTRY__PASSWORD_FILE", REGISTRY, "schema_registry.password"),
+    ],
+)
+def test_a_secret_file_of_two_lines_is_refused_naming_the_file_variable(
+    tmp_path: Path, var: str, extra: dict[str, str], key: str
+) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("first-line-secret\nsecond-line-secret\n", encoding="utf-8")
+    message = refusal({var: str(secret), **extra})
+    assert message.startswith(f"{key}: ")
+    assert var in message
+    assert "first-line-secret" not in message and "second-line-secret" not in message
+
+
+def test_check_config_refuses_a_bad_admin_token_in_one_line_without_it(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clean_env.setenv("RFP_HTTP__ADMIN_TOKEN", f"{ADMIN_TOKEN}\r\n{ADMIN_TOKEN}")
+    assert main(["check-config"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1
+    assert "http.admin_token" in err and "RFP_HTTP__ADMIN_TOKEN" in err
+    assert ADMIN_TOKEN not in err
+
+
+# --- instance_id goes in the User-Agent header ----------------------------------------------
+
+
+def test_whitespace_around_instance_id_is_removed(clean_env: pytest.MonkeyPatch) -> None:
+    assert load_settings(None, env={"RFP_INSTANCE_ID": "replica-a\n"}).instance_id == "replica-a"
+    clean_env.setenv("POD_NAME", "rightfoot-poller-7c9f-abcde\n")
+    assert load_settings(None, env={}).instance_id == "rightfoot-poller-7c9f-abcde"
+
+
+def test_a_blank_pod_name_falls_back_to_host_and_pid(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("POD_NAME", " \n")
+    assert load_settings(None, env={}).instance_id.endswith(f"-{os.getpid()}")
+
+
+@pytest.mark.parametrize("bad", ["replica\na", "replica\ta", "replica\x1b[31m", "replica\u2028a"])
+def test_instance_id_with_a_control_character_is_refused(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path, bad: str
+) -> None:
+    message = refusal({"RFP_INSTANCE_ID": bad})
+    assert message.startswith("instance_id: ") and "User-Agent" in message
+    config = tmp_path / "config.yaml"
+    config.write_text(f"instance_id: {bad!r}\n".replace("'", '"'), encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"^instance_id: .*User-Agent"):
+        load_settings(config, env={})
+    clean_env.setenv("POD_NAME", bad)  # the default is checked too
+    assert refusal({}).startswith("instance_id: ")
+
+
+def test_instance_id_may_hold_spaces_and_letters_beyond_ascii() -> None:
+    assert load_settings(None, env={"RFP_INSTANCE_ID": "réplica a"}).instance_id == "réplica a"
