@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,9 +108,24 @@ BearerToken = Annotated[SecretStr, AfterValidator(_bearer_token)]
 Password = Annotated[SecretStr, AfterValidator(_password)]
 
 
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+
+def _topic_name(value: str) -> str:
+    if not _TOPIC_NAME.fullmatch(value) or value in (".", ".."):
+        raise ValueError("a Kafka topic name is 1-249 characters of A-Z a-z 0-9 . _ -")
+    return value
+
+
+TopicName = Annotated[str, AfterValidator(_topic_name)]
+
+
 class _Section(BaseModel):
-    # An error never repeats the value given: it may be a secret.
-    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+    # An error never repeats the value given: it may be a secret. Every number is finite:
+    # inf or nan in a duration or a rate would stall or spin the service.
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, hide_input_in_errors=True, allow_inf_nan=False
+    )
 
 
 class RightfootConfig(_Section):
@@ -130,6 +146,13 @@ class RightfootConfig(_Section):
     @model_validator(mode="after")
     def _check_url(self) -> RightfootConfig:
         parts = urlsplit(self.base_url)
+        if parts.username is not None or parts.password is not None:
+            # Refused rather than masked: the API takes the key as a Bearer token (aiohttp
+            # would refuse every request with both), and the URL is the source of every event.
+            raise ValueError(
+                "base_url must not contain a user or password (user:password@): the API key "
+                "is set as RIGHTFOOT_API_KEY or RIGHTFOOT_API_KEY_FILE"
+            )
         if parts.scheme not in ("https", "http") or not parts.hostname:
             raise ValueError("base_url must be an absolute https:// URL")
         if parts.scheme == "http" and not _is_loopback(parts.hostname):
@@ -181,10 +204,10 @@ class PollingConfig(_Section):
 
 class KafkaConfig(_Section):
     bootstrap_servers: str = "localhost:9092"
-    balances_topic: str = "rightfoot.balances"
-    batch_events_topic: str = "rightfoot.batch-events"
-    requests_topic: str = "rightfoot.batch-requests"
-    state_topic: str = "rightfoot.batch-state"
+    balances_topic: TopicName = "rightfoot.balances"
+    batch_events_topic: TopicName = "rightfoot.batch-events"
+    requests_topic: TopicName = "rightfoot.batch-requests"
+    state_topic: TopicName = "rightfoot.batch-state"
     group_id: str = "rightfoot-poller"
     delivery: Literal["exactly_once", "at_least_once"] = "exactly_once"
     partitions: int = Field(12, ge=1)
@@ -210,6 +233,28 @@ class KafkaConfig(_Section):
     @property
     def dlq_topic(self) -> str:
         return f"{self.balances_topic}.dlq"
+
+    @model_validator(mode="after")
+    def _check_topics(self) -> KafkaConfig:
+        """Each topic holds one kind of message: no two may be the same."""
+        if len(self.dlq_topic) > 249:
+            raise ValueError("balances_topic must be at most 245 characters (its DLQ adds .dlq)")
+        topics = {
+            "balances_topic": self.balances_topic,
+            "the DLQ topic <balances_topic>.dlq": self.dlq_topic,
+            "batch_events_topic": self.batch_events_topic,
+            "requests_topic": self.requests_topic,
+            "state_topic": self.state_topic,
+        }
+        seen: dict[str, str] = {}
+        for key, topic in topics.items():
+            if topic in seen:
+                raise ValueError(
+                    f"{key} must differ from {seen[topic]} (both {topic!r}): "
+                    "each topic holds one kind of message"
+                )
+            seen[topic] = key
+        return self
 
     @model_validator(mode="after")
     def _check_security(self) -> KafkaConfig:
