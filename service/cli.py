@@ -7,15 +7,19 @@ import asyncio
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from aiokafka.errors import KafkaError
+from pydantic import ValidationError
 
 from service import __version__
 from service.config import Settings, load_settings
-from service.errors import ConfigError, PollerError, RequestRejected
+from service.errors import ConfigError, PollerError
 from service.logs import configure_logging
+
+if TYPE_CHECKING:
+    from service.requests import TrackingRequest
 
 
 class _Subcommand(argparse.ArgumentParser):
@@ -77,17 +81,51 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_track(args: argparse.Namespace) -> int:
-    from service.intake import send_requests
+# Exit code of a command line that cannot be used as given (as argparse's own errors).
+EXIT_USAGE = 2
+# At most this much of a bad argument is repeated in an error.
+SHOWN_CHARS = 64
+
+BATCH_ID_RULE = "1-128 characters of A-Z a-z 0-9 . _ : -"
+
+
+def _shown(value: str) -> str:
+    cut = value[:SHOWN_CHARS]
+    return repr(cut) + ("..." if len(value) > SHOWN_CHARS else "")
+
+
+def _count_rule(field: Any) -> str:
+    """``an integer from 1 to 100000000``, from the bounds the request model declares."""
+    low = next((m.ge for m in field.metadata if hasattr(m, "ge")), None)
+    high = next((m.le for m in field.metadata if hasattr(m, "le")), None)
+    return f"an integer from {low} to {high}"
+
+
+def _track_requests(args: argparse.Namespace) -> list[TrackingRequest] | str:
+    """The tracking requests of ``track``; or, for a bad argument, one line naming it."""
     from service.requests import TrackingRequest
 
+    reqs: list[TrackingRequest] = []
+    for batch_id in args.batch_ids:
+        try:
+            reqs.append(TrackingRequest(batch_id=batch_id, expected_count=args.expected_count))
+        except ValidationError as exc:
+            where = exc.errors()[0]["loc"][0]
+            if where == "expected_count":
+                rule = _count_rule(TrackingRequest.model_fields["expected_count"])
+                return f"--expected-count {args.expected_count}: {rule}"
+            return f"BATCH_ID {_shown(batch_id)}: {BATCH_ID_RULE}"
+    return reqs
+
+
+def _cmd_track(args: argparse.Namespace) -> int:
+    from service.intake import send_requests
+
+    reqs = _track_requests(args)
+    if isinstance(reqs, str):
+        print(f"rightfoot-poller track: {reqs}", file=sys.stderr)
+        return EXIT_USAGE
     settings = _settings(args)
-    try:
-        reqs = [
-            TrackingRequest(batch_id=b, expected_count=args.expected_count) for b in args.batch_ids
-        ]
-    except ValueError as exc:
-        raise RequestRejected(str(exc).splitlines()[0]) from None
     asyncio.run(send_requests(settings, reqs))
     for req in reqs:
         print(f"tracking requested: {req.batch_id}")
