@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import logging
 import time
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -53,6 +54,23 @@ _NO_TOKEN = (
 )
 
 
+# At most this much of a path, batch ID or reason from a request is repeated in a log line:
+# a URL may be ~8 KB from anyone who can connect.
+LOGGED_CHARS = 128
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= LOGGED_CHARS else text[:LOGGED_CHARS] + "..."
+
+
+def _payload_problem(exc: BaseException) -> str:
+    """What aiohttp found wrong with a body (``Can not decode content-encoding: gzip``)."""
+    cause = exc.__cause__
+    text = cause.message if isinstance(cause, HttpProcessingError) else str(exc)
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return _clip(lines[-1] if lines else type(exc).__name__)
+
+
 def _error(status: int, message: str, **extra: Any) -> web.Response:
     return web.json_response({"error": message, **extra}, status=status)
 
@@ -80,11 +98,19 @@ def openapi_document() -> bytes:
     return resources.files("service").joinpath("openapi.yaml").read_bytes()
 
 
+# Body errors (RequestPayloadError) a handler has answered, counted and logged. aiohttp
+# raises the same error again when it drains the rest of the body after the answer, and
+# logs it as an unhandled ERROR: that second time is dropped (MalformedRequestLogFilter).
+_answered_payload_errors: weakref.WeakSet[BaseException] = weakref.WeakSet()
+
+
 class MalformedRequestLogFilter(logging.Filter):
-    """aiohttp logs a request it cannot parse (bad header bytes, a broken request line) as
-    an ERROR with a traceback, one per request: anyone who can connect could flood the
-    logs. Such a request (answered 400 by aiohttp) becomes one WARNING line without the
-    traceback, at most ``burst`` per ``window_s``; the rest are only counted.
+    """aiohttp logs a request it cannot parse (bad header bytes, a broken request line, a
+    body its Content-Encoding does not decode) as an ERROR with a traceback, one per
+    request: anyone who can connect could flood the logs. Such a request (answered 400 by
+    aiohttp, or its body found bad only after the handler answered) becomes one WARNING
+    line without the traceback, at most ``burst`` per ``window_s``; the rest are only
+    counted. A body error the handler answered itself was counted and logged there.
     """
 
     def __init__(self, metrics: Metrics | None = None, burst: int = 5, window_s: float = 60.0):
@@ -99,7 +125,14 @@ class MalformedRequestLogFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if not isinstance(exc, HttpProcessingError):
+        if isinstance(exc, web.RequestPayloadError):
+            if exc in _answered_payload_errors:
+                return False
+            line = f"malformed HTTP request body ignored: {_payload_problem(exc)}"
+        elif isinstance(exc, HttpProcessingError):
+            detail = (exc.message or type(exc).__name__).splitlines()[0][:200]
+            line = f"malformed HTTP request refused (400): {detail}"
+        else:
             return True
         if self.metrics is not None:
             self.metrics.invalid_input.labels("http", "malformed_http").inc()
@@ -109,9 +142,8 @@ class MalformedRequestLogFilter(logging.Filter):
         if len(self._recent) >= self.burst:
             return False
         self._recent.append(now)
-        detail = (exc.message or type(exc).__name__).splitlines()[0][:200]
         record.levelno, record.levelname = logging.WARNING, "WARNING"
-        record.msg, record.args = f"malformed HTTP request refused (400): {detail}", ()
+        record.msg, record.args = line, ()
         record.exc_info, record.exc_text = None, None
         return True
 
@@ -263,6 +295,13 @@ class HttpApi:
         except web.HTTPRequestEntityTooLarge:
             self.metrics.invalid_input.labels("http", "too_large").inc()
             return _error(413, f"the body is larger than {self.max_body_bytes} bytes")
+        except web.RequestPayloadError as exc:
+            # A body its Content-Encoding does not decode (not gzip), a broken chunk...
+            _answered_payload_errors.add(exc)
+            problem = f"the body cannot be read: {_payload_problem(exc)}"
+            self.metrics.invalid_input.labels("http", "malformed_http").inc()
+            log.info("http_request_rejected", reason=problem, path=_clip(request.path))
+            return _error(400, problem)
         try:
             req = decode_request(body)
         except RequestRejected as exc:
@@ -288,7 +327,11 @@ class HttpApi:
         try:
             req = TrackingRequest(batch_id=batch_id, action="stop")
         except ValueError:
-            return _error(400, f"batch_id must match {BATCH_ID_PATTERN}")
+            problem = f"batch_id must match {BATCH_ID_PATTERN}"
+            # As a bad batch_id in a POST body (see reject_reason).
+            self.metrics.invalid_input.labels("http", "invalid_field").inc()
+            log.info("http_request_rejected", reason=problem, batch_id=_clip(batch_id))
+            return _error(400, problem)
         failed = await self._submit(req)
         if failed is not None:
             return failed

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import gzip
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
+import structlog
 from aiohttp.test_utils import TestServer
 from test_metrics import PROCESS
 
 from service.config import KafkaConfig
-from service.http_api import LIST_LIMIT, HttpApi
+from service.http_api import LIST_LIMIT, HttpApi, MalformedRequestLogFilter
 from service.metrics import Metrics
 from service.requests import TrackingRequest
 from service.view import StateView
@@ -46,10 +50,13 @@ class Boundary:
 
 
 class Http:
-    def __init__(self, server: TestServer, boundary: Boundary, metrics: Metrics) -> None:
+    def __init__(
+        self, server: TestServer, boundary: Boundary, metrics: Metrics, api: HttpApi
+    ) -> None:
         self.server = server
         self.boundary = boundary
         self.metrics = metrics
+        self.api = api
         self.session = aiohttp.ClientSession()
 
     def url(self, path: str) -> str:
@@ -81,7 +88,7 @@ async def serve(admin_token: str | None, max_body_bytes: int = 1024) -> tuple[Te
     )
     server = TestServer(api.app(), host="127.0.0.1")
     await server.start_server()
-    return server, Http(server, boundary, metrics)
+    return server, Http(server, boundary, metrics, api)
 
 
 @pytest.fixture
@@ -360,3 +367,82 @@ async def test_a_bad_list_query_is_400_counted_and_says_why(http: Http, query: s
         "rightfoot_poller_invalid_input_total", {"source": "http", "reason": "bad_query"}
     )
     assert counted == 1
+
+
+def invalid_input(http: Http, reason: str) -> float:
+    value = http.metrics.registry.get_sample_value(
+        "rightfoot_poller_invalid_input_total", {"source": "http", "reason": reason}
+    )
+    return value or 0.0
+
+
+async def post_encoded(
+    http: Http, body: bytes, headers: dict[str, str], path: str = "/v1/batches"
+) -> tuple[int, Any]:
+    """A POST on a connection of its own (the server closes it after a bad body)."""
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        hdrs = {"Content-Type": "application/json", "Content-Encoding": "gzip", **headers}
+        async with session.post(http.url(path), data=body, headers=hdrs) as resp:
+            text = await resp.text()
+    await asyncio.sleep(0.05)  # the server drains the body after its answer
+    try:
+        return resp.status, json.loads(text)
+    except ValueError:
+        return resp.status, text
+
+
+@pytest.fixture
+def server_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    """aiohttp.server's records, with a fresh budget of malformed-request warnings."""
+    caplog.set_level("DEBUG", logger="aiohttp.server")
+    for installed in logging.getLogger("aiohttp.server").filters:
+        if isinstance(installed, MalformedRequestLogFilter):
+            installed.reset()
+    return caplog
+
+
+def server_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "aiohttp.server"]
+
+
+async def test_a_gzip_body_that_is_not_gzip_is_400_counted_and_one_line(
+    http: Http, server_log: pytest.LogCaptureFixture
+) -> None:
+    with structlog.testing.capture_logs() as logs:
+        status, answer = await post_encoded(http, b'{"batch_id": "b-1"}', AUTH)
+    assert status == 400
+    assert "cannot be read" in answer["error"] and "content-encoding" in answer["error"]
+    assert invalid_input(http, "malformed_http") == 1
+    assert [(e["event"], e["log_level"]) for e in logs] == [("http_request_rejected", "info")]
+    assert "content-encoding" in logs[0]["reason"]
+    assert server_records(server_log) == []  # no ERROR with a traceback, no second line
+    assert http.boundary.submitted == []
+    # A real gzip body is still read.
+    status, answer = await post_encoded(http, gzip.compress(b'{"batch_id": "b-1"}'), AUTH)
+    assert status == 202
+    assert http.boundary.submitted == [TrackingRequest(batch_id="b-1")]
+
+
+@pytest.mark.parametrize(("path", "headers"), [("/v1/batches", {}), ("/healthz", AUTH)])
+async def test_a_bad_gzip_body_the_handler_never_reads_is_a_warning_not_a_traceback(
+    http: Http, server_log: pytest.LogCaptureFixture, path: str, headers: dict[str, str]
+) -> None:
+    for _ in range(8):
+        await post_encoded(http, b"not gzip at all", headers, path=path)
+    records = server_records(server_log)
+    assert 1 <= len(records) <= 5
+    assert all(r.levelname == "WARNING" and r.exc_info is None for r in records)
+    assert "content-encoding" in records[0].getMessage()
+    assert invalid_input(http, "malformed_http") == 8
+
+
+async def test_delete_with_a_bad_batch_id_is_counted_and_logged(http: Http) -> None:
+    with structlog.testing.capture_logs() as logs:
+        status, answer, _ = await http.call("DELETE", "/v1/batches/" + "%20" * 2000, headers=AUTH)
+    assert status == 400 and "batch_id" in answer["error"]
+    # As a bad batch_id in a POST body.
+    assert invalid_input(http, "invalid_field") == 1
+    [line] = logs
+    assert line["event"] == "http_request_rejected" and "batch_id" in line["reason"]
+    assert line["batch_id"].startswith("   ") and len(line["batch_id"]) <= 131
