@@ -24,6 +24,7 @@ from aiokafka.errors import KafkaError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.errors import RequestRejected
+from service.logs import Throttle
 from service.metrics import Metrics
 from service.requests import BATCH_ID_PATTERN, TrackingRequest, decode_request, reject_reason
 
@@ -178,7 +179,7 @@ async def json_errors(
                 response.headers[name] = exc.headers[name]
         return response
     except Exception:
-        log.exception("http_handler_failed", method=request.method, path=request.path)
+        log.exception("http_handler_failed", method=request.method, path=_clip(request.path))
         return _error(500, "internal error (logged)")
 
 
@@ -201,6 +202,9 @@ class HttpApi:
         self.admin_token = admin_token
         self.max_body_bytes = max_body_bytes
         self.liveness = liveness
+        # Lines about requests anyone who can connect may send: one a kind a minute at
+        # WARNING (with ``suppressed``), the rest at DEBUG; the metrics count every one.
+        self.log_throttle = Throttle()
 
     async def serve(self, host: str, port: int) -> tuple[web.AppRunner, int]:
         """Listen on host:port (0: any free port); the runner to clean up, and the port."""
@@ -267,15 +271,19 @@ class HttpApi:
         given = token.encode("utf-8", "surrogateescape")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given, expected):
             self.metrics.invalid_input.labels("http", "unauthorized").inc()
-            about = {"batch_id": request.match_info["batch_id"]} if request.match_info else {}
-            log.warning(
-                "admin_request_unauthorized",
-                method=request.method,
-                path=request.path,
-                remote=request.remote,
-                token_given=bool(token),
-                **about,
-            )
+            fields: dict[str, Any] = {
+                "method": request.method,
+                "path": _clip(request.path),
+                "remote": request.remote,
+                "token_given": bool(token),
+            }
+            if "batch_id" in request.match_info:
+                fields["batch_id"] = _clip(request.match_info["batch_id"])
+            held = self.log_throttle.admit("admin_request_unauthorized")
+            if held is None:
+                log.debug("admin_request_unauthorized", **fields)
+            else:
+                log.warning("admin_request_unauthorized", **fields, suppressed=held)
             return web.json_response(
                 {"error": "missing or wrong admin token"},
                 status=401,
@@ -306,7 +314,7 @@ class HttpApi:
             req = decode_request(body)
         except RequestRejected as exc:
             self.metrics.invalid_input.labels("http", reject_reason(exc)).inc()
-            log.info("http_request_rejected", reason=str(exc))
+            log.info("http_request_rejected", reason=_clip(str(exc)))
             return _error(400, str(exc))
         if req.action != "track":
             return _error(400, "action: use DELETE /v1/batches/{batch_id} to stop tracking")
@@ -344,7 +352,13 @@ class HttpApi:
         problem = _list_query_problem(query)
         if problem is not None:
             self.metrics.invalid_input.labels("http", "bad_query").inc()
-            log.info("http_request_rejected", reason=problem, path=request.path)
+            # GET is open to anyone who can connect: throttled as unauthorized requests are.
+            held = self.log_throttle.admit("bad_query")
+            fields = {"reason": _clip(problem), "path": _clip(request.path)}
+            if held is None:
+                log.debug("http_request_rejected", **fields)
+            else:
+                log.info("http_request_rejected", **fields, suppressed=held)
             return _error(400, problem)
         statuses = frozenset(query.getall("status", ())) or None
         limit = int(query.get("limit", LIST_LIMIT))

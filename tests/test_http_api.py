@@ -446,3 +446,51 @@ async def test_delete_with_a_bad_batch_id_is_counted_and_logged(http: Http) -> N
     [line] = logs
     assert line["event"] == "http_request_rejected" and "batch_id" in line["reason"]
     assert line["batch_id"].startswith("   ") and len(line["batch_id"]) <= 131
+
+
+async def test_unauthorized_requests_are_one_warning_a_minute_and_all_counted(
+    http: Http,
+) -> None:
+    now = [1000.0]
+    http.api.log_throttle.clock = lambda: now[0]
+    long_id = "b" * 6000  # a path of ~6 KB, from anyone who can connect
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(30):
+            status, _, _ = await http.call("DELETE", f"/v1/batches/{long_id}")
+            assert status == 401
+        status, _, _ = await http.call("POST", "/v1/batches", body={"batch_id": "b-1"})
+        assert status == 401
+        now[0] += 61.0
+        await http.call("DELETE", "/v1/batches/b-1", headers={"Authorization": "Bearer nope"})
+    assert invalid_input(http, "unauthorized") == 32
+    assert {e["event"] for e in logs} == {"admin_request_unauthorized"}
+    warned = [e for e in logs if e["log_level"] == "warning"]
+    assert [e["suppressed"] for e in warned] == [0, 30]
+    assert len([e for e in logs if e["log_level"] == "debug"]) == 30
+    for line in logs:  # echoed path and ID cut to a prefix
+        assert len(line["path"]) <= len("/v1/batches/") + 131
+        assert len(line.get("batch_id", "")) <= 131
+    assert warned[0]["batch_id"] == "b" * 128 + "..."
+    assert warned[1]["batch_id"] == "b-1" and warned[1]["token_given"] is True
+
+
+async def test_bad_list_queries_from_anyone_are_one_line_a_minute(http: Http) -> None:
+    now = [1000.0]
+    http.api.log_throttle.clock = lambda: now[0]
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(20):
+            status, _, _ = await http.call("GET", "/v1/batches?" + "p" * 5000 + "=1")
+            assert status == 400
+    assert invalid_input(http, "bad_query") == 20
+    [info] = [e for e in logs if e["log_level"] == "info"]
+    assert info["suppressed"] == 0 and len(info["reason"]) <= 131
+    assert len([e for e in logs if e["log_level"] == "debug"]) == 19
+
+
+async def test_a_rejected_body_is_logged_with_its_reason_cut(http: Http) -> None:
+    body = json.dumps({"batch_id": "b-1", "f" * 900: 1}).encode()  # under the 1024-byte limit
+    with structlog.testing.capture_logs() as logs:
+        status, answer, _ = await http.call("POST", "/v1/batches", body=body, headers=AUTH)
+    assert status == 400 and "unknown field" in answer["error"]
+    [line] = logs
+    assert len(line["reason"]) <= 131
