@@ -23,12 +23,15 @@ class TrackingRequest(BaseModel):
         return json.dumps(self.model_dump(exclude_none=True), separators=(",", ":")).encode()
 
 
-def decode_request(value: bytes | None) -> TrackingRequest:
-    """Raise RequestRejected with a reason a person can act on."""
+def decode_request(value: bytes | None, key: bytes | None = None) -> TrackingRequest:
+    """Raise RequestRejected with a reason a person can act on.
+
+    ``key``: the Kafka message's key, which must be the batch ID when there is one.
+    """
     if value is None:
         raise RequestRejected("empty message value")
     try:
-        return TrackingRequest.model_validate_json(value)
+        req = TrackingRequest.model_validate_json(value)
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "body"
@@ -38,6 +41,10 @@ def decode_request(value: bytes | None) -> TrackingRequest:
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
         raise RequestRejected(f"{where}: {msg}") from None
+    if key is not None and key != req.batch_id.encode():
+        shown = key[:140].decode("utf-8", "replace")
+        raise RequestRejected(f"batch_id: must equal the message key, which is {shown!r}")
+    return req
 
 
 def reject_reason(exc: RequestRejected) -> str:

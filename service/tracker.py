@@ -34,6 +34,7 @@ from service.errors import (
     PageTokenRejected,
     PublishFailed,
     RequestAborted,
+    RequestRejected,
 )
 from service.events import EventFactory, OutMessage, Publishable
 from service.kafka import canonical_partition
@@ -41,7 +42,7 @@ from service.logs import Throttle
 from service.metrics import Metrics
 from service.policy import Policy, Poll
 from service.records import Page
-from service.requests import TrackingRequest
+from service.requests import TrackingRequest, decode_request, reject_reason
 from service.schedule import DueQueue
 from service.state import BatchState
 from service.step import Step
@@ -92,6 +93,8 @@ class Tracker:
         self.room = RecordBudget(settings.polling.max_records_in_flight, metrics.records_held)
         # An API whose page tokens expire between polls has every poll's token refused.
         self._token_rejections = Throttle()
+        # A producer that gets the format wrong sends every message wrong.
+        self._request_rejections = Throttle(clock=lambda: self.clock())
         self._stopping = False
         self.unauthorized = False
         self._auth_ok = asyncio.Event()
@@ -150,6 +153,24 @@ class Tracker:
             self.on_publish_failure(worker.partition, exc)
 
     # ---- requests ---------------------------------------------------------------------
+
+    def read_request(
+        self, key: bytes | None, value: bytes | None, partition: int, offset: int
+    ) -> TrackingRequest | None:
+        """A message of the requests topic as a request; None if it is refused, which is
+        counted (every one) and logged (one WARNING a kind a minute, the rest at DEBUG)."""
+        try:
+            return decode_request(value, key)
+        except RequestRejected as exc:
+            reason = reject_reason(exc)
+            self.metrics.invalid_input.labels("requests_topic", reason).inc()
+            fields = {"partition": partition, "offset": offset, "reason": str(exc)}
+            held = self._request_rejections.admit(reason)
+            if held is None:
+                log.debug("tracking_request_rejected", **fields)
+            else:
+                log.warning("tracking_request_rejected", **fields, suppressed=held)
+            return None
 
     def handle_request(
         self, w: PartitionWorker, req: TrackingRequest | None, raw: bytes | None, offset: int

@@ -117,3 +117,24 @@ def test_reject_reason_labels_are_bounded() -> None:
     }
     assert labels <= {"empty", "invalid_json", "invalid_field"}
     assert labels == {"empty", "invalid_json", "invalid_field"}
+
+
+@pytest.mark.parametrize("key", [None, b"b-1"])
+def test_a_request_keyed_by_its_batch_id_or_not_keyed_is_accepted(key: bytes | None) -> None:
+    assert decode_request(b'{"batch_id": "b-1"}', key) == TrackingRequest(batch_id="b-1")
+
+
+@pytest.mark.parametrize("key", [b"b-2", b"", b"B-1", b"b-1 ", b"\xff\xfe"])
+def test_a_request_keyed_by_another_batch_id_is_refused(key: bytes) -> None:
+    with pytest.raises(RequestRejected) as info:
+        decode_request(b'{"batch_id": "b-1"}', key)
+    assert reject_reason(info.value) == "invalid_field"
+    message = str(info.value)
+    assert message.startswith("batch_id: must equal the message key, which is ")
+    assert "\n" not in message
+
+
+def test_a_long_key_is_quoted_in_part() -> None:
+    with pytest.raises(RequestRejected) as info:
+        decode_request(b'{"batch_id": "b-1"}', b"k" * 10_000)
+    assert len(str(info.value)) < 250

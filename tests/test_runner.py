@@ -11,6 +11,7 @@ import json
 from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
+import structlog
 from policy_harness import BATCH, Vendor, read_back, record
 
 from service.config import Settings
@@ -671,3 +672,49 @@ async def test_a_round_of_forgetting_commits_a_bounded_number_of_tombstones(
         )
         == 7
     )
+
+
+def runner_of(partitions: int) -> Tracker:
+    settings = Settings.model_validate(
+        {"kafka": {"partitions": partitions, "batch_events_topic": "batch-events"}}
+    )
+    factory = EventFactory(balances_topic="balances", batch_events_topic="batch-events", source="s")
+    return Tracker(settings, source=Vendors({}), metrics=Metrics(), factory=factory)
+
+
+def invalid_input(tracker: Tracker, source: str, reason: str) -> float | None:
+    return tracker.metrics.registry.get_sample_value(
+        "rightfoot_poller_invalid_input_total", {"source": source, "reason": reason}
+    )
+
+
+async def test_a_request_keyed_by_another_batch_is_refused() -> None:
+    tracker = runner_of(1)
+    value = b'{"batch_id":"b-1"}'
+    with structlog.testing.capture_logs() as logs:
+        assert tracker.read_request(b"b-2", value, 0, 3) is None
+        assert tracker.read_request(None, value, 0, 4) == TrackingRequest(batch_id="b-1")
+        assert tracker.read_request(b"b-1", value, 0, 5) == TrackingRequest(batch_id="b-1")
+    assert invalid_input(tracker, "requests_topic", "invalid_field") == 1
+    [line] = logs
+    assert line["event"] == "tracking_request_rejected" and line["log_level"] == "warning"
+    assert line["reason"] == "batch_id: must equal the message key, which is 'b-2'"
+    assert (line["partition"], line["offset"]) == (0, 3)
+
+
+def test_refused_requests_are_logged_once_a_kind_a_minute_and_all_counted() -> None:
+    tracker = runner_of(1)
+    now = [1000.0]
+    tracker.clock = lambda: now[0]
+    with structlog.testing.capture_logs() as logs:
+        for offset in range(100):
+            assert tracker.read_request(None, b"{not json", 0, offset) is None
+        assert tracker.read_request(None, b"{}", 0, 100) is None  # another kind
+        now[0] += 61.0
+        assert tracker.read_request(None, b"{not json", 0, 101) is None
+    warned = [(e["offset"], e["suppressed"]) for e in logs if e["log_level"] == "warning"]
+    assert warned == [(0, 0), (100, 0), (101, 99)]
+    debug = [e for e in logs if e["log_level"] == "debug"]
+    assert len(debug) == 99 and {e["event"] for e in debug} == {"tracking_request_rejected"}
+    assert invalid_input(tracker, "requests_topic", "invalid_json") == 101
+    assert invalid_input(tracker, "requests_topic", "invalid_field") == 1
