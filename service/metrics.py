@@ -74,7 +74,7 @@ INVALID_INPUT: tuple[tuple[str, str], ...] = (
             "retry_after",
         )
     ),
-    *(("requests_topic", r) for r in _REQUEST_REJECTS),
+    *(("requests_topic", r) for r in (*_REQUEST_REJECTS, "too_large")),
     *(("state_topic", r) for r in ("no_key", "invalid_state", "unknown_version")),
     *(
         ("http", r)

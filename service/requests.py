@@ -10,6 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from service.errors import RequestRejected
 
 BATCH_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+# The largest request value read. A real one is under 300 bytes; a larger one is refused
+# before it is parsed, so that nothing a request makes (its forward to its batch's
+# partition included) comes near the producer's 1 MiB limit.
+MAX_REQUEST_BYTES = 64 * 1024
 
 
 class TrackingRequest(BaseModel):
@@ -30,6 +34,8 @@ def decode_request(value: bytes | None, key: bytes | None = None) -> TrackingReq
     """
     if value is None:
         raise RequestRejected("empty message value")
+    if len(value) > MAX_REQUEST_BYTES:
+        raise RequestRejected(f"too large: {len(value)} bytes (at most {MAX_REQUEST_BYTES})")
     try:
         req = TrackingRequest.model_validate_json(value)
     except ValidationError as exc:
@@ -54,4 +60,6 @@ def reject_reason(exc: RequestRejected) -> str:
         return "invalid_json"
     if text.startswith("empty"):
         return "empty"
+    if text.startswith("too large"):
+        return "too_large"
     return "invalid_field"

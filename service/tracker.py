@@ -178,6 +178,7 @@ class Tracker:
         """Apply one request of the partition (in order) and queue its unit of work.
 
         Its effect is applied at once, a stop included: nothing waits for a poll.
+        ``raw``, the message's value, is not used: ``req`` is all that is kept of it.
         """
         next_offset = offset + 1
         if req is None:
@@ -185,10 +186,12 @@ class Tracker:
         target = canonical_partition(req.batch_id, self.partitions)
         if target != w.partition:
             # Requests may come with any partitioner; each batch lives on one partition.
+            # The request is forwarded as it was read, in its own encoding: not ``raw``,
+            # whose whitespace and escapes have no bound of their own.
             forward = OutMessage(
                 topic=self.settings.kafka.requests_topic,
                 key=req.batch_id.encode(),
-                value=raw,
+                value=req.encode(),
                 headers=[],
                 partition=target,
             )

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from service.errors import RequestRejected
-from service.requests import TrackingRequest, decode_request, reject_reason
+from service.metrics import INVALID_INPUT
+from service.requests import MAX_REQUEST_BYTES, TrackingRequest, decode_request, reject_reason
 
 
 @pytest.mark.parametrize(
@@ -110,13 +111,30 @@ def test_reject_reason_labels_are_bounded() -> None:
         for text in (
             "empty message value",
             "not valid JSON: x",
+            "too large: 70000 bytes (at most 65536)",
             "batch_id: String should match pattern",
             "anything else at all",
             "",
         )
     }
-    assert labels <= {"empty", "invalid_json", "invalid_field"}
-    assert labels == {"empty", "invalid_json", "invalid_field"}
+    assert labels == {"empty", "invalid_json", "too_large", "invalid_field"}
+
+
+def test_a_value_over_the_bound_is_refused_as_too_large_before_it_is_parsed() -> None:
+    # Valid JSON, 5 MB of it whitespace: compressed on the wire it passes the broker, and
+    # forwarded as it came it would pass the producer's 1 MiB limit.
+    huge = b'{"batch_id":"abc"' + b" " * 5_000_000 + b"}"
+    with pytest.raises(RequestRejected) as info:
+        decode_request(huge)
+    assert reject_reason(info.value) == "too_large"
+    assert str(info.value) == f"too large: {len(huge)} bytes (at most {MAX_REQUEST_BYTES})"
+    assert ("requests_topic", "too_large") in INVALID_INPUT
+    assert ("http", "too_large") in INVALID_INPUT
+    at_bound = b'{"batch_id":"abc"' + b" " * (MAX_REQUEST_BYTES - 18) + b"}"
+    assert len(at_bound) == MAX_REQUEST_BYTES
+    assert decode_request(at_bound) == TrackingRequest(batch_id="abc")
+    with pytest.raises(RequestRejected, match="too large"):
+        decode_request(at_bound + b" ")
 
 
 @pytest.mark.parametrize("key", [None, b"b-1"])

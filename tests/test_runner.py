@@ -17,9 +17,10 @@ from policy_harness import BATCH, Vendor, read_back, record
 from service.config import Settings
 from service.errors import UnknownStateVersion
 from service.events import BalanceEvents, EventFactory, OutMessage, Publishable
+from service.kafka import canonical_partition
 from service.metrics import Metrics
 from service.records import Page
-from service.requests import TrackingRequest
+from service.requests import MAX_REQUEST_BYTES, TrackingRequest, decode_request
 from service.state import BatchState, StateRestore, decode_state
 from service.tracker import Tracker
 from service.worker import PartitionWorker
@@ -686,6 +687,40 @@ def invalid_input(tracker: Tracker, source: str, reason: str) -> float | None:
     return tracker.metrics.registry.get_sample_value(
         "rightfoot_poller_invalid_input_total", {"source": source, "reason": reason}
     )
+
+
+async def test_a_request_is_forwarded_to_its_partition_in_its_own_encoding() -> None:
+    tracker = runner_of(2)
+    committer = HeldCommitter()
+    worker = PartitionWorker(partition=0, publisher=committer)
+    tracker.add_worker(worker)
+    batch_id = next(f"b-{n}" for n in range(100) if canonical_partition(f"b-{n}", 2) == 1)
+    # As large as a request may be: whitespace, escapes and all.
+    raw = f'{{"batch_id":"{batch_id}",   "expected_count":  7}}'.encode()
+    raw = raw[:-1] + b" " * (MAX_REQUEST_BYTES - len(raw)) + b"}"
+    req = tracker.read_request(batch_id.encode(), raw, 0, 5)
+    assert req is not None
+    await tracker.handle_request(worker, req, raw, 5)
+    [([forward], offset)] = committer.units
+    assert offset == 6
+    assert isinstance(forward, OutMessage) and forward.partition == 1
+    assert forward.key == batch_id.encode()
+    expected = {"batch_id": batch_id, "expected_count": 7, "action": "track"}
+    assert forward.value == req.encode() == json.dumps(expected, separators=(",", ":")).encode()
+    assert decode_request(forward.value, forward.key) == req
+
+
+async def test_a_request_too_large_is_refused_and_its_offset_committed() -> None:
+    tracker = runner_of(2)
+    committer = HeldCommitter()
+    worker = PartitionWorker(partition=0, publisher=committer)
+    tracker.add_worker(worker)
+    huge = b'{"batch_id":"abc"' + b" " * 5_000_000 + b"}"
+    req = tracker.read_request(b"abc", huge, 0, 9)
+    assert req is None
+    await tracker.handle_request(worker, req, huge, 9)
+    assert committer.units == [([], 10)]  # skipped: nothing forwarded, the offset moves on
+    assert invalid_input(tracker, "requests_topic", "too_large") == 1
 
 
 async def test_a_request_keyed_by_another_batch_is_refused() -> None:
