@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Iterable
 
@@ -31,6 +32,10 @@ log = structlog.get_logger(__name__)
 
 # Partition resets closer together than this count as one streak, and back off.
 RESET_STREAK_WINDOW_S = 60.0
+# A partition whose restore fails is tried again after 1 s, then twice as long each time,
+# up to 30 s.
+RESET_RETRY_MIN_S = 1.0
+RESET_RETRY_MAX_S = 30.0
 
 
 class PartitionOwner:
@@ -283,6 +288,7 @@ class PartitionOwner:
         task = asyncio.create_task(self._reset(partition, fenced), name=f"reset-{partition}")
         self._reset_tasks.add(task)
         task.add_done_callback(self._reset_tasks.discard)
+        task.add_done_callback(functools.partial(_reset_ended, partition))
 
     async def _reset(self, p: int, fenced: bool) -> None:
         """Drop a partition's in-memory state and restore it from Kafka, with backoff.
@@ -294,7 +300,10 @@ class PartitionOwner:
         async with self.lock:
             if p not in self.assigned:
                 return
-            await self.tracker.remove_worker(p, timeout=5.0)
+            try:
+                await self.tracker.remove_worker(p, timeout=5.0)
+            except Exception:  # its polls and commits are dropped all the same
+                log.exception("partition_release_failed", partition=p)
             self.restored.discard(p)
             consumer = self._consumer()
             if consumer is not None:
@@ -307,7 +316,7 @@ class PartitionOwner:
         last, streak = self._resets.get(p, (0.0, 0))
         streak = streak + 1 if now - last < RESET_STREAK_WINDOW_S else 0
         self._resets[p] = (now, streak)
-        delay = min(30.0, 0.5 * 2**streak) if streak else 0.0
+        delay = min(RESET_RETRY_MAX_S, 0.5 * 2**streak) if streak else 0.0
         while not self._stopping.is_set():
             if delay:
                 log.warning("partition_reset_backoff", partition=p, delay_s=delay)
@@ -327,4 +336,15 @@ class PartitionOwner:
                     return
                 except (KafkaError, OSError) as exc:
                     log.error("partition_reset_failed", partition=p, error=repr(exc))
-            delay = min(max(delay * 2, 1.0), 30.0)
+                except Exception:
+                    # Not a failure of Kafka: a fault of this service. The partition stays
+                    # paused, so it is tried again like one, not left for dead.
+                    log.exception("partition_reset_failed", partition=p)
+            delay = min(max(delay * 2, RESET_RETRY_MIN_S), RESET_RETRY_MAX_S)
+
+
+def _reset_ended(partition: int, task: asyncio.Task[None]) -> None:
+    """A reset ends when its partition is restored, released or the service stops; one
+    that ends otherwise is a fault, said rather than left silent."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("partition_reset_crashed", partition=partition, exc_info=task.exception())

@@ -416,12 +416,16 @@ class StateRestore:
         self._last_chunk: dict[str, int] = {}  # of those: the highest chunk number written
 
     def apply(self, key: bytes | None, value: bytes | None) -> None:
-        """Take one record; ValueError if its key is not a state key."""
+        """Take one record; ValueError if its key is not a state key (the record is left
+        out; a value that is not understood is reported by ``batches``)."""
         if key is None:
             raise ValueError("no key")
         if self._only_keys is not None and key.partition(_SEPARATOR)[0] not in self._only_keys:
             return  # another batch's record (not parsed: its errors were counted at restore)
-        batch_id, seq = parse_key(key)
+        try:
+            batch_id, seq = parse_key(key)
+        except Exception as exc:
+            raise _not_understood(exc) from exc
         if seq is None:
             if value is None:  # forgotten: what follows is a new batch of that ID
                 self._summaries.pop(batch_id, None)
@@ -444,8 +448,8 @@ class StateRestore:
             self._chunks.setdefault(batch_id, {})[seq] = value
 
     def batches(self, on_error: Callable[[str, ValueError], None]) -> dict[str, BatchState]:
-        """The restored batches; a batch whose records are not understood is left out
-        (and given to ``on_error``)."""
+        """The restored batches; a batch whose records are not understood, whatever the
+        decoder raised, is left out (and given to ``on_error`` as a ValueError)."""
         out: dict[str, BatchState] = {}
         for batch_id, value in self._summaries.items():
             chunks = self._chunks.pop(batch_id, {})
@@ -459,8 +463,8 @@ class StateRestore:
                     _park(state, self._last_chunk.get(batch_id))
                 elif wanted:
                     _load_chunks(state, chunks)
-            except ValueError as exc:
-                on_error(batch_id, exc)
+            except Exception as exc:  # (RecursionError, TypeError… as much as ValueError)
+                on_error(batch_id, _not_understood(exc))
                 continue
             out[batch_id] = state
         self._summaries.clear()
@@ -470,12 +474,21 @@ class StateRestore:
         return out
 
 
+def _not_understood(exc: Exception) -> ValueError:
+    """Any failure to decode state-topic bytes as the ValueError its callers handle."""
+    if isinstance(exc, ValueError):
+        return exc
+    error = ValueError(f"not understood: {exc!r}"[:300])
+    error.__cause__ = exc
+    return error
+
+
 def _parked(summary: bytes) -> bool:
-    """Whether a summary record is of a batch stopped or failed (False if not understood:
-    ``batches`` reports it)."""
+    """Whether a summary record is of a batch stopped or failed (False if not understood,
+    however deeply nested or mistyped: ``batches`` reports it)."""
     try:
         return json.loads(summary).get("status") in RESUMABLE
-    except (ValueError, AttributeError):
+    except Exception:
         return False
 
 

@@ -547,3 +547,61 @@ def test_a_broken_chunk_leaves_out_its_batch_only(key: bytes, value: bytes) -> N
 def test_keys_that_are_not_state_keys_are_refused(key: bytes | None) -> None:
     with pytest.raises(ValueError):
         StateRestore(0).apply(key, b"{}")
+
+
+@pytest.mark.parametrize(
+    "summary",
+    [
+        b'{"status":' + b"[" * 4000 + b"]" * 4000 + b"}",  # RecursionError in json
+        b'{"status":' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        b'{"status": [1]}',  # an unhashable status: TypeError
+        b'{"status": {"a": 1}}',
+        b'"stopped"',
+    ],
+)
+def test_a_summary_not_understood_leaves_out_its_batch_only_and_never_raises(
+    summary: bytes,
+) -> None:
+    topic = Topic()
+    topic.write(full_state())
+    topic.log.append((b"odd", summary))
+    topic.write(full_state(batch_id="stopped", status="stopped"))
+    restore = StateRestore(3)
+    for key, value in topic.log:
+        restore.apply(key, value)
+    errors: list[tuple[str, ValueError]] = []
+    batches = restore.batches(lambda b, e: errors.append((b, e)))
+    assert [b for b, _ in errors] == ["odd"]
+    assert isinstance(errors[0][1], ValueError)
+    assert sorted(batches) == ["b-1", "stopped"]
+    only = StateRestore(3, only=["odd"])
+    for key, value in topic.log:
+        only.apply(key, value)
+    assert only.batches(lambda b, e: errors.append((b, e))) == {}
+    assert [b for b, _ in errors] == ["odd", "odd"]
+
+
+@pytest.mark.parametrize("error", [RecursionError("deep"), TypeError("odd"), KeyError("k")])
+def test_whatever_a_decoder_raises_is_a_batch_not_understood(
+    monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
+    topic = Topic()
+    topic.write(full_state(batch_id="odd"))
+    topic.write(full_state())
+    real = decode_state
+
+    def decode(value: bytes, partition: int) -> BatchState:
+        if b'"odd"' in value:
+            raise error
+        return real(value, partition)
+
+    monkeypatch.setattr("service.state.decode_state", decode)
+    restore = StateRestore(3)
+    for key, value in topic.log:
+        restore.apply(key, value)
+    errors: list[tuple[str, ValueError]] = []
+    batches = restore.batches(lambda b, e: errors.append((b, e)))
+    assert list(batches) == ["b-1"]
+    [(batch_id, exc)] = errors
+    assert batch_id == "odd" and isinstance(exc, ValueError) and exc.__cause__ is error
+    assert str(exc) == f"not understood: {error!r}"

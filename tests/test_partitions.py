@@ -1,0 +1,171 @@
+"""Partition ownership without a broker: the state partition read through a fake consumer.
+
+The integration suites run the same code against real Kafka; here the records of the
+state topic are the test's, so that what a restore does with records it does not
+understand, and what a reset does when a restore fails, can be shown exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import structlog
+from aiokafka import TopicPartition
+
+from service import partitions
+from service.config import Settings
+from service.events import EventFactory
+from service.metrics import Metrics
+from service.partitions import PartitionOwner
+from service.state import BatchState, state_records
+from service.tracker import Tracker
+
+Records = list[tuple[bytes | None, bytes | None]]
+
+DEEP = b'{"status":' + b"[" * 4000 + b"]" * 4000 + b"}"
+
+
+class StateConsumer:
+    """An AIOKafkaConsumer that holds one state partition's records (``records``), or
+    fails to start (``down``: with an OSError, or that exception)."""
+
+    records: Records = []
+    down: bool | Exception = False
+
+    def __init__(self, **_: Any) -> None:
+        self.pos = 0
+
+    async def start(self) -> None:
+        if isinstance(self.down, Exception):
+            raise self.down
+        if self.down:
+            raise OSError("broker unreachable")
+
+    async def stop(self) -> None:
+        pass
+
+    def assign(self, _tps: list[TopicPartition]) -> None:
+        pass
+
+    async def seek_to_beginning(self, _tp: TopicPartition) -> None:
+        self.pos = 0
+
+    async def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: len(self.records) for tp in tps}
+
+    async def position(self, _tp: TopicPartition) -> int:
+        return self.pos
+
+    async def getmany(
+        self, tp: TopicPartition, timeout_ms: int, max_records: int
+    ) -> dict[TopicPartition, list[SimpleNamespace]]:
+        batch = self.records[self.pos : self.pos + max_records]
+        self.pos += len(batch)
+        return {tp: [SimpleNamespace(key=k, value=v) for k, v in batch]}
+
+
+@pytest.fixture
+def state_topic(monkeypatch: pytest.MonkeyPatch) -> type[StateConsumer]:
+    consumer = type("Consumer", (StateConsumer,), {"records": [], "down": False})
+    monkeypatch.setattr(partitions, "AIOKafkaConsumer", consumer)
+    return consumer
+
+
+def owner() -> PartitionOwner:
+    settings = Settings.model_validate(
+        {"kafka": {"partitions": 1, "delivery": "at_least_once"}, "instance_id": "t"}
+    )
+    metrics = Metrics()
+    factory = EventFactory(balances_topic="balances", batch_events_topic="events", source="s")
+    tracker = Tracker(settings, source=None, metrics=metrics, factory=factory)  # type: ignore[arg-type]
+    return PartitionOwner(
+        settings,
+        metrics=metrics,
+        tracker=tracker,
+        consumer=lambda: None,
+        producer=lambda: object(),
+        stopping=asyncio.Event(),
+    )
+
+
+def batch(batch_id: str, status: str = "tracking", fps: int = 0) -> Records:
+    state = BatchState(batch_id=batch_id, partition=0, status=status)  # type: ignore[arg-type]
+    state.remember(list(range(1, fps + 1)))
+    return list(state_records(state))
+
+
+def invalid_state(o: PartitionOwner) -> float | None:
+    return o.metrics.registry.get_sample_value(
+        "rightfoot_poller_invalid_input_total",
+        {"source": "state_topic", "reason": "invalid_state"},
+    )
+
+
+async def test_a_deeply_nested_summary_is_unreadable_and_the_partition_restored(
+    state_topic: type[StateConsumer],
+) -> None:
+    state_topic.records = [*batch("fine"), (b"deep", DEEP), *batch("gone", "stopped")]
+    o = owner()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            await o.acquire([0])
+        assert o.all_restored and o.owned == [0]
+        worker = o.tracker.workers[0]
+        assert sorted(worker.batches) == ["fine", "gone"]
+        assert list(worker.unreadable) == ["deep"]
+        assert invalid_state(o) == 1
+        errors = [(e["event"], e.get("batch_id")) for e in logs if e["log_level"] == "error"]
+        assert errors == [("state_unreadable", "deep")]
+    finally:
+        await o.release_all(1.0)
+
+
+async def test_a_restore_that_fails_unexpectedly_is_tried_again_with_backoff(
+    state_topic: type[StateConsumer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(partitions, "RESET_RETRY_MIN_S", 0.01)
+    o = owner()
+    o.assigned = {0}
+    attempts: list[int] = []
+    restore = o._restore
+
+    async def flaky(p: int) -> None:
+        attempts.append(p)
+        if len(attempts) <= 2:
+            raise RecursionError("maximum recursion depth exceeded")
+        await restore(p)
+
+    monkeypatch.setattr(o, "_restore", flaky)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            o._schedule_reset(0)
+            for _ in range(300):
+                if o.all_restored:
+                    break
+                await asyncio.sleep(0.01)
+        assert o.owned == [0] and attempts == [0, 0, 0]
+        failed = [e for e in logs if e["event"] == "partition_reset_failed"]
+        assert [e["log_level"] for e in failed] == ["error", "error"]
+        assert all(e["exc_info"] for e in failed)
+        backoff = [e["delay_s"] for e in logs if e["event"] == "partition_reset_backoff"]
+        assert backoff == [0.01, 0.02]
+    finally:
+        await o.release_all(1.0)
+
+
+async def test_a_reset_that_dies_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    o = owner()
+    o.assigned = {0}
+
+    async def broken(p: int, fenced: bool) -> None:
+        raise RuntimeError("a fault")
+
+    monkeypatch.setattr(o, "_reset", broken)
+    with structlog.testing.capture_logs() as logs:
+        o._schedule_reset(0)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+    assert [(e["event"], e["log_level"]) for e in logs] == [("partition_reset_crashed", "error")]
