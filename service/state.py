@@ -72,6 +72,13 @@ CHUNK_FPS = 2048  # 16 KiB of fingerprints
 CHUNK_MAX_WRITES = 8  # so a batch fed a few records at a time does not rewrite its chunk forever
 CHUNK_MAGIC = b"F1"
 CHUNK_SEPARATOR = "/fp/"
+# The highest chunk number read. The largest batch tracked (``expected_count`` at most
+# 100,000,000 records, each two fingerprints: its event's and its authorizer's) fills
+# 97,657 chunks of CHUNK_FPS; chunks sealed before they are full (CHUNK_MAX_WRITES, a
+# stop) add some more. A key past this is refused as not a state key: forgetting its
+# batch would tombstone every chunk number up to it in one commit.
+MAX_CHUNK_SEQ = 2**17 - 1  # 131,071
+_MAX_SEQ_DIGITS = len(str(MAX_CHUNK_SEQ))
 _SEPARATOR = CHUNK_SEPARATOR.encode()
 # Strings that come from outside are bounded so that a summary always fits: a page token
 # (records.MAX_PAGE_TOKEN_CHARS, longer ones are refused as a malformed page) and the
@@ -105,14 +112,25 @@ def chunk_key(batch_id: str, seq: int) -> bytes:
 
 
 def parse_key(key: bytes) -> tuple[str, int | None]:
-    """The batch ID of a state-topic key, and its chunk number (None for a summary)."""
+    """The batch ID of a state-topic key, and its chunk number (None for a summary);
+    ValueError if it is not a state key. A chunk number is written as ``chunk_key``
+    writes it (ASCII digits, no leading zero) and is at most ``MAX_CHUNK_SEQ``."""
     text = key.decode()
     batch_id, sep, seq = text.partition(CHUNK_SEPARATOR)
     if not sep:
         return text, None
-    if not seq.isdigit() or not batch_id:
+    canonical = (
+        seq.isascii()
+        and seq.isdigit()
+        and len(seq) <= _MAX_SEQ_DIGITS
+        and (seq == "0" or not seq.startswith("0"))
+    )
+    if not canonical or not batch_id:
         raise ValueError(f"not a state key: {text[:200]!r}")
-    return batch_id, int(seq)
+    number = int(seq)
+    if number > MAX_CHUNK_SEQ:
+        raise ValueError(f"chunk number past {MAX_CHUNK_SEQ}: {text[:200]!r}")
+    return batch_id, number
 
 
 def encode_chunk(fps: array[int]) -> bytes:

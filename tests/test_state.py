@@ -23,6 +23,7 @@ from service.records import balance_event_id, fingerprint, legacy_fingerprint
 from service.requests import TrackingRequest
 from service.state import (
     CHUNK_FPS,
+    MAX_CHUNK_SEQ,
     MAX_MESSAGE_BYTES,
     MAX_SUMMARY_BYTES,
     STATE_VERSION,
@@ -30,7 +31,9 @@ from service.state import (
     StateRestore,
     Status,
     decode_state,
+    encode_chunk,
     encode_state,
+    forget_records,
     parse_key,
     state_records,
 )
@@ -579,6 +582,54 @@ def test_a_summary_not_understood_leaves_out_its_batch_only_and_never_raises(
         only.apply(key, value)
     assert only.batches(lambda b, e: errors.append((b, e))) == {}
     assert [b for b, _ in errors] == ["odd", "odd"]
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        b"b-1/fp/131072",
+        b"b-1/fp/3000000",
+        b"b-1/fp/100000000000000000000",
+        b"b-1/fp/" + b"9" * 5000,
+        b"b-1/fp/03",  # chunk 3 is written b-1/fp/3
+        "b-1/fp/\u0663".encode(),  # an Arabic-Indic three
+        "b-1/fp/\u00b2".encode(),  # a superscript two: isdigit(), not int()
+        b"b-1/fp/-1",
+        b"b-1/fp/+1",
+        b"b-1/fp/ 1",
+        b"b-1/fp/\xff",
+    ],
+)
+def test_a_chunk_key_not_as_written_or_past_the_last_chunk_is_refused(key: bytes) -> None:
+    with pytest.raises(ValueError, match=r"state key|chunk number past|decode"):
+        parse_key(key)
+    with pytest.raises(ValueError):
+        StateRestore(0).apply(key, b"F1")
+
+
+def test_the_last_chunk_number_fits_the_largest_batch() -> None:
+    assert parse_key(f"b-1/fp/{MAX_CHUNK_SEQ}".encode()) == ("b-1", MAX_CHUNK_SEQ)
+    assert parse_key(b"b-1/fp/0") == ("b-1", 0)
+    # The largest expected_count (100,000,000 records), an event's and an authorizer's
+    # fingerprint each, in full chunks.
+    assert MAX_CHUNK_SEQ + 1 > -(-2 * 100_000_000 // CHUNK_FPS)
+
+
+@pytest.mark.parametrize("status", ["stopped", "tracking"])
+def test_a_chunk_past_the_last_does_not_make_forgetting_its_batch_unbounded(status: str) -> None:
+    topic = Topic()
+    topic.write(full_state(status=status))
+    topic.log.append((b"b-1/fp/3000000", encode_chunk(array("Q", [7]))))
+    restore = StateRestore(3)
+    refused = []
+    for key, value in topic.log:
+        try:
+            restore.apply(key, value)
+        except ValueError as exc:
+            refused.append((key, exc))
+    assert [key for key, _ in refused] == [b"b-1/fp/3000000"]
+    [state] = restore.batches(lambda b, e: pytest.fail(f"{b}: {e}")).values()
+    assert len(forget_records(state)) <= 3
 
 
 @pytest.mark.parametrize("error", [RecursionError("deep"), TypeError("odd"), KeyError("k")])
