@@ -20,12 +20,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from service.config import Settings
-from service.errors import PartitionLost, UnknownStateVersion
+from service.errors import PartitionLost
 from service.kafka import PartitionPublisher
 from service.kafka_clients import client_args, make_producer, stop_client
 from service.metrics import Metrics
 from service.state import BatchState, StateRestore
-from service.tracker import Tracker
+from service.tracker import Tracker, state_unreadable
 from service.worker import PartitionWorker
 
 log = structlog.get_logger(__name__)
@@ -201,6 +201,10 @@ class PartitionOwner:
                     try:
                         found, errors = await self._read_batches(p, wanted)
                     except Exception as exc:  # Kafka unreachable: each poll retries
+                        if isinstance(exc, ValueError):
+                            # Records not understood are reported per batch, as a
+                            # ValueError: a read that failed is never taken for one.
+                            exc = RuntimeError(f"reading state partition {p}: {exc!r}")
                         found, errors = {}, dict.fromkeys(wanted, exc)
                 for batch_id, waiters in wanted.items():
                     for waiter in waiters:
@@ -261,17 +265,7 @@ class PartitionOwner:
             await stop_client(consumer)
 
     def _state_unreadable(self, batch_id: str | None, exc: ValueError) -> None:
-        invalid = self.metrics.invalid_input
-        if batch_id is None and str(exc) == "no key":
-            reason = "no_key"
-            invalid.labels("state_topic", "no_key").inc()
-        elif isinstance(exc, UnknownStateVersion):
-            reason = "unknown_version"
-            invalid.labels("state_topic", "unknown_version").inc()
-        else:
-            reason = "invalid_state"
-            invalid.labels("state_topic", "invalid_state").inc()
-        log.error("state_unreadable", batch_id=batch_id, reason=reason, error=str(exc)[:300])
+        state_unreadable(self.metrics, batch_id, exc)
 
     async def _commit_offsets(self, offsets: dict[TopicPartition, int]) -> None:
         consumer = self._consumer()

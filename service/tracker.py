@@ -35,6 +35,7 @@ from service.errors import (
     PublishFailed,
     RequestAborted,
     RequestRejected,
+    UnknownStateVersion,
 )
 from service.events import EventFactory, OutMessage, Publishable
 from service.kafka import canonical_partition
@@ -57,6 +58,19 @@ MAX_COMMITS_IN_FLIGHT = 2
 # tombstones, so a commit has at most this many plus one batch's (a batch stopped after a
 # million records has some thousand chunks); the rest go in the next round.
 MAX_FORGET_MESSAGES = 5000
+
+
+def state_unreadable(metrics: Metrics, batch_id: str | None, exc: ValueError) -> None:
+    """Count and log state-topic records that are not understood: a record without a key
+    or with a key that is not a state key (``batch_id`` None), or a batch's records."""
+    if batch_id is None and str(exc) == "no key":
+        reason = "no_key"
+    elif isinstance(exc, UnknownStateVersion):
+        reason = "unknown_version"
+    else:
+        reason = "invalid_state"
+    metrics.invalid_input.labels("state_topic", reason).inc()
+    log.error("state_unreadable", batch_id=batch_id, reason=reason, error=str(exc)[:300])
 
 
 class Tracker:
@@ -473,7 +487,8 @@ class Tracker:
 
     async def _load_seen(self, w: PartitionWorker, b: BatchState) -> float | None:
         """Read back the fingerprints of a batch tracked again after it stopped or failed:
-        None once its seen set holds them (or the batch changed meanwhile), else the delay
+        None once its seen set holds them (or the batch changed meanwhile, or its records
+        are not understood: it is left unreadable, as a restore leaves it), else the delay
         before the poll that tries again. Nothing of the batch is read from the API before.
         """
         batch_id, started = b.batch_id, self.clock()
@@ -481,7 +496,11 @@ class Tracker:
             if self.load_batch is None:
                 raise RuntimeError("no state topic to read fingerprints from")
             stored = await self.load_batch(w.partition, batch_id)
-        except Exception as exc:  # Kafka unreachable, or the records are not understood
+        except ValueError as exc:  # its records are not understood: reading again won't do
+            if self._unloaded(w, b) is not None:
+                self._unreadable(w, batch_id, exc)
+            return None
+        except Exception as exc:  # the read failed (Kafka unreachable): it is tried again
             self.metrics.fingerprint_loads.labels("failed").inc()
             delay = self.policy.backoff(self._load_attempt(batch_id), self.policy.backoff_max_s)
             log.warning(
@@ -491,13 +510,8 @@ class Tracker:
                 retry_in_s=round(delay, 2),
             )
             return delay
-        current = w.batches.get(batch_id)
-        if (
-            current is None
-            or not current.active
-            or current.generation != b.generation
-            or current.seen_loaded
-        ):
+        current = self._unloaded(w, b)
+        if current is None:
             self._load_attempts.pop(batch_id, None)
             return None  # stopped or tracked again while it read, or loaded by another poll
         if stored is None or stored.generation != current.generation or not stored.active:
@@ -518,6 +532,29 @@ class Tracker:
             took_s=round(self.clock() - started, 3),
         )
         return None
+
+    def _unloaded(self, w: PartitionWorker, b: BatchState) -> BatchState | None:
+        """The batch ``b`` as it stands now if its fingerprints are still to be read back;
+        None if it was stopped or tracked again meanwhile, or its fingerprints loaded."""
+        current = w.batches.get(b.batch_id)
+        if (
+            current is None
+            or not current.active
+            or current.generation != b.generation
+            or current.seen_loaded
+        ):
+            return None
+        return current
+
+    def _unreadable(self, w: PartitionWorker, batch_id: str, exc: ValueError) -> None:
+        """Leave a batch whose stored records are not understood as a restore leaves it:
+        not polled, its requests refused, its state on the topic as it is."""
+        w.batches.pop(batch_id, None)
+        w.unreadable[batch_id] = str(exc)[:300]
+        self.due.drop(batch_id)
+        self._load_attempts.pop(batch_id, None)
+        self.metrics.fingerprint_loads.labels("failed").inc()
+        state_unreadable(self.metrics, batch_id, exc)
 
     def _load_attempt(self, batch_id: str) -> int:
         """Count a read of a batch's fingerprints that did not load them: how many in a row."""

@@ -169,3 +169,30 @@ async def test_a_reset_that_dies_says_so(monkeypatch: pytest.MonkeyPatch) -> Non
         await asyncio.sleep(0)
         await asyncio.sleep(0)
     assert [(e["event"], e["log_level"]) for e in logs] == [("partition_reset_crashed", "error")]
+
+
+async def test_a_batch_read_back_whole_tells_corrupt_records_from_a_failed_read(
+    state_topic: type[StateConsumer],
+) -> None:
+    """load_batch: ValueError for records that are not understood (the batch is then left
+    unreadable by the tracker), anything else for a read that failed (tried again)."""
+    stopped = batch("b-1", "stopped", fps=3000)
+    assert [k for k, _ in stopped] == [b"b-1/fp/0", b"b-1/fp/1", b"b-1"]
+    o = owner()
+    state_topic.records = stopped
+    loaded = await o.load_batch(0, "b-1")
+    assert loaded is not None and len(loaded.seen) == 3000
+    state_topic.records = [stopped[0], (b"b-1/fp/1", b"F1" + b"\x00" * 7), stopped[2]]
+    with pytest.raises(ValueError, match="bytes length not a multiple of item size"):
+        await o.load_batch(0, "b-1")
+    state_topic.records = [stopped[0], (b"b-1/fp/1", b"XX"), (b"b-1", DEEP)]
+    with pytest.raises(ValueError, match="recursion"):
+        await o.load_batch(0, "b-1")
+    state_topic.down = True
+    with pytest.raises(OSError, match="broker unreachable"):
+        await o.load_batch(0, "b-1")
+    # A read that fails with a ValueError of its own is not taken for corrupt records.
+    state_topic.down = ValueError("a client's own fault")
+    with pytest.raises(RuntimeError, match="reading state partition 0") as info:
+        await o.load_batch(0, "b-1")
+    assert not isinstance(info.value, ValueError)

@@ -753,3 +753,60 @@ def test_refused_requests_are_logged_once_a_kind_a_minute_and_all_counted() -> N
     assert len(debug) == 99 and {e["event"] for e in debug} == {"tracking_request_rejected"}
     assert invalid_input(tracker, "requests_topic", "invalid_json") == 101
     assert invalid_input(tracker, "requests_topic", "invalid_field") == 1
+
+
+async def test_a_corrupt_chunk_read_back_leaves_the_batch_unreadable_once() -> None:
+    """Stopped with its fingerprints on the topic, one chunk of them corrupt; tracked again,
+    the read-back that finds it leaves the batch as a restore would leave an active batch
+    with a corrupt chunk: unreadable, counted and logged once, not read again nor polled."""
+    vendor = Vendor([record(i) for i in range(30)], page_size=10)
+    trace = Trace()
+    tracker = runner(
+        TracedVendors({BATCH: vendor}, trace), interval_min_s=0.01, interval_max_s=0.01
+    )
+    committer = HeldCommitter()
+    worker = PartitionWorker(partition=0, publisher=committer)
+    tracker.add_worker(worker)
+    loads: list[str] = []
+
+    async def load(partition: int, batch_id: str) -> BatchState | None:
+        loads.append(batch_id)
+        corrupt = [
+            (key, b"XX" + value[2:] if key == f"{BATCH}/fp/0".encode() and value else value)
+            for key, value in state_log(tracker, committer)
+        ]
+        return read_back(corrupt, batch_id, partition)
+
+    tracker.load_batch = load
+    registry = tracker.metrics.registry
+    scheduler = asyncio.create_task(tracker.run())
+    try:
+        await started(tracker, worker, TrackingRequest(batch_id=BATCH))
+        await run_until(lambda: worker.batches[BATCH].published == 30, "published")
+        stop = TrackingRequest(batch_id=BATCH, action="stop")
+        await tracker.handle_request(worker, stop, stop.encode(), 1)
+        mark = len(trace.steps)
+        with structlog.testing.capture_logs() as logs:
+            again = TrackingRequest(batch_id=BATCH, expected_count=40)
+            await tracker.handle_request(worker, again, again.encode(), 2)
+            await run_until(lambda: BATCH in worker.unreadable, "unreadable")
+            await asyncio.sleep(0.1)  # polls every 0.01 s, were it still polled
+            await tracker.handle_request(worker, again, again.encode(), 3)
+    finally:
+        tracker.stop()
+        scheduler.cancel()
+    assert loads == [BATCH]
+    assert trace.steps[mark:] == []
+    assert BATCH not in worker.batches
+    assert "not a fingerprint chunk" in worker.unreadable[BATCH]
+    assert invalid_input(tracker, "state_topic", "invalid_state") == 1
+    assert registry.get_sample_value("rightfoot_poller_batches_unreadable") == 1
+    assert registry.get_sample_value("rightfoot_poller_tracked_batches") == 0
+    labels = {"outcome": "failed"}
+    assert registry.get_sample_value("rightfoot_poller_fingerprint_loads_total", labels) == 1
+    lines = [(e["event"], e["log_level"]) for e in logs if e["log_level"] != "debug"]
+    assert lines == [
+        ("tracking_started", "info"),
+        ("state_unreadable", "error"),
+        ("request_for_unreadable_batch", "warning"),
+    ]
