@@ -401,9 +401,9 @@ def _secret(source: SecretSource, env: dict[str, str]) -> tuple[str, str] | None
         if value:
             return value, var
     if source.file_var is not None:
-        value = _read_secret_file(source.file_var, env)
-        if value:
-            return value, source.file_var
+        from_file = _read_secret_file(source.file_var, env)
+        if from_file:
+            return from_file, source.file_var
     return None
 
 
