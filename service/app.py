@@ -20,7 +20,7 @@ from aiokafka.errors import KafkaError
 
 from service.api import ApiKey, RightfootClient
 from service.config import Settings
-from service.errors import ApiError, ApiUnauthorized, KafkaConnectionProblem, RequestRejected
+from service.errors import ApiError, ApiUnauthorized, KafkaConnectionProblem
 from service.events import EventFactory
 from service.http_api import HttpApi
 from service.kafka_clients import (
@@ -36,7 +36,7 @@ from service.logs import redact
 from service.metrics import Metrics
 from service.pacing import RateLimiter
 from service.partitions import PartitionOwner
-from service.requests import TrackingRequest, decode_request, reject_reason
+from service.requests import TrackingRequest
 from service.runtime import memory_limit_bytes, memory_limit_files
 from service.tracker import Tracker
 from service.view import StateView
@@ -299,20 +299,10 @@ class PollerService:
                         consumer.pause(tp)
                     continue
                 for msg in messages:
-                    req = self._decode(msg.value, tp.partition, msg.offset)
+                    req = self.tracker.read_request(msg.key, msg.value, tp.partition, msg.offset)
                     waits.append(self.tracker.handle_request(worker, req, msg.value, msg.offset))
             if waits:
                 await asyncio.gather(*waits, return_exceptions=True)
-
-    def _decode(self, value: bytes | None, partition: int, offset: int) -> TrackingRequest | None:
-        try:
-            return decode_request(value)
-        except RequestRejected as exc:
-            self.metrics.invalid_input.labels("requests_topic", reject_reason(exc)).inc()
-            log.warning(
-                "tracking_request_rejected", partition=partition, offset=offset, reason=str(exc)
-            )
-            return None
 
     async def _auth_probe(self) -> None:
         """While the API key is rejected, try it again now and then (re-reading a key file)."""

@@ -72,12 +72,17 @@ CHUNK_FPS = 2048  # 16 KiB of fingerprints
 CHUNK_MAX_WRITES = 8  # so a batch fed a few records at a time does not rewrite its chunk forever
 CHUNK_MAGIC = b"F1"
 CHUNK_SEPARATOR = "/fp/"
+# Chunks are sealed before they are full (CHUNK_MAX_WRITES, a stop) only below this chunk
+# number; past it, only a full chunk is sealed (a commit then rewrites at most one chunk of
+# 16 KiB, as before), so a batch fed a few records at a time for months cannot number its
+# chunks without bound.
+EARLY_SEAL_LIMIT = 2**16
 # The highest chunk number read. The largest batch tracked (``expected_count`` at most
 # 100,000,000 records, each two fingerprints: its event's and its authorizer's) fills
-# 97,657 chunks of CHUNK_FPS; chunks sealed before they are full (CHUNK_MAX_WRITES, a
-# stop) add some more. A key past this is refused as not a state key: forgetting its
-# batch would tombstone every chunk number up to it in one commit.
-MAX_CHUNK_SEQ = 2**17 - 1  # 131,071
+# 97,657 full chunks of CHUNK_FPS, on top of at most EARLY_SEAL_LIMIT sealed early (and
+# one a restart while the batch is stopped). A key past this is refused as not a state
+# key: forgetting its batch would tombstone every chunk number up to it in one commit.
+MAX_CHUNK_SEQ = 2**18 - 1  # 262,143
 _MAX_SEQ_DIGITS = len(str(MAX_CHUNK_SEQ))
 _SEPARATOR = CHUNK_SEPARATOR.encode()
 # Strings that come from outside are bounded so that a summary always fits: a page token
@@ -172,7 +177,8 @@ class ChunkLog:
             start += room
             self.writes += 1
             out.append((self.open_seq, encode_chunk(self.open)))
-            if len(self.open) >= CHUNK_FPS or self.writes >= CHUNK_MAX_WRITES:
+            early = self.writes >= CHUNK_MAX_WRITES and self.open_seq < EARLY_SEAL_LIMIT
+            if len(self.open) >= CHUNK_FPS or early:
                 self.open_seq += 1
                 self.open = array("Q")
                 self.writes = 0
@@ -183,8 +189,10 @@ class ChunkLog:
         return range(self.open_seq + (1 if self.open else 0))
 
     def seal(self) -> None:
-        """Close the open chunk (once saved): the next fingerprints start a new one."""
-        if self.open:
+        """Close the open chunk (once saved): the next fingerprints start a new one.
+
+        Past ``EARLY_SEAL_LIMIT`` it stays open, and in memory (16 KiB at most)."""
+        if self.open and self.open_seq < EARLY_SEAL_LIMIT:
             self.open_seq += 1
             self.open = array("Q")
             self.writes = 0

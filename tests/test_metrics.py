@@ -35,7 +35,7 @@ from service.metrics import (
     Metrics,
 )
 from service.records import ALL_STATUS_NAMES, InvalidRecord, parse_record
-from service.requests import decode_request, reject_reason
+from service.requests import MAX_REQUEST_BYTES, decode_request, reject_reason
 from service.state import FINAL
 
 SERVICE = Path(__file__).resolve().parents[1] / "service"
@@ -159,8 +159,11 @@ NON_LITERAL_LABELS: dict[tuple[str, str], str] = {
     ("api_duration", "endpoint"): "the literal 'balances' passed by fetch_page",
     ("api_requests", "ENDPOINT"): "export.ENDPOINT = 'export' (the export CLI)",
     ("api_duration", "ENDPOINT"): "export.ENDPOINT = 'export' (the export CLI)",
-    ("invalid_input", "reject_reason(exc)"): "requests.reject_reason: three values, tested below",
-    ("invalid_input", "reason"): "InvalidRecord.reason, one of DLQ_REASONS (tested below)",
+    ("invalid_input", "reject_reason(exc)"): "requests.reject_reason: four values, tested below",
+    ("invalid_input", "reason"): (
+        "InvalidRecord.reason, one of DLQ_REASONS; requests.reject_reason; or one of the "
+        "three state_topic reasons of tracker.state_unreadable (all tested below)"
+    ),
     ("dlq_records", "reason"): "InvalidRecord.reason, one of DLQ_REASONS (tested below)",
     ("records_published", "status"): "BalanceRecord.balance_status, one of ALL_STATUS_NAMES",
     ("batches_finished", "b.status"): "a final Status of state.py (BATCH_OUTCOMES)",
@@ -298,11 +301,15 @@ def test_declared_values_match_the_code_that_produces_them() -> None:
     assert reasons == set(DLQ_REASONS)
     assert set(KAFKA_CONNECTION_ERROR_REASONS) == set(CONNECTION_ERROR_REASONS)
     rejects = set()
-    for body in (None, b"{", b'{"batch_id": 3}'):
+    for body in (None, b"{", b'{"batch_id": 3}', b" " * (MAX_REQUEST_BYTES + 1)):
         with pytest.raises(RequestRejected) as info:
             decode_request(body)
         rejects.add(reject_reason(info.value))
+    assert len(rejects) == 4
     assert {(s, r) for s in ("requests_topic", "http") for r in rejects} <= set(INVALID_INPUT)
+    assert {("state_topic", r) for r in ("no_key", "unknown_version", "invalid_state")} <= set(
+        INVALID_INPUT
+    )
 
 
 def label_calls() -> list[tuple[str, str, list[ast.expr], str]]:

@@ -17,19 +17,23 @@ from pathlib import Path
 import pytest
 from policy_harness import config, read_back
 
+from service import state as state_module
 from service.errors import ApiForbidden
 from service.policy import Policy
 from service.records import balance_event_id, fingerprint, legacy_fingerprint
 from service.requests import TrackingRequest
 from service.state import (
     CHUNK_FPS,
+    EARLY_SEAL_LIMIT,
     MAX_CHUNK_SEQ,
     MAX_MESSAGE_BYTES,
     MAX_SUMMARY_BYTES,
     STATE_VERSION,
     BatchState,
+    ChunkLog,
     StateRestore,
     Status,
+    decode_chunk,
     decode_state,
     encode_chunk,
     encode_state,
@@ -587,7 +591,7 @@ def test_a_summary_not_understood_leaves_out_its_batch_only_and_never_raises(
 @pytest.mark.parametrize(
     "key",
     [
-        b"b-1/fp/131072",
+        f"b-1/fp/{MAX_CHUNK_SEQ + 1}".encode(),
         b"b-1/fp/3000000",
         b"b-1/fp/100000000000000000000",
         b"b-1/fp/" + b"9" * 5000,
@@ -611,8 +615,25 @@ def test_the_last_chunk_number_fits_the_largest_batch() -> None:
     assert parse_key(f"b-1/fp/{MAX_CHUNK_SEQ}".encode()) == ("b-1", MAX_CHUNK_SEQ)
     assert parse_key(b"b-1/fp/0") == ("b-1", 0)
     # The largest expected_count (100,000,000 records), an event's and an authorizer's
-    # fingerprint each, in full chunks.
-    assert MAX_CHUNK_SEQ + 1 > -(-2 * 100_000_000 // CHUNK_FPS)
+    # fingerprint each, in full chunks, after every chunk that may be sealed early.
+    assert MAX_CHUNK_SEQ + 1 > EARLY_SEAL_LIMIT + -(-2 * 100_000_000 // CHUNK_FPS) + 1000
+
+
+def test_past_the_early_seal_limit_chunks_are_sealed_only_when_full(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch fed one record a commit (and stopped now and then) for ever: below the
+    limit every CHUNK_MAX_WRITES writes seal a chunk, past it none does, so its chunk
+    numbers stay below MAX_CHUNK_SEQ and every fingerprint is still on the topic."""
+    monkeypatch.setattr(state_module, "EARLY_SEAL_LIMIT", 3)
+    log, topic = ChunkLog(), dict[int, bytes]()
+    for fp in range(1, 3000):
+        log.add([fp])
+        topic.update(log.flush())
+        if fp % 50 == 0:
+            log.seal()  # a stop: the seen set let go
+    assert max(topic) == 4  # chunks 0-2 sealed early, 3 filled (2,048), 4 open
+    assert sorted(fp for v in topic.values() for fp in decode_chunk(v)) == list(range(1, 3000))
 
 
 @pytest.mark.parametrize("status", ["stopped", "tracking"])
