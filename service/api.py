@@ -140,12 +140,25 @@ class ApiKey:
         return self._value
 
     def refresh(self) -> None:
+        """Read the key file again; a file that cannot be read, or whose text no Bearer
+        header can carry, leaves the key as it was (one WARNING, never the text)."""
         if self._file is None:
             return
         try:
-            self._value = self._file.read_text(encoding="utf-8").strip() or self._value
+            value = self._file.read_text(encoding="utf-8").strip()
         except OSError as exc:
             log.warning("api_key_file_unreadable", error=exc.strerror)
+            return
+        except UnicodeDecodeError:
+            log.warning("api_key_file_unreadable", error="the file is not UTF-8 text")
+            return
+        if not value.isprintable() or " " in value:
+            log.warning(
+                "api_key_file_unreadable",
+                error="the key has whitespace or a control character inside",
+            )
+            return
+        self._value = value or self._value
 
 
 class RightfootClient:

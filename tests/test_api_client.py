@@ -307,6 +307,23 @@ async def test_rotated_key_file_is_picked_up(api: Harness, tmp_path: Path) -> No
     assert api.requests() == [401, 200]
 
 
+@pytest.mark.parametrize(
+    "content", [b"\xff\xfenot utf-8", b"two words", b"tab\tinside", b"bell\x07"]
+)
+def test_a_rotated_key_file_that_no_header_can_carry_keeps_the_key(
+    tmp_path: Path, content: bytes
+) -> None:
+    """Sent as it is, every request would fail in aiohttp (a ValueError, not a 401)."""
+    key_file = tmp_path / "api-key"
+    key_file.write_bytes(content)
+    api_key = ApiKey("good-key", key_file)
+    with structlog.testing.capture_logs() as logs:
+        api_key.refresh()
+    assert api_key.get() == "good-key"
+    (warned,) = [e for e in logs if e["event"] == "api_key_file_unreadable"]
+    assert content.decode("latin-1") not in str(warned)
+
+
 async def test_404_raises_not_found(api: Harness) -> None:
     client = await api.client()
     with pytest.raises(ApiNotFound) as info:
