@@ -311,9 +311,13 @@ class PartitionOwner:
         streak = streak + 1 if now - last < RESET_STREAK_WINDOW_S else 0
         self._resets[p] = (now, streak)
         delay = min(RESET_RETRY_MAX_S, 0.5 * 2**streak) if streak else 0.0
+        failed = False  # the last round's failure was logged with its own line
         while not self._stopping.is_set():
             if delay:
-                log.warning("partition_reset_backoff", partition=p, delay_s=delay)
+                # One line a cause: after a failure's line, the wait it brings is DEBUG.
+                (log.debug if failed else log.warning)(
+                    "partition_reset_backoff", partition=p, delay_s=delay
+                )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), delay)
                 if self._stopping.is_set():
@@ -329,11 +333,19 @@ class PartitionOwner:
                     self.metrics.owned_partitions.set(len(self.restored))
                     return
                 except (KafkaError, OSError) as exc:
-                    log.error("partition_reset_failed", partition=p, error=repr(exc))
+                    # Kafka unreachable or refusing, a transient condition: the partition
+                    # waits, not ready, and is tried again.
+                    delay = min(max(delay * 2, RESET_RETRY_MIN_S), RESET_RETRY_MAX_S)
+                    log.warning(
+                        "partition_reset_failed", partition=p, error=repr(exc), retry_in_s=delay
+                    )
+                    failed = True
+                    continue
                 except Exception:
                     # Not a failure of Kafka: a fault of this service. The partition stays
                     # paused, so it is tried again like one, not left for dead.
                     log.exception("partition_reset_failed", partition=p)
+                    failed = True
             delay = min(max(delay * 2, RESET_RETRY_MIN_S), RESET_RETRY_MAX_S)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import structlog
 from aiokafka import TopicPartition
+from aiokafka.errors import NoBrokersAvailable
 
 from service import partitions
 from service.config import Settings
@@ -152,6 +153,41 @@ async def test_a_restore_that_fails_unexpectedly_is_tried_again_with_backoff(
         assert all(e["exc_info"] for e in failed)
         backoff = [e["delay_s"] for e in logs if e["event"] == "partition_reset_backoff"]
         assert backoff == [0.01, 0.02]
+    finally:
+        await o.release_all(1.0)
+
+
+async def test_kafka_failing_a_restore_is_one_warning_a_round_not_an_error(
+    state_topic: type[StateConsumer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker unreachable is a transient condition: one line for each failed round,
+    with when it is tried again, and the wait itself at DEBUG."""
+    monkeypatch.setattr(partitions, "RESET_RETRY_MIN_S", 0.01)
+    o = owner()
+    o.assigned = {0}
+    attempts: list[int] = []
+    restore = o._restore
+
+    async def unreachable(p: int) -> None:
+        attempts.append(p)
+        if len(attempts) <= 2:
+            raise NoBrokersAvailable("the broker is down")
+        await restore(p)
+
+    monkeypatch.setattr(o, "_restore", unreachable)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            o._schedule_reset(0)
+            for _ in range(300):
+                if o.all_restored:
+                    break
+                await asyncio.sleep(0.01)
+        assert o.owned == [0] and attempts == [0, 0, 0]
+        lines = [e for e in logs if e["log_level"] in ("warning", "error")]
+        assert [(e["event"], e["log_level"], e["retry_in_s"]) for e in lines] == [
+            ("partition_reset_failed", "warning", 0.01),
+            ("partition_reset_failed", "warning", 0.02),
+        ]
     finally:
         await o.release_all(1.0)
 
