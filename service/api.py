@@ -24,7 +24,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from service import __version__
-from service.config import RightfootConfig
+from service.config import RightfootConfig, is_bearer_token
 from service.errors import (
     ApiBadRequest,
     ApiError,
@@ -152,7 +152,7 @@ class ApiKey:
         except UnicodeDecodeError:
             log.warning("api_key_file_unreadable", error="the file is not UTF-8 text")
             return
-        if not value.isprintable() or " " in value:
+        if not is_bearer_token(value):  # the rule the configuration applies at start
             log.warning(
                 "api_key_file_unreadable",
                 error="the key has whitespace or a control character inside",

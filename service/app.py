@@ -300,7 +300,7 @@ class PollerService:
                     continue
                 for msg in messages:
                     req = self.tracker.read_request(msg.key, msg.value, tp.partition, msg.offset)
-                    waits.append(self.tracker.handle_request(worker, req, msg.value, msg.offset))
+                    waits.append(self.tracker.handle_request(worker, req, msg.offset))
             if waits:
                 await asyncio.gather(*waits, return_exceptions=True)
 

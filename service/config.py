@@ -75,8 +75,13 @@ def _printable(value: str, *, spaces: bool) -> bool:
     return value.isprintable() and (spaces or " " not in value)
 
 
+def is_bearer_token(value: str) -> bool:
+    """Whether an HTTP ``Authorization: Bearer`` header can carry ``value`` as it is."""
+    return _printable(value, spaces=False)
+
+
 def _bearer_token(value: SecretStr) -> SecretStr:
-    if not _printable(value.get_secret_value(), spaces=False):
+    if not is_bearer_token(value.get_secret_value()):
         raise ValueError(
             "contains whitespace or a control character, which an HTTP "
             "Authorization: Bearer header cannot carry"

@@ -187,12 +187,12 @@ class Tracker:
             return None
 
     def handle_request(
-        self, w: PartitionWorker, req: TrackingRequest | None, raw: bytes | None, offset: int
+        self, w: PartitionWorker, req: TrackingRequest | None, offset: int
     ) -> asyncio.Future[None]:
-        """Apply one request of the partition (in order) and queue its unit of work.
+        """Apply one request of the partition (in order) and queue its unit of work;
+        ``req`` None (refused by ``read_request``) only moves the offset on.
 
         Its effect is applied at once, a stop included: nothing waits for a poll.
-        ``raw``, the message's value, is not used: ``req`` is all that is kept of it.
         """
         next_offset = offset + 1
         if req is None:
@@ -200,7 +200,7 @@ class Tracker:
         target = canonical_partition(req.batch_id, self.partitions)
         if target != w.partition:
             # Requests may come with any partitioner; each batch lives on one partition.
-            # The request is forwarded as it was read, in its own encoding: not ``raw``,
+            # The request is forwarded as it was read, in its own encoding: not the message,
             # whose whitespace and escapes have no bound of their own.
             forward = OutMessage(
                 topic=self.settings.kafka.requests_topic,

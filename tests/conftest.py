@@ -111,6 +111,15 @@ class Topics:
 
 
 @pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """os.environ without any variable the configuration reads."""
+    for name in list(os.environ):
+        if name.startswith(("RFP_", "RIGHTFOOT_")) or name == "POD_NAME":
+            monkeypatch.delenv(name)
+    return monkeypatch
+
+
+@pytest.fixture
 def topics() -> Topics:
     return Topics(prefix=f"t{uuid.uuid4().hex[:10]}")
 

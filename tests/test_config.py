@@ -24,15 +24,6 @@ def write(tmp_path: Path, text: str, name: str = "config.yaml") -> Path:
     return path
 
 
-@pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    """os.environ without any variable the configuration reads."""
-    for name in list(os.environ):
-        if name.startswith(("RFP_", "RIGHTFOOT_")) or name == "POD_NAME":
-            monkeypatch.delenv(name)
-    return monkeypatch
-
-
 def test_defaults_are_the_contract_table(clean_env: pytest.MonkeyPatch) -> None:
     s = load_settings(None, env={})
     assert s.rightfoot.base_url == "https://api.rightfoot.com"

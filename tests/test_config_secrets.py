@@ -30,15 +30,6 @@ REGISTRY = {
 }
 
 
-@pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    """os.environ without any variable the configuration reads."""
-    for name in list(os.environ):
-        if name.startswith(("RFP_", "RIGHTFOOT_")) or name == "POD_NAME":
-            monkeypatch.delenv(name)
-    return monkeypatch
-
-
 def refusal(env: dict[str, str]) -> str:
     with pytest.raises(ConfigError) as info:
         load_settings(None, env=env)

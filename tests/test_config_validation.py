@@ -6,7 +6,6 @@ Each refusal is one line naming the key and the problem, and a non-zero exit of
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -15,15 +14,6 @@ from pydantic import BaseModel
 from service.cli import main
 from service.config import Settings, load_settings
 from service.errors import ConfigError
-
-
-@pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    """os.environ without any variable the configuration reads."""
-    for name in list(os.environ):
-        if name.startswith(("RFP_", "RIGHTFOOT_")) or name == "POD_NAME":
-            monkeypatch.delenv(name)
-    return monkeypatch
 
 
 def refusal(env: dict[str, str], path: Path | None = None) -> str:

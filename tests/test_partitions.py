@@ -8,6 +8,7 @@ understand, and what a reset does when a restore fails, can be shown exactly.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import MutableMapping
 from types import SimpleNamespace
 from typing import Any
 
@@ -124,22 +125,23 @@ async def test_a_deeply_nested_summary_is_unreadable_and_the_partition_restored(
         await o.release_all(1.0)
 
 
-async def test_a_restore_that_fails_unexpectedly_is_tried_again_with_backoff(
-    state_topic: type[StateConsumer], monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def restored_after_two_failures(
+    monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> list[MutableMapping[str, Any]]:
+    """Partition 0's restore raising ``error`` twice, then succeeding: the log lines."""
     monkeypatch.setattr(partitions, "RESET_RETRY_MIN_S", 0.01)
     o = owner()
     o.assigned = {0}
     attempts: list[int] = []
     restore = o._restore
 
-    async def flaky(p: int) -> None:
+    async def failing_twice(p: int) -> None:
         attempts.append(p)
         if len(attempts) <= 2:
-            raise RecursionError("maximum recursion depth exceeded")
+            raise error
         await restore(p)
 
-    monkeypatch.setattr(o, "_restore", flaky)
+    monkeypatch.setattr(o, "_restore", failing_twice)
     try:
         with structlog.testing.capture_logs() as logs:
             o._schedule_reset(0)
@@ -148,13 +150,22 @@ async def test_a_restore_that_fails_unexpectedly_is_tried_again_with_backoff(
                     break
                 await asyncio.sleep(0.01)
         assert o.owned == [0] and attempts == [0, 0, 0]
-        failed = [e for e in logs if e["event"] == "partition_reset_failed"]
-        assert [e["log_level"] for e in failed] == ["error", "error"]
-        assert all(e["exc_info"] for e in failed)
-        backoff = [e["delay_s"] for e in logs if e["event"] == "partition_reset_backoff"]
-        assert backoff == [0.01, 0.02]
+        return logs
     finally:
         await o.release_all(1.0)
+
+
+async def test_a_restore_that_fails_unexpectedly_is_tried_again_with_backoff(
+    state_topic: type[StateConsumer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    logs = await restored_after_two_failures(
+        monkeypatch, RecursionError("maximum recursion depth exceeded")
+    )
+    failed = [e for e in logs if e["event"] == "partition_reset_failed"]
+    assert [e["log_level"] for e in failed] == ["error", "error"]
+    assert all(e["exc_info"] for e in failed)
+    backoff = [e["delay_s"] for e in logs if e["event"] == "partition_reset_backoff"]
+    assert backoff == [0.01, 0.02]
 
 
 async def test_kafka_failing_a_restore_is_one_warning_a_round_not_an_error(
@@ -162,34 +173,12 @@ async def test_kafka_failing_a_restore_is_one_warning_a_round_not_an_error(
 ) -> None:
     """The broker unreachable is a transient condition: one line for each failed round,
     with when it is tried again, and the wait itself at DEBUG."""
-    monkeypatch.setattr(partitions, "RESET_RETRY_MIN_S", 0.01)
-    o = owner()
-    o.assigned = {0}
-    attempts: list[int] = []
-    restore = o._restore
-
-    async def unreachable(p: int) -> None:
-        attempts.append(p)
-        if len(attempts) <= 2:
-            raise NoBrokersAvailable("the broker is down")
-        await restore(p)
-
-    monkeypatch.setattr(o, "_restore", unreachable)
-    try:
-        with structlog.testing.capture_logs() as logs:
-            o._schedule_reset(0)
-            for _ in range(300):
-                if o.all_restored:
-                    break
-                await asyncio.sleep(0.01)
-        assert o.owned == [0] and attempts == [0, 0, 0]
-        lines = [e for e in logs if e["log_level"] in ("warning", "error")]
-        assert [(e["event"], e["log_level"], e["retry_in_s"]) for e in lines] == [
-            ("partition_reset_failed", "warning", 0.01),
-            ("partition_reset_failed", "warning", 0.02),
-        ]
-    finally:
-        await o.release_all(1.0)
+    logs = await restored_after_two_failures(monkeypatch, NoBrokersAvailable("the broker is down"))
+    lines = [e for e in logs if e["log_level"] in ("warning", "error")]
+    assert [(e["event"], e["log_level"], e["retry_in_s"]) for e in lines] == [
+        ("partition_reset_failed", "warning", 0.01),
+        ("partition_reset_failed", "warning", 0.02),
+    ]
 
 
 async def test_a_reset_that_dies_says_so(monkeypatch: pytest.MonkeyPatch) -> None:

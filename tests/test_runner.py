@@ -122,7 +122,7 @@ async def settle() -> None:
 
 
 async def started(tracker: Tracker, worker: PartitionWorker, req: TrackingRequest) -> None:
-    await tracker.handle_request(worker, req, req.encode(), 0)
+    await tracker.handle_request(worker, req, 0)
 
 
 async def test_a_stop_is_applied_at_once_and_a_running_poll_cannot_undo_it() -> None:
@@ -139,7 +139,7 @@ async def test_a_stop_is_applied_at_once_and_a_running_poll_cannot_undo_it() -> 
         assert await source.asked.get() == "t2"  # page 1 committed; page 2 asked
         # The stop is committed while the poll still waits for its page: it waits for nothing.
         stop = TrackingRequest(batch_id=BATCH, action="stop")
-        await asyncio.wait_for(tracker.handle_request(worker, stop, stop.encode(), 1), 1.0)
+        await asyncio.wait_for(tracker.handle_request(worker, stop, 1), 1.0)
         source.held = False
         source.release()
         await settle()
@@ -167,8 +167,8 @@ async def test_a_stop_does_not_wait_for_a_poll_nor_hold_up_requests_of_other_bat
         stop = TrackingRequest(batch_id=BATCH, action="stop")
         other = TrackingRequest(batch_id="batch-2")
         done = asyncio.gather(
-            tracker.handle_request(worker, stop, stop.encode(), 1),
-            tracker.handle_request(worker, other, other.encode(), 2),
+            tracker.handle_request(worker, stop, 1),
+            tracker.handle_request(worker, other, 2),
         )
         await asyncio.wait_for(done, 1.0)
         assert worker.polls  # the poll is still waiting for its page
@@ -194,7 +194,7 @@ async def test_an_expected_count_during_a_poll_with_a_commit_in_flight_is_kept()
             committer.queued.clear()
             await committer.queued.wait()
         update = TrackingRequest(batch_id=BATCH, expected_count=6)
-        pending = tracker.handle_request(worker, update, update.encode(), 1)
+        pending = tracker.handle_request(worker, update, 1)
         await settle()
         committer.release_all()
         await asyncio.wait_for(pending, 1.0)
@@ -273,7 +273,7 @@ async def test_requests_for_an_unreadable_batch_are_refused_and_its_state_left_a
     tracker.add_worker(worker)
     for offset, action in enumerate(("track", "stop")):
         req = TrackingRequest(batch_id=BATCH, action=action)
-        await tracker.handle_request(worker, req, req.encode(), offset)
+        await tracker.handle_request(worker, req, offset)
     assert committer.units == [([], 1), ([], 2)]  # offsets committed, nothing written
     sample = tracker.metrics.registry.get_sample_value
     assert sample("rightfoot_poller_batches_unreadable") == 1
@@ -336,7 +336,7 @@ async def test_the_records_held_stay_within_max_records_in_flight_and_none_is_lo
     releaser = asyncio.create_task(commit_slowly())
     for offset, batch_id in enumerate(batches):  # all tracked before the first poll
         req = TrackingRequest(batch_id=batch_id, expected_count=50)
-        await tracker.handle_request(worker, req, req.encode(), offset)
+        await tracker.handle_request(worker, req, offset)
     scheduler = asyncio.create_task(tracker.run())
     try:
         for _ in range(500):
@@ -377,7 +377,7 @@ async def test_fingerprints_held_count_what_the_replica_keeps_in_memory() -> Non
     assert held() == 0
     for offset, (batch_id, count) in enumerate((("done", 30), ("open", 40), ("stopped", 40))):
         req = TrackingRequest(batch_id=batch_id, expected_count=count)
-        await tracker.handle_request(worker, req, req.encode(), offset)
+        await tracker.handle_request(worker, req, offset)
     scheduler = asyncio.create_task(tracker.run())
     try:
         for _ in range(200):
@@ -387,7 +387,7 @@ async def test_fingerprints_held_count_what_the_replica_keeps_in_memory() -> Non
                 break
             await asyncio.sleep(0.01)
         stop = TrackingRequest(batch_id="stopped", action="stop")
-        await tracker.handle_request(worker, stop, stop.encode(), 3)
+        await tracker.handle_request(worker, stop, 3)
         await settle()
     finally:
         tracker.stop()
@@ -469,13 +469,13 @@ async def test_a_batch_tracked_again_reads_its_fingerprints_back_before_any_page
                 break
             await asyncio.sleep(0.01)
         stop = TrackingRequest(batch_id=BATCH, action="stop")
-        await tracker.handle_request(worker, stop, stop.encode(), 1)
+        await tracker.handle_request(worker, stop, 1)
         assert len(worker.batches[BATCH].seen) == 0
         vendor.records += [record(i) for i in range(30, 40)]
         faults += ["down", "behind"]
         mark = len(trace.steps)
         again = TrackingRequest(batch_id=BATCH, expected_count=40)
-        await tracker.handle_request(worker, again, again.encode(), 2)
+        await tracker.handle_request(worker, again, 2)
         for _ in range(500):
             if worker.batches[BATCH].status == "completed":
                 break
@@ -553,7 +553,7 @@ async def test_finished_batches_are_forgotten_once_kept_for_the_retention(
 
     for offset, (batch_id, count) in enumerate((("done", 30), ("open", 40), ("stopped", 40))):
         req = TrackingRequest(batch_id=batch_id, expected_count=count)
-        await tracker.handle_request(worker, req, req.encode(), offset)
+        await tracker.handle_request(worker, req, offset)
     scheduler = asyncio.create_task(tracker.run())
     try:
         await run_until(
@@ -564,7 +564,7 @@ async def test_finished_batches_are_forgotten_once_kept_for_the_retention(
             "all published",
         )
         stop = TrackingRequest(batch_id="stopped", action="stop")
-        await tracker.handle_request(worker, stop, stop.encode(), 3)
+        await tracker.handle_request(worker, stop, 3)
         stopped_chunks = list(worker.batches["stopped"].chunks.written())
         assert len(stopped_chunks) >= 4
         assert sample("rightfoot_poller_finished_batches") == 2
@@ -594,7 +594,7 @@ async def test_finished_batches_are_forgotten_once_kept_for_the_retention(
         assert set(restored(state_log(tracker, committer))) == {"open"}
 
         again = TrackingRequest(batch_id="done", expected_count=30)
-        await tracker.handle_request(worker, again, again.encode(), 4)
+        await tracker.handle_request(worker, again, 4)
         await run_until(lambda: worker.batches["done"].status == "completed", "done again")
     finally:
         tracker.stop()
@@ -620,12 +620,12 @@ async def test_a_batch_tracked_again_while_its_forgetting_commits_starts_anew_af
         await started(tracker, worker, TrackingRequest(batch_id=BATCH))
         await run_until(lambda: worker.batches[BATCH].published == 30, "published")
         stop = TrackingRequest(batch_id=BATCH, action="stop")
-        await tracker.handle_request(worker, stop, stop.encode(), 1)
+        await tracker.handle_request(worker, stop, 1)
         wall[0] += 100.0
         committer.hold = True  # the forgetting's commit waits
         tracker.forget_finished()
         again = TrackingRequest(batch_id=BATCH, action="track")
-        pending = tracker.handle_request(worker, again, again.encode(), 2)
+        pending = tracker.handle_request(worker, again, 2)
         fresh = worker.batches[BATCH]
         assert fresh.active and fresh.generation == 1 and fresh.published == 0
         assert fresh.seen_loaded  # nothing to read back: a new batch
@@ -700,7 +700,7 @@ async def test_a_request_is_forwarded_to_its_partition_in_its_own_encoding() -> 
     raw = raw[:-1] + b" " * (MAX_REQUEST_BYTES - len(raw)) + b"}"
     req = tracker.read_request(batch_id.encode(), raw, 0, 5)
     assert req is not None
-    await tracker.handle_request(worker, req, raw, 5)
+    await tracker.handle_request(worker, req, 5)
     [([forward], offset)] = committer.units
     assert offset == 6
     assert isinstance(forward, OutMessage) and forward.partition == 1
@@ -718,7 +718,7 @@ async def test_a_request_too_large_is_refused_and_its_offset_committed() -> None
     huge = b'{"batch_id":"abc"' + b" " * 5_000_000 + b"}"
     req = tracker.read_request(b"abc", huge, 0, 9)
     assert req is None
-    await tracker.handle_request(worker, req, huge, 9)
+    await tracker.handle_request(worker, req, 9)
     assert committer.units == [([], 10)]  # skipped: nothing forwarded, the offset moves on
     assert invalid_input(tracker, "requests_topic", "too_large") == 1
 
@@ -784,14 +784,14 @@ async def test_a_corrupt_chunk_read_back_leaves_the_batch_unreadable_once() -> N
         await started(tracker, worker, TrackingRequest(batch_id=BATCH))
         await run_until(lambda: worker.batches[BATCH].published == 30, "published")
         stop = TrackingRequest(batch_id=BATCH, action="stop")
-        await tracker.handle_request(worker, stop, stop.encode(), 1)
+        await tracker.handle_request(worker, stop, 1)
         mark = len(trace.steps)
         with structlog.testing.capture_logs() as logs:
             again = TrackingRequest(batch_id=BATCH, expected_count=40)
-            await tracker.handle_request(worker, again, again.encode(), 2)
+            await tracker.handle_request(worker, again, 2)
             await run_until(lambda: BATCH in worker.unreadable, "unreadable")
             await asyncio.sleep(0.1)  # polls every 0.01 s, were it still polled
-            await tracker.handle_request(worker, again, again.encode(), 3)
+            await tracker.handle_request(worker, again, 3)
     finally:
         tracker.stop()
         scheduler.cancel()
