@@ -53,7 +53,7 @@ SECRET_SOURCES = (
         ("RFP_RIGHTFOOT__API_KEY", "RIGHTFOOT_API_KEY"),
         "RIGHTFOOT_API_KEY_FILE",
     ),
-    SecretSource("http", "admin_token", ("RFP_HTTP__ADMIN_TOKEN",)),
+    SecretSource("http", "admin_token", ("RFP_HTTP__ADMIN_TOKEN",), "RFP_HTTP__ADMIN_TOKEN_FILE"),
     SecretSource(
         "kafka", "sasl_password", ("RFP_KAFKA__SASL_PASSWORD",), "RFP_KAFKA__SASL_PASSWORD_FILE"
     ),
@@ -65,8 +65,11 @@ SECRET_SOURCES = (
     ),
 )
 SECRET_KEYS = {(s.section, s.key) for s in SECRET_SOURCES}
-# Read by SecretSource, not as plain overrides.
-SECRET_ENV = {name for s in SECRET_SOURCES for name in s.env}
+# Read by SecretSource, not as plain overrides. Any other RFP_ variable is a key, and one
+# that names no key is refused: an unknown RFP_..._FILE too, never ignored.
+SECRET_ENV = {name for s in SECRET_SOURCES for name in s.env} | {
+    s.file_var for s in SECRET_SOURCES if s.file_var is not None
+}
 
 
 def _printable(value: str, *, spaces: bool) -> bool:
@@ -476,7 +479,7 @@ def load_settings(path: Path | str | None, env: dict[str, str] | None = None) ->
 def _apply_env_overrides(data: dict[str, Any], env: dict[str, str]) -> None:
     """``RFP_SECTION__KEY=value`` sets ``section.key``; ``RFP_KEY`` a top-level key."""
     for name, value in sorted(env.items()):
-        if not name.startswith(ENV_PREFIX) or name.endswith("_FILE") or name in NOT_KEYS:
+        if not name.startswith(ENV_PREFIX) or name in NOT_KEYS:
             continue
         if name in SECRET_ENV:  # see SecretSource
             continue

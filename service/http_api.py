@@ -51,7 +51,8 @@ Submit = Callable[[TrackingRequest], Awaitable[None]]
 Readiness = Callable[[], tuple[bool, dict[str, Any]]]
 
 _NO_TOKEN = (
-    "the admin API is disabled: set RFP_HTTP__ADMIN_TOKEN to enable POST and DELETE /v1/batches"
+    "the admin API is disabled: set RFP_HTTP__ADMIN_TOKEN (or RFP_HTTP__ADMIN_TOKEN_FILE) "
+    "to enable POST and DELETE /v1/batches"
 )
 
 

@@ -45,6 +45,7 @@ def refusal(env: dict[str, str]) -> str:
     ("var", "extra"),
     [
         ("RIGHTFOOT_API_KEY_FILE", {}),
+        ("RFP_HTTP__ADMIN_TOKEN_FILE", {}),
         ("RFP_KAFKA__SASL_PASSWORD_FILE", SASL),
         ("RFP_SCHEMA_REGISTRY__PASSWORD_FILE", REGISTRY),
     ],
@@ -139,6 +140,58 @@ def test_an_empty_admin_token_leaves_the_admin_api_disabled() -> None:
     assert s.masked()["http"]["admin_token"] is None
 
 
+# --- the admin token from a mounted file -------------------------------------------------
+
+
+def test_the_admin_token_from_a_file_is_read_trimmed_and_masked(tmp_path: Path) -> None:
+    token_file = tmp_path / "admin-token"
+    token_file.write_text(ADMIN_TOKEN + "\n", encoding="utf-8")
+    env = {"RFP_HTTP__ADMIN_TOKEN_FILE": str(token_file)}
+    s = load_settings(None, env=env)
+    assert s.http.admin_token is not None
+    assert s.http.admin_token.get_secret_value() == ADMIN_TOKEN
+    assert s.masked()["http"]["admin_token"] == "********"
+    assert ADMIN_TOKEN in s.secrets()
+    # The variable wins over the file, and an empty one does not hide it.
+    s = load_settings(None, env={**env, "RFP_HTTP__ADMIN_TOKEN": "other-token"})
+    assert s.http.admin_token is not None
+    assert s.http.admin_token.get_secret_value() == "other-token"
+    s = load_settings(None, env={**env, "RFP_HTTP__ADMIN_TOKEN": ""})
+    assert s.http.admin_token is not None
+    assert s.http.admin_token.get_secret_value() == ADMIN_TOKEN
+
+
+def test_an_empty_admin_token_file_leaves_the_admin_api_disabled(tmp_path: Path) -> None:
+    token_file = tmp_path / "admin-token"
+    token_file.write_text(" \n", encoding="utf-8")
+    s = load_settings(None, env={"RFP_HTTP__ADMIN_TOKEN_FILE": str(token_file)})
+    assert s.http.admin_token is None
+
+
+def test_a_missing_admin_token_file_is_refused_naming_the_variable(tmp_path: Path) -> None:
+    message = refusal({"RFP_HTTP__ADMIN_TOKEN_FILE": str(tmp_path / "missing")})
+    assert message.startswith("RFP_HTTP__ADMIN_TOKEN_FILE: cannot read the secret file")
+
+
+@pytest.mark.parametrize(
+    ("var", "key"),
+    [
+        ("RFP_HTTP__NOPE_FILE", "http.nope_file"),
+        ("RFP_NOPE_FILE", "nope_file"),
+        # The API key's file variable is RIGHTFOOT_API_KEY_FILE: this name is a mistake.
+        ("RFP_RIGHTFOOT__API_KEY_FILE", "rightfoot.api_key_file"),
+    ],
+)
+def test_an_unknown_rfp_file_variable_is_refused_as_an_unknown_key(
+    tmp_path: Path, var: str, key: str
+) -> None:
+    """Refused as any RFP_ variable that names no key is (RFP_HTTP__NOPE is
+    ``http.nope: unknown key``), never ignored."""
+    secret = tmp_path / "secret"
+    secret.write_text(ADMIN_TOKEN + "\n", encoding="utf-8")
+    assert refusal({var: str(secret)}) == f"{key}: unknown key"
+
+
 # --- whitespace around a secret is removed; what an HTTP header cannot carry is refused ----
 
 
@@ -215,6 +268,7 @@ def test_a_password_may_hold_spaces_but_no_control_character(
     ("var", "extra", "key"),
     [
         ("RIGHTFOOT_API_KEY_FILE", {}, "rightfoot.api_key"),
+        ("RFP_HTTP__ADMIN_TOKEN_FILE", {}, "http.admin_token"),
         ("RFP_KAFKA__SASL_PASSWORD_FILE", SASL, "kafka.sasl_password"),
         ("RFP_SCHEMA_REGISTRY__PASSWORD_FILE", REGISTRY, "schema_registry.password"),
     ],
