@@ -24,7 +24,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from service import __version__
-from service.config import RightfootConfig, is_bearer_token
+from service.config import RightfootConfig, is_bearer_token, read_secret_file
 from service.errors import (
     ApiBadRequest,
     ApiError,
@@ -36,6 +36,7 @@ from service.errors import (
     ApiTransportError,
     ApiUnauthorized,
     RequestAborted,
+    SecretFileTooLarge,
 )
 from service.logs import Throttle
 from service.metrics import Metrics
@@ -140,17 +141,21 @@ class ApiKey:
         return self._value
 
     def refresh(self) -> None:
-        """Read the key file again; a file that cannot be read, or whose text no Bearer
-        header can carry, leaves the key as it was (one WARNING, never the text)."""
+        """Read the key file again; a file that cannot be read, is larger than 64 KiB, or
+        whose text no Bearer header can carry, leaves the key as it was (one WARNING,
+        never the text)."""
         if self._file is None:
             return
         try:
-            value = self._file.read_text(encoding="utf-8").strip()
+            value = read_secret_file(self._file)
         except OSError as exc:
             log.warning("api_key_file_unreadable", error=exc.strerror)
             return
         except UnicodeDecodeError:
             log.warning("api_key_file_unreadable", error="the file is not UTF-8 text")
+            return
+        except SecretFileTooLarge as exc:
+            log.warning("api_key_file_unreadable", error=str(exc))
             return
         if not is_bearer_token(value):  # the rule the configuration applies at start
             log.warning(

@@ -27,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from service.errors import ConfigError
+from service.errors import ConfigError, SecretFileTooLarge
 
 ENV_PREFIX = "RFP_"
 # RFP_* variables that are not configuration keys.
@@ -389,16 +389,38 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+# A secret is a token or a password: a file larger than this is not one.
+SECRET_FILE_MAX_BYTES = 64 * 1024
+
+
+def read_secret_file(path: str | os.PathLike[str]) -> str:
+    """The text of a secret file, whitespace around it removed. At most
+    ``SECRET_FILE_MAX_BYTES`` + 1 bytes are read, so that a wrong path (a log, a disk
+    image, /dev/zero) is refused at once rather than read into memory.
+
+    Raises OSError, UnicodeDecodeError (not UTF-8) or SecretFileTooLarge.
+    """
+    with open(path, "rb") as file:
+        data = file.read(SECRET_FILE_MAX_BYTES + 1)
+    if len(data) > SECRET_FILE_MAX_BYTES:
+        raise SecretFileTooLarge(
+            f"the secret file is larger than {SECRET_FILE_MAX_BYTES // 1024} KiB"
+        )
+    return data.decode("utf-8").strip()
+
+
 def _read_secret_file(var: str, env: dict[str, str]) -> str | None:
     path = env.get(var)
     if not path:
         return None
     try:
-        return Path(path).read_text(encoding="utf-8").strip()
+        return read_secret_file(path)
     except OSError as exc:
         raise ConfigError(f"{var}: cannot read the secret file: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{var}: the secret file is not UTF-8 text") from None
+    except SecretFileTooLarge as exc:
+        raise ConfigError(f"{var}: {exc}") from None
 
 
 def _secret(source: SecretSource, env: dict[str, str]) -> tuple[str, str] | None:

@@ -13,6 +13,11 @@ class ConfigError(PollerError, ValueError):
     """The configuration is invalid; the message names the key and the problem."""
 
 
+class SecretFileTooLarge(PollerError):
+    """A secret file larger than any secret: a wrong path, or /dev/zero. It is refused
+    without being read whole (``config.read_secret_file``)."""
+
+
 class ApiError(PollerError):
     """The Rightfoot API answered with an error, or not in a way we understand."""
 

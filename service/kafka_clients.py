@@ -9,7 +9,6 @@ import contextlib
 import os
 import ssl
 import time
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -32,11 +31,12 @@ from aiokafka.errors import (
 )
 from aiokafka.helpers import create_ssl_context
 
-from service.config import KafkaConfig
+from service.config import KafkaConfig, read_secret_file
 from service.errors import (
     ConnectionErrorReason,
     KafkaConnectionProblem,
     PollerError,
+    SecretFileTooLarge,
 )
 from service.state import MAX_MESSAGE_BYTES
 
@@ -69,13 +69,14 @@ def sasl_password(cfg: KafkaConfig) -> str | None:
 
     A mounted password file (``RFP_KAFKA__SASL_PASSWORD_FILE``) is read again each time
     clients are made, so a rotated Secret is picked up by the next connection attempt
-    without a restart. ``RFP_KAFKA__SASL_PASSWORD`` takes precedence, as at start.
+    without a restart; a file that cannot be read (not UTF-8, larger than 64 KiB) leaves
+    the password read at start. ``RFP_KAFKA__SASL_PASSWORD`` takes precedence, as at start.
     """
     configured = cfg.sasl_password.get_secret_value() if cfg.sasl_password else None
     path = os.environ.get("RFP_KAFKA__SASL_PASSWORD_FILE")
     if path and not os.environ.get("RFP_KAFKA__SASL_PASSWORD"):
-        with contextlib.suppress(OSError, UnicodeDecodeError):
-            return Path(path).read_text(encoding="utf-8").strip() or configured
+        with contextlib.suppress(OSError, UnicodeDecodeError, SecretFileTooLarge):
+            return read_secret_file(path) or configured
     return configured
 
 

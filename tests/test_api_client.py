@@ -324,6 +324,25 @@ def test_a_rotated_key_file_that_no_header_can_carry_keeps_the_key(
     assert content.decode("latin-1") not in str(warned)
 
 
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("size", [64 * 1024 + 1, None])
+def test_a_rotated_key_file_over_64_kib_keeps_the_key(tmp_path: Path, size: int | None) -> None:
+    """``None``: /dev/zero, a file without end, is not read whole either."""
+    key_file = tmp_path / "api-key"
+    key_file.write_bytes(b"k" * (size or 0))
+    api_key = ApiKey("good-key", key_file if size else Path("/dev/zero"))
+    with structlog.testing.capture_logs() as logs:
+        api_key.refresh()
+    assert api_key.get() == "good-key"
+    assert [(e["event"], e["log_level"], e["error"]) for e in logs] == [
+        ("api_key_file_unreadable", "warning", "the secret file is larger than 64 KiB")
+    ]
+    key_file.write_bytes(b"k" * (64 * 1024))  # the largest accepted
+    accepted = ApiKey("good-key", key_file)
+    accepted.refresh()
+    assert accepted.get() == "k" * (64 * 1024)
+
+
 async def test_404_raises_not_found(api: Harness) -> None:
     client = await api.client()
     with pytest.raises(ApiNotFound) as info:

@@ -13,6 +13,7 @@ import pytest
 from service.cli import main
 from service.config import load_settings
 from service.errors import ConfigError
+from service.kafka_clients import sasl_password
 
 API_KEY = "rf_live_api_key_0123456789abcdef"
 ADMIN_TOKEN = "admin-token-fedcba9876543210"
@@ -58,6 +59,51 @@ def test_a_secret_file_that_is_not_utf8_is_one_line_naming_the_variable(
     message = refusal({var: str(secret), **extra})
     assert message.startswith(f"{var}: ")
     assert "UTF-8" in message
+
+
+# --- a secret file larger than any secret ---------------------------------------------------
+
+SECRET_FILES = [
+    ("RIGHTFOOT_API_KEY_FILE", {}, "rightfoot.api_key"),
+    ("RFP_HTTP__ADMIN_TOKEN_FILE", {}, "http.admin_token"),
+    ("RFP_KAFKA__SASL_PASSWORD_FILE", SASL, "kafka.sasl_password"),
+    ("RFP_SCHEMA_REGISTRY__PASSWORD_FILE", REGISTRY, "schema_registry.password"),
+]
+
+
+@pytest.mark.parametrize(("var", "extra", "key"), SECRET_FILES)
+def test_a_secret_file_over_64_kib_is_refused_in_one_line_naming_the_variable(
+    tmp_path: Path, var: str, extra: dict[str, str], key: str
+) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"k" * (64 * 1024))  # the largest accepted
+    settings = load_settings(None, env={var: str(secret), **extra})
+    assert "k" * (64 * 1024) in settings.secrets()
+    secret.write_bytes(b"k" * (64 * 1024 + 1))
+    assert refusal({var: str(secret), **extra}) == (f"{var}: the secret file is larger than 64 KiB")
+
+
+@pytest.mark.timeout(10)
+def test_a_secret_file_without_end_is_refused_without_reading_it_whole() -> None:
+    assert refusal({"RFP_HTTP__ADMIN_TOKEN_FILE": "/dev/zero"}) == (
+        "RFP_HTTP__ADMIN_TOKEN_FILE: the secret file is larger than 64 KiB"
+    )
+
+
+@pytest.mark.timeout(10)
+def test_a_sasl_password_file_re_read_over_64_kib_keeps_the_password_of_the_start(
+    tmp_path: Path, clean_env: pytest.MonkeyPatch
+) -> None:
+    secret = tmp_path / "password"
+    secret.write_text(SASL_PASSWORD + "\n", encoding="utf-8")
+    clean_env.setenv("RFP_KAFKA__SASL_PASSWORD_FILE", str(secret))
+    cfg = load_settings(None, env={**os.environ, **SASL}).kafka
+    secret.write_text("rotated-password\n", encoding="utf-8")
+    assert sasl_password(cfg) == "rotated-password"
+    secret.write_bytes(b"k" * (64 * 1024 + 1))
+    assert sasl_password(cfg) == SASL_PASSWORD
+    clean_env.setenv("RFP_KAFKA__SASL_PASSWORD_FILE", "/dev/zero")
+    assert sasl_password(cfg) == SASL_PASSWORD
 
 
 def test_check_config_with_a_secret_file_that_is_not_utf8_exits_2_with_one_line(
