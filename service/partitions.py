@@ -169,7 +169,11 @@ class PartitionOwner:
         """Every batch of state partition p as last committed, and those not understood."""
         restore = StateRestore(p)
         unreadable: dict[str, str] = {}
-        await self._read_partition(p, restore, self._state_unreadable)
+        bad_keys = _BadKeys(self.metrics, p)
+        try:
+            await self._read_partition(p, restore, bad_keys.add)
+        finally:
+            bad_keys.close()
 
         def refused(batch_id: str, exc: ValueError) -> None:
             unreadable[batch_id] = str(exc)[:300]
@@ -347,6 +351,47 @@ class PartitionOwner:
                     log.exception("partition_reset_failed", partition=p)
                     failed = True
             delay = min(max(delay * 2, RESET_RETRY_MIN_S), RESET_RETRY_MAX_S)
+
+
+class _BadKeys:
+    """The records of one restore of a state partition that have no key, or a key that is
+    not a state key. Each is counted in ``invalid_input_total{source="state_topic"}``
+    with the reason ``tracker.state_unreadable`` gives it; the first is logged as an ERROR
+    ``state_unreadable``, the others at DEBUG, and at the end of the restore one ERROR
+    ``state_keys_unreadable`` says how many there were. One cause, one line (and its sum):
+    a partition holding thousands of them does not log thousands of ERRORs each time it is
+    restored. (A batch whose records are not understood keeps its own ERROR: each is a
+    batch an operator must look at.)"""
+
+    def __init__(self, metrics: Metrics, partition: int) -> None:
+        self.metrics = metrics
+        self.partition = partition
+        self.count = 0
+        self.first: str | None = None
+
+    def add(self, batch_id: str | None, exc: ValueError) -> None:
+        """``_read_partition``'s ``on_error``: ``batch_id`` is None there."""
+        reason = "no_key" if str(exc) == "no key" else "invalid_state"
+        self.metrics.invalid_input.labels("state_topic", reason).inc()
+        self.count += 1
+        error = str(exc)[:300]
+        fields = {"partition": self.partition, "reason": reason, "error": error}
+        if self.count == 1:
+            self.first = error
+            log.error("state_unreadable", batch_id=batch_id, **fields)
+        else:
+            log.debug("state_unreadable", batch_id=batch_id, **fields)
+
+    def close(self) -> None:
+        """At the end of the restore, finished or not: how many there were, the first
+        included (nothing more if it was the only one)."""
+        if self.count > 1:
+            log.error(
+                "state_keys_unreadable",
+                partition=self.partition,
+                count=self.count,
+                first=self.first,
+            )
 
 
 def _reset_ended(partition: int, task: asyncio.Task[None]) -> None:

@@ -162,7 +162,8 @@ NON_LITERAL_LABELS: dict[tuple[str, str], str] = {
     ("invalid_input", "reject_reason(exc)"): "requests.reject_reason: four values, tested below",
     ("invalid_input", "reason"): (
         "InvalidRecord.reason, one of DLQ_REASONS; requests.reject_reason; or one of the "
-        "three state_topic reasons of tracker.state_unreadable (all tested below)"
+        "three state_topic reasons of tracker.state_unreadable, two of them (no_key, "
+        "invalid_state) also of partitions._BadKeys (all tested below)"
     ),
     ("dlq_records", "reason"): "InvalidRecord.reason, one of DLQ_REASONS (tested below)",
     ("records_published", "status"): "BalanceRecord.balance_status, one of ALL_STATUS_NAMES",

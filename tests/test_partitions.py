@@ -99,10 +99,10 @@ def batch(batch_id: str, status: str = "tracking", fps: int = 0) -> Records:
     return list(state_records(state))
 
 
-def invalid_state(o: PartitionOwner) -> float | None:
+def invalid_state(o: PartitionOwner, reason: str = "invalid_state") -> float | None:
     return o.metrics.registry.get_sample_value(
         "rightfoot_poller_invalid_input_total",
-        {"source": "state_topic", "reason": "invalid_state"},
+        {"source": "state_topic", "reason": reason},
     )
 
 
@@ -121,6 +121,51 @@ async def test_a_deeply_nested_summary_is_unreadable_and_the_partition_restored(
         assert invalid_state(o) == 1
         errors = [(e["event"], e.get("batch_id")) for e in logs if e["log_level"] == "error"]
         assert errors == [("state_unreadable", "deep")]
+    finally:
+        await o.release_all(1.0)
+
+
+async def test_records_whose_key_is_not_a_state_key_are_one_error_and_one_sum_a_restore(
+    state_topic: type[StateConsumer],
+) -> None:
+    """Thousands of them give two ERROR lines, the first and the count, not thousands;
+    every one is counted. A batch not understood keeps its own line."""
+    bad: Records = [(b"x/fp/007", b"v"), (None, b"v"), (b"\xff", b"v")]
+    bad += [(f"b-{i}/fp/-1".encode(), b"v") for i in range(1000)]
+    state_topic.records = [*batch("fine"), *bad, (b"deep", DEEP)]
+    o = owner()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            await o.acquire([0])
+        assert o.owned == [0] and sorted(o.tracker.workers[0].batches) == ["fine"]
+        assert invalid_state(o) == 1002 + 1 and invalid_state(o, "no_key") == 1
+        errors = [e for e in logs if e["log_level"] == "error"]
+        assert [(e["event"], e.get("batch_id")) for e in errors] == [
+            ("state_unreadable", None),
+            ("state_keys_unreadable", None),
+            ("state_unreadable", "deep"),
+        ]
+        first, total, _ = errors
+        assert first["partition"] == 0 and first["error"] == "not a state key: 'x/fp/007'"
+        assert (total["partition"], total["count"]) == (0, 1003)
+        assert total["first"] == first["error"]
+        held = [e for e in logs if e["log_level"] == "debug" and e["event"] == "state_unreadable"]
+        assert len(held) == 1002
+    finally:
+        await o.release_all(1.0)
+
+
+async def test_one_record_whose_key_is_not_a_state_key_is_one_error(
+    state_topic: type[StateConsumer],
+) -> None:
+    state_topic.records = [(None, b"v"), *batch("fine")]
+    o = owner()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            await o.acquire([0])
+        errors = [(e["event"], e["reason"]) for e in logs if e["log_level"] == "error"]
+        assert errors == [("state_unreadable", "no_key")]
+        assert invalid_state(o, "no_key") == 1
     finally:
         await o.release_all(1.0)
 
