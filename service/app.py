@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -28,15 +29,16 @@ from service.kafka_clients import (
     client_args,
     ensure_topics,
     make_producer,
+    partition_counts,
     probe_brokers,
     stop_client,
 )
 from service.kafka_logs import BROKERS
-from service.logs import redact
+from service.logs import Throttle, redact
 from service.metrics import Metrics
 from service.pacing import RateLimiter
 from service.partitions import PartitionOwner
-from service.requests import TrackingRequest
+from service.requests import TrackingRequest, is_forwarded
 from service.runtime import memory_limit_bytes, memory_limit_files
 from service.tracker import Tracker
 from service.view import StateView
@@ -46,14 +48,16 @@ log = structlog.get_logger(__name__)
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, owner: PartitionOwner) -> None:
+    def __init__(self, owner: PartitionOwner, on_assigned: Callable[[], None]) -> None:
         self.owner = owner
+        self.on_assigned = on_assigned
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         await self.owner.release([tp.partition for tp in revoked])
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         await self.owner.acquire([tp.partition for tp in assigned])
+        self.on_assigned()
 
 
 class PollerService:
@@ -88,6 +92,7 @@ class PollerService:
             settings, source=self.client, metrics=self.metrics, factory=self.factory
         )
         self.view = StateView(self.kcfg, client_id=f"rightfoot-poller-view-{self.instance}")
+        self.tracker.home_of = self.view.home
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None  # intake, and events in at_least_once
         self._stopping = asyncio.Event()
@@ -109,6 +114,9 @@ class PollerService:
         self._runner: web.AppRunner | None = None
         self._last_tick = time.monotonic()
         self.http_port: int | None = None
+        # Set by every rebalance: the partition count may have changed (see _partition_count).
+        self._count_check = asyncio.Event()
+        self._count_problems = Throttle(every_s=60.0)
 
     # ---- readiness --------------------------------------------------------------------
 
@@ -196,7 +204,8 @@ class PollerService:
                     max_poll_records=500,
                 )
                 self.consumer.subscribe(
-                    [self.kcfg.requests_topic], listener=_Rebalance(self.partitions)
+                    [self.kcfg.requests_topic],
+                    listener=_Rebalance(self.partitions, self._count_check.set),
                 )
                 await self.consumer.start()
                 BROKERS.watch(self.producer.client)
@@ -283,6 +292,14 @@ class PollerService:
         assert self.consumer is not None
         consumer = self.consumer
         while not self._stopping.is_set():
+            if not await self._partition_count(consumer):
+                await asyncio.sleep(5.0)
+                continue
+            if not self.view.loaded:
+                # Requests are routed to the partition that holds their batch, which only
+                # the whole state tells (Tracker.route): none is taken before it is read.
+                await asyncio.sleep(0.1)
+                continue
             try:
                 batch = await consumer.getmany(timeout_ms=500, max_records=1000)
             except KafkaError as exc:
@@ -300,9 +317,69 @@ class PollerService:
                     continue
                 for msg in messages:
                     req = self.tracker.read_request(msg.key, msg.value, tp.partition, msg.offset)
-                    waits.append(self.tracker.handle_request(worker, req, msg.offset))
+                    forwarded = is_forwarded(msg.headers)
+                    waits.append(
+                        self.tracker.handle_request(worker, req, msg.offset, forwarded=forwarded)
+                    )
             if waits:
                 await asyncio.gather(*waits, return_exceptions=True)
+
+    async def _partition_count(self, consumer: AIOKafkaConsumer) -> bool:
+        """Whether requests may be taken: the tracker routes by the requests topic's
+        partition count as it is now.
+
+        Partitions added to the topics while the service runs show in the consumer's
+        metadata (refreshed every few minutes, and the group rebalances then), and after
+        each rebalance the count is asked of the cluster. A new count is taken on once the
+        state topic has as many partitions: the tracker routes new batches by it, and the
+        state view reads the new partitions too (requests wait until it has). Until then
+        no request is taken, with one WARNING a minute. Batches stay on the partition
+        that holds their state whatever the count (Tracker.route)."""
+        known = consumer.partitions_for_topic(self.kcfg.requests_topic) or ()
+        if not self._count_check.is_set() and len(known) <= self.tracker.partitions:
+            return True
+        try:
+            counts = await partition_counts(
+                self.kcfg,
+                [self.kcfg.requests_topic, self.kcfg.state_topic],
+                f"rightfoot-poller-admin-{self.instance}",
+            )
+        except (KafkaError, OSError) as exc:
+            self._count_problem("partition_count_unknown", error=repr(exc)[:300])
+            return False
+        requests, state = counts.get(self.kcfg.requests_topic), counts.get(self.kcfg.state_topic)
+        if not requests or requests != state:
+            self._count_problem(
+                "topic_partitions_differ",
+                requests_topic=self.kcfg.requests_topic,
+                requests_partitions=requests,
+                state_topic=self.kcfg.state_topic,
+                state_partitions=state,
+            )
+            return False
+        self._count_check.clear()
+        if requests != self.tracker.partitions:
+            log.warning(
+                "topic_partitions_changed",
+                was=self.tracker.partitions,
+                now=requests,
+                note="batches stay on the partition that holds their state; new ones hash "
+                "to the new count",
+            )
+            self.tracker.partitions = requests
+            self.view.set_partitions(requests)
+            # The consumer's own metadata may be minutes old: the group leader assigns the
+            # new partitions only once its metadata shows them (aiokafka rejoins then).
+            with contextlib.suppress(KafkaError):
+                await consumer._client.force_metadata_update()
+        return True
+
+    def _count_problem(self, event: str, **fields: Any) -> None:
+        held = self._count_problems.admit(event)
+        if held is None:
+            log.debug(event, **fields)
+        else:
+            log.warning(event, **fields, retry_in_s=5.0, suppressed=held)
 
     async def _auth_probe(self) -> None:
         """While the API key is rejected, try it again now and then (re-reading a key file)."""

@@ -304,6 +304,16 @@ async def ensure_topics(cfg: KafkaConfig, client_id: str) -> int:
         await admin.close()
 
 
+async def partition_counts(cfg: KafkaConfig, topics: list[str], client_id: str) -> dict[str, int]:
+    """Each topic's partition count as the cluster has it now (a topic missing: absent)."""
+    admin = AIOKafkaAdminClient(**client_args(cfg, client_id))
+    await admin.start()
+    try:
+        return await _partition_counts(admin, topics, timeout_s=0.0)
+    finally:
+        await admin.close()
+
+
 async def topic_configs(admin: AIOKafkaAdminClient, topic: str) -> dict[str, str]:
     """A topic's configuration as the broker describes it: name -> value."""
     described = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])

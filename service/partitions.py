@@ -21,7 +21,7 @@ from aiokafka.errors import KafkaError
 
 from service.config import Settings
 from service.errors import PartitionLost
-from service.kafka import PartitionPublisher
+from service.kafka import PartitionPublisher, canonical_partition
 from service.kafka_clients import client_args, make_producer, stop_client
 from service.metrics import Metrics
 from service.state import BatchState, StateRestore
@@ -162,6 +162,10 @@ class PartitionOwner:
             batches=len(batches),
             active=sum(1 for b in batches.values() if b.active),
             unreadable=len(unreadable),
+            # Batches placed before partitions were added: they stay here (Tracker.route).
+            elsewhere_by_hash=sum(
+                canonical_partition(b, self.tracker.partitions) != p for b in batches
+            ),
             took_s=round(time.monotonic() - started, 3),
         )
 

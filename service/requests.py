@@ -14,6 +14,14 @@ BATCH_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 # before it is parsed, so that nothing a request makes (its forward to its batch's
 # partition included) comes near the producer's 1 MiB limit.
 MAX_REQUEST_BYTES = 64 * 1024
+# The header of a request that a replica forwarded to its batch's partition: whoever owns
+# that partition takes it there, and never forwards it again.
+FORWARDED_HEADER = ("rightfoot-poller-forwarded", b"1")
+
+
+def is_forwarded(headers: object) -> bool:
+    """Whether a requests-topic message's headers (aiokafka's: pairs) mark it forwarded."""
+    return isinstance(headers, list | tuple) and FORWARDED_HEADER in headers
 
 
 class TrackingRequest(BaseModel):

@@ -43,7 +43,7 @@ from service.logs import Throttle
 from service.metrics import Metrics
 from service.policy import Policy, Poll
 from service.records import Page
-from service.requests import TrackingRequest, decode_request, reject_reason
+from service.requests import FORWARDED_HEADER, TrackingRequest, decode_request, reject_reason
 from service.schedule import DueQueue
 from service.state import BatchState
 from service.step import Step
@@ -99,6 +99,8 @@ class Tracker:
         )
         self.workers: dict[int, PartitionWorker] = {}
         self.partitions = settings.kafka.partitions
+        # The partition whose state holds a batch (StateView.home), None if none does.
+        self.home_of: Callable[[str], int | None] = lambda _batch_id: None
         self._epochs = itertools.count(1)
         self._by_epoch: dict[int, PartitionWorker] = {}
         self.due = DueQueue()
@@ -186,27 +188,50 @@ class Tracker:
                 log.warning("tracking_request_rejected", **fields, suppressed=held)
             return None
 
+    def route(self, w: PartitionWorker, batch_id: str) -> int:
+        """The partition a request for the batch belongs to: the one whose state holds the
+        batch (this one, or another as the state view knows it); for a batch no partition
+        holds, its ID's hash modulo the partition count (``canonical_partition``).
+
+        The two differ for batches placed before partitions were added to the topics:
+        routing by the hash alone would start such a batch again, from its first record,
+        on another partition, and a stop would not reach it."""
+        if batch_id in w.batches or batch_id in w.unreadable:
+            return w.partition
+        home = self.home_of(batch_id)
+        if home is not None and 0 <= home < self.partitions:
+            return home
+        return canonical_partition(batch_id, self.partitions)
+
     def handle_request(
-        self, w: PartitionWorker, req: TrackingRequest | None, offset: int
+        self,
+        w: PartitionWorker,
+        req: TrackingRequest | None,
+        offset: int,
+        *,
+        forwarded: bool = False,
     ) -> asyncio.Future[None]:
         """Apply one request of the partition (in order) and queue its unit of work;
-        ``req`` None (refused by ``read_request``) only moves the offset on.
+        ``req`` None (refused by ``read_request``) only moves the offset on. A request
+        that another partition ``forwarded`` here (``FORWARDED_HEADER``) is taken here.
 
         Its effect is applied at once, a stop included: nothing waits for a poll.
         """
         next_offset = offset + 1
         if req is None:
             return self._send(w, [], next_offset)
-        target = canonical_partition(req.batch_id, self.partitions)
+        target = w.partition if forwarded else self.route(w, req.batch_id)
         if target != w.partition:
             # Requests may come with any partitioner; each batch lives on one partition.
             # The request is forwarded as it was read, in its own encoding: not the message,
-            # whose whitespace and escapes have no bound of their own.
+            # whose whitespace and escapes have no bound of their own. It is marked, and
+            # taken where it lands: two replicas that disagree on a batch's partition (a
+            # view behind the other's) cannot send it back and forth.
             forward = OutMessage(
                 topic=self.settings.kafka.requests_topic,
                 key=req.batch_id.encode(),
                 value=req.encode(),
-                headers=[],
+                headers=[FORWARDED_HEADER],
                 partition=target,
             )
             self.metrics.requests_received.labels(req.action, "forwarded").inc()

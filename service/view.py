@@ -1,7 +1,9 @@
 """A read-only view of every tracked batch, from the state topic, for ``GET /v1/batches``.
 
 Any replica answers for all of them: the view follows every state partition
-(read_committed), not only the ones this replica owns.
+(read_committed), not only the ones this replica owns. It also knows each batch's
+partition (``home``): where a tracking request for it must go, which is not its ID's
+hash modulo the partition count once partitions were added to the topics.
 """
 
 from __future__ import annotations
@@ -43,12 +45,19 @@ class StateView:
         self.cfg = cfg
         self.client_id = client_id
         self.batches: dict[str, dict[str, Any]] = {}
+        # The state partition that holds each batch's summary (one int a batch).
+        self.homes: dict[str, int] = {}
         self.loaded = False
         self.partitions = cfg.partitions  # set to the topic's real count before run()
         self._consumer: AIOKafkaConsumer | None = None
+        self._again = asyncio.Event()  # set_partitions: read the topic again
 
     def get(self, batch_id: str) -> dict[str, Any] | None:
         return self.batches.get(batch_id)
+
+    def home(self, batch_id: str) -> int | None:
+        """The partition whose state holds the batch, None if no partition does."""
+        return self.homes.get(batch_id)
 
     def list(
         self,
@@ -71,11 +80,21 @@ class StateView:
             out.append(batch)
         return out, False
 
+    def set_partitions(self, partitions: int) -> None:
+        """Follow this many state partitions (partitions were added): the view reads them
+        all again from the start, and is not ``loaded`` until it has."""
+        if partitions != self.partitions:
+            self.partitions = partitions
+            self.loaded = False
+            self._again.set()
+
     async def run(self) -> None:
         delay = 1.0
         while True:
             try:
+                self._again.clear()
                 await self._follow()
+                await self.close()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -96,22 +115,27 @@ class StateView:
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)
-        while True:
+        while not self._again.is_set():
             chunk = await consumer.getmany(timeout_ms=1000, max_records=5000)
             for messages in chunk.values():
                 for msg in messages:
-                    self._apply(msg.key, msg.value)
+                    self._apply(msg.key, msg.value, msg.partition)
             if not self.loaded:
                 positions = [await consumer.position(tp) for tp in tps]
-                self.loaded = all(pos >= ends[tp] for pos, tp in zip(positions, tps, strict=True))
+                caught_up = all(pos >= ends[tp] for pos, tp in zip(positions, tps, strict=True))
+                self.loaded = caught_up and not self._again.is_set()
 
-    def _apply(self, key: bytes | None, value: bytes | None) -> None:
+    def _apply(self, key: bytes | None, value: bytes | None, partition: int) -> None:
         if key is None or CHUNK_SEPARATOR.encode() in key:
             return  # a batch's fingerprints: the view reads summaries only
         batch_id = key.decode(errors="replace")
         if value is None:
-            self.batches.pop(batch_id, None)
+            if self.homes.get(batch_id) == partition:
+                del self.homes[batch_id]
+                self.batches.pop(batch_id, None)
             return
+        # Its home even if the summary is not understood: the batch is there, unreadable.
+        self.homes[batch_id] = partition
         try:
             summary = StateSummary.model_validate_json(value)
         except ValidationError:

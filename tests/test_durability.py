@@ -1168,3 +1168,74 @@ async def test_sigkill_during_a_restore(
         if e.get("event") == "partition_restored" and e.get("partition") == big
     ]
     print(f"restores of partition {big} took {took} s")
+
+
+async def test_partitions_added_to_the_topics_leave_each_batch_where_its_state_is(
+    kafka: str,
+    topics: Topics,
+    sim_server: SimServer,
+    reader: TopicReader,
+    start_service: ServiceFactory,
+) -> None:
+    """Partitions added to the requests and state topics while batches are tracked: a
+    batch's ID now hashes to another partition than the one its state is on. A request for
+    it (a client tracking it again, a stop) must still reach it there: tracked again from
+    its new partition it would publish every record again, and a stop would miss it. The
+    replica that ran through the change takes the new count on at the next rebalance."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewPartitions
+
+    sim = sim_server.sim
+    topics.partitions = 2
+    moved: list[str] = []
+    while len(moved) < 3:
+        batch = str(uuid.uuid4())
+        if canonical_partition(batch, 2) != canonical_partition(batch, 5):
+            moved.append(batch)
+    again, stopped, left = moved
+    for n, batch in enumerate(moved):
+        spread = 60.0 if batch == stopped else 12.0  # so that it is stopped before its end
+        sim.generate_batch(batch, 400, spread_s=spread, seed=90 + n, order="submission")
+
+    first = await start_service(RFP_INSTANCE_ID="test-added-a")
+    for batch in moved:
+        await track(kafka, topics, batch, 400)
+
+    def published_some() -> bool:
+        return all(getattr(batch_in(first, b), "published", 0) >= 40 for b in moved)
+
+    await wait_for(published_some, 30, "records of each batch published")
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka)
+    await admin.start()
+    try:
+        await admin.create_partitions(
+            {t: NewPartitions(total_count=5) for t in (topics.requests, topics.state)}
+        )
+    finally:
+        await admin.close()
+
+    second = await start_service(RFP_INSTANCE_ID="test-added-b")  # a rebalance for both
+    assert second.tracker.partitions == 5
+
+    def first_took_it_on() -> bool:
+        return first.tracker.partitions == 5 and first.view.partitions == 5 and first.view.loaded
+
+    await wait_for(first_took_it_on, 30, "the first replica to take the new count on")
+    await track(kafka, topics, again, 400)  # lands on its hash's partition, which has no state
+    await stop_request(kafka, topics, stopped)
+    events = await wait_completed(reader, topics, [again, left], timeout=90)
+    assert events[stopped][-1] == "stopped", events[stopped]
+    for batch in moved:
+        assert events[batch].count("tracking_started") == 1, (batch, events[batch])
+    forwarded = sum(
+        sample(s, "rightfoot_poller_tracking_requests_total", action=a, result="forwarded")
+        for s in (first, second)
+        for a in ("track", "stop")
+    )
+    assert forwarded >= 2
+    balances = await reader.read_all(topics.balances)
+    published = {
+        validate_message("balance", m.key, m.value, m.headers)["event_id"] for m in balances
+    }
+    stopped_ids = {sim_event_id(stopped, r) for r in sim.all_records(stopped)} & published
+    assert len(stopped_ids) < 400
+    assert_exactly_once(balances, served_ids(sim, [again, left]) | stopped_ids)

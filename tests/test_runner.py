@@ -20,7 +20,12 @@ from service.events import BalanceEvents, EventFactory, OutMessage, Publishable
 from service.kafka import canonical_partition
 from service.metrics import Metrics
 from service.records import Page
-from service.requests import MAX_REQUEST_BYTES, TrackingRequest, decode_request
+from service.requests import (
+    FORWARDED_HEADER,
+    MAX_REQUEST_BYTES,
+    TrackingRequest,
+    decode_request,
+)
 from service.state import BatchState, StateRestore, decode_state
 from service.tracker import Tracker
 from service.worker import PartitionWorker
@@ -708,6 +713,36 @@ async def test_a_request_is_forwarded_to_its_partition_in_its_own_encoding() -> 
     expected = {"batch_id": batch_id, "expected_count": 7, "action": "track"}
     assert forward.value == req.encode() == json.dumps(expected, separators=(",", ":")).encode()
     assert decode_request(forward.value, forward.key) == req
+
+
+async def test_a_request_goes_where_the_state_holds_its_batch_and_a_forward_stays_put() -> None:
+    """Partitions added to the topics: a batch's hash names a partition its state is not
+    on. Its requests follow the state (this partition's, or the view's word for another);
+    a forwarded request is taken where it lands, so that two views cannot bounce it."""
+    tracker = runner_of(3)
+    homes: dict[str, int] = {}
+    tracker.home_of = homes.get
+    committer = HeldCommitter()
+    worker = PartitionWorker(partition=0, publisher=committer)
+    tracker.add_worker(worker)
+    names = (f"b-{n}" for n in range(1000))
+    here, there, new = (next(b for b in names if canonical_partition(b, 3) == 1) for _ in "abc")
+    worker.batches[here] = BatchState(batch_id=here, partition=0, status="stopped")
+    homes[there] = 2  # (the view may not show yet what this partition holds)
+
+    await tracker.handle_request(worker, TrackingRequest(batch_id=here, action="stop"), 0)
+    await tracker.handle_request(worker, TrackingRequest(batch_id=there), 1)
+    await tracker.handle_request(worker, TrackingRequest(batch_id=new), 2)
+    await tracker.handle_request(worker, TrackingRequest(batch_id=new), 3, forwarded=True)
+    assert [u[1] for u in committer.units] == [1, 2, 3, 4]
+    assert committer.units[0][0] == []  # already stopped here: nothing to forward
+    forwards = [m for unit, _ in committer.units[1:3] for m in unit]
+    assert [(m.key, m.partition) for m in forwards if isinstance(m, OutMessage)] == [
+        (there.encode(), 2),  # the view's partition
+        (new.encode(), 1),  # no state anywhere: its hash's
+    ]
+    assert all(FORWARDED_HEADER in m.headers for m in forwards if isinstance(m, OutMessage))
+    assert worker.batches[new].status == "tracking"  # the forwarded one, taken here
 
 
 async def test_a_request_too_large_is_refused_and_its_offset_committed() -> None:

@@ -18,6 +18,7 @@ import pytest
 from policy_harness import config, read_back
 
 from service import state as state_module
+from service.config import KafkaConfig
 from service.errors import ApiForbidden
 from service.policy import Policy
 from service.records import balance_event_id, fingerprint, legacy_fingerprint
@@ -33,6 +34,7 @@ from service.state import (
     ChunkLog,
     StateRestore,
     Status,
+    chunk_key,
     decode_chunk,
     decode_state,
     encode_chunk,
@@ -41,6 +43,7 @@ from service.state import (
     parse_key,
     state_records,
 )
+from service.view import StateView
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SEEN = {
@@ -677,3 +680,20 @@ def test_whatever_a_decoder_raises_is_a_batch_not_understood(
     [(batch_id, exc)] = errors
     assert batch_id == "odd" and isinstance(exc, ValueError) and exc.__cause__ is error
     assert str(exc) == f"not understood: {error!r}"
+
+
+def test_the_view_knows_each_batch_by_the_partition_of_its_summary() -> None:
+    """What requests are routed by (Tracker.route): the partition a batch's summary is on,
+    whatever its ID hashes to; a tombstone elsewhere (a copy of another layout, forgotten)
+    leaves it, one where it is forgets it; a summary not understood still places it."""
+    view = StateView(KafkaConfig(), "test")
+    summary = encode_state(BatchState(batch_id="a", partition=3))
+    view._apply(b"a", summary, 3)
+    view._apply(chunk_key("b", 0), b"F1", 1)  # fingerprints place nothing
+    view._apply(b"c", b"{not json", 4)
+    assert (view.home("a"), view.home("b"), view.home("c")) == (3, None, 4)
+    assert view.get("a") is not None and view.get("c") is None
+    view._apply(b"a", None, 0)
+    assert view.home("a") == 3 and view.get("a") is not None
+    view._apply(b"a", None, 3)
+    assert view.home("a") is None and view.get("a") is None
