@@ -96,7 +96,7 @@ async def read_view(bootstrap: str, topic: str) -> StateView:
         while await consumer.position(tp) < end:
             for messages in (await consumer.getmany(timeout_ms=1000, max_records=5000)).values():
                 for msg in messages:
-                    view._apply(msg.key, msg.value)
+                    view._apply(msg.key, msg.value, msg.partition)
     finally:
         await consumer.stop()
     return view
