@@ -31,9 +31,9 @@ typecheck: install
 unit: install
 	$(UV) run --frozen pytest -m "not kafka" -q
 
-# Everything: lint, types, then the whole suite: the tests against a real broker that their
-# session starts (scripts/kafka.sh on $(KAFKA_TEST_PORT)) and stops, and beside them, at
-# the same time, those that need none (scripts/test-suite.sh).
+# Everything: lint, types, then the whole suite in three sessions at once: those that need
+# no broker, and those against a real broker (scripts/kafka.sh on $(KAFKA_TEST_PORT),
+# started and stopped by scripts/test-suite.sh) in two halves.
 test: lint typecheck tools
 	scripts/test-suite.sh
 

@@ -50,6 +50,12 @@ def kafka_script(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The benchmark smoke tests last: they need Benthos, whose build scripts/test-suite.sh
+    starts at the same time as the tests (minutes on a fresh machine)."""
+    items.sort(key=lambda item: item.path.name == "test_bench_smoke.py")
+
+
 @pytest.fixture(scope="session")
 def kafka() -> Iterator[str]:
     """A running, ready broker; started (and later stopped) here if none was running."""

@@ -14,11 +14,13 @@ import json
 import os
 import random
 import signal
+import subprocess
 import time
 import uuid
 from array import array
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +28,14 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.partitioner import murmur2
 from conftest import (
+    ROOT,
     ServiceFactory,
     ServiceProcess,
     ServiceProcesses,
     SimServer,
     TopicReader,
     Topics,
-    kafka_script,
+    free_port,
     produce,
     service_env,
     sim_event_id,
@@ -180,13 +183,51 @@ async def test_sigkill_at_random_moments_loses_and_repeats_nothing(
         )
 
 
+@dataclass
+class OwnBroker:
+    """A broker of a test's own (free ports, data under the test's tmp_path): restarting it
+    disturbs no other test on the shared one."""
+
+    bootstrap: str
+    env: dict[str, str]
+
+    def sh(self, command: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(ROOT / "scripts" / "kafka.sh"), command],
+            env={**self.env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[OwnBroker]:
+    """Started here, stopped at teardown."""
+    plain = free_port()
+    env = {
+        **os.environ,
+        "KAFKA_PORT": str(plain),
+        "KAFKA_CONTROLLER_PORT": str(free_port()),
+        "KAFKA_DIR": str(tmp_path / "kafka"),
+    }
+    broker = OwnBroker(f"127.0.0.1:{plain}", env)
+    try:
+        started = broker.sh("start")
+        assert started.returncode == 0, started.stdout + started.stderr
+        yield broker
+    finally:
+        broker.sh("stop")
+
+
 async def test_broker_restart_mid_run(
-    kafka: str,
+    own_broker: OwnBroker,
     topics: Topics,
     sim_server: SimServer,
-    reader: TopicReader,
     service_processes: ServiceProcesses,
 ) -> None:
+    kafka = own_broker.bootstrap
     sim = sim_server.sim
     batches = [str(uuid.uuid4()) for _ in range(3)]
     for i, b in enumerate(batches):
@@ -198,11 +239,12 @@ async def test_broker_restart_mid_run(
     for b in batches:
         await track(kafka, topics, b, 500)
     await asyncio.sleep(5)
-    stopped = kafka_script("stop")
+    stopped = own_broker.sh("stop")
     assert stopped.returncode == 0, stopped.stderr
     await asyncio.sleep(3)
-    restarted = kafka_script("start", KAFKA_KEEP_DATA="1")
+    restarted = own_broker.sh("start", KAFKA_KEEP_DATA="1")
     assert restarted.returncode == 0, restarted.stdout + restarted.stderr
+    reader = TopicReader(kafka)
     await wait_completed(reader, topics, batches, timeout=150)
     balances = await reader.read_all(topics.balances)
     assert_exactly_once(balances, served_ids(sim, batches))
