@@ -168,8 +168,7 @@ class Policy:
         # may be tracked again, and they stay on the state topic (the commit of this step
         # saves what is not there yet), to be read back by its first poll if it is.
         updated.seen = SeenSet()
-        if status in RESUMABLE:
-            updated.seen_loaded = False
+        updated.seen_loaded = False
         return Step(updated, status, save=True, lifecycle=status)
 
     # ---- reconciliation and completion --------------------------------------------

@@ -83,6 +83,11 @@ EARLY_SEAL_LIMIT = 2**16
 # one a restart while the batch is stopped). A key past this is refused as not a state
 # key: forgetting its batch would tombstone every chunk number up to it in one commit.
 MAX_CHUNK_SEQ = 2**18 - 1  # 262,143
+# The chunk tombstones that the commit finishing a batch for good carries (its last chunks,
+# for a million records or so); the rest of a bigger batch's go in later commits, a bounded
+# number each (``Tracker.forget_finished``), from the highest chunk number down, so that
+# what is left on the topic is always chunks 0 to n.
+CLEAR_CHUNKS_AT_FINISH = 1024
 _MAX_SEQ_DIGITS = len(str(MAX_CHUNK_SEQ))
 _SEPARATOR = CHUNK_SEPARATOR.encode()
 # Strings that come from outside are bounded so that a summary always fits: a page token
@@ -187,6 +192,15 @@ class ChunkLog:
     def written(self) -> range:
         """The chunk numbers that may hold data on the topic."""
         return range(self.open_seq + (1 if self.open else 0))
+
+    def drop_top(self, n: int) -> range:
+        """Forget the last ``n`` chunks written (all of them if fewer), to be tombstoned:
+        those left are chunks 0 to ``open_seq - 1``, sealed. For a batch finished (nothing
+        unsaved)."""
+        written = self.written()
+        start = max(0, len(written) - max(0, n))
+        self.open_seq, self.open, self.writes = start, array("Q"), 0
+        return range(start, len(written))
 
     def seal(self) -> None:
         """Close the open chunk (once saved): the next fingerprints start a new one.
@@ -345,20 +359,28 @@ def state_records(state: BatchState) -> list[tuple[bytes, bytes | None]]:
     """Every state-topic record (key, value) that saves the batch as it stands now.
 
     The fingerprints not yet saved go into chunks; a batch finished for good
-    tombstones its chunks; one whose seen set was let go (stopped or failed) seals its
-    open chunk, so that memory keeps nothing of it. The summary comes last, so that with
-    ``at_least_once`` (no transaction) a summary is never ahead of its fingerprints.
+    tombstones its chunks (its last ``CLEAR_CHUNKS_AT_FINISH``: later commits take the
+    rest, see ``clear_records``); one whose seen set was let go (stopped or failed) seals
+    its open chunk, so that memory keeps nothing of it. The summary comes last, so that
+    with ``at_least_once`` (no transaction) a summary is never ahead of its fingerprints.
     """
     out: list[tuple[bytes, bytes | None]] = []
     if state.status in FINAL and state.status not in RESUMABLE:
-        out.extend((chunk_key(state.batch_id, n), None) for n in state.chunks.written())
-        state.chunks = ChunkLog()
+        state.chunks.unsaved = array("Q")  # never needed again
+        dropped = state.chunks.drop_top(CLEAR_CHUNKS_AT_FINISH)
+        out.extend((chunk_key(state.batch_id, n), None) for n in dropped)
     else:
         out.extend((chunk_key(state.batch_id, n), v) for n, v in state.chunks.flush())
         if not state.seen_loaded:
             state.chunks.seal()
     out.append((state.batch_id.encode(), encode_state(state)))
     return out
+
+
+def clear_records(state: BatchState, at_most: int) -> list[tuple[bytes, bytes | None]]:
+    """Tombstones of at most ``at_most`` of the chunks left on the topic by a batch
+    finished for good (those its finishing commit did not take), its last first."""
+    return [(chunk_key(state.batch_id, n), None) for n in state.chunks.drop_top(at_most)]
 
 
 def forget_records(state: BatchState) -> list[tuple[bytes, bytes | None]]:
@@ -466,8 +488,11 @@ class StateRestore:
                 if chunks:
                     self._last_chunk[batch_id] = max(chunks)
         elif batch_id in self._parked:
+            last = self._last_chunk.get(batch_id, -1)
             if value is not None:
-                self._last_chunk[batch_id] = max(seq, self._last_chunk.get(batch_id, -1))
+                self._last_chunk[batch_id] = max(seq, last)
+            elif seq <= last:  # cleared from the last chunk down: chunks 0 to seq - 1 left
+                self._last_chunk[batch_id] = seq - 1
         elif value is None:
             self._chunks.get(batch_id, {}).pop(seq, None)
         else:
@@ -485,7 +510,11 @@ class StateRestore:
                 # of versions 1 and 2 carries its fingerprints inline: those stay in memory
                 # until a commit puts them into chunks.)
                 wanted = state.active or state.status in RESUMABLE or self.only is not None
-                if wanted and batch_id in self._parked and not state.chunks.unsaved:
+                if state.status in FINAL and self.only is None and not state.active:
+                    # (Finished for good: its chunks left to clear, if any.)
+                    if not state.chunks.unsaved:
+                        _park(state, self._last_chunk.get(batch_id))
+                elif wanted and batch_id in self._parked and not state.chunks.unsaved:
                     _park(state, self._last_chunk.get(batch_id))
                 elif wanted:
                     _load_chunks(state, chunks)
@@ -510,10 +539,10 @@ def _not_understood(exc: Exception) -> ValueError:
 
 
 def _parked(summary: bytes) -> bool:
-    """Whether a summary record is of a batch stopped or failed (False if not understood,
-    however deeply nested or mistyped: ``batches`` reports it)."""
+    """Whether a summary record is of a batch finished, stopped or failed (False if not
+    understood, however deeply nested or mistyped: ``batches`` reports it)."""
     try:
-        return json.loads(summary).get("status") in RESUMABLE
+        return json.loads(summary).get("status") in FINAL
     except Exception:
         return False
 

@@ -45,7 +45,7 @@ from service.policy import Policy, Poll
 from service.records import Page
 from service.requests import FORWARDED_HEADER, TrackingRequest, decode_request, reject_reason
 from service.schedule import DueQueue
-from service.state import BatchState
+from service.state import FINAL, RESUMABLE, BatchState
 from service.step import Step
 from service.worker import PageSource, PartitionWorker, done, settled
 from service.writer import StepWriter
@@ -104,6 +104,8 @@ class Tracker:
         self._epochs = itertools.count(1)
         self._by_epoch: dict[int, PartitionWorker] = {}
         self.due = DueQueue()
+        # Set when a batch finished for good has chunks left on the topic (forget_loop).
+        self._clear_soon = asyncio.Event()
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(max_concurrent_polls)
         self.room = RecordBudget(settings.polling.max_records_in_flight, metrics.records_held)
@@ -146,6 +148,8 @@ class Tracker:
         for b in worker.batches.values():
             if b.active:
                 self._schedule(worker, b.batch_id, now + self.policy.first_due_in(b, wall))
+            elif b.status not in RESUMABLE and b.chunks.written():
+                self._clear_soon.set()  # restored while its chunks were being cleared
 
     async def remove_worker(self, partition: int, timeout: float) -> None:
         """Stop polling a partition's batches and close its committer (revocation, shutdown)."""
@@ -292,6 +296,8 @@ class Tracker:
         if step.finished:
             self.due.drop(b.batch_id)
         messages = self.writer.messages(step)
+        if step.finished and b.status not in RESUMABLE and b.chunks.written():
+            self._clear_soon.set()  # chunks left on the topic (a big batch finished for good)
         if not messages and next_offset is None:
             return done()
         fut = self._send(w, messages, next_offset)
@@ -317,7 +323,10 @@ class Tracker:
         """Forget the finished batches kept ``polling.finished_retention_s``: each owned
         partition's are dropped from memory and tombstoned in one commit (queued behind
         the partition's other commits, so a tracking request applied after this starts
-        a new batch, written after the tombstones). True if some are left for next time."""
+        a new batch, written after the tombstones). Before that, the chunks that a batch
+        finished for good left on the topic (more than its finishing commit took) are
+        tombstoned, at most ``MAX_FORGET_MESSAGES`` a commit, its last chunks first; it is
+        forgotten once none is left. True if some are left for next time."""
         now, more = self.wall(), False
         for w in list(self.workers.values()):
             if w.closed:
@@ -325,6 +334,15 @@ class Tracker:
             messages: list[Publishable] = []
             forgotten: Counter[str] = Counter()
             for b in list(w.batches.values()):
+                if b.status in FINAL and b.status not in RESUMABLE and b.chunks.written():
+                    room = MAX_FORGET_MESSAGES - len(messages)
+                    if room <= 0:
+                        more = True
+                        break
+                    messages.extend(self.writer.clear(b, room))
+                    if b.chunks.written():
+                        more = True
+                        continue
                 if not self.policy.forgettable(b, now):
                     continue
                 if len(messages) >= MAX_FORGET_MESSAGES:
@@ -359,7 +377,9 @@ class Tracker:
         every = min(600.0, self.settings.polling.finished_retention_s / 4)
         delay = every
         while True:
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._clear_soon.wait(), delay)
+            self._clear_soon.clear()
             delay = 1.0 if self.forget_finished() else every
 
     # ---- scheduling -------------------------------------------------------------------

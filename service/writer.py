@@ -15,7 +15,7 @@ from service.errors import ApiError, ApiNotFound, ApiUnauthorized
 from service.events import BalanceEvents, EventFactory, OutMessage, Publishable
 from service.logs import Throttle
 from service.metrics import Metrics
-from service.state import BatchState, forget_records, state_records
+from service.state import BatchState, clear_records, forget_records, state_records
 from service.step import Step
 
 log = structlog.get_logger(__name__)
@@ -145,6 +145,10 @@ class StepWriter:
     def state(self, b: BatchState) -> list[OutMessage]:
         """The state-topic messages that save ``b`` (its summary, and chunks as needed)."""
         return self._state_messages(b, state_records(b))
+
+    def clear(self, b: BatchState, at_most: int) -> list[OutMessage]:
+        """Tombstones of at most ``at_most`` chunks left by ``b``, finished for good."""
+        return self._state_messages(b, clear_records(b, at_most))
 
     def forget(self, b: BatchState) -> list[OutMessage]:
         """The state-topic tombstones that forget the finished batch ``b``."""

@@ -528,10 +528,14 @@ async def run_until(cond: Callable[[], bool], what: str) -> None:
     pytest.fail(f"never {what}")
 
 
-def forgetting(source: Vendors) -> tuple[Tracker, list[float], HeldCommitter, PartitionWorker]:
+def forgetting(
+    source: Vendors, **polling: float
+) -> tuple[Tracker, list[float], HeldCommitter, PartitionWorker]:
     """A runner with a retention of 100 s, its wall clock in the test's hands (``wall[0]``),
     and one partition."""
-    tracker = runner(source, interval_min_s=0.01, interval_max_s=0.01, finished_retention_s=100)
+    tracker = runner(
+        source, interval_min_s=0.01, interval_max_s=0.01, finished_retention_s=100, **polling
+    )
     wall = [1_000_000.0]
     tracker.wall = lambda: wall[0]
     committer = HeldCommitter()
@@ -647,6 +651,66 @@ async def test_a_batch_tracked_again_while_its_forgetting_commits_starts_anew_af
     assert after and after[0] in (BATCH.encode(), f"{BATCH}/fp/0".encode())
     back = restored(log)[BATCH]
     assert back.active and back.seen_loaded and back.generation == 1
+
+
+async def test_a_big_batch_that_completes_clears_its_chunks_in_bounded_commits_soon_after(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The completing commit tombstones CLEAR_CHUNKS_AT_FINISH chunks; the forget loop is
+    woken for the rest and takes MAX_FORGET_MESSAGES a commit, the last chunks first,
+    without waiting for its round; the batch itself is kept for the retention, then
+    forgotten, and a restore at every step finds what is left."""
+    monkeypatch.setattr("service.state.CHUNK_FPS", 16)
+    monkeypatch.setattr("service.state.CLEAR_CHUNKS_AT_FINISH", 2)
+    monkeypatch.setattr("service.tracker.MAX_FORGET_MESSAGES", 3)
+    source = Vendors({BATCH: Vendor([record(i) for i in range(60)], page_size=10)})
+    tracker, wall, committer, worker = forgetting(source, max_records_per_transaction=10)
+    tasks = [asyncio.create_task(tracker.run()), asyncio.create_task(tracker.forget_loop())]
+    try:
+        await started(tracker, worker, TrackingRequest(batch_id=BATCH, expected_count=60))
+        await run_until(lambda: worker.batches[BATCH].status == "completed", "completed")
+        chunks = {k for k, v in state_log(tracker, committer) if b"/fp/" in k and v}
+        assert len(chunks) >= 7
+        await run_until(lambda: not worker.batches[BATCH].chunks.written(), "all cleared")
+        assert BATCH in worker.batches  # kept for the retention
+        log = state_log(tracker, committer)
+        assert {k for k, v in log if b"/fp/" in k and v is None} == chunks
+        done = max(i for i, (k, v) in enumerate(log) if k == BATCH.encode() and v)
+        tombstones_by_commit = [
+            sum(1 for m in unit if isinstance(m, OutMessage) and m.value is None)
+            for unit, _ in committer.units
+        ]
+        assert max(tombstones_by_commit) <= 3
+        assert all(v is None for _, v in log[done + 1 :])  # after it, tombstones only
+        back = restored(log)[BATCH]
+        assert back.status == "completed" and not back.chunks.written()
+        wall[0] += 101.0
+        assert not tracker.forget_finished()
+        await settle()
+        assert BATCH not in worker.batches and BATCH not in restored(state_log(tracker, committer))
+    finally:
+        tracker.stop()
+        for task in tasks:
+            task.cancel()
+
+
+async def test_chunks_left_to_clear_at_a_restore_are_cleared_soon_after_it() -> None:
+    """A replica that restores a batch completed while its chunks were being cleared (the
+    previous owner stopped meanwhile) goes on clearing them without waiting for a round."""
+    tracker, _wall, committer, _ = forgetting(Vendors({}))
+    worker = PartitionWorker(partition=1, publisher=committer)
+    b = BatchState(batch_id="big", partition=1, status="completed", last_poll_at=1_000_000.0)
+    b.seen_loaded, b.chunks.open_seq = False, 4
+    worker.batches["big"] = b
+    loop = asyncio.create_task(tracker.forget_loop())
+    try:
+        tracker.add_worker(worker)
+        await run_until(lambda: not b.chunks.written(), "cleared")
+    finally:
+        loop.cancel()
+    log = state_log(tracker, committer)
+    assert log == [(f"big/fp/{n}".encode(), None) for n in range(4)]
+    assert "big" in worker.batches  # forgotten only after the retention
 
 
 async def test_a_round_of_forgetting_commits_a_bounded_number_of_tombstones(

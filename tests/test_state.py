@@ -23,6 +23,7 @@ from service.errors import ApiForbidden
 from service.policy import Policy
 from service.records import balance_event_id, fingerprint, legacy_fingerprint
 from service.requests import TrackingRequest
+from service.seen import SeenSet
 from service.state import (
     CHUNK_FPS,
     EARLY_SEAL_LIMIT,
@@ -35,6 +36,7 @@ from service.state import (
     StateRestore,
     Status,
     chunk_key,
+    clear_records,
     decode_chunk,
     decode_state,
     encode_chunk,
@@ -279,6 +281,41 @@ def test_finished_for_good_tombstones_its_chunks(status: Status) -> None:
     assert back.seen == set()
     assert (back.status, back.published, back.reason) == (status, 240, "done")
     assert not back.active
+
+
+def test_a_big_batch_finished_for_good_clears_its_chunks_a_bounded_number_a_commit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The commit that completes a batch tombstones its last CLEAR_CHUNKS_AT_FINISH chunks
+    only; each later commit (``clear_records``) takes a bounded number more, from the top,
+    and a restore at any point finds the batch completed, holding none of its chunks
+    while it reads them, and knowing which are left."""
+    monkeypatch.setattr(state_module, "CLEAR_CHUNKS_AT_FINISH", 3)
+    topic = Topic()
+    state = full_state()
+    state.remember(range(1, 9 * CHUNK_FPS))
+    topic.write(state)
+    assert list(state.chunks.written()) == list(range(10))  # 9 full, the last open
+    state.seen, state.seen_loaded = SeenSet(), False  # as the policy finishes it
+    state.status, state.reason = "completed", "done"
+    written = topic.write(state)
+    assert [parse_key(k)[1] for k, v in written if v is None] == [7, 8, 9]
+    left: list[int] = list(range(7))
+    assert list(state.chunks.written()) == left
+    while left:
+        restore = StateRestore(3)
+        for key, value in topic.log:
+            restore.apply(key, value)
+        assert not restore._chunks.get("b-1")  # once it reads "completed", none is held
+        back = restore.batches(lambda b, e: pytest.fail(f"{b}: {e}"))["b-1"]
+        assert back.status == "completed" and len(back.seen) == 0 and not back.active
+        assert list(back.chunks.written()) == left
+        cleared = clear_records(back, 3)
+        assert [parse_key(k) for k, _ in cleared] == [("b-1", n) for n in left[-3:]]
+        topic.log.extend(cleared)
+        left = left[:-3]
+    assert [k for k, _ in topic.compacted()] == [b"b-1"]  # only the summary
+    assert list(topic.restore()["b-1"].chunks.written()) == []
 
 
 def finish(state: BatchState, status: str) -> BatchState:
