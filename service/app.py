@@ -43,6 +43,7 @@ from service.runtime import memory_limit_bytes, memory_limit_files
 from service.tracker import Tracker
 from service.view import StateView
 from service.wire import frames_when_available
+from service.worker import PartitionWorker
 
 log = structlog.get_logger(__name__)
 
@@ -306,7 +307,6 @@ class PollerService:
                 log.warning("requests_consume_failed", error=repr(exc))
                 await asyncio.sleep(1.0)
                 continue
-            waits: list[asyncio.Future[None]] = []
             for tp, messages in batch.items():
                 worker = self.tracker.workers.get(tp.partition)
                 if worker is None or worker.closed:
@@ -315,14 +315,36 @@ class PollerService:
                         consumer.seek(tp, messages[0].offset)
                         consumer.pause(tp)
                     continue
+                waits: list[asyncio.Future[None]] = []
                 for msg in messages:
                     req = self.tracker.read_request(msg.key, msg.value, tp.partition, msg.offset)
                     forwarded = is_forwarded(msg.headers)
                     waits.append(
                         self.tracker.handle_request(worker, req, msg.offset, forwarded=forwarded)
                     )
-            if waits:
-                await asyncio.gather(*waits, return_exceptions=True)
+                self._hold_until_committed(consumer, tp, worker, waits)
+
+    def _hold_until_committed(
+        self,
+        consumer: AIOKafkaConsumer,
+        tp: TopicPartition,
+        worker: PartitionWorker,
+        waits: list[asyncio.Future[None]],
+    ) -> None:
+        """Read no more of a requests partition until these requests of it are committed,
+        while the other partitions go on: a partition whose commits are slow (its
+        leader's broker lost, say) holds up only its own requests."""
+        with contextlib.suppress(KafkaError, AssertionError):
+            consumer.pause(tp)
+
+        def resume(_: asyncio.Future[Any]) -> None:
+            # A partition released or reset meanwhile is resumed by its next restore.
+            if worker.closed or self.tracker.workers.get(tp.partition) is not worker:
+                return
+            with contextlib.suppress(KafkaError, AssertionError):
+                consumer.resume(tp)
+
+        asyncio.gather(*waits, return_exceptions=True).add_done_callback(resume)
 
     async def _partition_count(self, consumer: AIOKafkaConsumer) -> bool:
         """Whether requests may be taken: the tracker routes by the requests topic's

@@ -213,3 +213,41 @@ async def test_a_huge_malformed_record_is_dead_lettered_truncated_and_blocks_not
     value = validate_message("dlq", dlq[0].key, dlq[0].value, dlq[0].headers)
     assert value["raw_truncated"] is True and value["reason"] == "missing_authorizer_unique_id"
     assert len(value["raw"]) == 64 * 1024 and value["raw"].startswith('{"authorizer_unique_id":7')
+
+
+async def test_a_partition_whose_commits_hang_holds_up_only_its_own_requests(
+    kafka: str, topics: Topics, sim_server: SimServer, start_service: ServiceFactory
+) -> None:
+    """Requests of one partition wait for its commits (their order is the partition's);
+    a partition whose commits hang (its leader's broker lost, say) must not hold up the
+    requests of the others."""
+    from service.kafka import canonical_partition
+
+    topics.partitions = 2
+    service = await start_service()
+    held, other = (
+        next(b for b in (str(uuid.uuid4()) for _ in range(100)) if canonical_partition(b, 2) == p)
+        for p in (0, 1)
+    )
+    for b in (held, other):
+        sim_server.sim.generate_batch(b, 5)
+    worker = service.tracker.workers[0]
+    publish = worker.publisher.publish
+    gate, entered = asyncio.Event(), asyncio.Event()
+
+    async def hanging(messages: Any, request_offset: int | None = None) -> None:
+        entered.set()
+        await gate.wait()
+        await publish(messages, request_offset)
+
+    worker.publisher.publish = hanging  # type: ignore[method-assign]
+    await produce(kafka, topics.requests, held.encode(), json.dumps({"batch_id": held}).encode())
+    await asyncio.wait_for(entered.wait(), 20)
+    await produce(kafka, topics.requests, other.encode(), json.dumps({"batch_id": other}).encode())
+    workers = service.tracker.workers
+    await wait_for(lambda: other in workers[1].batches, 20, "the other partition's request")
+    await wait_for(lambda: workers[1].batches[other].published == 5, 20, "its records")
+    gate.set()
+    await wait_for(
+        lambda: getattr(workers[0].batches.get(held), "published", 0) == 5, 20, "the held one's"
+    )
