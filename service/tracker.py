@@ -148,8 +148,10 @@ class Tracker:
         for b in worker.batches.values():
             if b.active:
                 self._schedule(worker, b.batch_id, now + self.policy.first_due_in(b, wall))
-            elif b.status not in RESUMABLE and b.chunks.written():
-                self._clear_soon.set()  # restored while its chunks were being cleared
+            elif self.policy.forgettable(b, wall) or (
+                b.status not in RESUMABLE and b.chunks.written()
+            ):
+                self._clear_soon.set()  # due, or restored while its chunks were cleared
 
     async def remove_worker(self, partition: int, timeout: float) -> None:
         """Stop polling a partition's batches and close its committer (revocation, shutdown)."""
@@ -157,6 +159,8 @@ class Tracker:
         if worker is None:
             return
         worker.closed = True
+        if worker.deferred is not None:
+            worker.deferred.cancel()
         self._by_epoch.pop(worker.epoch, None)
         self.due.live_epochs.discard(worker.epoch)
         for batch_id in worker.batches:
@@ -219,8 +223,47 @@ class Tracker:
         ``req`` None (refused by ``read_request``) only moves the offset on. A request
         that another partition ``forwarded`` here (``FORWARDED_HEADER``) is taken here.
 
-        Its effect is applied at once, a stop included: nothing waits for a poll.
+        Its effect is applied at once, a stop included: nothing waits for a poll. Except
+        for a batch being forgotten (kept past ``polling.finished_retention_s``): its
+        chunks go a bounded number a commit, and until it is gone the request waits (a
+        new batch of its ID would write chunks of the same keys), and so do the
+        partition's later requests, in order.
         """
+        if self._waiting(w) or (req is not None and self._forgetting(w, req.batch_id)):
+            return self._defer(w, req, offset, forwarded)
+        return self._handle(w, req, offset, forwarded)
+
+    def _forgetting(self, w: PartitionWorker, batch_id: str) -> bool:
+        b = w.batches.get(batch_id)
+        return b is not None and self.policy.forgettable(b, self.wall())
+
+    @staticmethod
+    def _waiting(w: PartitionWorker) -> bool:
+        return w.deferred is not None and not w.deferred.done()
+
+    def _defer(
+        self, w: PartitionWorker, req: TrackingRequest | None, offset: int, forwarded: bool
+    ) -> asyncio.Future[None]:
+        before = w.deferred
+
+        async def later() -> None:
+            if before is not None:
+                with contextlib.suppress(Exception):
+                    await before
+            if req is not None:
+                while self._forgetting(w, req.batch_id) and not w.closed:
+                    self._clear_soon.set()
+                    await asyncio.sleep(0.2)
+            if w.closed:
+                raise asyncio.CancelledError  # read again by the partition's next owner
+            await self._handle(w, req, offset, forwarded)
+
+        w.deferred = asyncio.ensure_future(later())
+        return w.deferred
+
+    def _handle(
+        self, w: PartitionWorker, req: TrackingRequest | None, offset: int, forwarded: bool
+    ) -> asyncio.Future[None]:
         next_offset = offset + 1
         if req is None:
             return self._send(w, [], next_offset)
@@ -321,33 +364,41 @@ class Tracker:
 
     def forget_finished(self) -> bool:
         """Forget the finished batches kept ``polling.finished_retention_s``: each owned
-        partition's are dropped from memory and tombstoned in one commit (queued behind
-        the partition's other commits, so a tracking request applied after this starts
-        a new batch, written after the tombstones). Before that, the chunks that a batch
-        finished for good left on the topic (more than its finishing commit took) are
-        tombstoned, at most ``MAX_FORGET_MESSAGES`` a commit, its last chunks first; it is
-        forgotten once none is left. True if some are left for next time."""
+        partition's are dropped from memory and tombstoned, their chunks first and their
+        summary last, in one commit of at most about ``MAX_FORGET_MESSAGES`` tombstones
+        (queued behind the partition's other commits, so a tracking request applied after
+        this starts a new batch, written after the tombstones). A batch with more chunks
+        than that has them tombstoned over several rounds, its last chunks first, and is
+        dropped with the round that takes its last ones (a request for it waits till
+        then: ``handle_request``). A batch finished for good has the chunks that its
+        finishing commit left tombstoned the same way at once, and is forgotten once its
+        retention is over. A round waits for the previous round's commit. True if some
+        are left for next time."""
         now, more = self.wall(), False
         for w in list(self.workers.values()):
             if w.closed:
                 continue
+            if w.clearing is not None and not w.clearing.done():
+                more = True
+                continue
             messages: list[Publishable] = []
             forgotten: Counter[str] = Counter()
             for b in list(w.batches.values()):
-                if b.status in FINAL and b.status not in RESUMABLE and b.chunks.written():
-                    room = MAX_FORGET_MESSAGES - len(messages)
-                    if room <= 0:
-                        more = True
-                        break
-                    messages.extend(self.writer.clear(b, room))
-                    if b.chunks.written():
-                        more = True
-                        continue
-                if not self.policy.forgettable(b, now):
+                forget = self.policy.forgettable(b, now)
+                cleared_for_good = b.status in FINAL and b.status not in RESUMABLE
+                if not forget and not (cleared_for_good and b.chunks.written()):
                     continue
-                if len(messages) >= MAX_FORGET_MESSAGES:
+                room = MAX_FORGET_MESSAGES - len(messages)
+                if room <= 0:
                     more = True
                     break
+                if len(b.chunks.written()) >= room:  # (its summary goes with its last chunk)
+                    messages.extend(self.writer.clear(b, room))
+                    more = True
+                    continue
+                if not forget:  # finished for good: its chunks go now, it stays
+                    messages.extend(self.writer.clear(b, room))
+                    continue
                 del w.batches[b.batch_id]
                 self._load_attempts.pop(b.batch_id, None)  # a failed read, then a stop
                 messages.extend(self.writer.forget(b))
@@ -355,11 +406,12 @@ class Tracker:
             if not messages:
                 continue
             fut = self._send(w, messages, None)
+            w.clearing = fut
             fut.add_done_callback(functools.partial(self._forgot, w.partition, forgotten))
         return more
 
     def _forgot(self, partition: int, forgotten: Counter[str], fut: asyncio.Future[None]) -> None:
-        if fut.cancelled() or fut.exception() is not None:
+        if fut.cancelled() or fut.exception() is not None or not forgotten:
             return  # (a failed commit: the partition is restored, and they are forgotten again)
         for status, n in forgotten.items():
             self.metrics.batches_forgotten.labels(status).inc(n)

@@ -47,6 +47,12 @@ class PartitionWorker:
     polls: set[asyncio.Task[None]] = field(default_factory=set)
     epoch: int = 0
     closed: bool = False
+    # The last request held back until a batch being forgotten is gone (Tracker.
+    # handle_request): the partition's later requests wait for it, in order.
+    deferred: asyncio.Future[None] | None = None
+    # The commit of the last round of tombstones (Tracker.forget_finished): the next round
+    # waits for it, so that rounds never queue up ahead of their commits.
+    clearing: asyncio.Future[None] | None = None
 
 
 async def settled(commits: deque[asyncio.Future[None]]) -> None:

@@ -713,6 +713,66 @@ async def test_chunks_left_to_clear_at_a_restore_are_cleared_soon_after_it() -> 
     assert "big" in worker.batches  # forgotten only after the retention
 
 
+async def test_a_big_stopped_batch_is_forgotten_over_bounded_commits_and_requests_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stopped batch with more chunks than a commit takes is forgotten over several
+    rounds, its last chunks first and its summary with the last; it stays until then, and
+    a tracking request for it waits until it is gone (then starts it anew, after the
+    tombstones), and so does the partition's next request, in order; at every step a
+    restore of the log finds the batch stopped with the chunks left, never fewer."""
+    monkeypatch.setattr("service.state.CHUNK_FPS", 16)
+    monkeypatch.setattr("service.tracker.MAX_FORGET_MESSAGES", 3)
+    source = Vendors(
+        {b: Vendor([record(i, b) for i in range(60)], page_size=10) for b in (BATCH, "next")}
+    )
+    tracker, wall, committer, worker = forgetting(source, max_records_per_transaction=10)
+    scheduler = asyncio.create_task(tracker.run())
+    try:
+        await started(tracker, worker, TrackingRequest(batch_id=BATCH))
+        await run_until(lambda: worker.batches[BATCH].published == 60, "published")
+        await tracker.handle_request(worker, TrackingRequest(batch_id=BATCH, action="stop"), 1)
+        chunks = list(worker.batches[BATCH].chunks.written())
+        assert len(chunks) >= 7
+        wall[0] += 101.0
+        mark = len(committer.units)
+        assert tracker.forget_finished()  # more left
+        await settle()
+        assert BATCH in worker.batches
+        again = tracker.handle_request(worker, TrackingRequest(batch_id=BATCH), 2)
+        after = tracker.handle_request(worker, TrackingRequest(batch_id="next"), 3)
+        await settle()
+        assert not again.done() and not after.done() and "next" not in worker.batches
+        rounds = 1
+        while BATCH in worker.batches and worker.batches[BATCH].status == "stopped":
+            back = restored(state_log(tracker, committer))[BATCH]
+            left = list(worker.batches[BATCH].chunks.written())
+            assert back.status == "stopped" and list(back.chunks.written()) == left
+            tracker.forget_finished()
+            rounds += 1
+            await settle()
+        await asyncio.wait_for(asyncio.gather(again, after), 5)
+        assert rounds == -(-(len(chunks) + 1) // 3)  # 3 tombstones a commit, summary included
+    finally:
+        tracker.stop()
+        scheduler.cancel()
+    units = committer.units[mark:]
+    tombstone_units = [
+        u for u, _ in units if u and all(isinstance(m, OutMessage) and m.value is None for m in u)
+    ]
+    assert len(tombstone_units) == rounds and all(len(u) <= 3 for u in tombstone_units)
+    log = state_log(tracker, committer)
+    gone = log.index((BATCH.encode(), None))
+    assert {k for k, v in log[:gone] if v is None and b"/fp/" in k} >= {
+        f"{BATCH}/fp/{n}".encode() for n in chunks
+    }
+    offsets = [offset for _, offset in units if offset is not None]
+    assert offsets == sorted(offsets) and offsets[-2:] == [3, 4]  # in order, after it
+    fresh = worker.batches[BATCH]
+    assert fresh.active and fresh.generation == 1 and fresh.seen_loaded
+    assert "next" in worker.batches
+
+
 async def test_a_round_of_forgetting_commits_a_bounded_number_of_tombstones(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -791,7 +851,9 @@ async def test_a_request_goes_where_the_state_holds_its_batch_and_a_forward_stay
     tracker.add_worker(worker)
     names = (f"b-{n}" for n in range(1000))
     here, there, new = (next(b for b in names if canonical_partition(b, 3) == 1) for _ in "abc")
-    worker.batches[here] = BatchState(batch_id=here, partition=0, status="stopped")
+    worker.batches[here] = BatchState(
+        batch_id=here, partition=0, status="stopped", tracked_at=tracker.wall()
+    )
     homes[there] = 2  # (the view may not show yet what this partition holds)
 
     await tracker.handle_request(worker, TrackingRequest(batch_id=here, action="stop"), 0)
