@@ -25,7 +25,7 @@ from service.kafka import PartitionPublisher, canonical_partition
 from service.kafka_clients import client_args, make_producer, stop_client
 from service.metrics import Metrics
 from service.state import BatchState, StateRestore
-from service.tracker import Tracker, state_unreadable
+from service.tracker import Tracker, state_unreadable, unreadable_reason
 from service.worker import PartitionWorker
 
 log = structlog.get_logger(__name__)
@@ -360,7 +360,7 @@ class PartitionOwner:
 class _BadKeys:
     """The records of one restore of a state partition that have no key, or a key that is
     not a state key. Each is counted in ``invalid_input_total{source="state_topic"}``
-    with the reason ``tracker.state_unreadable`` gives it; the first is logged as an ERROR
+    with the reason ``tracker.unreadable_reason`` gives it; the first is logged as an ERROR
     ``state_unreadable``, the others at DEBUG, and at the end of the restore one ERROR
     ``state_keys_unreadable`` says how many there were. One cause, one line (and its sum):
     a partition holding thousands of them does not log thousands of ERRORs each time it is
@@ -375,7 +375,7 @@ class _BadKeys:
 
     def add(self, batch_id: str | None, exc: ValueError) -> None:
         """``_read_partition``'s ``on_error``: ``batch_id`` is None there."""
-        reason = "no_key" if str(exc) == "no key" else "invalid_state"
+        reason = unreadable_reason(batch_id, exc)
         self.metrics.invalid_input.labels("state_topic", reason).inc()
         self.count += 1
         error = str(exc)[:300]

@@ -247,6 +247,11 @@ class BatchState:
         return self.status == "tracking"
 
     @property
+    def chunks_to_clear(self) -> bool:
+        """Finished for good with chunks still on the topic (``CLEAR_CHUNKS_AT_FINISH``)."""
+        return self.status in FINAL and self.status not in RESUMABLE and bool(self.chunks.written())
+
+    @property
     def fingerprint(self) -> Callable[[str], int]:
         """How ``seen`` fingerprints an event id: the way of the version that stored it."""
         return legacy_fingerprint if self.seen_version == 1 else fingerprint
@@ -367,8 +372,7 @@ def state_records(state: BatchState) -> list[tuple[bytes, bytes | None]]:
     out: list[tuple[bytes, bytes | None]] = []
     if state.status in FINAL and state.status not in RESUMABLE:
         state.chunks.unsaved = array("Q")  # never needed again
-        dropped = state.chunks.drop_top(CLEAR_CHUNKS_AT_FINISH)
-        out.extend((chunk_key(state.batch_id, n), None) for n in dropped)
+        out.extend(clear_records(state, CLEAR_CHUNKS_AT_FINISH))
     else:
         out.extend((chunk_key(state.batch_id, n), v) for n, v in state.chunks.flush())
         if not state.seen_loaded:
@@ -510,7 +514,7 @@ class StateRestore:
                 # of versions 1 and 2 carries its fingerprints inline: those stay in memory
                 # until a commit puts them into chunks.)
                 wanted = state.active or state.status in RESUMABLE or self.only is not None
-                if state.status in FINAL and self.only is None and not state.active:
+                if state.status in FINAL and self.only is None:
                     # (Finished for good: its chunks left to clear, if any.)
                     if not state.chunks.unsaved:
                         _park(state, self._last_chunk.get(batch_id))

@@ -45,7 +45,7 @@ from service.policy import Policy, Poll
 from service.records import Page
 from service.requests import FORWARDED_HEADER, TrackingRequest, decode_request, reject_reason
 from service.schedule import DueQueue
-from service.state import FINAL, RESUMABLE, BatchState
+from service.state import BatchState
 from service.step import Step
 from service.worker import PageSource, PartitionWorker, done, settled
 from service.writer import StepWriter
@@ -60,15 +60,20 @@ MAX_COMMITS_IN_FLIGHT = 2
 MAX_FORGET_MESSAGES = 5000
 
 
-def state_unreadable(metrics: Metrics, batch_id: str | None, exc: ValueError) -> None:
-    """Count and log state-topic records that are not understood: a record without a key
-    or with a key that is not a state key (``batch_id`` None), or a batch's records."""
+def unreadable_reason(batch_id: str | None, exc: ValueError) -> str:
+    """The ``invalid_input_total{source="state_topic"}`` reason of a state-topic record
+    not understood: one without a key or with a key that is not a state key (``batch_id``
+    None), or a batch's records."""
     if batch_id is None and str(exc) == "no key":
-        reason = "no_key"
-    elif isinstance(exc, UnknownStateVersion):
-        reason = "unknown_version"
-    else:
-        reason = "invalid_state"
+        return "no_key"
+    if isinstance(exc, UnknownStateVersion):
+        return "unknown_version"
+    return "invalid_state"
+
+
+def state_unreadable(metrics: Metrics, batch_id: str | None, exc: ValueError) -> None:
+    """Count and log state-topic records that are not understood (``unreadable_reason``)."""
+    reason = unreadable_reason(batch_id, exc)
     metrics.invalid_input.labels("state_topic", reason).inc()
     log.error("state_unreadable", batch_id=batch_id, reason=reason, error=str(exc)[:300])
 
@@ -148,9 +153,7 @@ class Tracker:
         for b in worker.batches.values():
             if b.active:
                 self._schedule(worker, b.batch_id, now + self.policy.first_due_in(b, wall))
-            elif self.policy.forgettable(b, wall) or (
-                b.status not in RESUMABLE and b.chunks.written()
-            ):
+            elif self.policy.forgettable(b, wall) or b.chunks_to_clear:
                 self._clear_soon.set()  # due, or restored while its chunks were cleared
 
     async def remove_worker(self, partition: int, timeout: float) -> None:
@@ -339,7 +342,7 @@ class Tracker:
         if step.finished:
             self.due.drop(b.batch_id)
         messages = self.writer.messages(step)
-        if step.finished and b.status not in RESUMABLE and b.chunks.written():
+        if b.chunks_to_clear:
             self._clear_soon.set()  # chunks left on the topic (a big batch finished for good)
         if not messages and next_offset is None:
             return done()
@@ -385,8 +388,7 @@ class Tracker:
             forgotten: Counter[str] = Counter()
             for b in list(w.batches.values()):
                 forget = self.policy.forgettable(b, now)
-                cleared_for_good = b.status in FINAL and b.status not in RESUMABLE
-                if not forget and not (cleared_for_good and b.chunks.written()):
+                if not forget and not b.chunks_to_clear:
                     continue
                 room = MAX_FORGET_MESSAGES - len(messages)
                 if room <= 0:
