@@ -1281,3 +1281,69 @@ async def test_partitions_added_to_the_topics_leave_each_batch_where_its_state_i
     stopped_ids = {sim_event_id(stopped, r) for r in sim.all_records(stopped)} & published
     assert len(stopped_ids) < 400
     assert_exactly_once(balances, served_ids(sim, [again, left]) | stopped_ids)
+
+
+async def test_no_request_is_taken_before_the_state_view_is_read(
+    kafka: str,
+    topics: Topics,
+    sim_server: SimServer,
+    reader: TopicReader,
+    start_service: ServiceFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A replica starts after partitions were added, and a request for a batch placed
+    before waits on the partition its ID now hashes to. Only the state view tells that
+    the batch lives on another partition. Here the view takes 3 s to read and the
+    batch's own partition 6 s to restore: a request taken before the view is read would
+    be routed by the hash, to where it landed, and would start the batch over (a second
+    ``tracking_started``, every record published again)."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewPartitions
+
+    from service.partitions import PartitionOwner
+    from service.view import StateView
+
+    sim = sim_server.sim
+    topics.partitions = 2
+    while True:
+        batch = str(uuid.uuid4())
+        home = canonical_partition(batch, 2)
+        if home != canonical_partition(batch, 5):
+            break
+    sim.generate_batch(batch, 400, spread_s=20.0, seed=95, order="submission")
+    first = await start_service(RFP_INSTANCE_ID="test-unread-a")
+    await track(kafka, topics, batch, 400)
+    await wait_for(
+        lambda: getattr(batch_in(first, batch), "published", 0) >= 40, 30, "records published"
+    )
+    await first.stop()
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka)
+    await admin.start()
+    try:
+        await admin.create_partitions(
+            {t: NewPartitions(total_count=5) for t in (topics.requests, topics.state)}
+        )
+    finally:
+        await admin.close()
+    await track(kafka, topics, batch, 400)  # lands on its hash's partition, without state
+
+    follow, read_state = StateView._follow, PartitionOwner._read_state
+
+    async def slow_follow(view: StateView) -> None:
+        await asyncio.sleep(3.0)
+        await follow(view)
+
+    async def slow_read_state(
+        owner: PartitionOwner, p: int
+    ) -> tuple[dict[str, BatchState], dict[str, str]]:
+        if p == home:
+            await asyncio.sleep(6.0)
+        return await read_state(owner, p)
+
+    monkeypatch.setattr(StateView, "_follow", slow_follow)
+    monkeypatch.setattr(PartitionOwner, "_read_state", slow_read_state)
+    second = await start_service(RFP_INSTANCE_ID="test-unread-b")
+    assert second.tracker.partitions == 5
+    events = await wait_completed(reader, topics, [batch], timeout=90)
+    assert events[batch] == ["tracking_started", "completed"], events[batch]
+    balances = await reader.read_all(topics.balances)
+    assert_exactly_once(balances, served_ids(sim, [batch]))
