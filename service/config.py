@@ -6,10 +6,12 @@ password) come only from the environment or from mounted files, never from the Y
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import re
 import socket
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -394,13 +396,21 @@ SECRET_FILE_MAX_BYTES = 64 * 1024
 
 
 def read_secret_file(path: str | os.PathLike[str]) -> str:
-    """The text of a secret file, whitespace around it removed. At most
-    ``SECRET_FILE_MAX_BYTES`` + 1 bytes are read, so that a wrong path (a log, a disk
-    image, /dev/zero) is refused at once rather than read into memory.
+    """The text of a secret file, whitespace around it removed.
 
-    Raises OSError, UnicodeDecodeError (not UTF-8) or SecretFileTooLarge.
+    Only a regular file is read (a mounted Secret is one, through its symlinks): a pipe
+    would block the reader until someone writes to it (the event loop, for a rotated
+    secret read again) and a device need not end. It is opened without blocking, so that
+    even a pipe is refused at once. At most ``SECRET_FILE_MAX_BYTES`` + 1 bytes are read,
+    so that a wrong path (a log, a disk image) is refused rather than read into memory.
+
+    Raises OSError (``strerror`` says why), UnicodeDecodeError (not UTF-8) or
+    SecretFileTooLarge.
     """
-    with open(path, "rb") as file:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (a pipe, a device or a directory)")
         data = file.read(SECRET_FILE_MAX_BYTES + 1)
     if len(data) > SECRET_FILE_MAX_BYTES:
         raise SecretFileTooLarge(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import socket
 import time
@@ -325,18 +326,33 @@ def test_a_rotated_key_file_that_no_header_can_carry_keeps_the_key(
 
 
 @pytest.mark.timeout(10)
-@pytest.mark.parametrize("size", [64 * 1024 + 1, None])
-def test_a_rotated_key_file_over_64_kib_keeps_the_key(tmp_path: Path, size: int | None) -> None:
-    """``None``: /dev/zero, a file without end, is not read whole either."""
+@pytest.mark.parametrize(
+    ("content", "error"),
+    [
+        (b"k" * (64 * 1024 + 1), "the secret file is larger than 64 KiB"),
+        # /dev/zero would never end; a pipe nobody writes to would stop the event loop
+        ("/dev/zero", "not a regular file (a pipe, a device or a directory)"),
+        ("fifo", "not a regular file (a pipe, a device or a directory)"),
+    ],
+)
+def test_a_rotated_key_file_over_64_kib_or_not_a_file_keeps_the_key(
+    tmp_path: Path, content: bytes | str, error: str
+) -> None:
     key_file = tmp_path / "api-key"
-    key_file.write_bytes(b"k" * (size or 0))
-    api_key = ApiKey("good-key", key_file if size else Path("/dev/zero"))
+    if content == "fifo":
+        os.mkfifo(key_file)
+    elif isinstance(content, str):
+        key_file = Path(content)
+    else:
+        key_file.write_bytes(content)
+    api_key = ApiKey("good-key", key_file)
     with structlog.testing.capture_logs() as logs:
         api_key.refresh()
     assert api_key.get() == "good-key"
     assert [(e["event"], e["log_level"], e["error"]) for e in logs] == [
-        ("api_key_file_unreadable", "warning", "the secret file is larger than 64 KiB")
+        ("api_key_file_unreadable", "warning", error)
     ]
+    key_file = tmp_path / "api-key-2"
     key_file.write_bytes(b"k" * (64 * 1024))  # the largest accepted
     accepted = ApiKey("good-key", key_file)
     accepted.refresh()

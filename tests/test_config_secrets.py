@@ -83,10 +83,24 @@ def test_a_secret_file_over_64_kib_is_refused_in_one_line_naming_the_variable(
     assert refusal({var: str(secret), **extra}) == (f"{var}: the secret file is larger than 64 KiB")
 
 
+@pytest.fixture(params=["fifo", "device"])
+def not_a_file(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    """A path that is no regular file: a pipe nobody writes to (opening it to read would
+    wait for a writer, for ever) or /dev/zero (reading it would never end)."""
+    if request.param == "device":
+        return Path("/dev/zero")
+    fifo = tmp_path / "secret-fifo"
+    os.mkfifo(fifo)
+    return fifo
+
+
 @pytest.mark.timeout(10)
-def test_a_secret_file_without_end_is_refused_without_reading_it_whole() -> None:
-    assert refusal({"RFP_HTTP__ADMIN_TOKEN_FILE": "/dev/zero"}) == (
-        "RFP_HTTP__ADMIN_TOKEN_FILE: the secret file is larger than 64 KiB"
+@pytest.mark.parametrize(("var", "extra", "key"), SECRET_FILES)
+def test_a_secret_path_that_is_not_a_regular_file_is_refused_at_once(
+    not_a_file: Path, var: str, extra: dict[str, str], key: str
+) -> None:
+    assert refusal({var: str(not_a_file), **extra}) == (
+        f"{var}: cannot read the secret file: not a regular file (a pipe, a device or a directory)"
     )
 
 
@@ -103,6 +117,20 @@ def test_a_sasl_password_file_re_read_over_64_kib_keeps_the_password_of_the_star
     secret.write_bytes(b"k" * (64 * 1024 + 1))
     assert sasl_password(cfg) == SASL_PASSWORD
     clean_env.setenv("RFP_KAFKA__SASL_PASSWORD_FILE", "/dev/zero")
+    assert sasl_password(cfg) == SASL_PASSWORD
+
+
+@pytest.mark.timeout(10)
+def test_a_sasl_password_file_replaced_by_a_pipe_keeps_the_password_without_waiting(
+    tmp_path: Path, clean_env: pytest.MonkeyPatch, not_a_file: Path
+) -> None:
+    """Read again each time clients are made, in the event loop: a pipe there would stop
+    the whole service until someone wrote to it."""
+    secret = tmp_path / "password"
+    secret.write_text(SASL_PASSWORD + "\n", encoding="utf-8")
+    clean_env.setenv("RFP_KAFKA__SASL_PASSWORD_FILE", str(secret))
+    cfg = load_settings(None, env={**os.environ, **SASL}).kafka
+    clean_env.setenv("RFP_KAFKA__SASL_PASSWORD_FILE", str(not_a_file))
     assert sasl_password(cfg) == SASL_PASSWORD
 
 
