@@ -35,6 +35,7 @@ import argparse
 import asyncio
 import json
 import random
+import statistics
 import time
 import uuid
 from collections.abc import Sequence
@@ -46,6 +47,7 @@ from stopped_batches import measured, owner
 
 from service.config import KafkaConfig, Settings
 from service.events import OutMessage, Publishable
+from service.http_api import LIST_LIMIT
 from service.policy import Policy
 from service.state import BatchState, state_records
 from service.tracker import MAX_FORGET_MESSAGES, Tracker
@@ -100,6 +102,38 @@ async def read_view(bootstrap: str, topic: str) -> StateView:
     finally:
         await consumer.stop()
     return view
+
+
+def list_pages(view: StateView) -> dict[str, float]:
+    """GET /v1/batches over the view, walked to the end a page of LIST_LIMIT at a time:
+    the first page (which sorts the IDs), the median page after it, a page after one new
+    batch, and, in the same run, a sort of every ID: what each page cost when the view
+    sorted its batches for every page. Milliseconds."""
+
+    def page(after: str | None) -> tuple[float, str | None]:
+        started = time.perf_counter()
+        batches, more = view.list(after=after, limit=LIST_LIMIT)
+        took = (time.perf_counter() - started) * 1000
+        return took, batches[-1]["batch_id"] if more else None
+
+    first, after = page(None)
+    rest: list[float] = []
+    while after is not None:
+        took, after = page(after)
+        rest.append(took)
+    added = str(uuid.uuid4())
+    view.put(added, {"batch_id": added, "status": "tracking"})
+    after_add, _ = page(None)
+    view.remove(added)
+    started = time.perf_counter()
+    sorted(view.batches)
+    sort_all = (time.perf_counter() - started) * 1000
+    return {
+        "list_first_page_ms": round(first, 2),
+        "list_page_ms": round(statistics.median(rest), 3) if rest else 0.0,
+        "list_page_after_a_new_batch_ms": round(after_add, 3),
+        "list_sort_of_every_id_ms": round(sort_all, 2),
+    }
 
 
 class Collect:
@@ -161,6 +195,7 @@ async def main() -> None:
     assert all(b.status == "completed" for b in restored.values())
     view, view_s, _, view_kept = await measured(lambda: read_view(args.bootstrap, topic))
     assert len(view.batches) == args.batches
+    listing = list_pages(view)
 
     committer, rounds, forget_cpu = await forget(partitions.tracker, restored)
     tombstones: list[tuple[bytes, bytes | None]] = [
@@ -191,6 +226,7 @@ async def main() -> None:
         "view_s": round(view_s, 3),
         "view_heap_kept_mib": round(view_kept, 1),
         "view_bytes_per_batch": round(view_kept * per_batch),
+        **listing,
         "forget_cpu_s": round(forget_cpu, 3),
         "forget_rounds": rounds,
         "forget_commits": len(committer.units),
@@ -206,6 +242,12 @@ async def main() -> None:
         f"replica's view {view_kept:.1f} MiB ({figures['view_bytes_per_batch']} B a batch); "
         f"forgotten in {len(committer.units)} commits ({forget_cpu:.2f} CPU s); then restore "
         f"{after_s:.2f} s keeping {after_kept:.2f} MiB, view {view_after_kept:.2f} MiB"
+    )
+    print(
+        f"GET /v1/batches pages of {LIST_LIMIT}: the first {listing['list_first_page_ms']} ms, "
+        f"then {listing['list_page_ms']} ms each, {listing['list_page_after_a_new_batch_ms']} "
+        f"ms after a new batch; a sort of every ID (once each page before) "
+        f"{listing['list_sort_of_every_id_ms']} ms"
     )
     print(json.dumps(figures))
 

@@ -34,7 +34,7 @@ class Boundary:
         self.ready_detail: dict[str, Any] = {"kafka": True, "state_restored": True}
         self.view = StateView(KafkaConfig(), "test")  # its batches set by the tests
         self.batches = self.view.batches
-        self.batches["b-1"] = {"batch_id": "b-1", "status": "tracking", "records_published": 12}
+        self.view.put("b-1", {"batch_id": "b-1", "status": "tracking", "records_published": 12})
 
     async def submit(self, req: TrackingRequest) -> None:
         self.submitted.append(req)
@@ -323,10 +323,10 @@ async def test_the_list_filters_by_status_and_pages_by_batch_id(http: Http) -> N
     ``after`` of the next page: walked to the end, every batch of those statuses once, in
     batch-ID order; without ``limit`` a page holds at most LIST_LIMIT."""
     statuses = ("tracking", "completed", "stopped")
-    http.boundary.batches.clear()
+    http.boundary.view.remove("b-1")
     for n in range(2500):
         batch_id = f"b-{n:05d}"
-        http.boundary.batches[batch_id] = {"batch_id": batch_id, "status": statuses[n % 3]}
+        http.boundary.view.put(batch_id, {"batch_id": batch_id, "status": statuses[n % 3]})
     status, answer, _ = await http.call("GET", "/v1/batches")
     assert status == 200 and len(answer["batches"]) == LIST_LIMIT
     assert answer["next_after"] == f"b-{LIST_LIMIT - 1:05d}"

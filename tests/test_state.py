@@ -15,6 +15,8 @@ from array import array
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from policy_harness import config, read_back
 
 from service import state as state_module
@@ -734,3 +736,45 @@ def test_the_view_knows_each_batch_by_the_partition_of_its_summary() -> None:
     assert view.home("a") == 3 and view.get("a") is not None
     view._apply(b"a", None, 3)
     assert view.home("a") is None and view.get("a") is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["put", "remove", "list"]),
+            st.integers(0, 150),
+            st.integers(1, 40),
+        ),
+        max_size=400,
+    )
+)
+def test_the_view_lists_batches_in_id_order_through_any_adds_and_removals(
+    steps: list[tuple[str, int, int]],
+) -> None:
+    """The view keeps its batches' IDs sorted between pages of GET /v1/batches (a few
+    changes put in one by one, many sorted anew): whatever the changes and however
+    many between two pages, a page is the batches after ``after`` in ID order, as a sort
+    of every batch would give them."""
+    view = StateView(KafkaConfig(), "test")
+    model: dict[str, str] = {}
+    for action, n, limit in steps:
+        batch_id = f"b-{n * 7919 % 151:03d}"
+        if action == "put":
+            status = ("tracking", "completed")[limit % 2]
+            view.put(batch_id, {"batch_id": batch_id, "status": status})
+            model[batch_id] = status
+        elif action == "remove":
+            view.remove(batch_id)
+            model.pop(batch_id, None)
+        else:
+            page, more = view.list(after=batch_id if limit % 3 else None, limit=limit)
+            after = batch_id if limit % 3 else ""
+            expected = [b for b in sorted(model) if b > after]
+            assert [b["batch_id"] for b in page] == expected[:limit]
+            assert more == (len(expected) > limit)
+    listed, more = view.list(statuses=frozenset({"completed"}))
+    assert [b["batch_id"] for b in listed] == sorted(
+        b for b, status in model.items() if status == "completed"
+    )
+    assert not more
