@@ -482,7 +482,9 @@ async def test_a_batch_tracked_again_reads_its_fingerprints_back_before_any_page
         again = TrackingRequest(batch_id=BATCH, expected_count=40)
         await tracker.handle_request(worker, again, 2)
         for _ in range(500):
-            if worker.batches[BATCH].status == "completed":
+            # The batch's state is completed when its last step is queued; what that step
+            # publishes reaches the committer a turn of the event loop later.
+            if "completed" in committer.events():
                 break
             await asyncio.sleep(0.01)
     finally:
@@ -521,8 +523,12 @@ def restored(records: list[tuple[bytes, bytes | None]]) -> dict[str, BatchState]
 
 
 async def run_until(cond: Callable[[], bool], what: str) -> None:
+    """Until ``cond`` holds, then a few turns of the event loop: a batch's state changes
+    when its step is queued, and what the step publishes reaches the committer a turn
+    later."""
     for _ in range(500):
         if cond():
+            await settle()
             return
         await asyncio.sleep(0.01)
     pytest.fail(f"never {what}")
