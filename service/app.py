@@ -61,6 +61,10 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self.on_assigned()
 
 
+# The batch a key probe asks for when this replica tracks none.
+AUTH_PROBE_BATCH_ID = "00000000-0000-0000-0000-000000000000"
+
+
 class PollerService:
     def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
@@ -410,9 +414,9 @@ class PollerService:
             await asyncio.sleep(min(interval, 5.0) if not self.tracker.unauthorized else interval)
             if not self.tracker.unauthorized:
                 continue
-            batch_id = self.tracker.any_tracked_batch()
-            if batch_id is None:
-                continue
+            # With no batch left to poll here (stopped, or moved to another replica), a
+            # batch that cannot exist: the key is accepted if the answer is a 404.
+            batch_id = self.tracker.any_tracked_batch() or AUTH_PROBE_BATCH_ID
             self.client.api_key.refresh()
             try:
                 await self.client.fetch_page(batch_id, None, limit=1)
