@@ -9,6 +9,7 @@ hash modulo the partition count once partitions were added to the topics.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import itertools
 from bisect import bisect_left, bisect_right
 from typing import Any
@@ -108,7 +109,7 @@ class StateView:
         if len(self._changed) > RESORT_AFTER:
             self._sorted, self._changed = None, set()
 
-    def _sorted_ids(self) -> list[str]:
+    def _sorted_ids(self) -> builtins.list[str]:
         if self._sorted is None:
             self._sorted = sorted(self.batches)
         keys = self._sorted
