@@ -266,7 +266,8 @@ def _page_response(
     reported = batch.reported_total(total)
     kind = sim._take_malformed(batch.batch_id)
     if kind is None:
-        body = _page_json(batch.batch_id, reported, f"[{items}]", has_more, token)
+        omit_empty = batch.shape.has_more == "omit_empty"
+        body = _page_json(batch.batch_id, reported, f"[{items}]", has_more, token, omit_empty)
     else:
         log.debug("simulator malformed page", batch_id=batch.batch_id, kind=kind)
         body = _malformed_page(kind, batch.batch_id, reported, items, token)

@@ -30,7 +30,7 @@ ORDERS = ("completion", "submission")
 #: What a batch serves as ``total_processed`` (see :meth:`Simulator.add_batch`).
 TOTAL_PROCESSED_MODES = ("exact", "absent")
 #: When a page of a batch says ``has_more`` (see :meth:`Simulator.add_batch`).
-HAS_MORE_MODES = ("exact", "full_page", "absent")
+HAS_MORE_MODES = ("exact", "full_page", "absent", "omit_empty")
 #: :meth:`Simulator.generate_batch` makes bigger batches lazy unless told otherwise.
 LAZY_THRESHOLD = 100_000
 #: Positions of a lazy batch are 32-bit (``array("I")``).
@@ -204,7 +204,7 @@ class _Batch:
         an empty one.
         """
         size = self.shape.page_size or limit
-        full_page = self.shape.has_more == "full_page"
+        full_page = self.shape.has_more in ("full_page", "omit_empty")
         if self.finish is None:
             offset = cursor or 0
             end = min(offset + size, count)

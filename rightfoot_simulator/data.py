@@ -373,17 +373,23 @@ def _page_json(
     balances_json: str,
     has_more: bool | str | None,
     token: str | None,
+    omit_empty: bool = False,
 ) -> str:
-    """A page body; ``total`` None omits ``total_processed``, ``has_more`` None ``has_more``."""
-    text = f'{{"batch_id":{json.dumps(batch_id)},'
-    if total is not None:
-        text += f'"total_processed":{total},'
-    text += f'"balances":{balances_json}'
-    if has_more is not None:
-        text += f',"has_more":{json.dumps(has_more)}'
+    """A page body; ``total`` None omits ``total_processed``, ``has_more`` None ``has_more``.
+
+    ``omit_empty``: as protobuf's JSON writes a message, fields at their default value are
+    left out (``total_processed`` 0, an empty ``balances``, ``has_more`` false).
+    """
+    fields = [f'"batch_id":{json.dumps(batch_id)}']
+    if total is not None and not (omit_empty and total == 0):
+        fields.append(f'"total_processed":{total}')
+    if not (omit_empty and balances_json == "[]"):
+        fields.append(f'"balances":{balances_json}')
+    if has_more is not None and not (omit_empty and has_more is False):
+        fields.append(f'"has_more":{json.dumps(has_more)}')
     if token is not None:
-        text += f',"next_page_token":{json.dumps(token)}'
-    return text + "}"
+        fields.append(f'"next_page_token":{json.dumps(token)}')
+    return "{" + ",".join(fields) + "}"
 
 
 def export_status(code: int) -> str:

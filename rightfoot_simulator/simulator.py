@@ -176,7 +176,11 @@ class Simulator:
         whether records follow the page; ``"full_page"`` says so whenever the page is
         full, so a list that ends on a full page is followed by an empty one;
         ``"absent"`` leaves the field out (no field of the vendor's schema is required):
-        only ``next_page_token`` tells that a page follows.
+        only ``next_page_token`` tells that a page follows; ``"omit_empty"`` is
+        ``"full_page"`` written as protobuf's JSON writes a message, leaving out fields at
+        their default value: ``has_more`` false, an empty ``balances`` (the empty page
+        that ends a list is then ``{"batch_id": ...}`` and its count), a
+        ``total_processed`` of 0.
         ``token_ttl_s``: a page token is refused (400 INVALID_PAGE_TOKEN) once that many
         seconds have passed since it was issued; None: tokens do not expire.
         """

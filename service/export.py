@@ -22,8 +22,14 @@ download holds one of ``rightfoot.max_concurrent_requests`` slots while it runs.
 * Rows are counted as Python's ``csv.reader`` reads them (:class:`CsvRowCounter`):
   a quote opens a quoted field only at the start of a field, a newline (LF, CRLF
   or a bare CR) inside a quoted field does not end a row, and the header row is
-  not counted. A body that ends inside a quoted field is truncated, and treated
-  like a connection dropped mid-body.
+  not counted. A body is truncated, and treated like a connection dropped
+  mid-body, when it ends inside a quoted field, or when its last row has no line
+  ending and fewer fields than the header (a body cut between two fields or in the
+  middle of one, where the HTTP framing could not tell: a connection-close body, a
+  chunked body ended early, a compressed one). The vendor's page does not promise
+  a line ending after the last row, so a last row without one that has all the
+  header's fields is taken as complete: a cut inside the last field of the last
+  row cannot be told from the end of the export.
 
 The outputs (file or stdout) are in service/export_output.py, the progress line
 in service/export_progress.py.
@@ -146,6 +152,9 @@ _QUOTED_TEXT_NEWLINES = re.compile(rb'[^"]*(?:""[^"]*)*')
 # need no other look (any number of them, none at all included).
 _QUOTED_FIELDS = re.compile(rb'(?:"[^"\r\n]*+(?:""[^"\r\n]*+)*+"[,\r\n]++)*+')
 _BARE_CR = re.compile(rb"\r(?!\n)")  # at the end of the range too: counted exactly then
+# An unquoted field, or what follows a quoted field's closing quote: up to a separator.
+_UNQUOTED_TEXT = re.compile(rb"[^,\r\n]*")
+_COMMA = 0x2C
 
 
 #: The state after an unquoted stretch, by its last byte (any other: _IN_FIELD).
@@ -185,6 +194,52 @@ def _opening_quote(chunk: bytes, start: int) -> int:
     return quote
 
 
+def _scan_fields(
+    data: bytes, state: int, commas: int, header: int | None
+) -> tuple[int, int, int | None]:
+    """Field by field through ``data``, from ``state`` with ``commas`` separators already
+    in the open row: the state at its end, the separators of the row then open, and the
+    header's fields (``header``, or the fields of the first row that ends here if None;
+    an empty line has none, as csv.reader reads it).
+
+    A little Python per field: only what the open row needs is scanned this way
+    (:class:`CsvRowCounter` keeps the chunk where that row starts).
+    """
+    pos, n = 0, len(data)
+    while pos < n:
+        if state == _QUOTED:
+            end = _matched_end(_QUOTED_TEXT_NEWLINES, data, pos)
+            if end >= n - 1:  # inside the field, or at a quote that may be the first of ""
+                return (_QUOTED if end == n else _QUOTE_IN_QUOTED), commas, header
+            state, pos = _IN_FIELD, end + 1  # closed: what follows is unquoted
+            continue
+        byte = data[pos]
+        if state == _QUOTE_IN_QUOTED:
+            if byte == _QUOTE:  # the second quote of "" split across chunks
+                state, pos = _QUOTED, pos + 1
+                continue
+            state = _IN_FIELD
+        elif state == _AFTER_CR:
+            state = _RECORD_START
+            if byte == _LF:  # the LF of a CRLF
+                pos += 1
+                continue
+        if byte == _QUOTE and state in (_RECORD_START, _FIELD_START):
+            state, pos = _QUOTED, pos + 1
+            continue
+        end = _matched_end(_UNQUOTED_TEXT, data, pos)
+        if end == n:
+            return _IN_FIELD, commas, header
+        if data[end] == _COMMA:
+            commas, state = commas + 1, _FIELD_START
+        else:  # a row end
+            if header is None:
+                header = 0 if state == _RECORD_START and end == pos else commas + 1
+            commas, state = 0, (_AFTER_CR if data[end] == _CR else _RECORD_START)
+        pos = end + 1
+    return state, commas, header
+
+
 def _row_ends(data: bytes, start: int, end: int) -> int:
     """The row ends in ``data[start:end]`` as if nothing were quoted: LF, CRLF, bare CR."""
     lf = data.count(b"\n", start, end)
@@ -207,8 +262,9 @@ class CsvRowCounter:
       inside quotes they are part of the field;
     * a last row without a final newline counts.
 
-    A body that ends inside a quoted field is truncated: ``csv.reader`` with
-    ``strict=True`` refuses it ("unexpected end of data"), and :meth:`finish` raises.
+    :meth:`finish` raises (the body is truncated) when the body ends inside a quoted field
+    (``csv.reader`` with ``strict=True`` refuses it: "unexpected end of data"), or when its
+    last row has no line ending and fewer fields than the header (it was cut short).
 
     The bytes are scanned with ``bytes.count``/``find`` and regular expressions: a chunk
     costs a few passes in C plus a little Python per quoted field (and per quote inside an
@@ -218,11 +274,22 @@ class CsvRowCounter:
     of a row to wait for the next chunk, it refuses a field longer than
     ``csv.field_size_limit()`` (128 KiB unless changed for the whole process), and it builds
     every field, for no use here.
+
+    Fields are counted only where they matter, the header and the row open at the end:
+    the last chunk is kept (a reference, not a copy) with the state before it, and scanned
+    field by field (:func:`_scan_fields`) only when the row open at its end runs on through
+    the next chunk, or at :meth:`finish`. A chunk in which a row ends replaces it unscanned.
     """
 
     def __init__(self) -> None:
         self.records = 0  # row ends seen outside quotes (the header's included)
         self._state = _RECORD_START
+        # The chunk where the open row starts (or runs on) and what stood before it: the
+        # state, and the separators of the open row in the chunks before.
+        self._tail = b""
+        self._tail_state = _RECORD_START
+        self._tail_commas = 0
+        self._header_fields: int | None = None  # known once a scan saw the header end
 
     @property
     def in_quotes(self) -> bool:
@@ -233,6 +300,7 @@ class CsvRowCounter:
         n = len(chunk)
         if not n:
             return
+        before = self._state
         # Every row end in the chunk as if nothing were quoted, less those inside quoted
         # fields below (a CRLF never straddles a quote, so the parts add up).
         records = self.records + _row_ends(chunk, 0, n)
@@ -265,8 +333,34 @@ class CsvRowCounter:
                 break
             # Closed (the byte after the quote is not another one): outside quotes again.
             state, pos = _IN_FIELD, end + 1
+        row_ended = records > self.records
         self.records = records
         self._state = state
+        if not row_ended or self._header_fields is None:
+            self._scan_tail()  # the open row (or the header) runs on through this chunk
+        self._tail, self._tail_state = chunk, before
+
+    def _scan_tail(self) -> None:
+        state, commas, header = _scan_fields(
+            self._tail, self._tail_state, self._tail_commas, self._header_fields
+        )
+        self._tail, self._tail_state, self._tail_commas = b"", state, commas
+        self._header_fields = header
+
+    def open_row_fields(self) -> int:
+        """The fields of the row open at the end of what was fed (0 if none is open), as
+        csv.reader reads them: the separators outside quotes, plus one."""
+        if self._state in (_RECORD_START, _AFTER_CR):
+            return 0
+        self._scan_tail()
+        return self._tail_commas + 1
+
+    @property
+    def header_fields(self) -> int | None:
+        """The header's fields, once its line has ended (None before)."""
+        if self._header_fields is None and self.records:
+            self._scan_tail()
+        return self._header_fields
 
     @property
     def rows(self) -> int:
@@ -276,15 +370,23 @@ class CsvRowCounter:
     def finish(self) -> int:
         """Data rows of the whole body, counting a last row without a final newline.
 
-        Raises ApiTransportError if the body ends inside a quoted field (truncated).
+        Raises ApiTransportError (code ``truncated``) if the body ends inside a quoted
+        field, or if its last row has no line ending and fewer fields than the header.
         """
         if self._state == _QUOTED:
             raise ApiTransportError(
                 "the export ended inside a quoted field: the body is truncated",
                 code="truncated",
             )
-        open_row = self._state not in (_RECORD_START, _AFTER_CR)
-        return max(0, self.records + open_row - 1)
+        fields = self.open_row_fields()
+        header = self.header_fields
+        if fields and header is not None and fields < header:
+            raise ApiTransportError(
+                f"the export's last row has {fields} of the header's {header} fields and "
+                "no line ending: the body is truncated",
+                code="truncated",
+            )
+        return max(0, self.records + (fields > 0) - 1)
 
 
 # --------------------------------------------------------------------------- download

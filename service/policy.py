@@ -53,9 +53,12 @@ MAX_DOUBLINGS = 20
 class _FullRead:
     """A read of a whole batch from its first page, within one poll."""
 
-    sweep: bool  # started because the API's count was ahead of the records seen
+    sweep: bool  # started at the end of the pages after the cursor (Policy.sweep_due)
     seen_before: int  # records seen when it began
     pages: int = 0
+    # A sweep for records a count shows missing ends once the records seen reach it; one
+    # before the batch may complete for idleness (None) reads the whole batch.
+    until: int | None = None
 
 
 class Policy:
@@ -182,21 +185,31 @@ class Policy:
         )
 
     def sweep_due(self, b: BatchState, pending: Pending, total: int | None, now: float) -> bool:
-        """Whether a poll that reached the end should read the batch again from page 1."""
-        if total is not None:
-            if total <= seen_with(b, pending):
-                return False  # nothing missing by the count (a smaller count: see README)
-            return b.next_sweep_at is None or now >= b.next_sweep_at
-        # No count: only a full read can tell what was listed behind the cursor. One runs
-        # every sweep_interval_s, and one more before the batch completes for idleness.
-        if b.last_sweep_at is None or now - b.last_sweep_at >= self.cfg.sweep_interval_s:
+        """Whether a poll that reached the end should read the batch again from page 1.
+
+        When the batch is idle and would complete: it completes for idleness only on a read
+        of the whole batch in the same poll (``completion``), which is what finds a record
+        listed behind the cursor that no count shows missing (a count may be low, or
+        absent). When a count says records are missing (the API's ``total_processed`` or
+        the client's ``expected_count``: either may be the one that is right), as often as
+        the backoff of fruitless reads allows. Without a count, also every
+        ``sweep_interval_s``.
+        """
+        seen = seen_with(b, pending)
+        if self.idle(b, pending, now) and self._may_complete(b, seen, total):
             return True
-        # (A full read that found new records proves nothing about what came after it.)
-        return (
-            self.idle(b, pending, now)
-            and b.last_new_at is not None
-            and b.last_sweep_at <= b.last_new_at
+        if any(c > seen for c in (total, b.expected_count) if c is not None):
+            return b.next_sweep_at is None or now >= b.next_sweep_at
+        return total is None and (
+            b.last_sweep_at is None or now - b.last_sweep_at >= self.cfg.sweep_interval_s
         )
+
+    @staticmethod
+    def _may_complete(b: BatchState, seen: int, total: int | None) -> bool:
+        """Whether ``completion`` would let the batch complete for idleness."""
+        if b.expected_count is not None:
+            return seen >= b.expected_count
+        return total is None or seen >= total
 
     def after_read(
         self,
@@ -213,15 +226,12 @@ class Policy:
         seen = seen_with(b, pending)
         found = seen - full.seen_before
         behind = 0 if total is None else total - seen
+        short = max([0, *(c - seen for c in (total, b.expected_count) if c is not None)])
         # A poll that began at the first page (a batch of one page, a new batch) is a full
         # read too; it stands for a sweep only when one was due.
-        if (
-            not full.sweep
-            and behind <= 0
-            and (total is not None or not self.sweep_due(b, pending, None, now))
-        ):
+        if not full.sweep and short <= 0 and not self.sweep_due(b, pending, total, now):
             return updates, None
-        fruitless = behind > 0 and found == 0
+        fruitless = short > 0 and found == 0
         failures = b.sweep_failures + 1 if fruitless else 0
         retry_in = self.backoff(failures, self.cfg.sweep_backoff_max_s) if fruitless else None
         updates.update(
@@ -236,41 +246,48 @@ class Policy:
         return updates, report
 
     def completion(
-        self, b: BatchState, pending: Pending, updates: dict[str, object], now: float
+        self,
+        b: BatchState,
+        pending: Pending,
+        updates: dict[str, object],
+        now: float,
+        read_all: bool,
     ) -> tuple[str, str] | None:
-        """Whether the batch is finished, after a poll that read to the end.
+        """Whether the batch is finished, after a poll that read to the end (``read_all``:
+        it read the whole batch, from its first page to its last).
 
         With ``expected_count``: once that many records were seen and the API counts no
         more; if it counts more (the expected count may be short), once it has them all
         too, or once no new record came for ``polling.complete_after_idle_s`` (the count
         may be wrong), the reason then saying how many it counts. Without it: once no
         new record came for ``polling.complete_after_idle_s`` and nothing is missing by
-        the API's count; when the API gives no count, once a full read of the batch
-        after the last new record found nothing more.
+        the API's count, if it gives one. Completion for idleness takes a read of the
+        whole batch in the same poll that finds nothing new: a record listed behind the
+        cursor is found by no other read, and no count can be relied on to show it (the
+        API's may be low or absent; the records seen may count a changed record twice).
         """
         seen = seen_with(b, pending)
         total = cast(int | None, updates.get("total_processed", b.total_processed))
+        idle = read_all and self.idle(b, pending, now)
         if b.expected_count is not None:
             if seen >= b.expected_count:
                 if total is None or seen >= total:
                     return "completed", expected_reason(seen, b.expected_count, total)
-                if self.idle(b, pending, now):
+                if idle:
                     return "completed", (
                         f"{expected_reason(seen, b.expected_count, total)}, "
                         f"{total - seen} never listed within polling.complete_after_idle_s"
                     )
-        elif self.idle(b, pending, now):
-            last_full = cast(float | None, updates.get("last_sweep_at", b.last_sweep_at))
-            if total is not None and seen >= total:
-                return "completed", (
-                    f"no new records for polling.complete_after_idle_s; {seen} records seen, "
-                    f"the API counts {total}"
-                )
-            if total is None and last_full is not None and last_full > cast(float, b.last_new_at):
-                return "completed", (
-                    "no new records for polling.complete_after_idle_s, nor in a full read of "
-                    "the batch (the API gives no count)"
-                )
+        elif idle and total is not None and seen >= total:
+            return "completed", (
+                f"no new records for polling.complete_after_idle_s, nor in a read of the whole "
+                f"batch; {seen} records seen, the API counts {total}"
+            )
+        elif idle and total is None:
+            return "completed", (
+                "no new records for polling.complete_after_idle_s, nor in a read of the whole "
+                "batch (the API gives no count)"
+            )
         if now - b.tracked_at >= self.cfg.max_age_s:
             return "expired", expired_reason(b, seen, total)
         return None
@@ -396,7 +413,8 @@ class Poll:
             updates, sweep = self.policy.after_read(
                 b, self.pending, page.total_processed, self.full, now
             )
-            outcome = self.policy.completion(b, self.pending, updates, now)
+            read_all = self.full is not None and not page.has_more
+            outcome = self.policy.completion(b, self.pending, updates, now, read_all)
         step = self._commit(b, outcome, updates, now)
         step.sweep = sweep
         if last and step.lifecycle is None:
@@ -483,10 +501,14 @@ class Poll:
             full.pages += 1
         if not sweeping:
             self.cursor = used if last else self.token
-        elif total is not None and seen_with(b, self.pending) >= total:
-            return True  # the sweep found every record the count says exists
+        elif (
+            full is not None and full.until is not None and seen_with(b, self.pending) >= full.until
+        ):
+            return True  # the sweep found every record the counts say exist
         if last and full is None and self.policy.sweep_due(b, self.pending, total, now):
-            self.full = _FullRead(True, seen_with(b, self.pending))
+            seen = seen_with(b, self.pending)
+            counts = [c for c in (total, b.expected_count) if c is not None and c > seen]
+            self.full = _FullRead(True, seen, until=max(counts) if counts else None)
             self.token = None
             self._loop_watch(None)
             return False

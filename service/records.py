@@ -177,7 +177,9 @@ class _Envelope(BaseModel):
 
     batch_id: StrictStr | None = None
     total_processed: StrictInt | None = Field(default=None, ge=0)
-    balances: list[Any]
+    # No field of the schema is required: a serializer that leaves out empty lists (as
+    # protobuf's JSON does) sends an empty page without it. See _parse_page_general.
+    balances: list[Any] | None = None
     has_more: StrictBool | None = None
     next_page_token: StrictStr | None = Field(default=None, max_length=MAX_PAGE_TOKEN_CHARS)
 
@@ -551,6 +553,13 @@ def _parse_page_general(batch_id: str, body: bytes, content_ids: bool = True) ->
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
         raise ApiMalformedResponse(f"response {where}: {err['msg']}", status=200) from None
+    if env.balances is None and (env.batch_id is None or "error" in data):
+        # An error body answered with 200, or an object that says nothing of the batch: an
+        # empty page is taken only from a page that names its batch.
+        raise ApiMalformedResponse(
+            "response has no balances and is not a page of the batch (no batch_id, or an error)",
+            status=200,
+        )
     more = env.more
     if more and not env.next_page_token:
         raise ApiMalformedResponse("has_more is true but next_page_token is missing", status=200)
@@ -560,7 +569,7 @@ def _parse_page_general(batch_id: str, body: bytes, content_ids: bool = True) ->
         has_more=more,
         next_page_token=env.next_page_token if more else None,
     )
-    for item in env.balances:
+    for item in env.balances or ():
         parsed = parse_record(batch_id, item, content_ids=content_ids)
         if isinstance(parsed, BalanceRecord):
             page.records.append(parsed)

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import csv
 import errno
+import gzip
 import importlib.util
 import io
 import os
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -703,6 +705,23 @@ CSV_BODY = (
 ).encode()
 
 
+# Cut in the middle of a row, outside any quotes: "...,Bank ""1000"", N.A.",,12345,1000.25"
+CUT_MID_ROW = CSV_BODY.index(b",SUCCESS,", len(CSV_BODY) // 2)
+
+
+def _gzip_cut_mid_row(body: bytes) -> bytes:
+    """The gzip of ``body`` cut off where what it decompresses to ends in the middle of a
+    row, outside quotes, a few rows short of the end (a gzip stream ended early gives no
+    error: only the CSV can tell)."""
+    packed = gzip.compress(body)
+    for cut in range(len(packed) // 2, len(packed)):
+        prefix = zlib.decompressobj(wbits=31).decompress(packed[:cut])
+        last = prefix[prefix.rfind(b"\n") + 1 :]
+        if len(prefix) > len(body) // 2 and last.count(b'"') % 2 == 0 and last.count(b",") > 5:
+            return packed[:cut]
+    raise AssertionError("no cut found")
+
+
 @dataclass
 class RawServer:
     """An HTTP/1.1 server written by hand, to break responses in ways aiohttp won't."""
@@ -750,6 +769,20 @@ class RawServer:
         if kind == "drop-inside-quotes":  # no length, no chunks: only the CSV can tell
             cut = body.index(b'"Bank ""1000""') + 8
             return head + csv_type + b"\r\n" + body[:cut]
+        # The body ends in the middle of a row, outside quotes, and the HTTP framing cannot
+        # tell: no length and no chunks, a length that matches, a chunked body ended with its
+        # last chunk, a gzip stream cut off. Only the row's fields can.
+        short = body[:CUT_MID_ROW]
+        if kind == "cut-mid-row":
+            return head + csv_type + b"\r\n" + short
+        if kind == "cut-mid-row-length":
+            return head + csv_type + b"Content-Length: %d\r\n\r\n" % len(short) + short
+        if kind == "cut-mid-row-chunked":
+            chunks = b"%x\r\n%s\r\n0\r\n\r\n" % (len(short), short)
+            return head + csv_type + b"Transfer-Encoding: chunked\r\n\r\n" + chunks
+        if kind == "cut-mid-row-gzip":
+            gzip_type = b"Content-Encoding: gzip\r\n"
+            return head + csv_type + gzip_type + b"\r\n" + _gzip_cut_mid_row(body)
         if kind == "json":
             return head + b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
         raise AssertionError(kind)
@@ -770,7 +803,8 @@ async def raw_server() -> AsyncIterator[Callable[..., Awaitable[RawServer]]]:
         await server.close()
 
 
-DROPS = ["drop-content-length", "drop-chunked", "drop-inside-quotes"]
+CUTS_MID_ROW = ["cut-mid-row", "cut-mid-row-length", "cut-mid-row-chunked", "cut-mid-row-gzip"]
+DROPS = ["drop-content-length", "drop-chunked", "drop-inside-quotes", *CUTS_MID_ROW]
 
 
 @pytest.mark.parametrize("drop", DROPS)
@@ -834,6 +868,47 @@ async def test_a_quote_inside_an_unquoted_field_is_no_truncation(
     assert (tmp_path / "x.csv").read_bytes() == server.body
     assert result.rows == 2001
     assert listing(tmp_path) == ["x.csv"]
+
+
+async def test_a_row_cut_short_is_named_in_the_error_and_counted(
+    raw_server: Callable[..., Awaitable[RawServer]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    server = await raw_server("cut-mid-row-chunked")
+    settings = make_settings(server.url, RFP_RIGHTFOOT__MAX_ATTEMPTS="2")
+    client = make_client(settings)
+    await client.start()
+    try:
+        with pytest.raises(ApiTransportError) as info:
+            await export_csv(client, [BATCH], tmp_path / "x.csv")
+    finally:
+        await client.close()
+    assert info.value.code == "truncated"
+    assert str(info.value) == (
+        "truncated: the export's last row has 6 of the header's 9 fields and no line ending: "
+        "the body is truncated (gave up after 2 attempts)"
+    )
+    assert client.metrics.api_requests.labels("export", "truncated")._value.get() == 2
+    assert listing(tmp_path) == []
+
+
+@pytest.mark.parametrize("fields", [9, 10])
+async def test_a_last_row_without_line_ending_but_all_its_fields_is_complete(
+    raw_server: Callable[..., Awaitable[RawServer]], tmp_path: Path, fields: int
+) -> None:
+    """The vendor's page does not promise a line ending after the last row."""
+    server = await raw_server("full")
+    server.body = CSV_BODY.removesuffix(b"\r\n") + b",extra" * (fields - 9)
+    client = make_client(make_settings(server.url))
+    await client.start()
+    try:
+        result = await export_csv(client, [BATCH], tmp_path / "x.csv")
+    finally:
+        await client.close()
+    assert server.connections == 1
+    assert (tmp_path / "x.csv").read_bytes() == server.body
+    assert result.rows == 2000
 
 
 async def test_a_body_that_is_not_csv_fails_without_retry(

@@ -3,9 +3,11 @@ as Python's ``csv`` module reads them or the export fails with a typed, counted 
 never anything else.
 
 * ``CsvRowCounter`` against ``csv.reader`` (default dialect, ``strict=False``) on the
-  whole body, for any bytes cut into any chunks: the same rows, and ``truncated`` exactly
-  when the body ends inside a quoted field (where ``strict=True`` would say "unexpected
-  end of data"); on any CSV that ``csv.writer`` can produce too;
+  whole body, for any bytes cut into any chunks: the same rows, the same fields in the
+  header and in a last row without a line ending, and ``truncated`` exactly when the body
+  ends inside a quoted field (where ``strict=True`` would say "unexpected end of data")
+  or its last row has no line ending and fewer fields than the header; on any CSV that
+  ``csv.writer`` can produce too;
 * examples of what a quote-parity count got wrong or what chunking could break;
 * the whole download (``download_export``) against a server streaming arbitrary bytes
   with an arbitrary Content-Type: the file holds exactly what was sent, or nothing is
@@ -91,6 +93,26 @@ def csv_reads(body: bytes) -> tuple[int, bool]:
     return max(0, len(records) - 1), inside_quotes
 
 
+def fields_read(body: bytes) -> tuple[int | None, int]:
+    """The header's fields as ``csv.reader`` reads them (None while its line has not
+    ended), and the fields of a last row without a line ending (0 if the body ends with
+    one; an empty line has no fields)."""
+    records = list(csv.reader(io.StringIO(body.decode("utf-8", "surrogateescape"), newline="")))
+    open_row = bool(body) and body[-1:] not in (b"\r", b"\n")
+    header = len(records[0]) if records and (len(records) > 1 or not open_row) else None
+    return header, (len(records[-1]) if open_row else 0)
+
+
+def cut_short(body: bytes) -> bool:
+    """Whether the body's last row has no line ending and fewer fields than the header."""
+    header, last = fields_read(body)
+    return header is not None and 0 < last < header
+
+
+def truncated_body(body: bytes) -> bool:
+    return csv_reads(body)[1] or cut_short(body)
+
+
 def counted(chunks: list[bytes]) -> tuple[int, bool]:
     """What ``CsvRowCounter`` makes of the chunks: rows (0 if truncated) and truncated."""
     counter = CsvRowCounter()
@@ -100,12 +122,12 @@ def counted(chunks: list[bytes]) -> tuple[int, bool]:
         return counter.finish(), False
     except ApiTransportError as exc:
         assert exc.code == "truncated"
-        assert counter.in_quotes
+        assert counter.in_quotes or 0 < counter.open_row_fields() < (counter.header_fields or 0)
         return 0, True
 
 
 def expected(body: bytes) -> tuple[int, bool]:
-    rows, truncated = csv_reads(body)
+    rows, truncated = csv_reads(body)[0], truncated_body(body)
     return (0 if truncated else rows), truncated
 
 
@@ -128,8 +150,11 @@ def test_any_bytes_any_chunking_counted_as_csv_reader_reads_them(
         counter.feed(chunk)  # never raises
         assert counter.rows >= previous  # progress never goes backwards
         previous = counter.rows
-    rows, truncated = csv_reads(body)
-    assert counter.in_quotes == truncated
+    rows, inside_quotes = csv_reads(body)
+    assert counter.in_quotes == inside_quotes
+    if not inside_quotes:
+        assert (counter.header_fields, counter.open_row_fields()) == fields_read(body)
+    truncated = truncated_body(body)
     if truncated:
         with pytest.raises(ApiTransportError) as caught:
             counter.finish()
@@ -225,6 +250,15 @@ def test_a_body_cut_inside_a_quoted_field_is_truncated(
         pytest.param(b'h\r\n1,"', 0, True, id="ends-after-opening-quote"),
         pytest.param(b'h\r\n1,"a"', 1, False, id="ends-after-closing-quote"),
         pytest.param(b"", 0, False, id="empty"),
+        # A last row without a line ending and fewer fields than the header was cut short;
+        # with all of them (or more) it is complete, whatever its last field holds.
+        pytest.param(b"h1,h2,h3\r\n1,2,3\r\n4,5", 0, True, id="last-row-short"),
+        pytest.param(b'h1,h2,h3\r\n1,"a,b"', 0, True, id="last-row-short-quoted-comma"),
+        pytest.param(b'h1,h2,h3\r\n1,"a""b"\r\n2,"x"', 0, True, id="short-after-quote"),
+        pytest.param(b"h1,h2\r\n1,2\r\n3,", 2, False, id="last-field-empty"),
+        pytest.param(b"h1,h2\r\n1,2,3", 1, False, id="last-row-longer"),
+        pytest.param(b"h1,h2,h3", 0, False, id="header-only-no-line-ending"),
+        pytest.param(b"\r\n1", 1, False, id="empty-header-line"),
     ],
 )
 def test_examples_whatever_the_chunking(body: bytes, rows: int, truncated: bool) -> None:
@@ -354,14 +388,14 @@ async def test_download_of_any_body_is_exact_or_a_typed_counted_error(
             assert streamed.requests == 1 and code == {"malformed": 1}
         else:
             assert isinstance(exc, ApiTransportError) and exc.code == "truncated"
-            assert csv_reads(body)[1]  # the body ends inside a quoted field
+            assert truncated_body(body)  # ends inside a quoted field, or its last row short
             assert streamed.requests == 2 and code == {"truncated": 2}
         assert KEY not in str(exc)
     else:
         assert content_type.startswith("text/csv")
         assert target.read_bytes() == body
         assert result.bytes == len(body)
-        assert not csv_reads(body)[1]
+        assert not truncated_body(body)
         assert result.rows == csv_reads(body)[0]
         assert _counted(metrics) == {"200": 1}
     finally:

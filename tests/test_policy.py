@@ -563,3 +563,56 @@ def test_a_finished_batch_is_forgettable_once_kept_for_the_retention() -> None:
     never_polled = BatchState(batch_id=BATCH, partition=0, status="failed", tracked_at=50.0)
     assert not policy.forgettable(never_polled, 149.0)
     assert policy.forgettable(never_polled, 150.0)
+
+
+# ---- completion for idleness takes a read of the whole batch in the same poll ----------
+
+
+def listed_behind_the_cursor_after(
+    d: Driver, position: int, *, step_s: float, until_s: float
+) -> bool:
+    """Polls every ``step_s`` until ``until_s``, then lists a record at ``position`` (behind
+    the cursor, which is at the end), and polls until the batch finishes: whether the
+    record was published."""
+    while d.now < until_s:
+        d.now += step_s
+        d.poll()
+    late = record(999)
+    d.vendor.insert(position, late)
+    while d.state is not None and d.state.active:
+        d.now += step_s
+        d.poll()
+    return late.authorizer_unique_id in d.authorizers
+
+
+@pytest.mark.parametrize("expected", [None, 5])
+def test_a_count_one_short_does_not_hide_a_record_listed_behind_the_cursor(
+    expected: int | None,
+) -> None:
+    """The API counts one record fewer than it lists. A record then listed behind the
+    cursor brings the count level with the records seen: by the count nothing is missing.
+    Without an expected count the batch completed without it; with one (which it is short
+    of) no sweep ever ran and the batch expired, the record listed on page 1 all along."""
+    d = Driver(
+        make(complete_after_idle_s=900.0, max_age_s=86400.0),
+        Vendor([record(i) for i in range(1, 5)], unlisted=-1),
+    )
+    d.track(expected_count=expected)
+    d.poll()
+    assert listed_behind_the_cursor_after(d, 0, step_s=1000.0, until_s=0.0)
+    assert d.state is not None and d.state.status == "completed", d.state
+
+
+def test_without_a_count_the_read_that_completes_a_batch_is_made_in_that_poll() -> None:
+    """No count: the batch was read whole every sweep_interval_s, and completed for
+    idleness on the last of those reads, up to sweep_interval_s old. A record listed
+    behind the cursor after that read was never published."""
+    d = Driver(
+        make(complete_after_idle_s=900.0, sweep_interval_s=400.0),
+        Vendor([record(i) for i in range(1, 5)], counts=False),
+    )
+    d.track()
+    d.poll()
+    assert listed_behind_the_cursor_after(d, 0, step_s=50.0, until_s=850.0)
+    assert d.state is not None and d.state.status == "completed"
+    assert d.state.reason is not None and "nor in a read of the whole batch" in d.state.reason

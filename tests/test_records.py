@@ -501,3 +501,40 @@ def test_authorizer_fingerprint_is_stable_and_never_an_event_fingerprint() -> No
 def test_legacy_fingerprint_is_version_1s() -> None:
     # What state version 1 stored; batches restored from it go on with it.
     assert legacy_fingerprint("00000000-0000-5000-8000-000000000000") == 3997677677201542975
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"batch_id": "b1", "total_processed": 3, "has_more": False},
+        {"batch_id": "b1"},  # protobuf's JSON of an empty last page: defaults left out
+        {"batch_id": "b1", "balances": None},
+    ],
+)
+def test_a_page_without_balances_that_names_its_batch_is_an_empty_page(
+    body: dict[str, Any],
+) -> None:
+    """No field of the vendor's schema is required, and a serializer that leaves out empty
+    lists sends the empty page that ends a list without ``balances``: refused as malformed,
+    every poll failed on it and the batch never completed."""
+    page = parse_page("b1", json.dumps(body).encode())
+    assert (page.records, page.invalid, page.has_more) == ([], [], False)
+    assert page.total_processed == body.get("total_processed")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"total_processed": 3},
+        {"status": "error", "error": {"code": "INTERNAL", "message": "try again"}},
+        {"batch_id": "b1", "status": "error", "error": {"code": "INTERNAL"}},
+    ],
+)
+def test_a_body_without_balances_that_is_no_page_of_the_batch_is_refused(
+    body: dict[str, Any],
+) -> None:
+    """An error body answered with 200, or an object that says nothing of the batch, is
+    not taken as an empty page (which could complete the batch)."""
+    with pytest.raises(ApiMalformedResponse, match="no balances"):
+        parse_page("b1", json.dumps(body).encode())
