@@ -115,6 +115,7 @@ class PartitionOwner:
             workers = list(self.tracker.workers)
             await asyncio.gather(*(self.tracker.remove_worker(p, timeout) for p in workers))
             self.restored.clear()
+            self.metrics.owned_partitions.set(0)
 
     async def _restore(self, p: int) -> None:
         if self._stopping.is_set():
@@ -307,6 +308,7 @@ class PartitionOwner:
             except Exception:  # its polls and commits are dropped all the same
                 log.exception("partition_release_failed", partition=p)
             self.restored.discard(p)
+            self.metrics.owned_partitions.set(len(self.restored))
             consumer = self._consumer()
             if consumer is not None:
                 with contextlib.suppress(KafkaError, AssertionError):

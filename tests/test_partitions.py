@@ -266,3 +266,39 @@ async def test_a_batch_read_back_whole_tells_corrupt_records_from_a_failed_read(
     with pytest.raises(RuntimeError, match="reading state partition 0") as info:
         await o.load_batch(0, "b-1")
     assert not isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("fenced", [True, False])
+async def test_a_partition_dropped_for_a_reset_is_no_longer_counted_as_owned(
+    state_topic: type[StateConsumer], monkeypatch: pytest.MonkeyPatch, fenced: bool
+) -> None:
+    """``owned_partitions`` while a partition is being restored again after a failed
+    commit (Kafka unreachable: the restore fails too), or after another replica fenced
+    it: the dashboard showed it owned all along."""
+    monkeypatch.setattr(partitions, "RESET_RETRY_MIN_S", 0.01)
+    o = owner()
+
+    def owned() -> float | None:
+        return o.metrics.registry.get_sample_value("rightfoot_poller_owned_partitions")
+
+    try:
+        await o.acquire([0])
+        assert owned() == 1 and o.owned == [0]
+        state_topic.down = True
+        o._schedule_reset(0, fenced=fenced)
+        for _ in range(100):
+            if not o.owned:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # a few failed rounds of the restore, unless fenced
+        assert o.owned == [] and owned() == 0
+        state_topic.down = False
+        if not fenced:
+            for _ in range(300):
+                if o.owned:
+                    break
+                await asyncio.sleep(0.01)
+            assert o.owned == [0] and owned() == 1
+    finally:
+        await o.release_all(1.0)
+    assert owned() == 0
