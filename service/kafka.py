@@ -372,8 +372,13 @@ class PartitionPublisher:
 
         state = [m for m in messages if is_state(m)]
         events = [m for m in messages if not is_state(m)]
-        await self._send_all(events)
-        await self._send_all(state)
-        if commit_to:
-            await self._commit_offsets(commit_to)
+        try:
+            await self._send_all(events)
+            await self._send_all(state)
+            if commit_to:
+                await self._commit_offsets(commit_to)
+        except BaseException:
+            # A failed round, as an aborted transaction is: its work is done again.
+            self.metrics.transactions.labels("abort").inc()
+            raise
         self.metrics.transactions.labels("commit").inc()
