@@ -312,6 +312,10 @@ def _invalid(batch_id: str, item: Any, reason: str, detail: str) -> InvalidRecor
     event_id = str(uuid.uuid5(EVENT_NAMESPACE, f"{batch_id}\x1finvalid\x1f{raw}"))
     truncated = len(raw) > MAX_RAW_CHARS
     uid = item.get("authorizer_unique_id") if isinstance(item, dict) else None
+    if type(uid) is int:
+        # An ID sent as a JSON number is refused, but names the authorizer all the same: a
+        # changed version of the record is not a new record (records are counted by it).
+        uid = str(uid)
     usable = isinstance(uid, str) and 0 < len(uid) <= MAX_ID_CHARS and _is_utf8(uid)
     return InvalidRecord(
         reason=reason,

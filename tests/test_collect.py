@@ -122,3 +122,28 @@ def test_a_dead_letter_is_a_record_and_its_correction_is_not_a_new_one() -> None
     assert (pending.relisted, pending.new_records) == (2, 0)
     _commit(state, pending)
     assert state.records_seen == 3
+
+
+def test_a_dead_letter_whose_authorizer_id_is_a_number_is_counted_by_it() -> None:
+    """An authorizer ID sent as a JSON number (the schema's string, as digits, the vendor's
+    own example) is refused, but names the authorizer: the record listed again with new
+    content is a new dead letter and no new record. Counted as a new record each time, it
+    would stand in for a record still behind the cursor."""
+    state = BatchState(batch_id=BATCH, partition=0)
+    first = {"authorizer_unique_id": 1286672, "timestamp": "2024-08-09T18:10:44Z"}
+    changed = {**first, "balance": 10, "balance_status_code": 0}
+    pending = Pending()
+    collect(state, [], [_dead_letter(first)], pending)
+    _commit(state, pending)
+    pending = Pending()
+    collect(state, [], [_dead_letter(changed)], pending)
+    assert len(pending.invalid) == 1 and (pending.relisted, pending.new_records) == (1, 0)
+    _commit(state, pending)
+    # ... and so is the valid record that finally comes with the ID as a string
+    pending = Pending()
+    valid = parse_record(BATCH, {**changed, "authorizer_unique_id": "1286672"})
+    assert isinstance(valid, BalanceRecord)
+    collect(state, [valid], [], pending)
+    assert (pending.relisted, pending.new_records) == (1, 0)
+    _commit(state, pending)
+    assert state.records_seen == 1
