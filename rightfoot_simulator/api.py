@@ -186,6 +186,8 @@ async def _balances(request: web.Request) -> web.Response:
     token = request.query.get("nextPageToken")
     offset = None if token is None else _token_offset(sim, batch, token)
     if token is not None and offset is None:
+        if sim.faults.reject_token_with_404:
+            return _error(404, "NOT_FOUND", "The page token was not found.")
         return _error(400, "INVALID_PAGE_TOKEN", "The page token is invalid or has expired.")
     sequence = sim._next_page_sequence(batch_id)
     if sim.on_page_request is not None:

@@ -59,6 +59,10 @@ class Faults:
     malformed_next: int = 0
     #: The next N requests that carry a ``nextPageToken`` answer 400 INVALID_PAGE_TOKEN.
     reject_token_next: int = 0
+    #: A rejected or expired page token is answered 404 NOT_FOUND, as a vendor that looks
+    #: the page up and finds none might, instead of 400 INVALID_PAGE_TOKEN (the pages
+    #: document only the batch's 404).
+    reject_token_with_404: bool = False
     #: The next N answers that would be a 200 page say ``has_more: true`` and hand back,
     #: as ``next_page_token``, the token they were asked with (for the first page, one
     #: token naming it, the same each time): a client that follows it reads the same

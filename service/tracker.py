@@ -29,6 +29,7 @@ from service.config import Settings
 from service.errors import (
     ApiBadRequest,
     ApiError,
+    ApiNotFound,
     ApiUnauthorized,
     PageTokenLoop,
     PageTokenRejected,
@@ -667,12 +668,14 @@ class Tracker:
                 return await self.source.fetch_page(
                     poll.batch_id, poll.token, stop=lambda: w.closed, content_ids=poll.content_ids
                 )
-            except ApiBadRequest as exc:
+            except (ApiBadRequest, ApiNotFound) as exc:
                 b = w.batches.get(poll.batch_id)
                 if poll.token is None or b is None:
                     raise
-                # The page token is no longer valid: read again from the first page;
-                # what was published is recognised by its fingerprint and skipped.
+                # The page token is no longer valid (400; or 404, which the pages document
+                # only for the batch: a vendor may say so of a page it no longer has): read
+                # again from the first page, whose 404 would be the batch's own. What was
+                # published is recognised by its fingerprint and skipped.
                 self.metrics.invalid_input.labels("api", "page_token_rejected").inc()
                 held = self._token_rejections.admit("page_token_rejected")
                 fields = {"batch_id": poll.batch_id, "restarts": poll.restarts}

@@ -370,7 +370,9 @@ async def test_a_correction_does_not_stand_in_for_a_record_behind_the_cursor(
     assert (final["records_relisted"], final["records_dead_lettered"]) == (1, 0)
 
 
-@pytest.mark.parametrize("order", ["completion", "submission"])
+@pytest.mark.parametrize(
+    ("order", "with_404"), [("completion", False), ("submission", False), ("submission", True)]
+)
 async def test_page_tokens_that_expire_between_polls(
     kafka: str,
     topics: Topics,
@@ -378,15 +380,19 @@ async def test_page_tokens_that_expire_between_polls(
     reader: TopicReader,
     start_service: ServiceFactory,
     order: str,
+    with_404: bool,
 ) -> None:
     """Every poll's stored token has expired: each poll reads again from the first page.
 
     The pages say nothing of how long a token lives. Polls 0.2-0.4 s apart, tokens that
     live 0.1 s: the cursor a poll resumes from is always refused, so the batch is read
     from its first page every time, what was published is recognised, and one warning a
-    minute says so, not one per poll.
+    minute says so, not one per poll. ``with_404``: the expired token is answered 404, as
+    if the batch were gone (taken so, the batch failed once the 404s outlasted
+    ``polling.not_found_grace_s``).
     """
     sim = sim_server.sim
+    sim.faults.reject_token_with_404 = with_404
     batches = [str(uuid.uuid4()) for _ in range(2)]
     for i, b in enumerate(batches):
         sim.generate_batch(b, 450, spread_s=4.0, seed=95 + i, order=order, token_ttl_s=0.1)

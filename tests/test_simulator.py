@@ -437,6 +437,15 @@ async def test_reject_token_only_touches_requests_with_a_token(api: Api) -> None
     assert len(again["balances"]) == 100
 
 
+async def test_a_rejected_token_can_be_answered_404(api: Api) -> None:
+    api.sim.generate_batch(BATCH, 250)
+    api.sim.faults.update({"reject_token_next": 1, "reject_token_with_404": True})
+    token = (await api.page(BATCH))["next_page_token"]
+    response, text = await api.get("/v1/balances", {"batchId": BATCH, "nextPageToken": token})
+    assert response.status == 404 and error_code(text) == "NOT_FOUND"
+    assert len((await api.page(BATCH, nextPageToken=token))["balances"]) == 100
+
+
 async def test_only_batch_scopes_the_faults(api: Api) -> None:
     api.sim.generate_batch(BATCH, 5)
     api.sim.generate_batch(OTHER, 5)
