@@ -6,6 +6,14 @@ rate limiter, concurrency limit and metrics, endpoint label ``export``): a
 download holds one of ``rightfoot.max_concurrent_requests`` slots while it runs.
 
 * Every batch ID is checked to be a UUID before any request is made.
+* The answer is checked against the vendor's page before anything is written: a
+  ``text/csv`` Content-Type whose charset, if given, is UTF-8, and a body that starts
+  with the documented header line (read up to 64 KiB, UTF-8, a byte order mark
+  allowed): the 9 fixed columns in order, then only ``meta_<key>`` columns, each once,
+  in alphabetical order (by code point or ignoring case: the page does not say which).
+  Any other answer (an empty body, an error page sent as text/csv, columns missing,
+  reordered or repeated) is ApiMalformedResponse, counted with code ``malformed``
+  and not retried: the same request would get the same answer.
 * The body is streamed to disk in 64 KiB chunks, never held in memory, into a
   temporary file in the target's directory (``.<name>.<random>.part``), which is
   fsynced and renamed over the target only once complete. On any failure
@@ -39,6 +47,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
+import io
 import os
 import random
 import re
@@ -73,6 +83,7 @@ log = structlog.get_logger(__name__)
 ENDPOINT = "export"
 CHUNK_BYTES = 64 * 1024
 MAX_ERROR_BODY_BYTES = 64 * 1024
+MAX_HEADER_BYTES = 64 * 1024
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -80,6 +91,23 @@ EXIT_USAGE = 2
 _UUID_RE = re.compile(
     r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 )
+
+#: The fixed leading columns of the export, in order, as the vendor's page lists them.
+EXPORT_COLUMNS = (
+    "Authorizer ID",
+    "Batch ID",
+    "Institution",
+    "Phone",
+    "Zip",
+    "Balance",
+    "Status",
+    "Creator",
+    "Timestamp",
+)
+#: The prefix of the columns that may follow them, one per metadata key.
+META_PREFIX = "meta_"
+#: At most this much of a column name is repeated in an error.
+SHOWN_CHARS = 40
 
 #: ``progress(rows, bytes, elapsed_s)``, called after each chunk written.
 ProgressCallback = Callable[[int, int, float], None]
@@ -389,6 +417,95 @@ class CsvRowCounter:
         return max(0, self.records + (fields > 0) - 1)
 
 
+# --------------------------------------------------------------------------- header
+
+
+def _shown(value: str) -> str:
+    return repr(value[:SHOWN_CHARS]) + ("…" if len(value) > SHOWN_CHARS else "")
+
+
+def header_problem(columns: Sequence[str]) -> str | None:
+    """What keeps ``columns`` from being the export's documented header; None if nothing."""
+    fixed = len(EXPORT_COLUMNS)
+    for i, name in enumerate(EXPORT_COLUMNS):
+        if i == len(columns):
+            return f"it has {i} of the {fixed} fixed columns: {name!r} is missing"
+        if columns[i] != name:
+            return f"column {i + 1} is {_shown(columns[i])}, not {name!r}"
+    meta = list(columns[fixed:])
+    seen: set[str] = set()
+    for i, name in enumerate(meta, start=fixed + 1):
+        if not name.startswith(META_PREFIX):
+            return f"column {i} is {_shown(name)}: only {META_PREFIX}<key> columns may follow"
+        if name in seen:
+            return f"column {i} repeats {_shown(name)}"
+        seen.add(name)
+    if meta != sorted(meta) and meta != sorted(meta, key=str.casefold):
+        k = next(k for k in range(1, len(meta)) if meta[k] < meta[k - 1])
+        return (
+            f"column {fixed + k + 1} {_shown(meta[k])} comes after {_shown(meta[k - 1])}: "
+            f"the {META_PREFIX} columns are not in alphabetical order"
+        )
+    return None
+
+
+def _header_columns(head: bytes) -> list[str]:
+    """The first row of ``head`` as csv.reader reads it, from UTF-8 (a byte order mark
+    before it left out); ApiMalformedResponse if it is not UTF-8."""
+    text = head.decode("utf-8", "surrogateescape").removeprefix("\ufeff")
+    try:
+        columns = next(csv.reader(io.StringIO(text, newline="")), [])
+    except csv.Error as exc:
+        raise _malformed(f"the export's header cannot be read as CSV ({exc})") from None
+    try:
+        "".join(columns).encode("utf-8")
+    except UnicodeEncodeError:  # a byte that is not UTF-8, kept as a lone surrogate
+        raise _malformed("the export's header is not UTF-8") from None
+    return columns
+
+
+def _malformed(message: str) -> ApiMalformedResponse:
+    return ApiMalformedResponse(message, status=200)
+
+
+def _check_content_type(resp: aiohttp.ClientResponse) -> None:
+    """A text/csv answer whose charset, if given, is UTF-8."""
+    content_type = resp.headers.get("Content-Type", "")
+    if resp.content_type != "text/csv":
+        raise _malformed(
+            f"the API answered 200 with Content-Type {content_type or 'none'!r}, not text/csv"
+        )
+    if resp.charset is not None and resp.charset.lower() != "utf-8":
+        raise _malformed(
+            f"the API answered 200 with Content-Type {content_type!r}: the export is UTF-8"
+        )
+
+
+async def _read_header(content: aiohttp.StreamReader, counter: CsvRowCounter) -> bytes:
+    """The body's first bytes, fed to ``counter``, up to the end of its header line (and
+    the rest of that read), after checking that line; ApiMalformedResponse if it is not
+    the documented one, or longer than MAX_HEADER_BYTES."""
+    head = bytearray()
+    while not counter.records:
+        if len(head) >= MAX_HEADER_BYTES:
+            raise _malformed(
+                f"the export's header line is longer than {MAX_HEADER_BYTES // 1024} KiB"
+            )
+        chunk = await content.read(CHUNK_BYTES)
+        if not chunk:
+            break
+        counter.feed(chunk)
+        head += chunk
+    if not head:
+        raise _malformed("the API answered 200 with an empty body, not the CSV export")
+    if not counter.records and counter.in_quotes:
+        counter.finish()  # the body ended inside the header: truncated
+    problem = header_problem(_header_columns(bytes(head)))
+    if problem is not None:
+        raise _malformed(f"the export's header is not the documented one: {problem}")
+    return bytes(head)
+
+
 # --------------------------------------------------------------------------- download
 
 
@@ -475,24 +592,22 @@ async def _download(
     headers: dict[str, str] = client.request_args()["headers"]
     request_started = time.perf_counter()
     code = "error"
-    begun = False
+    answered = begun = False  # a 200 being read; the output begun
     try:
         async with client.session.get(url, params=params, headers=headers, timeout=timeout) as resp:
             code = str(resp.status)
             if resp.status != 200:
                 raise await _error_response(client, resp)
-            content_type = resp.headers.get("Content-Type", "")
-            if not content_type.lower().startswith("text/csv"):
-                code = "malformed"
-                raise ApiMalformedResponse(
-                    f"the API answered 200 with Content-Type {content_type or 'none'!r}, "
-                    "not text/csv",
-                    status=resp.status,
-                )
+            _check_content_type(resp)
+            answered = True
+            counter = CsvRowCounter()
+            head = await _read_header(resp.content, counter)
             output.begin()
             begun = True
-            counter = CsvRowCounter()
-            size = 0
+            output.write(head)
+            size = len(head)
+            if progress is not None:
+                progress(counter.rows, size, time.monotonic() - started)
             async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
                 output.write(chunk)
                 size += len(chunk)
@@ -509,15 +624,17 @@ async def _download(
             code = "timeout"
             what = (
                 f"the download stalled: no data for {cfg.timeout_s:g} s"
-                if begun
+                if answered
                 else "the API did not answer in time"
             )
             raise ApiTransportError(what, code="timeout") from None
         if isinstance(exc, aiohttp.ClientError):
             code = "connection_error"
-            raise ApiTransportError(_describe(exc, begun), code="connection_error") from None
+            raise ApiTransportError(_describe(exc, answered), code="connection_error") from None
         if isinstance(exc, ApiTransportError) and exc.code == "truncated":
             code = "truncated"
+        if isinstance(exc, ApiMalformedResponse):
+            code = "malformed"
         raise
     finally:
         client.metrics.api_requests.labels(ENDPOINT, code).inc()

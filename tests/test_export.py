@@ -65,6 +65,8 @@ OTHER_KEY = "sk-other-requester-99d3e1"
 BATCH = "11111111-2222-4333-8444-555555555555"
 OTHER = "99999999-8888-4777-8666-555555555555"
 MISSING = "00000000-0000-4000-8000-000000000404"
+STAMP = "2024-08-09T18:10:44Z"
+CSV_HEADER = b"Authorizer ID,Batch ID,Institution,Phone,Zip,Balance,Status,Creator,Timestamp\r\n"
 
 
 def _load_bench() -> ModuleType:
@@ -626,9 +628,9 @@ class CountingApi:
         try:
             resp = web.StreamResponse(headers={"Content-Type": "text/csv; charset=utf-8"})
             await resp.prepare(request)
-            await resp.write(b"Authorizer ID,Batch ID\r\n")
+            await resp.write(CSV_HEADER)
             await asyncio.sleep(self.hold_s)
-            await resp.write(f"1000001,{BATCH}\r\n".encode())
+            await resp.write(f"1000001,{BATCH},Bank,,12345,1.00,SUCCESS,,{STAMP}\r\n".encode())
             return resp
         finally:
             self.in_flight -= 1
@@ -695,14 +697,13 @@ async def test_the_export_waits_its_turn_at_the_clients_rate_ceiling(
 
 # --------------------------------------------------------------------------- broken bodies
 
-STAMP = "2024-08-09T18:10:44Z"
 CSV_BODY = (
-    "Authorizer ID,Batch ID,Institution,Phone,Zip,Balance,Status,Creator,Timestamp\r\n"
+    CSV_HEADER
     + "".join(
         f'{1000000 + i},{BATCH},"Bank ""{i}"", N.A.",,12345,{i}.25,SUCCESS,,{STAMP}\r\n'
         for i in range(2000)
-    )
-).encode()
+    ).encode()
+)
 
 
 # Cut in the middle of a row, outside any quotes: "...,Bank ""1000"", N.A.",,12345,1000.25"
@@ -728,6 +729,7 @@ class RawServer:
 
     behaviours: list[str]
     body: bytes = CSV_BODY
+    content_type: bytes = b"text/csv; charset=utf-8"
     connections: int = 0
     port: int = 0
     server: asyncio.Server | None = None
@@ -757,7 +759,7 @@ class RawServer:
 
     def _response(self, kind: str) -> bytes:
         body, half = self.body, self.body[: len(self.body) // 2]
-        csv_type = b"Content-Type: text/csv; charset=utf-8\r\n"
+        csv_type = b"Content-Type: " + self.content_type + b"\r\n"
         head = b"HTTP/1.1 200 OK\r\nConnection: close\r\n"
         if kind == "full":
             return head + csv_type + b"Content-Length: %d\r\n\r\n" % len(body) + body
@@ -909,6 +911,150 @@ async def test_a_last_row_without_line_ending_but_all_its_fields_is_complete(
     assert server.connections == 1
     assert (tmp_path / "x.csv").read_bytes() == server.body
     assert result.rows == 2000
+
+
+HEADER_NAMES = CSV_HEADER.rstrip()
+ROW = f"1,{BATCH},Bank,,12345,1.00,SUCCESS,,{STAMP}".encode()
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "message"),
+    [
+        pytest.param(b"", b"text/csv", "an empty body, not the CSV export", id="empty"),
+        pytest.param(
+            b"<html><body>Internal error</body></html>",
+            b"text/csv",
+            "column 1 is '<html><body>Internal error</body></html>', not 'Authorizer ID'",
+            id="html",
+        ),
+        pytest.param(
+            b"Batch ID,Authorizer ID,Institution,Phone,Zip,Balance,Status,Creator,Timestamp\r\n",
+            b"text/csv",
+            "column 1 is 'Batch ID', not 'Authorizer ID'",
+            id="reordered",
+        ),
+        pytest.param(
+            HEADER_NAMES.removesuffix(b",Timestamp") + b"\r\n",
+            b"text/csv",
+            "it has 8 of the 9 fixed columns: 'Timestamp' is missing",
+            id="missing",
+        ),
+        pytest.param(
+            HEADER_NAMES + b",Balance\r\n",
+            b"text/csv",
+            "column 10 is 'Balance': only meta_<key> columns may follow",
+            id="repeated-fixed-column",
+        ),
+        pytest.param(
+            HEADER_NAMES + b",meta_a,meta_a\r\n",
+            b"text/csv",
+            "column 11 repeats 'meta_a'",
+            id="repeated-meta-column",
+        ),
+        pytest.param(
+            HEADER_NAMES + b",meta_b,meta_a\r\n",
+            b"text/csv",
+            "column 11 'meta_a' comes after 'meta_b': the meta_ columns are not in alphabetical",
+            id="meta-order",
+        ),
+        pytest.param(
+            HEADER_NAMES + b",meta_caf\xe9\r\n",
+            b"text/csv",
+            "the export's header is not UTF-8",
+            id="header-not-utf-8",
+        ),
+        pytest.param(
+            HEADER_NAMES + b",meta_" + b"x" * 70_000 + b"\r\n",
+            b"text/csv",
+            "the export's header line is longer than 64 KiB",
+            id="header-too-long",
+        ),
+        pytest.param(
+            CSV_HEADER + "1,b,Café Bank,,,1.00,SUCCESS,,t\r\n".encode("latin-1"),
+            b"text/csv; charset=iso-8859-1",
+            "Content-Type 'text/csv; charset=iso-8859-1': the export is UTF-8",
+            id="latin-1",
+        ),
+    ],
+)
+async def test_an_answer_not_shaped_as_documented_is_refused_without_retry(
+    raw_server: Callable[..., Awaitable[RawServer]],
+    tmp_path: Path,
+    body: bytes,
+    content_type: bytes,
+    message: str,
+) -> None:
+    server = await raw_server("full")
+    rows = ROW + b"\r\n" if body.endswith(b"\n") else b""  # a data row after a header line
+    server.body, server.content_type = body + rows, content_type
+    client = make_client(make_settings(server.url))
+    await client.start()
+    try:
+        with pytest.raises(ApiMalformedResponse) as info:
+            await export_csv(client, [BATCH], tmp_path / "x.csv")
+    finally:
+        await client.close()
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+    assert server.connections == 1
+    assert client.metrics.api_requests.labels("export", "malformed")._value.get() == 1
+    assert listing(tmp_path) == []
+
+
+async def test_a_refused_answer_is_one_line_exit_1_and_keeps_the_old_file(
+    raw_server: Callable[..., Awaitable[RawServer]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    server = await raw_server("full")
+    server.body = b"<html><body>Internal error</body></html>\n"
+    target = tmp_path / "x.csv"
+    target.write_bytes(b"old\n")
+
+    code = await export_main(make_settings(server.url), cli_args([BATCH], target))
+
+    assert code == 1
+    assert capsys.readouterr().err.strip() == (
+        "rightfoot-poller: export failed: HTTP 200: the export's header is not the documented "
+        "one: column 1 is '<html><body>Internal error</body></html>', not 'Authorizer ID'"
+    )
+    assert listing(tmp_path) == ["x.csv"]
+    assert target.read_bytes() == b"old\n"
+
+
+@pytest.mark.parametrize(
+    ("header", "content_type"),
+    [
+        pytest.param(CSV_HEADER, b"text/csv", id="no-charset"),
+        pytest.param(CSV_HEADER, b"text/csv; charset=UTF-8", id="charset-upper-case"),
+        pytest.param(b"\xef\xbb\xbf" + CSV_HEADER, b"text/csv", id="byte-order-mark"),
+        pytest.param(HEADER_NAMES + b",meta_a,meta_b\n", b"text/csv", id="meta"),
+        pytest.param(
+            HEADER_NAMES + b",meta_customer,meta_Region\r\n",
+            b"text/csv",
+            id="meta-alphabetical-ignoring-case",
+        ),
+        pytest.param(HEADER_NAMES, b"text/csv", id="header-alone-no-line-ending"),
+    ],
+)
+async def test_documented_shapes_are_accepted(
+    raw_server: Callable[..., Awaitable[RawServer]],
+    tmp_path: Path,
+    header: bytes,
+    content_type: bytes,
+) -> None:
+    server = await raw_server("full")
+    rows = 0 if header == HEADER_NAMES else 2
+    server.body = header + (ROW + b",x,y\r\n") * rows
+    server.content_type = content_type
+    client = make_client(make_settings(server.url))
+    await client.start()
+    try:
+        result = await export_csv(client, [BATCH], tmp_path / "x.csv")
+    finally:
+        await client.close()
+    assert result.rows == rows
+    assert (tmp_path / "x.csv").read_bytes() == server.body
 
 
 async def test_a_body_that_is_not_csv_fails_without_retry(
@@ -1223,6 +1369,7 @@ class _SlowCsvHandler(socketserver.BaseRequestHandler):
         self.request.recv(65536)
         self.request.sendall(
             b"HTTP/1.1 200 OK\r\nContent-Type: text/csv\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"%x\r\n%s\r\n" % (len(CSV_HEADER), CSV_HEADER)
         )
         row = b"1234567," + BATCH.encode() + b",Bank,,12345,1.00,SUCCESS,,2024-08-09T18:10:44Z\r\n"
         try:
