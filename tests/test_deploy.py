@@ -426,8 +426,12 @@ def test_pod_selector_matches_service_and_pdb() -> None:
 def test_pdb_with_three_replicas_and_none_with_one() -> None:
     docs = documents(ci("default"))
     assert only(docs, "Deployment")["spec"]["replicas"] == 3
+    # Readiness is red by design while the API key is rejected or Kafka is unreachable:
+    # with the default policy (IfHealthyBudget) no such pod could be evicted, and a node
+    # drain would wait for the incident to end.
     assert only(docs, "PodDisruptionBudget")["spec"] == {
         "maxUnavailable": 1,
+        "unhealthyPodEvictionPolicy": "AlwaysAllow",
         "selector": only(docs, "Deployment")["spec"]["selector"],
     }
     single = documents(ci("single-replica"))
