@@ -831,3 +831,45 @@ def test_metric_list_matches_what_the_service_exports() -> None:
     assert not promql.METRICS - exported, (
         f"dashboards/alerts expect metrics the service lacks: {promql.METRICS - exported}"
     )
+
+
+# The `code` label of rightfoot_poller_api_requests_total as the service sets it
+# (service/api.py): an HTTP status, or one of the literals it assigns when no answer came.
+# The export CLI's own codes (malformed, truncated) are never scraped.
+API_CODE_MATCHER = re.compile(
+    r'rightfoot_poller_api_requests_total\{[^}]*?\bcode\s*(=~|!~|=|!=)\s*"((?:[^"\\]|\\.)*)"'
+)
+
+
+def service_api_codes() -> set[str]:
+    source = (REPO / "service" / "api.py").read_text()
+    literals = set(re.findall(r'\bcode = "(\w+)"', source))
+    assert {"timeout", "connection_error", "error"} <= literals, literals
+    return literals | {str(status) for status in range(100, 600)}
+
+
+def test_api_code_matchers_name_codes_the_service_sends() -> None:
+    codes = service_api_codes()
+    matchers = [
+        (source, value)
+        for source, expr in promql.all_expressions()
+        for _, value in API_CODE_MATCHER.findall(expr)
+    ]
+    assert matchers, "no expression selects API requests by code"
+    unknown = {
+        f"{source}: {alternative}"
+        for source, value in matchers
+        for alternative in value.split("|")
+        if not any(re.fullmatch(alternative, code) for code in codes)
+    }
+    assert not unknown, f"codes the service never sends: {sorted(unknown)}"
+
+
+def test_api_error_ratio_counts_every_request_without_a_good_answer() -> None:
+    (panel,) = [p for p in promql.dashboard_panels() if p["title"] == "API error ratio"]
+    errors = next(t["expr"] for t in panel["targets"] if t["refId"] == "A")
+    (matcher,) = {v for op, v in API_CODE_MATCHER.findall(errors) if op == "=~"}
+    failures = {c for c in service_api_codes() if not c.isdigit()} | {"500", "503", "599"}
+    answered = {"200", "400", "401", "403", "404", "429", "499"}
+    assert {c for c in failures if not re.fullmatch(matcher, c)} == set()
+    assert {c for c in answered if re.fullmatch(matcher, c)} == set()
