@@ -19,6 +19,8 @@ download holds one of ``rightfoot.max_concurrent_requests`` slots while it runs.
   fsynced and renamed over the target only once complete. On any failure
   (HTTP error, connection dropped mid-body, disk error, cancellation) the
   temporary file is removed and an existing target is left as it was.
+* A redirect is not followed (the target could be any host, over plain HTTP): a 3xx
+  is an error naming where it pointed, not retried.
 * 5xx, 429, timeouts and connection errors are retried by the poller's own
   retry loop (service/retry.py), ``rightfoot.max_attempts`` attempts in all; a
   429 may ask for a wait up to ``rightfoot.backoff_max_s``. The CSV has no
@@ -60,6 +62,7 @@ from pathlib import Path
 
 import aiohttp
 import structlog
+import yarl
 
 from service.api import ApiKey, RightfootClient, error_from_response
 from service.config import Settings
@@ -84,6 +87,8 @@ ENDPOINT = "export"
 CHUNK_BYTES = 64 * 1024
 MAX_ERROR_BODY_BYTES = 64 * 1024
 MAX_HEADER_BYTES = 64 * 1024
+#: At most this much of a redirect's Location is repeated in an error.
+SHOWN_LOCATION_CHARS = 200
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -594,8 +599,12 @@ async def _download(
     code = "error"
     answered = begun = False  # a 200 being read; the output begun
     try:
-        async with client.session.get(url, params=params, headers=headers, timeout=timeout) as resp:
+        async with client.session.get(
+            url, params=params, headers=headers, timeout=timeout, allow_redirects=False
+        ) as resp:
             code = str(resp.status)
+            if 300 <= resp.status < 400:
+                raise _redirected(resp)
             if resp.status != 200:
                 raise await _error_response(client, resp)
             _check_content_type(resp)
@@ -647,6 +656,28 @@ def _describe(exc: aiohttp.ClientError, during_body: bool) -> str:
     if during_body:
         return f"the connection failed during the download ({what})"
     return f"cannot reach the API ({what})"
+
+
+def _redirected(resp: aiohttp.ClientResponse) -> ApiError:
+    """The error for a 3xx, naming where it pointed (no user, password, query or fragment)."""
+    location = resp.headers.get("Location")
+    where = "without a Location"
+    if location:
+        try:
+            target = yarl.URL(location)
+            if target.is_absolute():
+                target = target.with_user(None)
+            shown = str(target.with_query(None).with_fragment(None))
+        except ValueError:
+            where = "to a Location that is not a URL"
+        else:
+            cut = shown[:SHOWN_LOCATION_CHARS] + ("…" if len(shown) > SHOWN_LOCATION_CHARS else "")
+            where = f"to {cut}"
+    return ApiError(
+        f"the API redirected {where}; redirects are not followed "
+        "(check rightfoot.base_url and rightfoot.export_path)",
+        status=resp.status,
+    )
 
 
 async def _error_response(client: RightfootClient, resp: aiohttp.ClientResponse) -> ApiError:

@@ -41,6 +41,7 @@ from service.api import ApiKey, RightfootClient
 from service.config import Settings, load_settings
 from service.errors import (
     ApiBadRequest,
+    ApiError,
     ApiForbidden,
     ApiMalformedResponse,
     ApiTransportError,
@@ -534,6 +535,71 @@ async def test_a_secret_echoed_by_the_api_is_redacted_from_the_message(
     assert code == 1
     err = capsys.readouterr().err.strip()
     assert err == "rightfoot-poller: export failed: HTTP 400 BAD_REQUEST: refused Bearer [redacted]"
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+async def test_a_redirect_is_not_followed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], status: int
+) -> None:
+    followed: list[str] = []
+
+    async def redirect(request: web.Request) -> web.Response:
+        location = f"http://{request.host}/elsewhere?token=abc#part"
+        return web.Response(status=status, headers={"Location": location})
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        followed.append(request.path)
+        return web.Response(body=CSV_BODY, content_type="text/csv")
+
+    app = web.Application()
+    app.router.add_get("/v1/balances/export", redirect)
+    app.router.add_get("/elsewhere", elsewhere)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        url = str(server.make_url("")).rstrip("/")
+        code = await export_main(make_settings(url), cli_args([BATCH], tmp_path / "x.csv"))
+    finally:
+        await server.close()
+    assert code == 1
+    assert followed == []
+    assert capsys.readouterr().err.strip() == (
+        f"rightfoot-poller: export failed: HTTP {status}: the API redirected to "
+        f"{url}/elsewhere; redirects are not followed (check rightfoot.base_url and "
+        "rightfoot.export_path)"
+    )
+    assert listing(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("location", "shown"),
+    [
+        ("https://user:pw@api.example/v2/export?token=abc", "to https://api.example/v2/export"),
+        ("/v2/export?batch_ids=x", "to /v2/export"),
+        ("", "without a Location"),
+    ],
+)
+async def test_a_redirect_names_where_it_pointed_without_credentials_or_query(
+    tmp_path: Path, location: str, shown: str
+) -> None:
+    async def redirect(request: web.Request) -> web.Response:
+        return web.Response(status=302, headers={"Location": location} if location else {})
+
+    app = web.Application()
+    app.router.add_get("/v1/balances/export", redirect)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    client = make_client(make_settings(str(server.make_url("")).rstrip("/")))
+    await client.start()
+    try:
+        with pytest.raises(ApiError) as info:
+            await export_csv(client, [BATCH], tmp_path / "x.csv")
+    finally:
+        await client.close()
+        await server.close()
+    assert f"the API redirected {shown};" in str(info.value)
+    assert "pw" not in str(info.value) and "token" not in str(info.value)
+    assert client.metrics.api_requests.labels("export", "302")._value.get() == 1
 
 
 # --------------------------------------------------------------------------- retries
