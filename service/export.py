@@ -5,7 +5,9 @@
 rate limiter, concurrency limit and metrics, endpoint label ``export``): a
 download holds one of ``rightfoot.max_concurrent_requests`` slots while it runs.
 
-* Every batch ID is checked to be a UUID before any request is made.
+* Every batch ID is checked to be a UUID before any request is made, and there may be
+  at most MAX_BATCH_IDS of them (duplicates left out): the IDs go in the query string,
+  47 bytes each, and a request line much over 8 KiB is refused by common servers.
 * The answer is checked against the vendor's page before anything is written: a
   ``text/csv`` Content-Type whose charset, if given, is UTF-8, and a body that starts
   with the documented header line (read up to 64 KiB, UTF-8, a byte order mark
@@ -92,6 +94,9 @@ SHOWN_LOCATION_CHARS = 200
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+#: Batch IDs in one export: 150 x 47 bytes (``batch_ids=<uuid>&``) is 7,050 bytes of query
+#: string, which leaves over 1 KiB of an 8 KiB request line for the rest of the URL.
+MAX_BATCH_IDS = 150
 
 _UUID_RE = re.compile(
     r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
@@ -133,7 +138,8 @@ class ExportResult:
 
 
 def validate_batch_ids(batch_ids: Sequence[str]) -> list[str]:
-    """The batch IDs, duplicates removed (first occurrence kept), each checked to be a UUID."""
+    """The batch IDs, duplicates removed (first occurrence kept), each checked to be a UUID,
+    at most MAX_BATCH_IDS of them."""
     if not batch_ids:
         raise ExportUsageError("at least one batch ID is required")
     for batch_id in batch_ids:
@@ -142,7 +148,13 @@ def validate_batch_ids(batch_ids: Sequence[str]) -> list[str]:
                 f"not a valid batch ID: {batch_id!r} (expected a UUID such as "
                 "5d3c6bbb-fc1a-46a4-93da-1ce4a54b0d83)"
             )
-    return list(dict.fromkeys(batch_ids))
+    unique = list(dict.fromkeys(batch_ids))
+    if len(unique) > MAX_BATCH_IDS:
+        raise ExportUsageError(
+            f"too many batch IDs: {len(unique)}; at most {MAX_BATCH_IDS} fit in one export "
+            "request (export them in several files)"
+        )
+    return unique
 
 
 def output_path(value: str) -> Path | None:

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ from service.errors import (
     ExportUsageError,
 )
 from service.export import (
+    MAX_BATCH_IDS,
     CsvRowCounter,
     download_export,
     export_csv,
@@ -366,6 +368,45 @@ def test_validate_batch_ids_keeps_order_and_drops_duplicates() -> None:
     assert validate_batch_ids([OTHER, lower, OTHER, upper]) == [OTHER, lower, upper]
     with pytest.raises(ExportUsageError):
         validate_batch_ids([])
+
+
+def batch_ids(count: int) -> list[str]:
+    return [str(uuid.UUID(int=0xABCDEF << 100 | i, version=4)) for i in range(count)]
+
+
+async def test_as_many_batch_ids_as_allowed_fit_in_one_request(api: Api, tmp_path: Path) -> None:
+    ids = batch_ids(MAX_BATCH_IDS)
+    for batch_id in ids:
+        api.sim.generate_batch(batch_id, 1)
+    target = tmp_path / "x.csv"
+
+    code = await export_main(api.settings(), cli_args([*ids, ids[0]], target))  # a duplicate
+
+    assert code == 0
+    assert len(read_csv(target)) == MAX_BATCH_IDS + 1
+    assert api.statuses() == [200]
+
+
+async def test_more_batch_ids_than_fit_in_a_request_are_refused_before_any(
+    api: Api, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = await export_main(
+        api.settings(), cli_args(batch_ids(MAX_BATCH_IDS + 1), tmp_path / "x.csv")
+    )
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"rightfoot-poller: too many batch IDs: {MAX_BATCH_IDS + 1}; at most {MAX_BATCH_IDS} "
+        "fit in one export request (export them in several files)"
+    )
+    assert api.sim.request_log == []
+    assert listing(tmp_path) == []
+
+
+def test_the_batch_id_limit_keeps_the_request_line_under_8_kib() -> None:
+    settings = make_settings("https://api.rightfoot.com")
+    query = "&".join(f"batch_ids={batch_id}" for batch_id in batch_ids(MAX_BATCH_IDS))
+    line = f"GET {settings.rightfoot.export_path}?{query} HTTP/1.1"
+    assert len(line) + len(settings.rightfoot.base_url) + 1024 < 8192
 
 
 @pytest.mark.parametrize("output", ["missing-dir/out.csv", "."])
