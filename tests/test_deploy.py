@@ -873,3 +873,41 @@ def test_api_error_ratio_counts_every_request_without_a_good_answer() -> None:
     answered = {"200", "400", "401", "403", "404", "429", "499"}
     assert {c for c in failures if not re.fullmatch(matcher, c)} == set()
     assert {c for c in answered if re.fullmatch(matcher, c)} == set()
+
+
+# --- chart values against the service and its documentation ----------------------------
+
+
+def mebibytes(quantity: str) -> float:
+    """A Kubernetes memory quantity (256Mi, 1Gi, 300M, 268435456) in MiB."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]i?)?", quantity)
+    assert match, quantity
+    number, unit = float(match.group(1)), match.group(2) or ""
+    factor = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}.get(unit)
+    if factor is None:
+        factor = 1024 ** ("KMGT".index(unit[0]) + 1)
+    return number * factor / 2**20
+
+
+def test_memory_request_covers_the_documented_peak_at_default_settings() -> None:
+    # docs/performance.md measures the peak RSS for a few max_records_in_flight values;
+    # the row of the default is the one the chart's request must cover.
+    performance = (REPO / "docs" / "performance.md").read_text()
+    match = re.search(
+        r"^\| ([\d,]+) \(the default\) \|[^|\n]*\|[^|\n]*\| (\d+) MiB \|$", performance, re.M
+    )
+    assert match, "docs/performance.md has no peak RSS for the default max_records_in_flight"
+    in_flight, peak = int(match.group(1).replace(",", "")), int(match.group(2))
+    values = default_values()
+    assert values["config"]["polling"]["max_records_in_flight"] == in_flight
+    docs = documents(ci("default"))
+    (container,) = [
+        c
+        for c in only(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+        if c["name"] == "rightfoot-poller"
+    ]
+    resources = container["resources"]
+    assert resources == values["resources"]
+    request = mebibytes(resources["requests"]["memory"])
+    assert peak <= request <= mebibytes(resources["limits"]["memory"])
+
