@@ -911,3 +911,13 @@ def test_memory_request_covers_the_documented_peak_at_default_settings() -> None
     request = mebibytes(resources["requests"]["memory"])
     assert peak <= request <= mebibytes(resources["limits"]["memory"])
 
+
+def test_values_say_where_the_logs_go() -> None:
+    logs = (REPO / "service" / "logs.py").read_text()
+    (stream,) = re.findall(r"StreamHandler\(stream or sys\.(stdout|stderr)\)", logs)
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    index = next(i for i, line in enumerate(lines) if line.strip() == "logging:")
+    comment = lines[index - 1]
+    assert comment.lstrip().startswith("#") and "Logs" in comment, comment
+    other = {"stdout", "stderr"} - {stream}
+    assert stream in comment and not other & set(re.findall(r"\w+", comment)), comment
