@@ -20,7 +20,8 @@ download holds one of ``rightfoot.max_concurrent_requests`` slots while it runs.
   temporary file in the target's directory (``.<name>.<random>.part``), which is
   fsynced and renamed over the target only once complete. On any failure
   (HTTP error, connection dropped mid-body, disk error, cancellation) the
-  temporary file is removed and an existing target is left as it was.
+  temporary file is removed and an existing target is left as it was. SIGTERM
+  cancels the export as Ctrl-C does; the command then exits 143 (Ctrl-C: 130).
 * A redirect is not followed (the target could be any host, over plain HTTP): a 3xx
   is an error naming where it pointed, not retried.
 * 5xx, 429, timeouts and connection errors are retried by the poller's own
@@ -56,11 +57,14 @@ import io
 import os
 import random
 import re
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import aiohttp
 import structlog
@@ -94,6 +98,7 @@ SHOWN_LOCATION_CHARS = 200
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_TERMINATED = 143  # SIGTERM, 128 + 15 as for Ctrl-C's 130: the export did not complete
 #: Batch IDs in one export: 150 x 47 bytes (``batch_ids=<uuid>&``) is 7,050 bytes of query
 #: string, which leaves over 1 KiB of an 8 KiB request line for the rest of the URL.
 MAX_BATCH_IDS = 150
@@ -722,9 +727,45 @@ def _stderr_is_tty() -> bool:
         return False
 
 
+_SignalHandler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
+
+
+class _OnSigterm:
+    """While in use, SIGTERM cancels the running task as Ctrl-C does (``asyncio.run``
+    turns SIGINT into a cancellation of its main task), and notes that it did."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous: _SignalHandler = None
+        self._installed = False
+
+    def __enter__(self) -> _OnSigterm:
+        task = asyncio.current_task()
+        assert task is not None
+
+        def terminate() -> None:
+            self.received = True
+            task.cancel()
+
+        self._previous = signal.getsignal(signal.SIGTERM)
+        try:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, terminate)
+        except (NotImplementedError, RuntimeError, ValueError):
+            return self  # no signal handlers here (not the main thread, or not Unix)
+        self._installed = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
+            if self._previous is not None:
+                signal.signal(signal.SIGTERM, self._previous)
+
+
 async def export_main(settings: Settings, args: argparse.Namespace) -> int:
     """``rightfoot-poller export``: 0 when exported, 1 on API, network or disk errors,
-    2 on bad arguments. One line on stderr either way (plus progress, when wanted)."""
+    2 on bad arguments, 143 on SIGTERM (Ctrl-C raises KeyboardInterrupt: 130). One line
+    on stderr either way (plus progress, when wanted)."""
     err = sys.stderr
     secrets = settings.secrets()
     try:
@@ -752,9 +793,11 @@ async def export_main(settings: Settings, args: argparse.Namespace) -> int:
         api_key=ApiKey.from_env(settings.rightfoot.api_key.get_secret_value()),
         limiter=RateLimiter(settings.rightfoot.max_requests_per_s),
     )
+    sigterm = _OnSigterm()
     try:
-        await client.start()
-        result = await download_export(client, batch_ids, dest, progress=printer)
+        with sigterm:
+            await client.start()
+            result = await download_export(client, batch_ids, dest, progress=printer)
     except (ApiError, ExportWriteError) as exc:
         if printer is not None:
             printer.abort()
@@ -767,6 +810,8 @@ async def export_main(settings: Settings, args: argparse.Namespace) -> int:
             printer.abort()
         left = "the output on stdout is incomplete" if dest is None else f"{dest} not written"
         print(f"rightfoot-poller: export interrupted; {left}", file=err)
+        if sigterm.received:
+            return EXIT_TERMINATED
         raise
     finally:
         await client.close()

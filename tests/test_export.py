@@ -1488,7 +1488,15 @@ class _SlowCsvHandler(socketserver.BaseRequestHandler):
             return
 
 
-def test_ctrl_c_mid_download_leaves_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("signum", "exit_code"),
+    [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_interrupted_mid_download_leaves_nothing(
+    tmp_path: Path, signum: signal.Signals, exit_code: int
+) -> None:
+    """Ctrl-C, or SIGTERM (a Kubernetes Job, docker stop, timeout(1)), mid-download."""
     server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _SlowCsvHandler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -1516,7 +1524,7 @@ def test_ctrl_c_mid_download_leaves_nothing(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "the download never started"
             assert process.poll() is None
             time.sleep(0.02)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         _, err = process.communicate(timeout=30)
     finally:
         if process.poll() is None:  # failed: leave no process (nor its pipe) behind
@@ -1524,8 +1532,10 @@ def test_ctrl_c_mid_download_leaves_nothing(tmp_path: Path) -> None:
             process.communicate()
         server.shutdown()
         server.server_close()
-    assert process.returncode == 130
-    assert b"export interrupted" in err
+    assert process.returncode == exit_code
+    assert err.decode().splitlines() == [
+        f"rightfoot-poller: export interrupted; {target} not written"
+    ]
     assert listing(tmp_path) == ["x.csv"]
     assert target.read_bytes() == b"old\n"
 
