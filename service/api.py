@@ -21,6 +21,7 @@ from typing import Any
 
 import aiohttp
 import structlog
+import yarl
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from service import __version__
@@ -92,6 +93,32 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if not math.isfinite(seconds):
         return None
     return max(0.0, seconds)
+
+
+# At most this much of a redirect's Location is repeated in an error.
+SHOWN_LOCATION_CHARS = 200
+
+
+def redirect_refused(resp: aiohttp.ClientResponse, settings: str) -> ApiError:
+    """The error for a 3xx, which is not followed (it could lead anywhere, over plain HTTP):
+    where it pointed (no user, password, query or fragment), and the ``settings`` to check."""
+    location = resp.headers.get("Location")
+    where = "without a Location"
+    if location:
+        try:
+            target = yarl.URL(location)
+            if target.is_absolute():
+                target = target.with_user(None)
+            shown = str(target.with_query(None).with_fragment(None))
+        except ValueError:
+            where = "to a Location that is not a URL"
+        else:
+            cut = shown[:SHOWN_LOCATION_CHARS] + ("…" if len(shown) > SHOWN_LOCATION_CHARS else "")
+            where = f"to {cut}"
+    return ApiError(
+        f"the API redirected {where}; redirects are not followed (check {settings})",
+        status=resp.status,
+    )
 
 
 def error_from_response(status: int, body: bytes, retry_after: float | None) -> ApiError:
@@ -299,13 +326,20 @@ class RightfootClient:
             started = time.perf_counter()
             code = "error"
             try:
+                # A redirect is not followed: it could lead to plain HTTP, or elsewhere
+                # than rightfoot.base_url names. It fails the request, saying where it led.
                 async with self.session.get(
-                    self._base + path, params=params, headers=self._auth_headers()
+                    self._base + path,
+                    params=params,
+                    headers=self._auth_headers(),
+                    allow_redirects=False,
                 ) as resp:
                     code = str(resp.status)
                     body = await self._read_body(resp)
                     if resp.status == 200:
                         return body
+                    if 300 <= resp.status < 400:
+                        raise redirect_refused(resp, "rightfoot.base_url")
                     retry_after = self.retry_after(resp)
                     if resp.status == 429:
                         self.rate_limited(retry_after)

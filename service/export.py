@@ -68,9 +68,8 @@ from typing import Any
 
 import aiohttp
 import structlog
-import yarl
 
-from service.api import ApiKey, RightfootClient, error_from_response
+from service.api import ApiKey, RightfootClient, error_from_response, redirect_refused
 from service.config import Settings
 from service.errors import (
     ApiError,
@@ -93,8 +92,6 @@ ENDPOINT = "export"
 CHUNK_BYTES = 64 * 1024
 MAX_ERROR_BODY_BYTES = 64 * 1024
 MAX_HEADER_BYTES = 64 * 1024
-#: At most this much of a redirect's Location is repeated in an error.
-SHOWN_LOCATION_CHARS = 200
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -621,7 +618,7 @@ async def _download(
         ) as resp:
             code = str(resp.status)
             if 300 <= resp.status < 400:
-                raise _redirected(resp)
+                raise redirect_refused(resp, "rightfoot.base_url and rightfoot.export_path")
             if resp.status != 200:
                 raise await _error_response(client, resp)
             _check_content_type(resp)
@@ -673,28 +670,6 @@ def _describe(exc: aiohttp.ClientError, during_body: bool) -> str:
     if during_body:
         return f"the connection failed during the download ({what})"
     return f"cannot reach the API ({what})"
-
-
-def _redirected(resp: aiohttp.ClientResponse) -> ApiError:
-    """The error for a 3xx, naming where it pointed (no user, password, query or fragment)."""
-    location = resp.headers.get("Location")
-    where = "without a Location"
-    if location:
-        try:
-            target = yarl.URL(location)
-            if target.is_absolute():
-                target = target.with_user(None)
-            shown = str(target.with_query(None).with_fragment(None))
-        except ValueError:
-            where = "to a Location that is not a URL"
-        else:
-            cut = shown[:SHOWN_LOCATION_CHARS] + ("…" if len(shown) > SHOWN_LOCATION_CHARS else "")
-            where = f"to {cut}"
-    return ApiError(
-        f"the API redirected {where}; redirects are not followed "
-        "(check rightfoot.base_url and rightfoot.export_path)",
-        status=resp.status,
-    )
 
 
 async def _error_response(client: RightfootClient, resp: aiohttp.ClientResponse) -> ApiError:

@@ -16,6 +16,7 @@ from urllib.parse import parse_qs
 import aiohttp
 import pytest
 import structlog
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from rightfoot_simulator import Simulator, build_app
@@ -505,3 +506,39 @@ async def test_after_a_slow_spell_the_api_still_sees_requests_spaced_by_the_rate
     assert len(seen) == 12
     busiest = max(sum(1 for t in seen if start <= t < start + 0.1) for start in seen)
     assert busiest <= 3, f"{busiest} requests reached the API within 100 ms at a 20/s ceiling"
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+async def test_a_redirect_is_not_followed(api: Harness, status: int) -> None:
+    """A vendor (or a proxy before it) answering a redirect, here to plain HTTP: the request
+    fails, naming where it led without its credentials or query, and the key never goes
+    there. Followed, the page would come from a place rightfoot.base_url does not name."""
+    hops: list[str] = []
+
+    async def redirect(request: web.Request) -> web.Response:
+        hops.append(request.path)
+        target = f"http://user:secret@{request.host}/elsewhere?batchId={BATCH}&sig=x#f"
+        return web.Response(status=status, headers={"Location": target})
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        hops.append(request.path)
+        return web.json_response({"batch_id": BATCH, "balances": [], "has_more": False})
+
+    app = web.Application()
+    app.router.add_get("/v1/balances", redirect)
+    app.router.add_get("/elsewhere", elsewhere)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        api.url = str(server.make_url("")).rstrip("/")
+        client = await api.client(max_attempts=1)
+        with pytest.raises(ApiError) as info:
+            await client.fetch_page(BATCH, None)
+        where = f"{server.host}:{server.port}/elsewhere;"
+    finally:
+        await server.close()
+    assert info.value.status == status and hops == ["/v1/balances"]
+    message = str(info.value)
+    assert "redirects are not followed (check rightfoot.base_url)" in message
+    assert where in message
+    assert "secret" not in message and "sig=" not in message
