@@ -190,19 +190,27 @@ class Policy:
         When the batch is idle and would complete: it completes for idleness only on a read
         of the whole batch in the same poll (``completion``), which is what finds a record
         listed behind the cursor that no count shows missing (a count may be low, or
-        absent). When a count says records are missing (the API's ``total_processed`` or
-        the client's ``expected_count``: either may be the one that is right), as often as
-        the backoff of fruitless reads allows. Without a count, also every
+        absent). When a count says records are missing (``missing``), as often as the
+        backoff of fruitless reads allows. Without a count, also every
         ``sweep_interval_s``.
         """
-        seen = seen_with(b, pending)
-        if self.idle(b, pending, now) and self._may_complete(b, seen, total):
+        if self.idle(b, pending, now) and self._may_complete(b, seen_with(b, pending), total):
             return True
-        if any(c > seen for c in (total, b.expected_count) if c is not None):
+        if self.missing(b, pending, total, now):
             return b.next_sweep_at is None or now >= b.next_sweep_at
         return total is None and (
             b.last_sweep_at is None or now - b.last_sweep_at >= self.cfg.sweep_interval_s
         )
+
+    def missing(self, b: BatchState, pending: Pending, total: int | None, now: float) -> int:
+        """Records a count shows missing, for a sweep to look for: by the API's count; and,
+        once the batch is idle, by its ``expected_count`` (until then the vendor may still be
+        processing them; idle and short of it, the API's count may be the low one)."""
+        seen = seen_with(b, pending)
+        counts = [] if total is None else [total]
+        if b.expected_count is not None and self.idle(b, pending, now):
+            counts.append(b.expected_count)
+        return max([0, *(c - seen for c in counts)])
 
     @staticmethod
     def _may_complete(b: BatchState, seen: int, total: int | None) -> bool:
@@ -226,7 +234,7 @@ class Policy:
         seen = seen_with(b, pending)
         found = seen - full.seen_before
         behind = 0 if total is None else total - seen
-        short = max([0, *(c - seen for c in (total, b.expected_count) if c is not None)])
+        short = self.missing(b, pending, total, now)
         # A poll that began at the first page (a batch of one page, a new batch) is a full
         # read too; it stands for a sweep only when one was due.
         if not full.sweep and short <= 0 and not self.sweep_due(b, pending, total, now):
@@ -507,8 +515,8 @@ class Poll:
             return True  # the sweep found every record the counts say exist
         if last and full is None and self.policy.sweep_due(b, self.pending, total, now):
             seen = seen_with(b, self.pending)
-            counts = [c for c in (total, b.expected_count) if c is not None and c > seen]
-            self.full = _FullRead(True, seen, until=max(counts) if counts else None)
+            missing = self.policy.missing(b, self.pending, total, now)
+            self.full = _FullRead(True, seen, until=seen + missing if missing else None)
             self.token = None
             self._loop_watch(None)
             return False

@@ -616,3 +616,29 @@ def test_without_a_count_the_read_that_completes_a_batch_is_made_in_that_poll() 
     assert listed_behind_the_cursor_after(d, 0, step_s=50.0, until_s=850.0)
     assert d.state is not None and d.state.status == "completed"
     assert d.state.reason is not None and "nor in a read of the whole batch" in d.state.reason
+
+
+def test_a_batch_short_of_its_expected_count_is_not_swept_while_records_still_come() -> None:
+    """Records still being processed are short of the expected count without being behind
+    the cursor: sweeping for them would read the whole batch at every poll. Only once the
+    batch is idle does the expected count call for sweeps."""
+    vendor = Vendor([record(i) for i in range(10)])
+    d = Driver(make(complete_after_idle_s=900.0), vendor)
+    first_pages = 0
+    page = vendor.page
+
+    def counted(token: str | None) -> Page:
+        nonlocal first_pages
+        first_pages += token is None
+        return page(token)
+
+    vendor.page = counted  # type: ignore[method-assign]
+    d.track(expected_count=100)
+    for n in range(1, 10):
+        d.poll()
+        vendor.records += [record(i) for i in range(10 * n, 10 * n + 10)]
+        d.now += 60
+    assert first_pages == 1  # the first poll's, and no sweep
+    assert d.state is not None and d.state.active
+    d.poll()
+    assert d.state.status == "completed" and first_pages == 1
