@@ -307,9 +307,14 @@ def _plain_chars(balance: Decimal) -> int:
     return body + sign
 
 
+# The fields of the vendor's BalanceRecord: what a dead letter of a known authorizer is.
+RECORD_FIELDS = frozenset(
+    ("authorizer_unique_id", "balance", "balance_status_code", "status_code", "timestamp")
+)
+
+
 def _invalid(batch_id: str, item: Any, reason: str, detail: str) -> InvalidRecord:
     raw = dumps_exact(item)
-    event_id = str(uuid.uuid5(EVENT_NAMESPACE, f"{batch_id}\x1finvalid\x1f{raw}"))
     truncated = len(raw) > MAX_RAW_CHARS
     uid = item.get("authorizer_unique_id") if isinstance(item, dict) else None
     if type(uid) is int:
@@ -317,6 +322,14 @@ def _invalid(batch_id: str, item: Any, reason: str, detail: str) -> InvalidRecor
         # changed version of the record is not a new record (records are counted by it).
         uid = str(uid)
     usable = isinstance(uid, str) and 0 < len(uid) <= MAX_ID_CHARS and _is_utf8(uid)
+    # A dead letter is the same one as long as its record's fields are: a field outside the
+    # schema that changes with every response (a request id, a time) would make it a new
+    # dead letter at every poll, and the batch would never be idle. Without a usable
+    # authorizer, the whole text tells two records apart, as nothing else can.
+    identity = raw
+    if usable and isinstance(item, dict):
+        identity = dumps_exact({k: v for k, v in item.items() if k in RECORD_FIELDS})
+    event_id = str(uuid.uuid5(EVENT_NAMESPACE, f"{batch_id}\x1finvalid\x1f{identity}"))
     return InvalidRecord(
         reason=reason,
         detail=detail,

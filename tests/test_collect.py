@@ -147,3 +147,27 @@ def test_a_dead_letter_whose_authorizer_id_is_a_number_is_counted_by_it() -> Non
     assert (pending.relisted, pending.new_records) == (1, 0)
     _commit(state, pending)
     assert state.records_seen == 1
+
+
+def test_a_dead_letter_is_the_same_while_its_records_fields_are() -> None:
+    """A field outside the vendor's schema that changes with every response (a request id)
+    on a record refused for its balance: the same dead letter at every poll, not a new one
+    each time (which kept the batch from ever being idle, and flooded the dead-letter
+    topic). Without a usable authorizer ID, records that differ only in such fields are
+    still told apart: nothing else can tell two of them apart."""
+    state = BatchState(batch_id=BATCH, partition=0)
+    bad = {"authorizer_unique_id": "auth-3", "balance": "n/a", "timestamp": "x"}
+    nameless = {"balance": "n/a", "timestamp": "x"}
+    pending = Pending()
+    invalid = [_dead_letter({**bad, "served_at": "1"}), _dead_letter({**nameless, "n": 1})]
+    collect(state, [], invalid, pending)
+    _commit(state, pending)
+    pending = Pending()
+    again = [_dead_letter({**bad, "served_at": "2"}), _dead_letter({**nameless, "n": 2})]
+    collect(state, [], again, pending)
+    assert [d.raw for d in pending.invalid] == [again[1].raw]
+    assert pending.new_records == 1
+    # ... and a change to one of its record's fields is a new dead letter (no new record)
+    pending = Pending()
+    collect(state, [], [_dead_letter({**bad, "balance": "none", "served_at": "3"})], pending)
+    assert (len(pending.invalid), pending.relisted, pending.new_records) == (1, 1, 0)
