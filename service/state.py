@@ -224,6 +224,9 @@ class BatchState:
     published: int = 0  # balance events
     dead_lettered: int = 0  # records sent to the DLQ
     relisted: int = 0  # balance events of an authorizer that had one already (fp 4 only)
+    # Dead letters without a usable authorizer: such a record listed again with new content
+    # counts as a new one, so the records seen may be more than there are (Policy.completion).
+    unkeyed: int = 0
     counts: dict[str, int] = field(default_factory=dict)
     seen: SeenSet = field(default_factory=SeenSet)  # fingerprints of every event published
     seen_version: int = FP_VERSION  # the fingerprint function ``seen`` was made with
@@ -309,6 +312,7 @@ class StateSummary(BaseModel):
     published: int = Field(ge=0)
     dead_lettered: int = Field(default=0, ge=0)
     relisted: int = Field(default=0, ge=0)
+    unkeyed: int = Field(default=0, ge=0)
     counts: dict[str, int] = Field(default_factory=dict)
     seen: str = ""  # versions 1 and 2 only
     last_new_at: float | None = None
@@ -343,6 +347,7 @@ def encode_state(state: BatchState) -> bytes:
         "published": state.published,
         "dead_lettered": state.dead_lettered,
         "relisted": state.relisted,
+        "unkeyed": state.unkeyed,
         "counts": state.counts,
         "last_new_at": state.last_new_at,
         "last_poll_at": state.last_poll_at,
@@ -425,6 +430,7 @@ def decode_state(value: bytes, partition: int) -> BatchState:
         published=doc.published,
         dead_lettered=doc.dead_lettered,
         relisted=doc.relisted,
+        unkeyed=doc.unkeyed,
         counts=dict(doc.counts),
         seen=SeenSet(inline),
         seen_version=1 if doc.v == 1 else doc.fp or 2,

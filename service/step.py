@@ -59,7 +59,7 @@ class Step:
 class Pending:
     """What one poll has read and not yet committed."""
 
-    __slots__ = ("digests", "invalid", "records", "relisted")
+    __slots__ = ("digests", "invalid", "records", "relisted", "unkeyed")
 
     def __init__(self) -> None:
         self.records: list[BalanceRecord] = []
@@ -67,6 +67,7 @@ class Pending:
         # Fingerprints to remember: of the new events, and of their authorizers.
         self.digests: set[int] = set()
         self.relisted = 0  # of ``records`` and ``invalid``: those of an authorizer already had
+        self.unkeyed = 0  # of ``invalid``: those without a usable authorizer (BatchState.unkeyed)
 
     @property
     def size(self) -> int:
@@ -157,7 +158,9 @@ def collect(
     for bad in invalid:
         if _first_sight(b, pending, bad.event_id):
             pending.invalid.append(bad)
-            if tracks and bad.authorizer_unique_id is not None:
+            if bad.authorizer_unique_id is None:
+                pending.unkeyed += 1
+            elif tracks:
                 a = authorizer_fingerprint(bad.authorizer_unique_id)
                 if a in pending.digests or a in b.seen:
                     pending.relisted += 1

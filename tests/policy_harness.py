@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from service.config import PollingConfig
 from service.policy import Policy, Poll
-from service.records import BalanceRecord, Page, balance_event_id
+from service.records import BalanceRecord, InvalidRecord, Page, balance_event_id
 from service.requests import TrackingRequest
 from service.state import BatchState, StateRestore, state_records
 from service.step import Step
@@ -48,7 +48,8 @@ def read_back(
 class Vendor:
     """One batch's listing. Tokens are offsets into the list as it is when asked."""
 
-    records: list[BalanceRecord] = field(default_factory=list)
+    # Dead letters (InvalidRecord) stand in the list as the records they were parsed from.
+    records: list[BalanceRecord | InvalidRecord] = field(default_factory=list)
     page_size: int = 2
     counts: bool = True  # whether pages carry total_processed
     unlisted: int = 0  # records the count includes that the list does not show yet
@@ -58,7 +59,9 @@ class Vendor:
 
     def amend(self, position: int) -> None:
         """The record at ``position`` corrected in place: same authorizer, new content."""
-        uid, balance, code, ts, _ = self.records[position]
+        listed = self.records[position]
+        assert isinstance(listed, BalanceRecord)
+        uid, balance, code, ts, _ = listed
         balance = f"{balance}1"
         event_id = balance_event_id(BATCH, uid, ts, balance, code)
         self.records[position] = BalanceRecord(uid, balance, code, ts, event_id)
@@ -72,7 +75,8 @@ class Vendor:
             total_processed=len(self.records) + self.unlisted if self.counts else None,
             has_more=more,
             next_page_token=f"t{end}" if more else None,
-            records=list(self.records[start:end]),
+            records=[r for r in self.records[start:end] if isinstance(r, BalanceRecord)],
+            invalid=[r for r in self.records[start:end] if isinstance(r, InvalidRecord)],
         )
 
 
@@ -121,7 +125,11 @@ class Driver:
             self.lifecycle.append(step.lifecycle)
         if step.lifecycle == "completed":
             self.listed_at_completion = [r.event_id for r in self.vendor.records]
-            self.authorizers_at_completion = {r.authorizer_unique_id for r in self.vendor.records}
+            self.authorizers_at_completion = {
+                r.authorizer_unique_id
+                for r in self.vendor.records
+                if r.authorizer_unique_id is not None
+            }
         if step.save:
             self.saved.append(step.state)
         return step

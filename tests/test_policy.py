@@ -19,7 +19,7 @@ from service.errors import (
     PageTokenLoop,
 )
 from service.policy import MAX_TOKEN_RESTARTS, Policy, Poll
-from service.records import Page
+from service.records import InvalidRecord, Page, parse_record
 from service.requests import TrackingRequest
 from service.state import BatchState
 
@@ -642,3 +642,30 @@ def test_a_batch_short_of_its_expected_count_is_not_swept_while_records_still_co
     assert d.state is not None and d.state.active
     d.poll()
     assert d.state.status == "completed" and first_pages == 1
+
+
+def test_a_record_without_an_authorizer_that_changes_does_not_complete_a_batch_early() -> None:
+    """A record refused for having no authorizer ID is told apart by its whole text only:
+    listed again with new content, it counts as one more record. With an expected count
+    that the extra one reaches, the batch completed at once, without the record listed
+    behind the cursor meanwhile. It now completes on a read of the whole batch, once idle."""
+
+    def nameless(balance: str) -> InvalidRecord:
+        bad = parse_record(BATCH, {"balance": balance, "timestamp": "2026-11-28T10:00:00Z"})
+        assert isinstance(bad, InvalidRecord) and bad.authorizer_unique_id is None
+        return bad
+
+    vendor = Vendor([record(i) for i in range(1, 5)] + [nameless("n/a")])
+    d = Driver(make(complete_after_idle_s=900.0), vendor)
+    d.track(expected_count=6)
+    d.poll()
+    assert d.state is not None and d.state.records_seen == 5 and d.state.unkeyed == 1
+    vendor.records[-1] = nameless("none")  # the vendor updates it
+    late = record(0)
+    vendor.insert(0, late)  # listed behind the cursor: 6 records, as expected
+    while d.state.active:
+        d.now += 60
+        d.poll()
+    assert late.authorizer_unique_id in d.authorizers
+    assert d.state.status == "completed" and d.state.unkeyed == 2
+    assert d.state.reason is not None and "read of the whole batch" in d.state.reason
