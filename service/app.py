@@ -118,6 +118,7 @@ class PollerService:
         self._view_task: asyncio.Task[None] | None = None
         self._runner: web.AppRunner | None = None
         self._last_tick = time.monotonic()
+        self.dead_task: str | None = None  # one of the service's loops that ended (a fault)
         self.http_port: int | None = None
         # Set by every rebalance: the partition count may have changed (see _partition_count).
         self._count_check = asyncio.Event()
@@ -148,7 +149,7 @@ class PollerService:
         return ready, detail
 
     def liveness(self) -> bool:
-        return time.monotonic() - self._last_tick < 30
+        return self.dead_task is None and time.monotonic() - self._last_tick < 30
 
     # ---- lifecycle --------------------------------------------------------------------
 
@@ -173,7 +174,19 @@ class PollerService:
             asyncio.create_task(self._auth_probe(), name="auth-probe"),
         ]
         self._view_task = asyncio.create_task(self.view.run(), name="state-view")
+        for task in (*self._workers, self._view_task):
+            task.add_done_callback(self._task_ended)
         log.info("started", http_port=self.http_port)
+
+    def _task_ended(self, task: asyncio.Task[Any]) -> None:
+        """Each of the service's loops runs until the service stops. One that ends before
+        (a fault of this service) leaves a part of it dead while the rest looks well: it is
+        said in one ERROR, and /healthz fails from then on, so that the pod is restarted."""
+        if task.cancelled() or self._stopping.is_set():
+            return
+        self.dead_task = task.get_name()
+        exc = task.exception()
+        log.error("task_ended", task=self.dead_task, exc_info=exc or False)
 
     def _registry_state(self, problem: dict[str, str] | None) -> None:
         self._registry_problem = problem

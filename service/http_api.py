@@ -250,7 +250,10 @@ class HttpApi:
     async def healthz(self, _request: web.Request) -> web.Response:
         if self.liveness():
             return web.json_response({"status": "ok"})
-        return web.json_response({"status": "event loop stalled"}, status=503)
+        return web.json_response(
+            {"status": "event loop stalled, or one of the service's loops ended (see its logs)"},
+            status=503,
+        )
 
     async def readyz(self, _request: web.Request) -> web.Response:
         ready, detail = self.readiness()
