@@ -92,7 +92,7 @@ class PartitionOwner:
                 if isinstance(result, BaseException):
                     log.error("restore_failed", partition=p, error=repr(result))
                     self._schedule_reset(p)
-            self.metrics.owned_partitions.set(len(self.restored))
+            self._count_owned()
         log.info("partitions_assigned", partitions=sorted(partitions))
 
     async def release(self, partitions: list[int]) -> None:
@@ -101,7 +101,7 @@ class PartitionOwner:
             await asyncio.gather(*(self.tracker.remove_worker(p, timeout) for p in partitions))
             self.assigned -= set(partitions)
             self.restored -= set(partitions)
-            self.metrics.owned_partitions.set(len(self.restored))
+            self._count_owned()
         if partitions:
             log.info("partitions_revoked", partitions=sorted(partitions))
 
@@ -115,7 +115,11 @@ class PartitionOwner:
             workers = list(self.tracker.workers)
             await asyncio.gather(*(self.tracker.remove_worker(p, timeout) for p in workers))
             self.restored.clear()
-            self.metrics.owned_partitions.set(0)
+            self._count_owned()
+
+    def _count_owned(self) -> None:
+        """``owned_partitions``, after every change of the partitions restored here."""
+        self.metrics.owned_partitions.set(len(self.restored))
 
     async def _restore(self, p: int) -> None:
         if self._stopping.is_set():
@@ -308,7 +312,7 @@ class PartitionOwner:
             except Exception:  # its polls and commits are dropped all the same
                 log.exception("partition_release_failed", partition=p)
             self.restored.discard(p)
-            self.metrics.owned_partitions.set(len(self.restored))
+            self._count_owned()
             consumer = self._consumer()
             if consumer is not None:
                 with contextlib.suppress(KafkaError, AssertionError):
@@ -340,7 +344,7 @@ class PartitionOwner:
                     if consumer is not None:
                         await consumer.seek_to_committed(tp)
                     await self._restore(p)
-                    self.metrics.owned_partitions.set(len(self.restored))
+                    self._count_owned()
                     return
                 except (KafkaError, OSError) as exc:
                     # Kafka unreachable or refusing, a transient condition: the partition

@@ -276,37 +276,16 @@ class Policy:
         """
         seen = seen_with(b, pending)
         total = cast(int | None, updates.get("total_processed", b.total_processed))
-        idle = read_all and self.idle(b, pending, now)
-        if b.expected_count is not None:
-            if seen >= b.expected_count:
-                # A record without a usable authorizer listed again with new content counts
-                # again: the records seen may then be more than there are, and only the read
-                # of the whole batch that completion for idleness takes can tell.
-                exact = not (b.unkeyed or pending.unkeyed)
-                if total is None or seen >= total:
-                    if exact:
-                        return "completed", expected_reason(seen, b.expected_count, total)
-                    if idle:
-                        return "completed", (
-                            f"{expected_reason(seen, b.expected_count, total)}, and nothing "
-                            "new in a read of the whole batch (records without an authorizer "
-                            "ID count once per version)"
-                        )
-                elif idle:
-                    return "completed", (
-                        f"{expected_reason(seen, b.expected_count, total)}, "
-                        f"{total - seen} never listed within polling.complete_after_idle_s"
-                    )
-        elif idle and total is not None and seen >= total:
-            return "completed", (
-                f"no new records for polling.complete_after_idle_s, nor in a read of the whole "
-                f"batch; {seen} records seen, the API counts {total}"
-            )
-        elif idle and total is None:
-            return "completed", (
-                "no new records for polling.complete_after_idle_s, nor in a read of the whole "
-                "batch (the API gives no count)"
-            )
+        expected = b.expected_count
+        # A record without a usable authorizer listed again with new content counts again:
+        # the records seen may then be more than there are, and only the read of the whole
+        # batch that completion for idleness takes can tell.
+        exact = not (b.unkeyed or pending.unkeyed)
+        whole = total is None or seen >= total
+        if expected is not None and seen >= expected and whole and exact:
+            return "completed", expected_reason(seen, expected, total)
+        if read_all and self.idle(b, pending, now) and self._may_complete(b, seen, total):
+            return "completed", idle_reason(seen, expected, total)
         if now - b.tracked_at >= self.cfg.max_age_s:
             return "expired", expired_reason(b, seen, total)
         return None
@@ -547,6 +526,25 @@ def expected_reason(seen: int, expected: int, total: int | None) -> str:
     else:
         reason = f"{seen} records published, {expected} expected"
     return reason if total is None or total <= expected else f"{reason}; the API counts {total}"
+
+
+def idle_reason(seen: int, expected: int | None, total: int | None) -> str:
+    """How a batch completed for idleness, on a read of the whole batch that found nothing
+    new (``Policy.completion``)."""
+    if expected is not None:
+        if total is not None and total > seen:
+            return (
+                f"{expected_reason(seen, expected, total)}, "
+                f"{total - seen} never listed within polling.complete_after_idle_s"
+            )
+        return (
+            f"{expected_reason(seen, expected, total)}, and nothing new in a read of the whole "
+            "batch (records without an authorizer ID count once per version)"
+        )
+    quiet = "no new records for polling.complete_after_idle_s, nor in a read of the whole batch"
+    if total is None:
+        return f"{quiet} (the API gives no count)"
+    return f"{quiet}; {seen} records seen, the API counts {total}"
 
 
 def expired_reason(b: BatchState, seen: int, total: int | None) -> str:
