@@ -255,7 +255,8 @@ def _page_response(
     ``asked_with``: the request's page token, which a looping page hands back as it is.
     """
     positions, cursor = batch.page(total, offset, limit)
-    items = ",".join(_record_json(batch.record_at(i), i) for i in positions)
+    fraction = batch.shape.integers == "fraction"
+    items = ",".join(_record_json(batch.record_at(i), i, fraction) for i in positions)
     if sim._take_token_loop(batch.batch_id):
         log.debug("simulator page token loop", batch_id=batch.batch_id, offset=offset)
         if asked_with is None:  # the first page: a token for it, the same one every time
@@ -269,7 +270,9 @@ def _page_response(
     kind = sim._take_malformed(batch.batch_id)
     if kind is None:
         omit_empty = batch.shape.has_more == "omit_empty"
-        body = _page_json(batch.batch_id, reported, f"[{items}]", has_more, token, omit_empty)
+        body = _page_json(
+            batch.batch_id, reported, f"[{items}]", has_more, token, omit_empty, fraction
+        )
     else:
         log.debug("simulator malformed page", batch_id=batch.batch_id, kind=kind)
         body = _malformed_page(kind, batch.batch_id, reported, items, token)

@@ -31,6 +31,8 @@ ORDERS = ("completion", "submission")
 TOTAL_PROCESSED_MODES = ("exact", "absent")
 #: When a page of a batch says ``has_more`` (see :meth:`Simulator.add_batch`).
 HAS_MORE_MODES = ("exact", "full_page", "absent", "omit_empty")
+#: How a batch writes its whole numbers (see :meth:`Simulator.add_batch`).
+INTEGER_MODES = ("plain", "fraction")
 #: :meth:`Simulator.generate_batch` makes bigger batches lazy unless told otherwise.
 LAZY_THRESHOLD = 100_000
 #: Positions of a lazy batch are 32-bit (``array("I")``).
@@ -42,7 +44,15 @@ _TOKEN_MAC_BYTES = 16
 class _Shape:
     """How a batch is listed, paged and counted (see :meth:`Simulator.add_batch`)."""
 
-    __slots__ = ("count_skew", "has_more", "order", "page_size", "token_ttl_s", "total_processed")
+    __slots__ = (
+        "count_skew",
+        "has_more",
+        "integers",
+        "order",
+        "page_size",
+        "token_ttl_s",
+        "total_processed",
+    )
 
     def __init__(
         self,
@@ -52,6 +62,7 @@ class _Shape:
         page_size: int | None = None,
         has_more: str = "exact",
         token_ttl_s: float | None = None,
+        integers: str = "plain",
     ) -> None:
         if order not in ORDERS:
             raise ValueError(f"order must be one of {', '.join(map(repr, ORDERS))}")
@@ -78,6 +89,9 @@ class _Shape:
         self.page_size = page_size
         self.has_more = has_more
         self.token_ttl_s = token_ttl_s
+        if integers not in INTEGER_MODES:
+            raise ValueError(f"integers must be one of {', '.join(map(repr, INTEGER_MODES))}")
+        self.integers = integers
 
 
 class _Batch:

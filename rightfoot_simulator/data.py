@@ -348,12 +348,13 @@ def _decimal_text(value: Decimal) -> str:
     return str(value)
 
 
-def _record_json(record: SimRecord, index: int) -> str:
-    """One BalanceRecord as JSON text; ``index`` is its position in served order."""
+def _record_json(record: SimRecord, index: int, fraction: bool = False) -> str:
+    """One BalanceRecord as JSON text; ``index`` is its position in served order.
+    ``fraction``: the status codes written with a fraction (``3300.0``)."""
     if record.raw_override is not None:
         return record.raw_override
     balance = "null" if record.balance is None else _decimal_text(record.balance)
-    code = int(record.balance_status_code)
+    code = f"{int(record.balance_status_code)}{'.0' if fraction else ''}"
     parts = [
         f'"authorizer_unique_id":{json.dumps(record.authorizer_unique_id)}',
         f'"balance":{balance}',
@@ -374,15 +375,17 @@ def _page_json(
     has_more: bool | str | None,
     token: str | None,
     omit_empty: bool = False,
+    fraction: bool = False,
 ) -> str:
     """A page body; ``total`` None omits ``total_processed``, ``has_more`` None ``has_more``.
 
     ``omit_empty``: as protobuf's JSON writes a message, fields at their default value are
     left out (``total_processed`` 0, an empty ``balances``, ``has_more`` false).
+    ``fraction``: ``total_processed`` written with a fraction (``12.0``).
     """
     fields = [f'"batch_id":{json.dumps(batch_id)}']
     if total is not None and not (omit_empty and total == 0):
-        fields.append(f'"total_processed":{total}')
+        fields.append(f'"total_processed":{total}{".0" if fraction else ""}')
     if not (omit_empty and balances_json == "[]"):
         fields.append(f'"balances":{balances_json}')
     if has_more is not None and not (omit_empty and has_more is False):

@@ -159,6 +159,7 @@ class Simulator:
         page_size: int | None = None,
         has_more: str = "exact",
         token_ttl_s: float | None = None,
+        integers: str = "plain",
     ) -> None:
         """Add a batch; it answers 404 for ``visible_after`` seconds, then exists.
 
@@ -183,8 +184,13 @@ class Simulator:
         ``total_processed`` of 0.
         ``token_ttl_s``: a page token is refused (400 INVALID_PAGE_TOKEN) once that many
         seconds have passed since it was issued; None: tokens do not expire.
+        ``integers``: ``"plain"`` writes ``total_processed`` and the status codes as JSON
+        integers; ``"fraction"`` as a serializer that holds numbers as doubles writes them
+        (``3300.0``), which the schema's ``integer`` (JSON Schema 2020-12) allows.
         """
-        shape = _Shape(order, total_processed, count_skew, page_size, has_more, token_ttl_s)
+        shape = _Shape(
+            order, total_processed, count_skew, page_size, has_more, token_ttl_s, integers
+        )
         if batch_id in self._batches:
             raise ValueError(f"batch {batch_id!r} already exists")
         for record in records:
@@ -229,6 +235,7 @@ class Simulator:
         page_size: int | None = None,
         has_more: str = "exact",
         token_ttl_s: float | None = None,
+        integers: str = "plain",
         lazy: bool | None = None,
     ) -> Sequence[SimRecord]:
         """Add a batch of ``count`` deterministic synthetic records and return them.
@@ -239,7 +246,7 @@ class Simulator:
         (record i gets ``codes[i % len(codes)]``); without them about 85% succeed. The
         same (simulator seed, batch ID) or the same ``seed`` always gives the same
         records. ``order``, ``total_processed``, ``count_skew``, ``page_size``, ``has_more``
-        and ``token_ttl_s``: see :meth:`add_batch`.
+        ``token_ttl_s`` and ``integers``: see :meth:`add_batch`.
 
         ``lazy`` (default: when ``count`` > ``LAZY_THRESHOLD``) keeps no record objects:
         each record is derived from (seed, position) when read, at about 8 bytes per
@@ -249,7 +256,9 @@ class Simulator:
         """
         if codes is not None and not codes:
             raise ValueError("codes must not be empty")
-        shape = _Shape(order, total_processed, count_skew, page_size, has_more, token_ttl_s)
+        shape = _Shape(
+            order, total_processed, count_skew, page_size, has_more, token_ttl_s, integers
+        )
         if lazy or (lazy is None and count > LAZY_THRESHOLD):
             return self._generate_lazy(
                 batch_id,
@@ -276,6 +285,7 @@ class Simulator:
             page_size=page_size,
             has_more=has_more,
             token_ttl_s=token_ttl_s,
+            integers=integers,
         )
         return records
 

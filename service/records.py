@@ -15,10 +15,19 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
 import msgspec
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+)
 from xxhash import xxh3_64_intdigest
 
 from service.errors import ApiMalformedResponse
@@ -170,13 +179,30 @@ class Page:
     invalid: list[InvalidRecord] = field(default_factory=list)
 
 
+def _integral(value: Any) -> Any:
+    """A JSON number written with a fraction or an exponent that is a whole number (3300.0,
+    3e2) as the integer it is: JSON Schema's ``integer``, which the vendor's OpenAPI 3.1
+    schema uses, takes it. Anything else as it was, for the field's own check."""
+    if (
+        type(value) is Decimal
+        and value.is_finite()
+        and value.adjusted() < 19  # a count or a code, not a number of a million digits
+        and value == value.to_integral_value()
+    ):
+        return int(value)
+    return value
+
+
+_Integral = Annotated[StrictInt, BeforeValidator(_integral)]
+
+
 class _Envelope(BaseModel):
     """BatchBalancesResponse; unknown fields are tolerated."""
 
     model_config = ConfigDict(extra="ignore")
 
     batch_id: StrictStr | None = None
-    total_processed: StrictInt | None = Field(default=None, ge=0)
+    total_processed: _Integral | None = Field(default=None, ge=0)
     # No field of the schema is required: a serializer that leaves out empty lists (as
     # protobuf's JSON does) sends an empty page without it. See _parse_page_general.
     balances: list[Any] | None = None
@@ -202,8 +228,9 @@ class _Record(BaseModel):
 
     authorizer_unique_id: StrictStr
     balance: Decimal | None = None
-    balance_status_code: StrictInt | None = None
-    status_code: StrictInt | None = None
+    balance_status_code: _Integral | None = None
+    # Read only when balance_status_code is missing (see _codes): it is deprecated.
+    status_code: _Integral | None = None
     timestamp: StrictStr
 
 
@@ -231,11 +258,19 @@ def _exact_fields(item: dict[str, Any]) -> _Fields | None:
         type(uid) is str
         and type(timestamp) is str
         and (balance is None or type(balance) is Decimal)
-        and (code is None or type(code) is int)
-        and (legacy is None or type(legacy) is int)
+        and (type(code) is int or (code is None and (legacy is None or type(legacy) is int)))
     ):
-        return _Fields(uid, balance, code, legacy, timestamp)
+        return _Fields(uid, balance, code, None if type(code) is int else legacy, timestamp)
     return None
+
+
+def _codes(item: dict[str, Any]) -> dict[str, Any]:
+    """The record with the deprecated ``status_code`` left out when ``balance_status_code``
+    is given: only the latter is read then, and whatever the former holds is no reason to
+    set the record aside."""
+    if item.get("balance_status_code") is None or "status_code" not in item:
+        return item
+    return {k: v for k, v in item.items() if k != "status_code"}
 
 
 def _parse_int(text: str) -> int | Decimal:
@@ -408,7 +443,7 @@ def parse_record(
     rec: _Fields | _Record | None = _exact_fields(item)
     if rec is None:
         try:
-            rec = _Record.model_validate(item)
+            rec = _Record.model_validate(_codes(item))
         except ValidationError as exc:
             err = exc.errors()[0]
             where = ".".join(str(p) for p in err["loc"])

@@ -263,6 +263,60 @@ def test_status_code_is_the_fallback_and_balance_status_code_wins() -> None:
     assert one_record(null_new).balance_status_code == 3310
 
 
+@pytest.mark.parametrize("legacy", ['"x"', "0.5", "true", "[3300]", '{"code": 1}'])
+def test_a_status_code_that_is_not_read_does_not_set_the_record_aside(legacy: str) -> None:
+    """``status_code`` is read only when ``balance_status_code`` is missing: whatever it
+    holds beside a valid ``balance_status_code`` is no reason to dead-letter the record."""
+    text = (
+        record_text(balance="2.00", balance_status_code=3200)[:-1] + f', "status_code": {legacy}}}'
+    )
+    record = one_record(text)
+    assert (record.balance_status_code, record.balance) == (3200, "2.00")
+    # With balance_status_code missing, the same status_code is read, and refused.
+    missing = record_text(balance="2.00")
+    missing = missing.replace('"balance_status_code": 0', f'"status_code": {legacy}')
+    assert one_invalid(missing).reason == "invalid_field"
+
+
+@pytest.mark.parametrize(
+    ("written", "code"), [("3300.0", 3300), ("3.3e3", 3300), ("0.0", 0), ("-0", 0), ("9E+3", 9000)]
+)
+def test_whole_numbers_written_with_a_fraction_or_an_exponent_are_integers(
+    written: str, code: int
+) -> None:
+    """The vendor's schema is OpenAPI 3.1 (JSON Schema 2020-12), whose ``integer`` takes
+    any number with a zero fraction: a serializer holding numbers as doubles writes
+    ``3300.0``. Refused, every record of such a vendor would be dead-lettered, and a page
+    whose ``total_processed`` is one would stop its batch for good."""
+    text = record_text(balance="1.00").replace(
+        '"balance_status_code": 0', f'"balance_status_code": {written}'
+    )
+    assert one_record(text).balance_status_code == code
+    legacy = record_text(balance="1.00").replace(
+        '"balance_status_code": 0', f'"status_code": {written}'
+    )
+    assert one_record(legacy).balance_status_code == code
+    # The same record written either way is the same event.
+    plain = record_text(balance="1.00").replace(
+        '"balance_status_code": 0', f'"balance_status_code": {code}'
+    )
+    assert one_record(text).event_id == one_record(plain).event_id
+    body = b'{"batch_id": "b", "balances": [], "total_processed": ' + written.encode() + b"}"
+    assert parse_page("b", body).total_processed == code
+
+
+@pytest.mark.parametrize("written", ["3300.5", "1e19", "1e400000", "3.3e-3"])
+def test_a_status_code_with_a_fraction_is_still_refused(written: str) -> None:
+    text = record_text(balance="1.00").replace(
+        '"balance_status_code": 0', f'"balance_status_code": {written}'
+    )
+    assert one_invalid(text).reason == "invalid_field"
+    with pytest.raises(ApiMalformedResponse):
+        parse_page(
+            "b", b'{"batch_id": "b", "balances": [], "total_processed": ' + written.encode() + b"}"
+        )
+
+
 @pytest.mark.parametrize(
     ("text", "reason"),
     [

@@ -730,6 +730,19 @@ async def test_omit_empty_leaves_out_the_fields_at_their_default_value(api: Api)
     assert (await api.read_all(OTHER)).pages[-1].body == {"batch_id": OTHER}
 
 
+async def test_integers_fraction_writes_counts_and_codes_as_doubles_do(api: Api) -> None:
+    api.sim.generate_batch(BATCH, 30, seed=1, integers="fraction")
+    status, text = await api.get("/v1/balances", {"batchId": BATCH, "limit": "100"})
+    assert status == 200
+    assert '"total_processed":30.0' in text
+    page = json.loads(text)
+    codes = [r["balance_status_code"] for r in page["balances"]]
+    assert codes and all(isinstance(c, float) and c == int(c) for c in codes)
+    assert [r["status_code"] for r in page["balances"]] == codes
+    with pytest.raises(ValueError, match="integers must be one of"):
+        api.sim.generate_batch(OTHER, 3, seed=1, integers="double")
+
+
 @pytest.mark.parametrize("order", ["completion", "submission"])
 async def test_a_token_loop_leads_back_to_the_page_just_served(api: Api, order: str) -> None:
     api.sim.generate_batch(BATCH, 250, seed=2, order=order)
