@@ -50,10 +50,14 @@ log = structlog.get_logger(__name__)
 MAX_BODY_BYTES = 16 * 1024 * 1024
 # A 429 asking for a longer wait than this ends the attempt; the batch is rescheduled.
 MAX_INLINE_RETRY_AFTER_S = 30.0
-# A Retry-After is honoured up to an hour. A longer one (a date years ahead, say) would hold
-# every request of the replica back, and its batches' polls, for as long: it counts as an
-# hour, with a warning, and a 429 then may ask again.
-MAX_RETRY_AFTER_S = 3600.0
+# A 429 holds every request of the replica back for its Retry-After, however long: the
+# vendor's wait is honoured in full. A wait over this long is honoured too, with a WARNING
+# (retry_after_long): every request of the replica, and its batches' polls, stop that long.
+LONG_RETRY_AFTER_S = 3600.0
+# No plausible wait is longer than this. A Retry-After beyond it (a date years ahead, a
+# number past any clock) would stop the replica for good: it counts as this, with a WARNING
+# (retry_after_capped), and a 429 then may ask again.
+MAX_RETRY_AFTER_S = 7 * 86400.0
 # An error body's message is kept to this many characters in errors and log lines.
 MAX_ERROR_MESSAGE_CHARS = 500
 
@@ -216,7 +220,7 @@ class RightfootClient:
         # Every request of this client holds one of these while in flight, the export's too.
         self.concurrency = asyncio.Semaphore(cfg.max_concurrent_requests)
         self.retries = Throttle()  # api_retry: one line a kind of failure a minute
-        self.warnings = Throttle()  # retry_after_capped
+        self.warnings = Throttle()  # retry_after_long, retry_after_capped
         self._session: aiohttp.ClientSession | None = None
         self._base = cfg.base_url.rstrip("/")
 
@@ -357,19 +361,29 @@ class RightfootClient:
                 self.metrics.api_duration.labels(endpoint).observe(time.perf_counter() - started)
 
     def retry_after(self, resp: aiohttp.ClientResponse) -> float | None:
-        """The answer's Retry-After in seconds, at most ``MAX_RETRY_AFTER_S``."""
+        """The answer's Retry-After in seconds, in full up to ``MAX_RETRY_AFTER_S``."""
         value = parse_retry_after(resp.headers.get("Retry-After"))
-        if value is None or value <= MAX_RETRY_AFTER_S:
+        if value is None or value <= LONG_RETRY_AFTER_S:
+            return value
+        if value <= MAX_RETRY_AFTER_S:
+            held = self.warnings.admit("retry_after_long")
+            if held is not None:
+                log.warning(
+                    "retry_after_long",
+                    retry_after_s=round(value),
+                    suppressed=held,
+                    detail="the API asked for a wait over an hour; every request waits it",
+                )
             return value
         self.metrics.invalid_input.labels("api", "retry_after").inc()
         held = self.warnings.admit("retry_after_capped")
         if held is not None:
             log.warning(
                 "retry_after_capped",
-                retry_after_s=round(value),
+                retry_after_s=round(value) if value < 1e18 else value,
                 waited_s=MAX_RETRY_AFTER_S,
                 suppressed=held,
-                detail="the API asked for a wait longer than an hour; waiting an hour",
+                detail="the API asked for a wait longer than 7 days; waiting 7 days",
             )
         return MAX_RETRY_AFTER_S
 

@@ -28,7 +28,7 @@ from service.api import (
     error_from_response,
     parse_retry_after,
 )
-from service.config import RightfootConfig
+from service.config import PollingConfig, RightfootConfig
 from service.errors import (
     ApiBadRequest,
     ApiError,
@@ -41,6 +41,8 @@ from service.errors import (
 )
 from service.metrics import Metrics
 from service.pacing import RateLimiter
+from service.policy import Policy
+from service.state import BatchState
 
 KEY = "rf_test_key_5f1d0c9e8b7a6d5c4b3a"
 INSTANCE = "poller-test-0"
@@ -224,22 +226,52 @@ async def test_429_with_retry_after_as_an_http_date_is_honoured(api: Harness) ->
     assert info.value.retry_after is not None and 115 <= info.value.retry_after <= 121
 
 
-async def test_a_retry_after_of_years_holds_requests_back_an_hour_at_most(api: Harness) -> None:
-    """A date decades ahead would stop every request of the replica, and every poll."""
+@pytest.mark.parametrize("as_date", [False, True], ids=["seconds", "http-date"])
+async def test_a_retry_after_of_two_hours_is_waited_in_full(api: Harness, as_date: bool) -> None:
+    """The contract: a 429 waits at least Retry-After. Every request of the replica is held
+    back that long, and the batch's next poll is no sooner."""
+    api.sim.faults.rate_limit_next = 1
+    api.sim.faults.retry_after_s = 7200
+    api.sim.faults.retry_after_date = as_date
+    client = await api.client()
+    with structlog.testing.capture_logs() as logs, pytest.raises(ApiRateLimited) as info:
+        await client.fetch_page(BATCH, None)
+    exc = info.value
+    assert exc.retry_after is not None and exc.retry_after >= 7200 - (1.0 if as_date else 0.0)
+    assert api.client_sleeps.delays == []  # not waited inline: the batch is rescheduled
+    labels = {"source": "api", "reason": "retry_after"}
+    assert not api.metrics.registry.get_sample_value("rightfoot_poller_invalid_input_total", labels)
+    (warned,) = [e for e in logs if e["event"].startswith("retry_after")]
+    assert (warned["event"], warned["log_level"]) == ("retry_after_long", "warning")
+    assert warned["retry_after_s"] >= 7199
+    # The batch's next poll: no sooner than the Retry-After.
+    polling = Policy(PollingConfig(), 8.0, random.Random(0))
+    step = polling.failed(BatchState(batch_id=BATCH, partition=0), exc, time.time())
+    assert step.poll_in is not None and step.poll_in >= exc.retry_after
+    # The next request waits out the two hours (the limiter's recorded sleep), then goes on.
+    assert len((await client.fetch_page(BATCH, None)).records) == 100
+    assert 7190.0 < max(api.limiter_sleeps.delays) <= 7200.0
+
+
+async def test_a_retry_after_of_years_holds_requests_back_seven_days_at_most(
+    api: Harness,
+) -> None:
+    """A date decades ahead would stop every request of the replica, and every poll, for
+    good: no wait that long is plausible."""
     api.sim.faults.rate_limit_next = 1
     api.sim.faults.retry_after_s = 80 * 365 * 86400
     api.sim.faults.retry_after_date = True
     client = await api.client()
     with structlog.testing.capture_logs() as logs, pytest.raises(ApiRateLimited) as info:
         await client.fetch_page(BATCH, None)
-    assert info.value.retry_after == MAX_RETRY_AFTER_S == 3600.0
+    assert info.value.retry_after == MAX_RETRY_AFTER_S == 7 * 86400.0
     labels = {"source": "api", "reason": "retry_after"}
     assert api.metrics.registry.get_sample_value("rightfoot_poller_invalid_input_total", labels)
     (warned,) = [e for e in logs if e["event"] == "retry_after_capped"]
     assert warned["log_level"] == "warning" and warned["retry_after_s"] > 79 * 365 * 86400
-    # The next request waits out the hour (the limiter's recorded sleep), then goes on.
+    # The next request waits out the 7 days (the limiter's recorded sleep), then goes on.
     assert len((await client.fetch_page(BATCH, None)).records) == 100
-    assert 3500.0 < max(api.limiter_sleeps.delays) <= 3600.0
+    assert 7 * 86400.0 - 100 < max(api.limiter_sleeps.delays) <= 7 * 86400.0
 
 
 @pytest.mark.parametrize(
