@@ -71,6 +71,7 @@ INVALID_INPUT: tuple[tuple[str, str], ...] = (
             "malformed_page",
             "page_token_rejected",
             "page_token_loop",
+            "empty_pages",
             "retry_after",
         )
     ),

@@ -43,6 +43,9 @@ _STATUS_CODE = operator.itemgetter(BalanceRecord._fields.index("balance_status_c
 # Restarts from the first page within one poll after page tokens are rejected (400);
 # past that the poll fails like any transient failure and backs off.
 MAX_TOKEN_RESTARTS = 3
+# Empty pages in a row that say more follow, after which a poll ends where it stands: an
+# API that hands out a new token with every empty page would keep it reading for ever.
+MAX_EMPTY_PAGES = 10
 # What a track request did (Step.note of Policy.track; a label of tracking_requests_total).
 TRACK_NOTES = ("started", "updated", "already_tracked", "already_finished")
 # Exponents stop growing here: 2**20 windows is past any backoff cap.
@@ -376,6 +379,7 @@ class Poll:
         self.cursor = b.cursor  # where the next poll starts
         self.full = None if b.cursor is not None else _FullRead(False, b.records_seen)
         self.restarts = 0  # page tokens rejected in this poll
+        self.empty_run = 0  # empty pages in a row that said more follow
         self.pending = Pending()
         self.done = False
         self._loop_watch(self.token)
@@ -402,6 +406,9 @@ class Poll:
             self._loop_check(page.next_page_token)
         collect(b, page.records, page.invalid, self.pending)
         last = self._advance(b, page, now)
+        self.empty_run = 0 if last or page.records or page.invalid else self.empty_run + 1
+        if self.empty_run >= MAX_EMPTY_PAGES:
+            return self._cut_short(b, now)
         size = self.pending.size
         if not last and size < self.policy.cfg.max_records_per_transaction:
             return None
@@ -418,6 +425,20 @@ class Poll:
         step.sweep = sweep
         if last and step.lifecycle is None:
             step.poll_in = self.policy.window()
+        return step
+
+    def _cut_short(self, b: BatchState, now: float) -> Step:
+        """End the poll after ``MAX_EMPTY_PAGES`` empty pages in a row that said more follow.
+
+        Each came with a new token (one that led back would be a loop): a list that goes
+        on empty for ever cannot be told from a long run of empty pages, so the poll stops
+        reading, commits what it has (the cursor at the last token, if it read in order)
+        and the next poll goes on from there. It has not read to the end: no completion.
+        """
+        self.done = True
+        step = self._commit(b, None, {}, now)
+        step.cut_short = True
+        step.poll_in = self.policy.window()
         return step
 
     def flush(self, b: BatchState | None, now: float) -> Step | None:

@@ -45,6 +45,8 @@ class Step:
     sweep: SweepReport | None = None
     # The API's count went past the batch's expected_count with this step (logged once).
     above_expected: bool = False
+    # The poll ended before the end of the list, after a run of empty pages (policy.Poll).
+    cut_short: bool = False
 
     @property
     def finished(self) -> bool:

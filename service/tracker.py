@@ -529,10 +529,7 @@ class Tracker:
             while not poll.done:
                 if not await room.reserve(page_room, poll.pending.size):
                     # Stalled (service/budget.py): commit what this poll gathered, ask again.
-                    flushed = poll.flush(w.batches.get(batch_id), self.wall())
-                    if flushed is not None:
-                        last = flushed
-                        committing.append(self._commit_held(w, flushed))
+                    last = self._flush(w, poll, committing) or last
                     continue
                 reserved = page_room
                 page = await self._fetch(w, poll)
@@ -554,10 +551,13 @@ class Tracker:
             await settled(committing)
             return None  # the partition is being released
         except ApiError as exc:
-            # What the poll committed before the error stands; the error is recorded on
-            # top of it, on the batch as it stands now.
+            # What the poll read before the error stands: the pages were read in order, so
+            # their records go to a commit with the cursor past them (dropped, they would be
+            # read again and dropped again for as long as the failing page lasts). The error
+            # is recorded on top of it, on the batch as it stands then.
             if isinstance(exc, PageTokenLoop):
                 self.metrics.invalid_input.labels("api", "page_token_loop").inc()
+            self._flush(w, poll, committing)
             await settled(committing)
             return await self._poll_failed(w, poll, exc)
         except BaseException:
@@ -571,6 +571,15 @@ class Tracker:
             return None  # stopped (or tracked again) while it read: that poll is dropped
         self.metrics.polls.labels("ok").inc()
         return last.poll_in
+
+    def _flush(
+        self, w: PartitionWorker, poll: Poll, committing: deque[asyncio.Future[None]]
+    ) -> Step | None:
+        """Commit what ``poll`` has read so far (``Poll.flush``); the step, if any."""
+        flushed = poll.flush(w.batches.get(poll.batch_id), self.wall())
+        if flushed is not None:
+            committing.append(self._commit_held(w, flushed))
+        return flushed
 
     async def _ready(self, w: PartitionWorker, batch_id: str) -> BatchState | float | None:
         """The batch to poll, its fingerprints in memory; else the delay before trying

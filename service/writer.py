@@ -15,6 +15,7 @@ from service.errors import ApiError, ApiNotFound, ApiUnauthorized
 from service.events import BalanceEvents, EventFactory, OutMessage, Publishable
 from service.logs import Throttle
 from service.metrics import Metrics
+from service.policy import MAX_EMPTY_PAGES
 from service.state import BatchState, clear_records, forget_records, state_records
 from service.step import Step
 
@@ -50,6 +51,8 @@ class StepWriter:
             out.extend(self.state(b))
         if step.sweep is not None:
             self._swept(b, step)
+        if step.cut_short:
+            self._cut_short(step)
         return out
 
     def committed(self, step: Step) -> None:
@@ -108,6 +111,18 @@ class StepWriter:
                     log.debug("poll_failed", **fields)
                 else:
                     log.warning("poll_failed", **fields, suppressed=held)
+
+    def _cut_short(self, step: Step) -> None:
+        """Count and log a poll ended by a run of empty pages that said more follow."""
+        self.metrics.invalid_input.labels("api", "empty_pages").inc()
+        held = self.failures.admit("empty_pages")
+        if held is not None:
+            log.warning(
+                "poll_cut_short",
+                batch_id=step.state.batch_id,
+                reason=f"{MAX_EMPTY_PAGES} empty pages in a row, each saying more follow",
+                suppressed=held,
+            )
 
     def _swept(self, b: BatchState, step: Step) -> None:
         sweep = step.sweep

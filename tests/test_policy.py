@@ -18,7 +18,7 @@ from service.errors import (
     ApiUnauthorized,
     PageTokenLoop,
 )
-from service.policy import MAX_TOKEN_RESTARTS, Policy, Poll
+from service.policy import MAX_EMPTY_PAGES, MAX_TOKEN_RESTARTS, Policy, Poll
 from service.records import InvalidRecord, Page, parse_record
 from service.requests import TrackingRequest
 from service.state import BatchState
@@ -185,6 +185,49 @@ def test_a_page_token_loop_of_any_length_ends_the_poll(tail: int, loop: int) -> 
     assert tail + loop <= pages <= 2 * (tail + loop) + loop
     # Every distinct page was taken, but for the one whose token gave the loop away.
     assert tail + loop - 1 <= poll.pending.size <= tail + loop
+
+
+def test_empty_pages_with_new_tokens_for_ever_end_the_poll_and_the_next_goes_on() -> None:
+    """A tail page that is empty, says more follow and gives a new token every time (the
+    time in it): no token repeats, so it is no loop, but followed it would keep the poll
+    reading for ever, and the records it had read would never be committed. After a run
+    of MAX_EMPTY_PAGES such pages the poll commits what it read, its cursor at the last
+    token, and ends; the next poll goes on from there, and the batch does not complete."""
+    d = driver(records=5)
+    issued = 0
+
+    def page(token: str | None) -> Page:
+        nonlocal issued
+        if token is None or token == "t2":
+            return d.vendor.page(token)
+        issued += 1
+        return Page(BATCH, 5, True, f"t4-{issued}", [])
+
+    d.vendor.page_size = 2
+    poll = d.begin()
+    assert poll is not None
+    steps = []
+    while not poll.done and issued < 1000:
+        steps.append(d.apply(poll.page(d.state, page(poll.token), d.now)))
+    assert poll.done and issued == MAX_EMPTY_PAGES
+    last = steps[-1]
+    assert last is not None and last.cut_short and last.lifecycle is None
+    assert last.poll_in is not None
+    assert sorted(d.emitted) == sorted(r.event_id for r in d.vendor.records[:4])
+    assert d.state is not None and d.state.cursor == f"t4-{issued}"
+    assert d.state.status == "tracking"
+    # A page with records in the run starts it again.
+    poll = d.begin()
+    assert poll is not None and poll.token == f"t4-{issued}"
+    fifth = d.vendor.records[4]
+    assert not isinstance(fifth, InvalidRecord)
+    for n in range(3 * MAX_EMPTY_PAGES):
+        records = [fifth] if n == MAX_EMPTY_PAGES - 2 else []
+        d.apply(poll.page(d.state, Page(BATCH, 5, True, f"u{n}", records), d.now))
+        if poll.done:
+            break
+    assert n == 2 * MAX_EMPTY_PAGES - 2
+    assert sorted(d.emitted) == sorted(r.event_id for r in d.vendor.records)
 
 
 def test_a_loop_back_to_the_page_a_poll_resumed_from_ends_it_at_once() -> None:

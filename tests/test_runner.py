@@ -246,6 +246,45 @@ async def test_401_pauses_every_poll_until_the_key_is_accepted() -> None:
         scheduler.cancel()
 
 
+async def test_records_read_before_a_page_that_fails_are_committed_with_their_cursor() -> None:
+    """A page that fails mid-poll (here for good: a 5xx on every try) ends the poll, but
+    the pages read before it were read in order: their records are published and the
+    cursor moves past them. Dropped, they would be read again and dropped again at every
+    poll for as long as the failing page lasts, and never published."""
+    from service.errors import ApiServerError
+
+    class BrokenAfterFirst(HeldSource):
+        async def fetch_page(
+            self, batch_id: str, token: str | None, *a: object, **k: object
+        ) -> Page:
+            self.asked.put_nowait(token)
+            if token is not None:
+                raise ApiServerError("HTTP 503", status=503)
+            return self.vendor.page(token)
+
+    vendor = Vendor([record(i) for i in range(6)])
+    source = BrokenAfterFirst(vendor)
+    tracker = runner(source, interval_min_s=0, interval_max_s=0, max_records_per_transaction=1000)
+    committer = HeldCommitter()
+    worker = PartitionWorker(partition=0, publisher=committer)
+    tracker.add_worker(worker)
+    scheduler = asyncio.create_task(tracker.run())
+    try:
+        await started(tracker, worker, TrackingRequest(batch_id=BATCH))
+        assert await asyncio.wait_for(source.asked.get(), 1.0) is None
+        assert await asyncio.wait_for(source.asked.get(), 1.0) == "t2"
+        # The next poll starts where the failed page is, not from the first page again.
+        assert await asyncio.wait_for(source.asked.get(), 5.0) == "t2"
+    finally:
+        tracker.stop()
+        scheduler.cancel()
+    first_page = {f"record:{r.event_id}" for r in vendor.records[:2]}
+    published = [e for e in committer.events() if e.startswith("record:")]
+    assert sorted(published) == sorted(first_page)
+    assert committer.summaries()[-1].cursor == "t2"
+    assert worker.batches[BATCH].failures >= 1
+
+
 def test_a_summary_of_an_unknown_newer_version_is_refused_with_a_clear_error() -> None:
     restore = StateRestore(0)
     newer = json.dumps({"v": 99, "batch_id": BATCH, "generation": 1, "status": "tracking"})
