@@ -52,8 +52,10 @@ ALL_STATUS_NAMES: tuple[str, ...] = (*STATUS_NAMES.values(), UNKNOWN_STATUS)
 # always fits in a Kafka message; longer authorizer IDs are refused for the same reason.
 MAX_RAW_CHARS = 64 * 1024
 MAX_ID_CHARS = 1024
-# A page token is stored with the batch's progress, so it is bounded too.
+# A page token is stored with the batch's progress, so it is bounded too: in UTF-8 bytes,
+# and without control characters (which the state's JSON would write six bytes each).
 MAX_PAGE_TOKEN_CHARS = 8 * 1024
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # A balance and a timestamp go into every event as text: bounded, so that one record can
 # neither take the memory (a JSON exponent such as 1e999999999 written out in plain
 # digits) nor make an event too large for Kafka. Far beyond any amount of money or any
@@ -207,11 +209,26 @@ class _Envelope(BaseModel):
     # protobuf's JSON does) sends an empty page without it. See _parse_page_general.
     balances: list[Any] | None = None
     has_more: StrictBool | None = None
-    next_page_token: StrictStr | None = Field(default=None, max_length=MAX_PAGE_TOKEN_CHARS)
+    next_page_token: StrictStr | None = None
 
     @property
     def more(self) -> bool:
         return _more(self.has_more, self.next_page_token)
+
+
+def _token_problem(token: str | None) -> str | None:
+    """Why ``next_page_token`` cannot be kept with the batch's progress; None if it can."""
+    if not token:
+        return None
+    try:
+        size = len(token) if token.isascii() else len(token.encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate, escaped in the JSON
+        return "next_page_token is not valid Unicode"
+    if size > MAX_PAGE_TOKEN_CHARS:
+        return f"next_page_token is over {MAX_PAGE_TOKEN_CHARS} bytes"
+    if _CONTROL.search(token):
+        return "next_page_token has a control character"
+    return None
 
 
 def _more(has_more: bool | None, next_page_token: str | None) -> bool:
@@ -517,7 +534,7 @@ def _parse_page_fast(batch_id: str, body: bytes, content_ids: bool = True) -> Pa
     more = _more(env.has_more, env.next_page_token)
     if more and not env.next_page_token:
         return None
-    if (env.next_page_token and len(env.next_page_token) > MAX_PAGE_TOKEN_CHARS) or (
+    if (more and _token_problem(env.next_page_token)) or (
         env.total_processed is not None and env.total_processed < 0
     ):
         return None
@@ -615,6 +632,9 @@ def _parse_page_general(batch_id: str, body: bytes, content_ids: bool = True) ->
     more = env.more
     if more and not env.next_page_token:
         raise ApiMalformedResponse("has_more is true but next_page_token is missing", status=200)
+    problem = _token_problem(env.next_page_token) if more else None
+    if problem is not None:
+        raise ApiMalformedResponse(problem, status=200)
     page = Page(
         batch_id=env.batch_id,
         total_processed=env.total_processed,

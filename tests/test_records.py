@@ -592,3 +592,39 @@ def test_a_body_without_balances_that_is_no_page_of_the_batch_is_refused(
     not taken as an empty page (which could complete the batch)."""
     with pytest.raises(ApiMalformedResponse, match="no balances"):
         parse_page("b1", json.dumps(body).encode())
+
+
+@pytest.mark.parametrize(
+    ("token", "problem"),
+    [
+        ("😀" * 2049, "over 8192 bytes"),  # 2,049 characters, 8,196 bytes
+        ("a" * 8193, "over 8192 bytes"),
+        ("tok\nen", "control character"),
+        ("tok\x7fen", "control character"),
+        ("tok\ud800en", "not valid Unicode"),
+    ],
+)
+def test_a_page_token_that_cannot_be_kept_with_the_progress_is_refused(
+    token: str, problem: str
+) -> None:
+    """A token is stored with the batch's progress, whose summary must fit its message:
+    bounded in UTF-8 bytes (not characters), with no control character (six bytes each in
+    the summary's JSON). A summary that did not fit would fail the commit of every poll
+    after the batch's state had moved on in memory."""
+    body = json.dumps({"batch_id": "b", "balances": [], "has_more": True, "next_page_token": token})
+    with pytest.raises(ApiMalformedResponse, match=problem):
+        parse_page("b", body.encode())
+
+
+def test_the_largest_page_token_and_reason_still_fit_the_summary() -> None:
+    from service.state import MAX_REASON_CHARS, MAX_SUMMARY_BYTES, BatchState, encode_state
+
+    for token in ("😀" * 2048, '"\\' * 4096, "\u00e9" * 4096):
+        body = json.dumps(
+            {"batch_id": "b", "balances": [], "has_more": True, "next_page_token": token}
+        )
+        page = parse_page("b", body.encode())
+        assert page.next_page_token == token
+        b = BatchState(batch_id="b" * 128, partition=0, cursor=token, expected_count=10**18)
+        b.status, b.reason = "failed", "😀" * MAX_REASON_CHARS
+        assert len(encode_state(b)) <= MAX_SUMMARY_BYTES
