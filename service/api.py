@@ -14,7 +14,7 @@ import os
 import random
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import UTC
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ from service.errors import (
     RequestAborted,
     SecretFileTooLarge,
 )
-from service.logs import Throttle
+from service.logs import Throttle, redact
 from service.metrics import Metrics
 from service.pacing import RateLimiter, Sleep
 from service.records import Page, parse_page
@@ -58,8 +58,10 @@ LONG_RETRY_AFTER_S = 3600.0
 # number past any clock) would stop the replica for good: it counts as this, with a WARNING
 # (retry_after_capped), and a 429 then may ask again.
 MAX_RETRY_AFTER_S = 7 * 86400.0
-# An error body's message is kept to this many characters in errors and log lines.
-MAX_ERROR_MESSAGE_CHARS = 500
+# An error body's message (and code) is kept to this many characters in errors, and so in
+# log lines, a failed batch's reason and the export's error line.
+MAX_ERROR_MESSAGE_CHARS = 200
+MAX_ERROR_CODE_CHARS = 100
 
 
 class _ErrorDetail(BaseModel):
@@ -103,9 +105,26 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 SHOWN_LOCATION_CHARS = 200
 
 
-def redirect_refused(resp: aiohttp.ClientResponse, settings: str) -> ApiError:
+def one_line(text: str) -> str:
+    """``text`` with every run of whitespace, control and other unprintable characters (a
+    newline, a bidi override) made one space: one line, that shows what it says."""
+    return " ".join("".join(c if c.isprintable() else " " for c in text).split())
+
+
+def vendor_text(text: str, limit: int, secrets: Iterable[str | None] = ()) -> str:
+    """Text the API sent, fit to put in an error: ``secrets`` (the API key, should the
+    vendor echo it back) redacted, on one line (``one_line``), at most ``limit``
+    characters (then ending with "…")."""
+    text = one_line(redact(text, [s for s in secrets if s]))
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def redirect_refused(
+    resp: aiohttp.ClientResponse, settings: str, secrets: Iterable[str | None] = ()
+) -> ApiError:
     """The error for a 3xx, which is not followed (it could lead anywhere, over plain HTTP):
-    where it pointed (no user, password, query or fragment), and the ``settings`` to check."""
+    where it pointed (no user, password, query or fragment, nor ``secrets``), and the
+    ``settings`` to check."""
     location = resp.headers.get("Location")
     where = "without a Location"
     if location:
@@ -117,15 +136,19 @@ def redirect_refused(resp: aiohttp.ClientResponse, settings: str) -> ApiError:
         except ValueError:
             where = "to a Location that is not a URL"
         else:
-            cut = shown[:SHOWN_LOCATION_CHARS] + ("…" if len(shown) > SHOWN_LOCATION_CHARS else "")
-            where = f"to {cut}"
+            where = f"to {vendor_text(shown, SHOWN_LOCATION_CHARS, secrets)}"
     return ApiError(
         f"the API redirected {where}; redirects are not followed (check {settings})",
         status=resp.status,
     )
 
 
-def error_from_response(status: int, body: bytes, retry_after: float | None) -> ApiError:
+def error_from_response(
+    status: int, body: bytes, retry_after: float | None, secrets: Iterable[str | None] = ()
+) -> ApiError:
+    """The typed error for an answer that is not 200, with the API's ``error.code`` and
+    ``error.message`` made one short line without ``secrets`` (see ``vendor_text``): the
+    text goes on to log lines, a failed batch's ``reason`` and the export's error line."""
     code = message = None
     try:
         parsed = _ErrorBody.model_validate_json(body)
@@ -133,10 +156,11 @@ def error_from_response(status: int, body: bytes, retry_after: float | None) -> 
             code, message = parsed.error.code, parsed.error.message
     except ValidationError:
         pass
-    if message is not None and len(message) > MAX_ERROR_MESSAGE_CHARS:
-        message = message[:MAX_ERROR_MESSAGE_CHARS] + "…"
+    secrets = list(secrets)
+    if message is not None:
+        message = vendor_text(message, MAX_ERROR_MESSAGE_CHARS, secrets)
     if code is not None:
-        code = code[:100]
+        code = vendor_text(code, MAX_ERROR_CODE_CHARS, secrets) or None
     text = message or f"the API answered {status}"
     cls: type[ApiError]
     if status == 400:
@@ -253,9 +277,26 @@ class RightfootClient:
             raise RuntimeError("RightfootClient.start() must be awaited first")
         return self._session
 
-    def _auth_headers(self) -> dict[str, str]:
-        key = self.api_key.get()
+    def _auth_headers(self, key: str | None = None) -> dict[str, str]:
+        """The Authorization header for ``key`` (by default the current key)."""
+        key = key or self.api_key.get()
         return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def secrets(self, sent: str | None = None) -> tuple[str | None, ...]:
+        """What an error must not show: the API key ``sent`` and the current one."""
+        return (sent, self.api_key.get())
+
+    def error_from(
+        self, resp: aiohttp.ClientResponse, body: bytes, sent: str | None = None
+    ) -> ApiError:
+        """The typed error for an answer that is neither 200 nor a redirect: its text
+        without the API key (``secrets``), whatever the vendor echoes back. A 429 holds
+        every request of this client back for its Retry-After."""
+        secrets = self.secrets(sent)
+        retry_after = self.retry_after(resp)
+        if resp.status == 429:
+            self.rate_limited(retry_after)
+        return error_from_response(resp.status, body, retry_after, secrets)
 
     async def fetch_page(
         self,
@@ -329,13 +370,14 @@ class RightfootClient:
         async with self.turn():
             started = time.perf_counter()
             code = "error"
+            sent = self.api_key.get()
             try:
                 # A redirect is not followed: it could lead to plain HTTP, or elsewhere
                 # than rightfoot.base_url names. It fails the request, saying where it led.
                 async with self.session.get(
                     self._base + path,
                     params=params,
-                    headers=self._auth_headers(),
+                    headers=self._auth_headers(sent),
                     allow_redirects=False,
                 ) as resp:
                     code = str(resp.status)
@@ -343,11 +385,8 @@ class RightfootClient:
                     if resp.status == 200:
                         return body
                     if 300 <= resp.status < 400:
-                        raise redirect_refused(resp, "rightfoot.base_url")
-                    retry_after = self.retry_after(resp)
-                    if resp.status == 429:
-                        self.rate_limited(retry_after)
-                    raise error_from_response(resp.status, body, retry_after)
+                        raise redirect_refused(resp, "rightfoot.base_url", self.secrets(sent))
+                    raise self.error_from(resp, body, sent)
             except TimeoutError:
                 code = "timeout"
                 raise ApiTransportError("the API did not answer in time", code="timeout") from None

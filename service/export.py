@@ -69,7 +69,7 @@ from typing import Any
 import aiohttp
 import structlog
 
-from service.api import ApiKey, RightfootClient, error_from_response, redirect_refused
+from service.api import ApiKey, RightfootClient, one_line, redirect_refused
 from service.config import Settings
 from service.errors import (
     ApiError,
@@ -618,7 +618,9 @@ async def _download(
         ) as resp:
             code = str(resp.status)
             if 300 <= resp.status < 400:
-                raise redirect_refused(resp, "rightfoot.base_url and rightfoot.export_path")
+                raise redirect_refused(
+                    resp, "rightfoot.base_url and rightfoot.export_path", client.secrets()
+                )
             if resp.status != 200:
                 raise await _error_response(client, resp)
             _check_content_type(resp)
@@ -673,16 +675,14 @@ def _describe(exc: aiohttp.ClientError, during_body: bool) -> str:
 
 
 async def _error_response(client: RightfootClient, resp: aiohttp.ClientResponse) -> ApiError:
-    """The typed error for a non-200 answer, its body read up to a bound."""
+    """The typed error for a non-200 answer, its body read up to a bound; the API's text
+    in it one short line without the key (``RightfootClient.error_from``)."""
     body = bytearray()
     async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
         body += chunk[: MAX_ERROR_BODY_BYTES - len(body)]
         if len(body) >= MAX_ERROR_BODY_BYTES:
             break
-    retry_after = client.retry_after(resp)
-    if resp.status == 429:
-        client.rate_limited(retry_after)
-    return error_from_response(resp.status, bytes(body), retry_after)
+    return client.error_from(resp, bytes(body))
 
 
 # --------------------------------------------------------------------------- command
@@ -776,9 +776,9 @@ async def export_main(settings: Settings, args: argparse.Namespace) -> int:
     except (ApiError, ExportWriteError) as exc:
         if printer is not None:
             printer.abort()
-        print(
-            f"rightfoot-poller: export failed: {redact(_describe_failure(exc), secrets)}", file=err
-        )
+        # One line whatever the message holds (a path with a newline in it, say).
+        why = one_line(redact(_describe_failure(exc), secrets))
+        print(f"rightfoot-poller: export failed: {why}", file=err)
         return EXIT_FAILED
     except asyncio.CancelledError:
         if printer is not None:

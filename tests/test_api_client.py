@@ -22,6 +22,7 @@ from aiohttp.test_utils import TestServer
 from rightfoot_simulator import Simulator, build_app
 from service import __version__
 from service.api import (
+    MAX_ERROR_MESSAGE_CHARS,
     MAX_RETRY_AFTER_S,
     ApiKey,
     RightfootClient,
@@ -390,6 +391,61 @@ def test_a_rotated_key_file_over_64_kib_or_not_a_file_keeps_the_key(
     accepted = ApiKey("good-key", key_file)
     accepted.refresh()
     assert accepted.get() == "k" * (64 * 1024)
+
+
+def echoing_app() -> web.Application:
+    """An API that answers the status named by ``batchId``, its error text spread over
+    lines with control characters, and echoing back the API key it was sent."""
+
+    async def answer(request: web.Request) -> web.Response:
+        key = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        message = (
+            f"batch refused\nfor key {key}\r\n\x1b[31mred\x1b[0m\u2028\u202eevil\ttab "
+            + "long " * 100
+        )
+        error = {"code": f"REFUSED\n{key}", "message": message}
+        return web.json_response({"error": error}, status=int(request.query["batchId"]))
+
+    app = web.Application()
+    app.router.add_get("/v1/balances", answer)
+    return app
+
+
+@pytest.mark.parametrize("status", [400, 403, 404])
+async def test_the_apis_error_text_is_one_short_line_without_the_key(
+    api: Harness, status: int
+) -> None:
+    """It goes into log lines, the failed event's reason, the state topic, GET /v1/batches
+    and the export's error line: the vendor echoing the key back must not put it there,
+    nor a newline (a forged log line) or a terminal escape."""
+    server = TestServer(echoing_app(), host="127.0.0.1")
+    await server.start_server()
+    try:
+        api.url = str(server.make_url("")).rstrip("/")
+        client = await api.client()
+        exc = await error_of(client.fetch_page(str(status), None))
+    finally:
+        await server.close()
+    assert exc.status == status
+    text = str(exc)
+    assert KEY not in text and KEY not in repr(exc.args) and KEY not in str(exc.code)
+    assert text.isprintable(), text  # no newline, tab, escape, line separator or override
+    assert "refused for key [redacted] [31mred [0m evil tab long" in text
+    assert exc.code == "REFUSED [redacted]"
+    assert len(exc.args[0]) == MAX_ERROR_MESSAGE_CHARS and exc.args[0].endswith("…")
+    # The reason of the batch that fails for it (lifecycle event, state, GET /v1/batches).
+    polling = Policy(PollingConfig(not_found_grace_s=0), 8.0, random.Random(0))
+    step = polling.failed(BatchState(batch_id=str(status), partition=0), exc, time.time())
+    assert step.lifecycle == "failed" and step.state.reason is not None
+    assert KEY not in step.state.reason and step.state.reason.isprintable()
+
+
+def test_a_key_the_api_echoes_is_redacted_before_the_text_is_cut() -> None:
+    """Cut first, a key across the cut would leave its first part in the error."""
+    key = "k" * 40
+    body = json.dumps({"error": {"message": "x" * 180 + key}}).encode()
+    exc = error_from_response(403, body, None, [key])
+    assert "k" not in str(exc) and str(exc).endswith("[redacted]")
 
 
 async def test_404_raises_not_found(api: Harness) -> None:

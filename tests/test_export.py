@@ -48,6 +48,7 @@ from service.errors import (
     ApiTransportError,
     ApiUnauthorized,
     ExportUsageError,
+    ExportWriteError,
 )
 from service.export import (
     MAX_BATCH_IDS,
@@ -576,6 +577,60 @@ async def test_a_secret_echoed_by_the_api_is_redacted_from_the_message(
     assert code == 1
     err = capsys.readouterr().err.strip()
     assert err == "rightfoot-poller: export failed: HTTP 400 BAD_REQUEST: refused Bearer [redacted]"
+
+
+async def test_the_apis_error_text_is_one_line_without_the_key_from_the_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The error itself (download_export's) carries neither the echoed key nor the
+    message's newlines; the command's error line is one line."""
+
+    async def echo(request: web.Request) -> web.Response:
+        message = f"refused\n{request.headers['Authorization']}\r\nforged line"
+        return web.json_response({"error": {"code": "FORBIDDEN", "message": message}}, status=403)
+
+    app = web.Application()
+    app.router.add_get("/v1/balances/export", echo)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        settings = make_settings(str(server.make_url("")).rstrip("/"))
+        client = make_client(settings)
+        await client.start()
+        try:
+            with pytest.raises(ApiForbidden) as info:
+                await download_export(client, [BATCH], tmp_path / "x.csv")
+        finally:
+            await client.close()
+        code = await export_main(settings, cli_args([BATCH], tmp_path / "x.csv"))
+    finally:
+        await server.close()
+    assert str(info.value) == "HTTP 403 FORBIDDEN: refused Bearer [redacted] forged line"
+    assert code == 1
+    assert capsys.readouterr().err == (
+        "rightfoot-poller: export failed: HTTP 403 FORBIDDEN: refused Bearer [redacted] "
+        "forged line\n"
+    )
+
+
+async def test_the_error_line_is_one_line_whatever_the_error_says(
+    api: Api,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A path with a newline in it, say, in a write error."""
+
+    async def fails(*_args: Any, **_kwargs: Any) -> Any:
+        raise ExportWriteError(f"cannot write {tmp_path}/a\nb.csv: No space left on device")
+
+    monkeypatch.setattr("service.export.download_export", fails)
+    code = await export_main(api.settings(), cli_args([BATCH], tmp_path / "x.csv"))
+    assert code == 1
+    assert capsys.readouterr().err == (
+        f"rightfoot-poller: export failed: cannot write {tmp_path}/a b.csv: "
+        "No space left on device\n"
+    )
 
 
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
