@@ -14,7 +14,7 @@ import os
 import random
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from datetime import UTC
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ import yarl
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from service import __version__
-from service.config import RightfootConfig, is_bearer_token, read_secret_file
+from service.config import SECRET_SOURCES, RightfootConfig, is_bearer_token, read_secret_file
 from service.errors import (
     ApiBadRequest,
     ApiError,
@@ -180,16 +180,29 @@ def error_from_response(
     return cls(text, status=status, code=code, retry_after=retry_after)
 
 
+# Where the API key comes from: variables first, then a file (config.SECRET_SOURCES).
+_API_KEY_SOURCE = next(s for s in SECRET_SOURCES if (s.section, s.key) == ("rightfoot", "api_key"))
+
+
 class ApiKey:
-    """The API key; re-read from ``RIGHTFOOT_API_KEY_FILE`` when asked (rotation)."""
+    """The API key; re-read from ``RIGHTFOOT_API_KEY_FILE`` when asked (rotation), if that
+    is where it came from."""
 
     def __init__(self, value: str | None, file: Path | None = None) -> None:
         self._value = value
         self._file = file
 
     @classmethod
-    def from_env(cls, value: str | None) -> ApiKey:
-        path = os.environ.get("RIGHTFOOT_API_KEY_FILE")
+    def from_env(cls, value: str | None, env: Mapping[str, str] | None = None) -> ApiKey:
+        """The key ``value`` the configuration resolved, with the file to re-read it from
+        only when it came from the file: a variable (``RIGHTFOOT_API_KEY`` or
+        ``RFP_RIGHTFOOT__API_KEY``, not empty) wins over the file, after a 401 as at start,
+        by the configuration's own rule (``config.SecretSource``)."""
+        env = os.environ if env is None else env
+        source = _API_KEY_SOURCE
+        if any(env.get(var, "").strip() for var in source.env) or source.file_var is None:
+            return cls(value)
+        path = env.get(source.file_var)
         return cls(value, Path(path) if path else None)
 
     def get(self) -> str | None:

@@ -29,7 +29,7 @@ from service.api import (
     error_from_response,
     parse_retry_after,
 )
-from service.config import PollingConfig, RightfootConfig
+from service.config import PollingConfig, RightfootConfig, load_settings
 from service.errors import (
     ApiBadRequest,
     ApiError,
@@ -340,6 +340,42 @@ async def test_rotated_key_file_is_picked_up(api: Harness, tmp_path: Path) -> No
     api_key.refresh()
     assert len((await client.fetch_page(BATCH, None)).records) == 100
     assert api.requests() == [401, 200]
+
+
+@pytest.mark.parametrize("variable", ["RIGHTFOOT_API_KEY", "RFP_RIGHTFOOT__API_KEY"])
+def test_a_key_from_a_variable_is_not_replaced_by_the_key_file_after_a_401(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    """The variable wins over the file (README, config): at start, and after a 401 too."""
+    key_file = tmp_path / "api-key"
+    key_file.write_text("file-key-0000000000\n")
+    env = {variable: " variable-key-000000 ", "RIGHTFOOT_API_KEY_FILE": str(key_file)}
+    for name in ("RIGHTFOOT_API_KEY", "RFP_RIGHTFOOT__API_KEY", "RIGHTFOOT_API_KEY_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings(None, env=env)
+    assert settings.rightfoot.api_key is not None
+    value = settings.rightfoot.api_key.get_secret_value()
+    assert value == "variable-key-000000"
+    for api_key in (ApiKey.from_env(value, env), ApiKey.from_env(value)):  # given, os.environ
+        key_file.write_text("rotated-file-key-0000\n")
+        api_key.refresh()
+        assert api_key.get() == "variable-key-000000"
+
+
+def test_a_key_from_the_file_is_read_again_after_a_401(tmp_path: Path) -> None:
+    """An empty variable counts as unset (config.SecretSource): the key came from the file."""
+    key_file = tmp_path / "api-key"
+    key_file.write_text("file-key-0000000000\n")
+    env = {"RIGHTFOOT_API_KEY": " ", "RIGHTFOOT_API_KEY_FILE": str(key_file)}
+    settings = load_settings(None, env=env)
+    assert settings.rightfoot.api_key is not None
+    api_key = ApiKey.from_env(settings.rightfoot.api_key.get_secret_value(), env)
+    assert api_key.get() == "file-key-0000000000"
+    key_file.write_text("rotated-file-key-0000\n")
+    api_key.refresh()
+    assert api_key.get() == "rotated-file-key-0000"
 
 
 @pytest.mark.parametrize(
