@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, KafkaTimeoutError
 
 from service.config import Settings
 from service.errors import PartitionLost
@@ -121,7 +121,13 @@ class PartitionOwner:
         """``owned_partitions``, after every change of the partitions restored here."""
         self.metrics.owned_partitions.set(len(self.restored))
 
-    async def _restore(self, p: int) -> None:
+    async def _restore(self, p: int, *, seek: bool = False) -> None:
+        """Take partition p up: fence its previous owner, read its state, start its worker.
+
+        ``seek`` (a reset): the requests partition is read again from its committed offset,
+        looked up once the new producer has started: its start ends the partition's last
+        transaction (a commit whose outcome was not learnt), so the offset read is final.
+        """
         if self._stopping.is_set():
             return
         started = time.monotonic()
@@ -137,6 +143,8 @@ class PartitionOwner:
             assert shared is not None
             producer = shared
         try:
+            if seek:
+                await self._seek_to_committed(p)
             batches, unreadable = await self._read_state(p)
         except BaseException:
             if self.transactional:
@@ -173,6 +181,24 @@ class PartitionOwner:
             ),
             took_s=round(time.monotonic() - started, 3),
         )
+
+    async def _seek_to_committed(self, p: int) -> None:
+        """Take requests partition p up again from its committed offset; from its beginning
+        when it has none, as the consumer does (``auto_offset_reset="earliest"``).
+
+        Not ``seek_to_committed``: aiokafka seeks there only to a committed offset above 0,
+        and leaves the position where it is otherwise, past the requests whose commit
+        failed (lost, though their HTTP request was answered 202).
+        """
+        consumer = self._consumer()
+        if consumer is None:
+            return
+        tp = TopicPartition(self.kcfg.requests_topic, p)
+        committed = await consumer.committed(tp)
+        if committed is not None:
+            consumer.seek(tp, committed)
+        elif not await consumer.seek_to_beginning(tp):
+            raise KafkaTimeoutError(f"{tp}: no reply to the look-up of its first offset")
 
     async def _read_state(self, p: int) -> tuple[dict[str, BatchState], dict[str, str]]:
         """Every batch of state partition p as last committed, and those not understood."""
@@ -340,10 +366,7 @@ class PartitionOwner:
                 if p not in self.assigned or p in self.restored:
                     return
                 try:
-                    consumer = self._consumer()
-                    if consumer is not None:
-                        await consumer.seek_to_committed(tp)
-                    await self._restore(p)
+                    await self._restore(p, seek=True)
                     self._count_owned()
                     return
                 except (KafkaError, OSError) as exc:

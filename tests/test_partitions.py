@@ -76,9 +76,44 @@ def state_topic(monkeypatch: pytest.MonkeyPatch) -> type[StateConsumer]:
     return consumer
 
 
-def owner() -> PartitionOwner:
+class RequestsConsumer:
+    """The service's consumer of the requests topic as a reset uses it: its position in
+    partition 0, and the offset committed there (None: none yet)."""
+
+    def __init__(self, position: int, committed: int | None) -> None:
+        self.pos = position
+        self.committed_offset = committed
+        self.paused = False
+
+    def pause(self, *_tps: TopicPartition) -> None:
+        self.paused = True
+
+    def resume(self, *_tps: TopicPartition) -> None:
+        self.paused = False
+
+    async def committed(self, _tp: TopicPartition) -> int | None:
+        return self.committed_offset
+
+    def seek(self, _tp: TopicPartition, offset: int) -> None:
+        self.pos = offset
+
+    async def seek_to_beginning(self, *_tps: TopicPartition) -> bool:
+        self.pos = 0
+        return True
+
+    async def seek_to_committed(self, *tps: TopicPartition) -> dict[TopicPartition, int | None]:
+        """aiokafka's: only to a committed offset above 0; else the position stays."""
+        if self.committed_offset and self.committed_offset > 0:
+            self.pos = self.committed_offset
+        return dict.fromkeys(tps, self.committed_offset)
+
+
+def owner(consumer: object = None, **kafka: object) -> PartitionOwner:
     settings = Settings.model_validate(
-        {"kafka": {"partitions": 1, "delivery": "at_least_once"}, "instance_id": "t"}
+        {
+            "kafka": {"partitions": 1, "delivery": "at_least_once", **kafka},
+            "instance_id": "t",
+        }
     )
     metrics = Metrics()
     factory = EventFactory(balances_topic="balances", batch_events_topic="events", source="s")
@@ -87,7 +122,7 @@ def owner() -> PartitionOwner:
         settings,
         metrics=metrics,
         tracker=tracker,
-        consumer=lambda: None,
+        consumer=lambda: consumer,
         producer=lambda: object(),
         stopping=asyncio.Event(),
     )
@@ -180,11 +215,11 @@ async def restored_after_two_failures(
     attempts: list[int] = []
     restore = o._restore
 
-    async def failing_twice(p: int) -> None:
+    async def failing_twice(p: int, *, seek: bool = False) -> None:
         attempts.append(p)
         if len(attempts) <= 2:
             raise error
-        await restore(p)
+        await restore(p, seek=seek)
 
     monkeypatch.setattr(o, "_restore", failing_twice)
     try:
@@ -302,3 +337,23 @@ async def test_a_partition_dropped_for_a_reset_is_no_longer_counted_as_owned(
     finally:
         await o.release_all(1.0)
     assert owned() == 0
+
+
+@pytest.mark.parametrize(("committed", "position"), [(None, 0), (0, 0), (3, 3)])
+async def test_a_reset_reads_the_requests_again_from_the_committed_offset_or_the_beginning(
+    state_topic: type[StateConsumer], committed: int | None, position: int
+) -> None:
+    """A reset of a requests partition that has no committed offset yet (a new deployment,
+    a partition added) reads it again from its beginning, as the consumer does: aiokafka's
+    ``seek_to_committed`` left it where it was, past the request whose commit failed, which
+    was lost though its HTTP request was answered 202."""
+    consumer = RequestsConsumer(position=5, committed=committed)
+    o = owner(consumer)
+    try:
+        await o.acquire([0])
+        o._schedule_reset(0)
+        await asyncio.gather(*o._reset_tasks)
+        assert o.owned == [0] and not consumer.paused
+        assert consumer.pos == position
+    finally:
+        await o.release_all(1.0)
