@@ -36,6 +36,11 @@ RESET_STREAK_WINDOW_S = 60.0
 # up to 30 s.
 RESET_RETRY_MIN_S = 1.0
 RESET_RETRY_MAX_S = 30.0
+# The longest a restore waits for its transactional producer to start (to initialise its
+# transactional id: InitProducerId waits while the coordinator ends the previous owner's
+# transaction) and for the requests partition's committed offset: it holds the lock that
+# a rebalance waits for. Past it the restore fails, and is tried again with backoff.
+RESTORE_CALL_TIMEOUT_S = 30.0
 
 
 class PartitionOwner:
@@ -137,14 +142,18 @@ class PartitionOwner:
                 f"rightfoot-poller-{self.instance}-p{p}",
                 transactional_id=f"{self.kcfg.group_id}.{self.kcfg.requests_topic}.{p}",
             )
-            await producer.start()  # initialises the transactional id: fences the old owner
         else:
             shared = self._producer()
             assert shared is not None
             producer = shared
         try:
+            if self.transactional:
+                # Initialises the transactional id: fences the old owner. A start that
+                # fails or takes too long leaves a client started all the same (its
+                # connections, its metadata task): stopped below, as after a failed read.
+                await asyncio.wait_for(producer.start(), RESTORE_CALL_TIMEOUT_S)
             if seek:
-                await self._seek_to_committed(p)
+                await asyncio.wait_for(self._seek_to_committed(p), RESTORE_CALL_TIMEOUT_S)
             batches, unreadable = await self._read_state(p)
         except BaseException:
             if self.transactional:

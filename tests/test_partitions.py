@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import structlog
 from aiokafka import TopicPartition
-from aiokafka.errors import NoBrokersAvailable
+from aiokafka.errors import NoBrokersAvailable, TransactionalIdAuthorizationFailed
 
 from service import partitions
 from service.config import Settings
@@ -357,3 +357,45 @@ async def test_a_reset_reads_the_requests_again_from_the_committed_offset_or_the
         assert consumer.pos == position
     finally:
         await o.release_all(1.0)
+
+
+class StartingProducer:
+    """A transactional producer whose ``start`` raises ``error``, or never ends (None)."""
+
+    made: list[StartingProducer] = []
+    error: Exception | None = None
+
+    def __init__(self, **_: Any) -> None:
+        self.stopped = False
+        self.made.append(self)
+
+    async def start(self) -> None:
+        if self.error is None:
+            await asyncio.Event().wait()
+        else:
+            raise self.error
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+
+@pytest.mark.parametrize(
+    "error", [TransactionalIdAuthorizationFailed("rightfoot.requests.0"), None]
+)
+async def test_a_producer_that_does_not_start_is_stopped(
+    state_topic: type[StateConsumer], monkeypatch: pytest.MonkeyPatch, error: Exception | None
+) -> None:
+    """Its client was started all the same (connections, a metadata task): left so, a
+    restore tried again every 30 s at most leaked one more each time. A start that never
+    ends (it holds the lock a rebalance waits for) fails after a while."""
+    producer: type[StartingProducer] = type(
+        "Producer", (StartingProducer,), {"made": [], "error": error}
+    )
+    monkeypatch.setattr(partitions, "make_producer", lambda *_, **__: producer())
+    monkeypatch.setattr(partitions, "RESTORE_CALL_TIMEOUT_S", 0.05)
+    o = owner(delivery="exactly_once")
+    for _ in range(2):
+        with pytest.raises(TimeoutError if error is None else TransactionalIdAuthorizationFailed):
+            await o._restore(0)
+    assert [p.stopped for p in producer.made] == [True, True]
+    assert o.owned == [] and not o.tracker.workers
