@@ -80,9 +80,11 @@ class Policy:
 
     def backoff(self, failures: int, cap: float, first: float | None = None) -> float:
         """The delay after ``failures`` failures in a row: ``first`` (default: a polling
-        window) doubled each time, capped."""
+        window) doubled each time; past ``cap``, anywhere from half of it to all of it, so
+        that batches that failed together (an outage) do not retry together for ever."""
         base = self.window() if first is None else first
-        return min(cap, base * float(2 ** min(failures - 1, MAX_DOUBLINGS)))
+        delay = base * float(2 ** min(failures - 1, MAX_DOUBLINGS))
+        return delay if delay <= cap else self.rng.uniform(cap / 2, cap)
 
     @staticmethod
     def next_due(due: float, delay: float, now: float) -> float:

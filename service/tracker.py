@@ -509,7 +509,11 @@ class Tracker:
             return
         current = w.batches.get(batch_id)
         if current is not None and current.active and batch_id not in self.due:
-            self._schedule(w, batch_id, self.policy.next_due(due, delay, self.clock()))
+            # A poll's window counts from when it was due (no drift), a failed poll's
+            # backoff from when it failed: a poll that ran long (timeouts, many pages) would
+            # otherwise retry at once, and lose a step of its backoff.
+            start = self.clock() if current.failures else due
+            self._schedule(w, batch_id, self.policy.next_due(start, delay, self.clock()))
 
     async def _poll_batch(self, w: PartitionWorker, batch_id: str) -> float | None:
         """Poll once; the delay to the next poll, or None if none is to follow from it."""

@@ -65,13 +65,18 @@ def test_persistent_5xx_backs_off_exponentially_capped_and_other_batches_are_una
     policy = make(backoff_max_s=300.0, interval_min_s=30.0, interval_max_s=30.0)
     b = BatchState(batch_id=BATCH, partition=0, tracked_at=999_000.0)
     other = BatchState(batch_id="other", partition=0, tracked_at=999_000.0)
-    delays = []
-    for _ in range(8):
+    delays: list[float] = []
+    for _ in range(40):
         step = policy.failed(b, ApiServerError("boom", status=503), now=10.0)
         b = step.state
+        assert step.poll_in is not None
         delays.append(step.poll_in)
-    assert delays == [30.0, 60.0, 120.0, 240.0, 300.0, 300.0, 300.0, 300.0]
-    assert b.failures == 8 and step.save and step.lifecycle is None
+    assert delays[:4] == [30.0, 60.0, 120.0, 240.0]
+    # Past the cap, anywhere in its upper half: batches that failed together (an outage)
+    # spread out instead of retrying together at every step.
+    assert all(150.0 <= d <= 300.0 for d in delays[4:])
+    assert len(set(delays[4:])) == len(delays[4:])
+    assert b.failures == 40 and step.save and step.lifecycle is None
     # The other batch's next poll is a plain window, and one good poll resets the count.
     d = Driver(policy, Vendor([record(1)]), state=other)
     window = d.poll()

@@ -1016,3 +1016,39 @@ async def test_a_corrupt_chunk_read_back_leaves_the_batch_unreadable_once() -> N
         ("state_unreadable", "error"),
         ("request_for_unreadable_batch", "warning"),
     ]
+
+
+async def test_a_failed_poll_backs_off_from_when_it_failed_not_from_when_it_was_due() -> None:
+    """A poll that fails after running long (here 100 s of timeouts): its backoff counts
+    from its end. Counted from when it was due, the next poll would start at once."""
+    from service.errors import ApiTransportError
+
+    now = [1000.0]
+
+    class Slow(HeldSource):
+        async def fetch_page(
+            self, batch_id: str, token: str | None, *a: object, **k: object
+        ) -> Page:
+            now[0] += 100.0
+            raise ApiTransportError("timed out", code="timeout")
+
+    settings = Settings.model_validate(
+        {
+            "kafka": {"partitions": 1, "batch_events_topic": "batch-events"},
+            "polling": {"interval_min_s": 30, "interval_max_s": 30},
+        }
+    )
+    factory = EventFactory(balances_topic="balances", batch_events_topic="batch-events", source="s")
+    tracker = Tracker(
+        settings, source=Slow(Vendor()), metrics=Metrics(), factory=factory, clock=lambda: now[0]
+    )
+    worker = PartitionWorker(partition=0, publisher=HeldCommitter())
+    tracker.add_worker(worker)
+    await started(tracker, worker, TrackingRequest(batch_id=BATCH))
+    head = tracker.due.head()
+    assert head is not None and head[0] == 1000.0
+    tracker.due.pop()
+    await tracker._poll(worker, BATCH, head[0])
+    assert worker.batches[BATCH].failures == 1
+    head = tracker.due.head()
+    assert head is not None and head[0] == 1100.0 + 30.0  # the first backoff step: a window
