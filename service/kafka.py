@@ -358,10 +358,24 @@ class PartitionPublisher:
                 # Settled before the abort: its outcome no longer matters.
                 with contextlib.suppress(Exception, asyncio.CancelledError):
                     await asyncio.wait_for(asyncio.shield(adding_offsets), 10)
-            with contextlib.suppress(KafkaError, asyncio.CancelledError):
-                await self.producer.abort_transaction()
+            await self._abort()
             raise
         self.metrics.transactions.labels("commit").inc()
+
+    async def _abort(self) -> None:
+        """Abort the transaction that failed, if it still can be; the failure that ended it
+        is what is raised, counted and logged, never a failure of the abort.
+
+        aiokafka's transaction manager refuses with an AssertionError the abort of a
+        transaction it is committing (a commit that failed or was cut short) or of a
+        producer in FATAL_ERROR (its sender died: fenced, say). Either way the producer is
+        not used again: the partition is restored with a new one, whose start ends the
+        transaction on the broker.
+        """
+        try:
+            await self.producer.abort_transaction()
+        except (KafkaError, AssertionError, asyncio.CancelledError) as exc:
+            log.debug("transaction_abort_failed", partition=self.partition, error=repr(exc))
 
     async def _commit_at_least_once(
         self, messages: list[Publishable], commit_to: dict[TopicPartition, int] | None
