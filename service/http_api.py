@@ -32,6 +32,10 @@ log = structlog.get_logger(__name__)
 
 
 class BatchView(Protocol):
+    """What ``GET /v1/batches`` reads (``view.StateView``). While it has a ``loaded`` that is
+    False (the state topic still being read, at start or after partitions were added), what
+    it holds is not whole yet: those GETs answer 503 (a view without ``loaded`` is whole)."""
+
     def get(self, batch_id: str) -> dict[str, Any] | None: ...
     def list(
         self,
@@ -48,6 +52,9 @@ LIST_STATUSES = ("tracking", "completed", "expired", "failed", "stopped")
 
 
 Submit = Callable[[TrackingRequest], Awaitable[None]]
+
+# The Retry-After of a 503: Kafka cannot take a request now, or the state view is loading.
+RETRY_AFTER_S = 5
 Readiness = Callable[[], tuple[bool, dict[str, Any]]]
 
 _NO_TOKEN = (
@@ -75,6 +82,13 @@ def _payload_problem(exc: BaseException) -> str:
 
 def _error(status: int, message: str, **extra: Any) -> web.Response:
     return web.json_response({"error": message, **extra}, status=status)
+
+
+def _unavailable(message: str) -> web.Response:
+    """A 503 that says when to try again."""
+    response = _error(503, message)
+    response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return response
 
 
 def _list_query_problem(query: Any) -> str | None:
@@ -240,12 +254,19 @@ class HttpApi:
         """Hand a request to Kafka; a 503 answer if Kafka cannot take it now."""
         try:
             await self.submit(req)
+        except web.HTTPServiceUnavailable as exc:  # not connected to Kafka yet (at start)
+            return _unavailable(exc.text or "Kafka cannot take the request now; try again later")
         except (KafkaError, OSError, TimeoutError) as exc:
             log.warning("http_submit_failed", batch_id=req.batch_id, error=type(exc).__name__)
-            response = _error(503, "Kafka cannot take the request now; try again later")
-            response.headers["Retry-After"] = "5"
-            return response
+            return _unavailable("Kafka cannot take the request now; try again later")
         return None
+
+    def _view_loading(self) -> web.Response | None:
+        """A 503 while the state view is not whole yet (see BatchView): not a 404 for a
+        batch that is tracked, nor a list without it."""
+        if getattr(self.view, "loaded", True):
+            return None
+        return _unavailable("the state view is still loading (the service is starting); try again")
 
     async def healthz(self, _request: web.Request) -> web.Response:
         if self.liveness():
@@ -332,6 +353,9 @@ class HttpApi:
         )
 
     async def delete_batch(self, request: web.Request) -> web.Response:
+        """202 for any valid batch ID: the stop goes through the requests topic to the
+        batch's owner, whose state this replica's view may not show yet; for a batch that
+        is not tracked it does nothing (as documented: no 404)."""
         denied = self._authorize(request)
         if denied is not None:
             return denied
@@ -364,6 +388,9 @@ class HttpApi:
             else:
                 log.info("http_request_rejected", **fields, suppressed=held)
             return _error(400, problem)
+        loading = self._view_loading()
+        if loading is not None:
+            return loading
         statuses = frozenset(query.getall("status", ())) or None
         limit = int(query.get("limit", LIST_LIMIT))
         page, more = self.view.list(statuses=statuses, after=query.get("after"), limit=limit)
@@ -372,6 +399,9 @@ class HttpApi:
         )
 
     async def get_batch(self, request: web.Request) -> web.Response:
+        loading = self._view_loading()
+        if loading is not None:
+            return loading
         found = self.view.get(request.match_info["batch_id"])
         if found is None:
             return _error(404, "this batch is not tracked")

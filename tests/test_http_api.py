@@ -12,11 +12,14 @@ from typing import Any
 import aiohttp
 import pytest
 import structlog
+import yaml
+from aiohttp import web
 from aiohttp.test_utils import TestServer
+from aiokafka.errors import KafkaTimeoutError
 from test_metrics import PROCESS
 
 from service.config import KafkaConfig
-from service.http_api import LIST_LIMIT, HttpApi, MalformedRequestLogFilter
+from service.http_api import LIST_LIMIT, HttpApi, MalformedRequestLogFilter, openapi_document
 from service.metrics import Metrics
 from service.requests import TrackingRequest
 from service.view import StateView
@@ -33,11 +36,19 @@ class Boundary:
         self.ready = True
         self.ready_detail: dict[str, Any] = {"kafka": True, "state_restored": True}
         self.view = StateView(KafkaConfig(), "test")  # its batches set by the tests
+        self.view.loaded = True  # as once the state topic is read; set False by the tests
         self.batches = self.view.batches
         self.view.put("b-1", {"batch_id": "b-1", "status": "tracking", "records_published": 12})
+        self.submit_error: BaseException | None = None
 
     async def submit(self, req: TrackingRequest) -> None:
+        if self.submit_error is not None:
+            raise self.submit_error
         self.submitted.append(req)
+
+    @property
+    def loaded(self) -> bool:
+        return self.view.loaded
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         return self.ready, dict(self.ready_detail)
@@ -254,6 +265,78 @@ async def test_get_list_and_one(http: Http) -> None:
     status, answer, _ = await http.call("GET", "/v1/batches/unknown")
     assert status == 404
     assert answer["error"]
+
+
+@pytest.mark.parametrize("path", ["/v1/batches", "/v1/batches?status=tracking", "/v1/batches/b-1"])
+async def test_gets_answer_503_while_the_state_view_is_loading(http: Http, path: str) -> None:
+    """Not a 404 for a batch that is tracked, nor a list without it: the state topic is
+    still being read (at start, or after partitions were added)."""
+    http.boundary.view.loaded = False
+    status, answer, resp = await http.call("GET", path)
+    assert status == 503
+    assert "loading" in answer["error"] and resp.headers["Retry-After"] == "5"
+    http.boundary.view.loaded = True
+    status, answer, _ = await http.call("GET", path)
+    assert status == 200
+    assert "b-1" in json.dumps(answer)
+
+
+async def test_the_state_view_itself_says_whether_it_is_loaded() -> None:
+    """As the service wires it: the StateView, not yet loaded, is the view."""
+    view = StateView(KafkaConfig(), "test")
+    view.put("b-1", {"batch_id": "b-1", "status": "tracking"})
+    api = HttpApi(
+        metrics=Metrics(),
+        readiness=lambda: (True, {}),
+        submit=Boundary().submit,
+        view=view,
+        admin_token=TOKEN,
+        max_body_bytes=1024,
+    )
+    server = TestServer(api.app(), host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession() as session:
+            for path in ("/v1/batches", "/v1/batches/b-1", "/v1/batches/unknown"):
+                async with session.get(server.make_url(path)) as resp:
+                    assert resp.status == 503 and resp.headers["Retry-After"] == "5"
+            view.loaded = True
+            async with session.get(server.make_url("/v1/batches/b-1")) as resp:
+                assert resp.status == 200
+    finally:
+        await server.close()
+
+
+@pytest.mark.parametrize(
+    ("error", "says"),
+    [
+        (web.HTTPServiceUnavailable(text="not connected to Kafka yet"), "not connected to Kafka"),
+        (KafkaTimeoutError(), "Kafka cannot take the request now"),
+    ],
+)
+@pytest.mark.parametrize("method", ["POST", "DELETE"])
+async def test_a_request_kafka_cannot_take_yet_is_503_with_retry_after(
+    http: Http, error: BaseException, says: str, method: str
+) -> None:
+    """Before the service connects to Kafka (start-up) as when Kafka fails the send."""
+    http.boundary.submit_error = error
+    path = "/v1/batches" if method == "POST" else "/v1/batches/b-1"
+    status, answer, resp = await http.call(method, path, body={"batch_id": "b-1"}, headers=AUTH)
+    assert status == 503
+    assert says in answer["error"] and resp.headers["Retry-After"] == "5"
+    assert http.boundary.submitted == []
+
+
+async def test_delete_of_a_batch_not_tracked_is_202_as_documented(http: Http) -> None:
+    """A stop goes through the requests topic to the batch's owner, whose state this
+    replica's view may not show yet: it is accepted whatever the batch, and does nothing
+    to a batch that is not tracked. The document says so, and lists no 404."""
+    status, answer, _ = await http.call("DELETE", "/v1/batches/never-tracked", headers=AUTH)
+    assert (status, answer) == (202, {"batch_id": "never-tracked", "status": "stopping"})
+    assert http.boundary.submitted == [TrackingRequest(batch_id="never-tracked", action="stop")]
+    delete = yaml.safe_load(openapi_document())["paths"]["/v1/batches/{batch_id}"]["delete"]
+    assert "404" not in delete["responses"] and "202" in delete["responses"]
+    assert "not tracked" in delete["description"]
 
 
 async def test_readyz_follows_readiness(http: Http) -> None:
