@@ -102,7 +102,9 @@ class Policy:
     def track(self, b: BatchState | None, req: TrackingRequest, partition: int, now: float) -> Step:
         """A track request; a step that does not save changes nothing (its note says why)."""
         if b is not None and b.active:
-            if req.expected_count is not None and b.expected_count is None:
+            # A new expected count replaces the one given before (a correction); none
+            # leaves it as it is.
+            if req.expected_count is not None and req.expected_count != b.expected_count:
                 return Step(replace(b, expected_count=req.expected_count), "updated", save=True)
             return Step(b, "already_tracked")
         if b is not None and b.status not in RESUMABLE:

@@ -442,6 +442,25 @@ def test_an_expected_count_given_during_a_poll_is_kept_and_the_cursor_never_goes
     assert cursors == sorted(cursors)
 
 
+def test_a_new_expected_count_replaces_the_old_one_and_none_keeps_it() -> None:
+    """A client that tracks a batch again with a corrected count (as the admin API's
+    document says): the new count is the one the batch completes at."""
+    d = Driver(make(1), Vendor([record(i) for i in range(8)]))
+    d.track(expected_count=10)
+    d.poll()
+    assert d.state is not None and d.state.status == "tracking"  # 8 of 10
+    for count, note in ((8, "updated"), (8, "already_tracked"), (None, "already_tracked")):
+        req = TrackingRequest(batch_id=BATCH, expected_count=count)
+        step = d.policy.track(d.state, req, 0, d.now)
+        assert step.note == note
+        d.apply(step)
+    assert d.state.expected_count == 8
+    d.now += 60
+    d.poll()
+    assert d.state.status == "completed"
+    assert d.state.reason == "8 of 8 expected records published"
+
+
 # ---- properties -----------------------------------------------------------------------
 
 OPS = st.lists(
