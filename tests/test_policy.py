@@ -457,8 +457,9 @@ def test_a_new_expected_count_replaces_the_old_one_and_none_keeps_it() -> None:
     assert d.state.expected_count == 8
     d.now += 60
     d.poll()
-    assert d.state.status == "completed"
-    assert d.state.reason == "8 of 8 expected records published"
+    final = d.state
+    assert final.status == "completed"
+    assert final.reason == "8 of 8 expected records published"
 
 
 # ---- properties -----------------------------------------------------------------------
