@@ -127,6 +127,15 @@ class Unit:
 
 OffsetCommitter = Callable[[dict[TopicPartition, int]], Awaitable[None]]
 
+# A transaction not committed within this share of kafka.transaction_timeout_ms is given
+# up and aborted, a failure like any other (the partition is restored from Kafka). Let
+# run, the broker would abort it at the timeout and bump the producer's epoch; its next
+# request would then be refused as if another replica had fenced it (ProducerFenced: an
+# idempotent producer retries a partition that will not take its records for ever).
+COMMIT_SHARE_OF_TRANSACTION_TIMEOUT = 0.75
+# The longest an abort is waited for (aiokafka flushes the transaction's records first).
+ABORT_TIMEOUT_S = 10.0
+
 
 class PartitionPublisher:
     """Commits the units of work of one owned requests partition, in order."""
@@ -152,6 +161,9 @@ class PartitionPublisher:
         self.transactional = transactional
         self._commit_offsets = commit_offsets
         self._tp = TopicPartition(cfg.requests_topic, partition)
+        self.commit_timeout_s = (
+            cfg.transaction_timeout_ms / 1000 * COMMIT_SHARE_OF_TRANSACTION_TIMEOUT
+        )
         self._queue: asyncio.Queue[Unit] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self.failure: BaseException | None = None
@@ -335,20 +347,23 @@ class PartitionPublisher:
     ) -> None:
         await self.producer.begin_transaction()
         adding_offsets: asyncio.Task[None] | None = None
+        # Started before the broker's own timer (at the transaction's first partition).
+        deadline = asyncio.timeout(self.commit_timeout_s)
         try:
-            futures = await self._send(messages)
-            if commit_to:
-                # Offsets join the transaction while its records are on their way (their
-                # requests go to the coordinators, not the partition leaders); the commit
-                # comes only when both are done, every record delivered.
-                adding_offsets = asyncio.create_task(
-                    self.producer.send_offsets_to_transaction(commit_to, self.cfg.group_id)
-                )
-                adding_offsets.add_done_callback(_retrieve)
-            await delivered(futures)
-            if adding_offsets is not None:
-                await adding_offsets
-            await self.producer.commit_transaction()
+            async with deadline:
+                futures = await self._send(messages)
+                if commit_to:
+                    # Offsets join the transaction while its records are on their way
+                    # (their requests go to the coordinators, not the partition leaders);
+                    # the commit comes only when both are done, every record delivered.
+                    adding_offsets = asyncio.create_task(
+                        self.producer.send_offsets_to_transaction(commit_to, self.cfg.group_id)
+                    )
+                    adding_offsets.add_done_callback(_retrieve)
+                await delivered(futures)
+                if adding_offsets is not None:
+                    await adding_offsets
+                await self.producer.commit_transaction()
         except ProducerFenced:
             self.metrics.transactions.labels("abort").inc()
             raise
@@ -359,6 +374,11 @@ class PartitionPublisher:
                 with contextlib.suppress(Exception, asyncio.CancelledError):
                     await asyncio.wait_for(asyncio.shield(adding_offsets), 10)
             await self._abort()
+            if deadline.expired():
+                raise TimeoutError(
+                    f"not committed within {self.commit_timeout_s:g} s "
+                    f"({COMMIT_SHARE_OF_TRANSACTION_TIMEOUT:g} of kafka.transaction_timeout_ms)"
+                ) from None
             raise
         self.metrics.transactions.labels("commit").inc()
 
@@ -373,8 +393,8 @@ class PartitionPublisher:
         transaction on the broker.
         """
         try:
-            await self.producer.abort_transaction()
-        except (KafkaError, AssertionError, asyncio.CancelledError) as exc:
+            await asyncio.wait_for(self.producer.abort_transaction(), ABORT_TIMEOUT_S)
+        except (KafkaError, AssertionError, TimeoutError, asyncio.CancelledError) as exc:
             log.debug("transaction_abort_failed", partition=self.partition, error=repr(exc))
 
     async def _commit_at_least_once(

@@ -14,11 +14,12 @@ from typing import Any
 import pytest
 import structlog
 from aiokafka import TopicPartition
-from aiokafka.errors import KafkaTimeoutError
+from aiokafka.errors import KafkaTimeoutError, ProducerFenced
 from aiokafka.producer.transaction_manager import TransactionManager
 
+from service import kafka
 from service.config import Settings
-from service.errors import PublishFailed
+from service.errors import PartitionLost, PublishFailed
 from service.events import OutMessage
 from service.kafka import PartitionPublisher
 from service.metrics import Metrics
@@ -134,5 +135,62 @@ async def test_a_commit_that_fails_in_the_transaction_is_aborted() -> None:
             await pub.publish([MESSAGE], request_offset=7)
         assert producer.aborts == 1 and producer.txn.state.name == "READY"
         assert errors(pub) == {"KafkaTimeoutError": 1}
+    finally:
+        await pub.close(1.0)
+
+
+async def test_a_commit_that_outlasts_its_share_of_the_transaction_timeout_is_given_up() -> None:
+    """A partition that takes no records (min ISR not met, a broker restarting): the
+    idempotent producer retries it for ever, and at ``transaction_timeout_ms`` the broker
+    aborts the transaction and bumps the epoch, so that the next request is refused as
+    fenced (here: the records fail with ProducerFenced then). Taken for a partition lost
+    to another replica, it was never polled again. Given up before that, the commit
+    fails as any other does: the partition is restored from Kafka."""
+    producer = Producer()
+    loop = asyncio.get_running_loop()
+
+    async def unwritable(*_: Any, **__: Any) -> asyncio.Future[None]:
+        delivered: asyncio.Future[None] = loop.create_future()
+        loop.call_later(0.5, delivered.set_exception, ProducerFenced())
+        return delivered
+
+    producer.send = unwritable  # type: ignore[method-assign]
+    pub = publisher(producer, transaction_timeout_ms=1000)
+    assert pub.commit_timeout_s == 0.75
+    pub.commit_timeout_s = 0.05
+    failures: list[BaseException] = []
+    pub.on_failure = failures.append
+    try:
+        with pytest.raises(PublishFailed, match=r"TimeoutError: not committed within 0\.05 s"):
+            await pub.publish([MESSAGE], request_offset=7)
+        assert producer.aborts == 1 and producer.txn.state.name == "READY"
+        assert len(failures) == 1 and not isinstance(failures[0], PartitionLost)
+        assert errors(pub) == {"TimeoutError": 1}
+    finally:
+        await pub.close(1.0)
+
+
+async def test_an_abort_that_gets_no_answer_is_given_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """aiokafka flushes the transaction's records before it aborts it: with a partition
+    that takes none, the abort waits as long as the commit did."""
+    monkeypatch.setattr(kafka, "ABORT_TIMEOUT_S", 0.05)
+    producer = Producer()
+
+    async def never(*_: Any, **__: Any) -> asyncio.Future[None]:
+        return asyncio.get_running_loop().create_future()
+
+    async def stuck() -> None:
+        producer.aborts += 1
+        await asyncio.Event().wait()
+
+    producer.send = never  # type: ignore[method-assign]
+    producer.abort_transaction = stuck  # type: ignore[method-assign]
+    pub = publisher(producer)
+    pub.commit_timeout_s = 0.05
+    try:
+        async with asyncio.timeout(5):
+            with pytest.raises(PublishFailed, match="TimeoutError: not committed within"):
+                await pub.publish([MESSAGE], request_offset=7)
+        assert producer.aborts == 1
     finally:
         await pub.close(1.0)
