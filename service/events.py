@@ -237,6 +237,7 @@ class EventFactory:
         event: str,
         *,
         generation: int,
+        tracked_at: float | None = None,
         expected_count: int | None,
         records_published: int,
         counts_by_status: dict[str, int] | None = None,
@@ -245,10 +246,16 @@ class EventFactory:
         total_processed: int | None = None,
         records_relisted: int | None = None,
     ) -> OutMessage:
-        """A lifecycle event; its id is deterministic per batch, tracking generation and event."""
+        """A lifecycle event; its id is deterministic per batch, tracking and event: the
+        tracking is its generation and when it began (``tracked_at``), as a batch forgotten
+        after its retention and tracked anew starts again at generation 1, and its events
+        must not take the ids of the first tracking's (a consumer would drop them)."""
         if event not in LIFECYCLE_EVENTS:
             raise ValueError(f"unknown lifecycle event {event!r}")
-        event_id = str(uuid.uuid5(EVENT_NAMESPACE, f"{batch_id}\x1f{generation}\x1f{event}"))
+        name = f"{batch_id}\x1f{generation}\x1f{event}"
+        if tracked_at is not None:
+            name += f"\x1f{tracked_at!r}"
+        event_id = str(uuid.uuid5(EVENT_NAMESPACE, name))
         at = utc_now_iso()
         value: dict[str, object] = {
             "event_id": event_id,

@@ -148,6 +148,7 @@ class StepWriter:
             b.batch_id,
             event,
             generation=b.generation,
+            tracked_at=b.tracked_at,
             expected_count=b.expected_count,
             records_published=b.published,
             counts_by_status=dict(b.counts),

@@ -696,6 +696,16 @@ async def test_a_batch_tracked_again_while_its_forgetting_commits_starts_anew_af
     assert after and after[0] in (BATCH.encode(), f"{BATCH}/fp/0".encode())
     back = restored(log)[BATCH]
     assert back.active and back.seen_loaded and back.generation == 1
+    # Both trackings are generation 1; their lifecycle events must not share ids, or a
+    # consumer deduplicating on event_id (as docs/consuming.md advises) drops the second's.
+    events = [
+        json.loads(m.value)
+        for m in committer.messages()
+        if isinstance(m, OutMessage) and m.topic == "batch-events" and m.value
+    ]
+    started_ids = [e["event_id"] for e in events if e["event"] == "tracking_started"]
+    assert len(started_ids) == 2 and len(set(started_ids)) == 2
+    assert len({e["event_id"] for e in events}) == len(events)
 
 
 async def test_a_big_batch_that_completes_clears_its_chunks_in_bounded_commits_soon_after(
