@@ -70,6 +70,10 @@ class PartitionOwner:
         self.restored: set[int] = set()
         self.joined = False
         self._resets: dict[int, tuple[float, int]] = {}
+        # How long a partition fenced while assigned here waits for a rebalance (_reset):
+        # a session timeout and two heartbeats (their interval as app.py sets it).
+        heartbeat_ms = max(500, self.kcfg.session_timeout_ms // 5)
+        self.fence_settle_s = (self.kcfg.session_timeout_ms + 2 * heartbeat_ms) / 1000
         self._reset_tasks: set[asyncio.Task[None]] = set()
         # load_batch: the batches waiting for a read of their partition, and its reader.
         self._loads: dict[int, dict[str, list[asyncio.Future[BatchState | None]]]] = {}
@@ -352,9 +356,8 @@ class PartitionOwner:
             if consumer is not None:
                 with contextlib.suppress(KafkaError, AssertionError):
                     consumer.pause(tp)
-            if fenced:
-                # Another instance owns it now; the coming rebalance will tell us.
-                return
+        if fenced and not await self._still_ours_after_fence(p):
+            return
         now = time.monotonic()
         last, streak = self._resets.get(p, (0.0, 0))
         streak = streak + 1 if now - last < RESET_STREAK_WINDOW_S else 0
@@ -393,6 +396,48 @@ class PartitionOwner:
                     log.exception("partition_reset_failed", partition=p)
                     failed = True
             delay = min(max(delay * 2, RESET_RETRY_MIN_S), RESET_RETRY_MAX_S)
+
+    async def _still_ours_after_fence(self, p: int) -> bool:
+        """After partition p was fenced: whether it is still assigned here once the group
+        has had the time to take it away (then it is restored), or was revoked meanwhile.
+
+        Fenced means that a newer producer of p's transactional id exists. Another replica
+        that took p over made it (its restore fences us), but so does the broker when it
+        aborts a transaction open past kafka.transaction_timeout_ms (kafka.py gives a
+        commit up before that, but a stalled event loop or a slow abort can still get
+        there), and so does a former owner's reset that has not yet heard it lost p. Only
+        the first means p is no longer ours, and then the group has moved it. With the
+        eager protocol a member that rejoins revokes all it had first, so another replica
+        can be given p while it is still assigned here only if the coordinator expelled
+        this one (no heartbeat for a session timeout); our consumer hears so at its next
+        heartbeat (every fifth of a session timeout once the coordinator answers), rejoins
+        and revokes: ``release`` takes p out of ``assigned``. So p waits a session timeout
+        and two heartbeats, paused: still assigned then, it is ours, and is restored, its
+        new producer fencing whoever fenced it. Left waiting for a rebalance that the
+        broker's abort never brings, it was never polled again until a restart.
+
+        Not a rejoin of the group instead: that would make every replica release and
+        restore all its partitions (eager protocol), through aiokafka's private
+        coordinator, for the one case it handles better: a replica that cannot reach the
+        group coordinator at all is never told it was expelled, and fences the real owner
+        in turn, which does the same a wait later. That is churn, never a duplicate (a
+        commit is only made by the newest producer, after reading the state the previous
+        one committed), and what the reset after any other failed commit does at once.
+        """
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), self.fence_settle_s)
+        async with self.lock:  # a revocation under way ends first
+            still = not self._stopping.is_set() and p in self.assigned and p not in self.restored
+        if still:
+            log.warning(
+                "partition_fenced_still_assigned",
+                partition=p,
+                waited_s=self.fence_settle_s,
+                detail="no rebalance took it away: restored (the broker aborted a "
+                "transaction past kafka.transaction_timeout_ms, or a former owner's "
+                "producer fenced it)",
+            )
+        return still
 
 
 class _BadKeys:

@@ -399,3 +399,56 @@ async def test_a_producer_that_does_not_start_is_stopped(
             await o._restore(0)
     assert [p.stopped for p in producer.made] == [True, True]
     assert o.owned == [] and not o.tracker.workers
+
+
+async def test_a_partition_fenced_that_no_rebalance_takes_away_is_restored(
+    state_topic: type[StateConsumer],
+) -> None:
+    """Fenced by the broker (it aborted a transaction open past transaction_timeout_ms and
+    bumped the epoch) rather than by another replica: no rebalance comes. It waited for
+    one, paused, until the pod restarted; now it is restored once the group has had the
+    time to take it away (a session timeout and two heartbeats)."""
+    consumer = RequestsConsumer(position=5, committed=3)
+    o = owner(consumer, session_timeout_ms=1000)
+    assert o.fence_settle_s == 2.0
+    o.fence_settle_s = 0.1
+    try:
+        await o.acquire([0])
+        with structlog.testing.capture_logs() as logs:
+            o._schedule_reset(0, fenced=True)
+            await asyncio.sleep(0.05)
+            assert o.owned == [] and consumer.paused
+            async with asyncio.timeout(2):
+                await asyncio.gather(*o._reset_tasks)
+        assert o.owned == [0] and not consumer.paused and consumer.pos == 3
+        assert [e["event"] for e in logs if e["log_level"] == "warning"] == [
+            "partition_fenced_still_assigned"
+        ]
+    finally:
+        await o.release_all(1.0)
+
+
+async def test_a_partition_fenced_and_then_revoked_is_left_to_its_new_owner(
+    state_topic: type[StateConsumer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another replica took it over: the rebalance revokes it here within the wait, and
+    it is not restored (which would fence its owner)."""
+    consumer = RequestsConsumer(position=5, committed=3)
+    o = owner(consumer)
+    o.fence_settle_s = 0.1
+    try:
+        await o.acquire([0])
+        restores: list[int] = []
+
+        async def restore(p: int, *, seek: bool = False) -> None:
+            restores.append(p)
+
+        monkeypatch.setattr(o, "_restore", restore)
+        o._schedule_reset(0, fenced=True)
+        await asyncio.sleep(0.05)
+        await o.release([0])
+        async with asyncio.timeout(2):
+            await asyncio.gather(*o._reset_tasks)
+        assert restores == [] and o.owned == [] and consumer.paused
+    finally:
+        await o.release_all(1.0)
