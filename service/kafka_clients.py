@@ -55,6 +55,7 @@ async def stop_client(client: AIOKafkaConsumer | AIOKafkaProducer, timeout_s: fl
     """
     try:
         await asyncio.wait_for(client.stop(), timeout_s)
+        return
     except asyncio.CancelledError:
         task = asyncio.current_task()
         if task is not None and task.cancelling():
@@ -62,6 +63,37 @@ async def stop_client(client: AIOKafkaConsumer | AIOKafkaProducer, timeout_s: fl
         log.debug("kafka_client_stop_interrupted", client=type(client).__name__)
     except Exception as exc:
         log.debug("kafka_client_stop_failed", client=type(client).__name__, error=repr(exc))
+    await _close_what_is_left(client)
+
+
+async def _close_what_is_left(client: AIOKafkaConsumer | AIOKafkaProducer) -> None:
+    """After a ``stop()`` that did not end: what aiokafka closes last, closed anyway.
+
+    A producer's ``stop()`` waits for its records to be delivered before it stops its
+    sender, and a transactional producer retries a partition that takes none (min ISR
+    not met) for ever: a producer given up after a commit that took too long (kafka.py)
+    kept its sender, its connections and its metadata task, one more at each such reset.
+    Those are aiokafka's private parts (the sender; the client, ``_client`` in a
+    consumer), closed as far as they exist, each within 5 s.
+    """
+    closers = [
+        getattr(part, "close", None)
+        for part in (
+            getattr(client, "_sender", None),
+            getattr(client, "client", None) or getattr(client, "_client", None),
+        )
+    ]
+    for close in closers:
+        if close is None:
+            continue
+        try:
+            await asyncio.wait_for(close(), 5.0)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+        except Exception as exc:
+            log.debug("kafka_client_close_failed", client=type(client).__name__, error=repr(exc))
 
 
 def sasl_password(cfg: KafkaConfig) -> str | None:

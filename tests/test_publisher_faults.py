@@ -22,6 +22,7 @@ from service.config import Settings
 from service.errors import PartitionLost, PublishFailed
 from service.events import OutMessage
 from service.kafka import PartitionPublisher
+from service.kafka_clients import stop_client
 from service.metrics import Metrics
 
 
@@ -194,3 +195,37 @@ async def test_an_abort_that_gets_no_answer_is_given_up(monkeypatch: pytest.Monk
         assert producer.aborts == 1
     finally:
         await pub.close(1.0)
+
+
+class Part:
+    """A part of an aiokafka client that ``stop()`` closes: the sender, the client."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class StuckProducer:
+    """A producer whose ``stop()`` waits for records a partition never takes."""
+
+    def __init__(self, stuck: bool) -> None:
+        self.stuck = stuck
+        self._sender = Part()
+        self.client = Part()
+
+    async def stop(self) -> None:
+        if self.stuck:
+            await asyncio.Event().wait()
+
+
+@pytest.mark.parametrize("stuck", [True, False])
+async def test_a_producer_whose_stop_does_not_end_is_closed_all_the_same(stuck: bool) -> None:
+    """Given up after a commit that took too long, a producer still holds records for a
+    partition that takes none, and its ``stop()`` waits for them: it was left with its
+    sender, connections and metadata task, one more at each reset."""
+    producer = StuckProducer(stuck)
+    async with asyncio.timeout(5):
+        await stop_client(producer, timeout_s=0.05)
+    assert (producer._sender.closed, producer.client.closed) == (stuck, stuck)
