@@ -11,6 +11,7 @@ import ipaddress
 import os
 import re
 import socket
+import ssl
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +131,70 @@ def _topic_name(value: str) -> str:
 TopicName = Annotated[str, AfterValidator(_topic_name)]
 
 
+def _ca_bundle(path: Path | None) -> Path | None:
+    """A CA bundle the API client can load, checked now: found later, when the first
+    request is made, it was a traceback instead of a refusal."""
+    if path is None:
+        return None
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        ssl.create_default_context().load_verify_locations(cafile=str(path))
+    except ssl.SSLError:  # an OSError too: first
+        raise ValueError(f"{path} is not a PEM certificate bundle (no certificate found)") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return path
+
+
+CaBundle = Annotated[Path, AfterValidator(_ca_bundle)]
+
+
+def _port_error(port: str) -> str | None:
+    """Why ``port`` (the text after the colon) is not a TCP port; None if it is one."""
+    if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+        return "the port must be a number from 1 to 65535"
+    return None
+
+
+def _broker_error(entry: str) -> str | None:
+    """Why one entry of ``bootstrap_servers`` is not ``host``, ``host:port``, ``[v6]``,
+    ``[v6]:port`` or a bare IPv6 address (aiokafka's forms, port 9092 if none); None if
+    it is one of them."""
+    port: str | None = None
+    if entry.startswith("["):
+        host, closed, rest = entry[1:].partition("]")
+        if not closed or (rest and not rest.startswith(":")):
+            return "an IPv6 address is written [address] or [address]:port"
+        port = rest[1:] if rest else None
+    elif entry.count(":") > 1:
+        host = entry
+        try:
+            ipaddress.IPv6Address(entry)
+        except ValueError:
+            return "not host:port (an IPv6 address with a port is written [address]:port)"
+    else:
+        host, colon, after = entry.partition(":")
+        port = after if colon else None
+    if not host or not _printable(host, spaces=False) or "/" in host or "@" in host:
+        return "not host:port"
+    return _port_error(port) if port is not None else None
+
+
+def _bootstrap_servers(value: str) -> str:
+    entries = value.split(",")
+    if not value.strip():
+        raise ValueError("names no broker: give host:port[,host:port...]")
+    for number, entry in enumerate(entries, 1):
+        problem = "an empty entry" if not entry.strip() else _broker_error(entry.strip())
+        if problem is not None:
+            raise ValueError(f"entry {number} of {len(entries)}: {problem}")
+    return value
+
+
+BootstrapServers = Annotated[str, AfterValidator(_bootstrap_servers)]
+
+
 class _Section(BaseModel):
     # An error never repeats the value given: it may be a secret. Every number is finite:
     # inf or nan in a duration or a rate would stall or spin the service.
@@ -143,7 +208,7 @@ class RightfootConfig(_Section):
     page_limit: int = Field(100, ge=1, le=100)
     export_path: str = "/v1/balances/export"
     api_key: BearerToken | None = None
-    ca_bundle: Path | None = None
+    ca_bundle: CaBundle | None = None
     timeout_s: float = Field(10.0, gt=0)
     connect_timeout_s: float = Field(5.0, gt=0)
     max_requests_per_s: float = Field(20.0, gt=0)
@@ -169,8 +234,19 @@ class RightfootConfig(_Section):
             raise ValueError(
                 "base_url: plain http:// is only allowed for a loopback host; the API is HTTPS only"
             )
+        try:
+            port = parts.port
+        except ValueError:  # not a number, or above 65535
+            port = -1
+        if port is not None and not 1 <= port <= 65535:
+            raise ValueError("base_url: the port must be a number from 1 to 65535")
+        # The API's paths are added to base_url: a query or fragment would swallow them.
+        if "?" in self.base_url or "#" in self.base_url:
+            raise ValueError("base_url must not have a query (?...) or a fragment (#...)")
         if not self.export_path.startswith("/"):
             raise ValueError("export_path must start with '/'")
+        if "?" in self.export_path or "#" in self.export_path:
+            raise ValueError("export_path must not have a query (?...) or a fragment (#...)")
         if self.backoff_max_s < self.backoff_base_s:
             raise ValueError("backoff_max_s must be >= backoff_base_s")
         return self
@@ -213,7 +289,7 @@ class PollingConfig(_Section):
 
 
 class KafkaConfig(_Section):
-    bootstrap_servers: str = "localhost:9092"
+    bootstrap_servers: BootstrapServers = "localhost:9092"
     balances_topic: TopicName = "rightfoot.balances"
     batch_events_topic: TopicName = "rightfoot.batch-events"
     requests_topic: TopicName = "rightfoot.batch-requests"

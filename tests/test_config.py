@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -461,3 +462,140 @@ def test_registry_backoff_must_not_be_inverted() -> None:
     env = {"RFP_SCHEMA_REGISTRY__BACKOFF_BASE_S": "10", "RFP_SCHEMA_REGISTRY__BACKOFF_MAX_S": "5"}
     with pytest.raises(ConfigError, match=r"^schema_registry: backoff_max_s must be >="):
         load_settings(None, env=env)
+
+
+# --- values that passed validation and failed at run time --------------------------------
+
+
+def test_a_ca_bundle_that_loads_is_accepted(tmp_path: Path) -> None:
+    from certs import CertificateAuthority
+
+    ca = CertificateAuthority(tmp_path / "ca")
+    s = load_settings(None, env={"RFP_RIGHTFOOT__CA_BUNDLE": str(ca.cert)})
+    assert s.rightfoot.ca_bundle == ca.cert
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda d: d / "missing.pem", "cannot read .*missing.pem: No such file or directory"),
+        (lambda d: d, "is not a regular file"),
+        (lambda d: write(d, "not a certificate\n", "ca.pem"), "not a PEM certificate bundle"),
+        (lambda d: write(d, "", "empty.pem"), "not a PEM certificate bundle"),
+    ],
+    ids=["missing", "directory", "not-a-certificate", "empty"],
+)
+def test_a_ca_bundle_the_client_cannot_load_is_refused_naming_the_key(
+    tmp_path: Path, make: Callable[[Path], Path], reason: str
+) -> None:
+    """Accepted before, it was a traceback out of the API client's first request."""
+    with pytest.raises(ConfigError, match=rf"^rightfoot\.ca_bundle: .*{reason}"):
+        load_settings(None, env={"RFP_RIGHTFOOT__CA_BUNDLE": str(make(tmp_path))})
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_an_unreadable_ca_bundle_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "x", "ca.pem")
+    path.chmod(0)
+    with pytest.raises(ConfigError, match=r"^rightfoot\.ca_bundle: cannot read .*Permission"):
+        load_settings(None, env={"RFP_RIGHTFOOT__CA_BUNDLE": str(path)})
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("https://api.rightfoot.com:99999", "base_url: the port must be a number from 1 to 65535"),
+        ("https://api.rightfoot.com:abc", "base_url: the port must be a number from 1 to 65535"),
+        ("https://api.rightfoot.com:0", "base_url: the port must be a number from 1 to 65535"),
+        ("https://api.rightfoot.com/?region=eu", "base_url must not have a query"),
+        ("https://api.rightfoot.com/?", "base_url must not have a query"),
+        ("https://api.rightfoot.com/#top", "base_url must not have a query (?...) or a fragment"),
+    ],
+)
+def test_base_url_with_a_bad_port_a_query_or_a_fragment_is_refused(url: str, reason: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, env={"RFP_RIGHTFOOT__BASE_URL": url})
+    assert str(info.value).startswith(f"rightfoot: {reason}")
+    assert "region" not in str(info.value)  # the value is not repeated: it may hold a secret
+
+
+@pytest.mark.parametrize("path", ["/v1/balances/export?format=csv", "/v1/export#x"])
+def test_export_path_with_a_query_or_a_fragment_is_refused(path: str) -> None:
+    with pytest.raises(ConfigError, match=r"^rightfoot: export_path must not have a query"):
+        load_settings(None, env={"RFP_RIGHTFOOT__EXPORT_PATH": path})
+
+
+@pytest.mark.parametrize(
+    "servers",
+    ["kafka:9092", "a:9092,b:9093", "a:9092, b:9093", "kafka", "[::1]:9092", "::1", "[fe80::1]"],
+)
+def test_bootstrap_servers_accepted(servers: str) -> None:
+    s = load_settings(None, env={"RFP_KAFKA__BOOTSTRAP_SERVERS": servers})
+    assert s.kafka.bootstrap_servers == servers
+
+
+@pytest.mark.parametrize(
+    ("servers", "reason"),
+    [
+        ("", "names no broker"),
+        ("  ", "names no broker"),
+        ("kafka:abc", "entry 1 of 1: the port must be a number from 1 to 65535"),
+        ("a:9092,b:99999", "entry 2 of 2: the port must be a number from 1 to 65535"),
+        ("kafka:0", "entry 1 of 1: the port must be a number from 1 to 65535"),
+        ("kafka:", "entry 1 of 1: the port must be a number from 1 to 65535"),
+        ("a:9092,,b:9092", "entry 2 of 3: an empty entry"),
+        ("a:9092,", "entry 2 of 2: an empty entry"),
+        (":9092", "entry 1 of 1: not host:port"),
+        ("kafka://a:9092", "entry 1 of 1: not host:port"),
+        ("a:1:2", "entry 1 of 1: not host:port"),
+        ("[::1", "entry 1 of 1: an IPv6 address is written"),
+    ],
+)
+def test_bootstrap_servers_that_name_no_usable_broker_are_refused(
+    servers: str, reason: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, env={"RFP_KAFKA__BOOTSTRAP_SERVERS": servers})
+    assert str(info.value).startswith(f"kafka.bootstrap_servers: {reason}")
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "needle"),
+    [
+        ("RFP_RIGHTFOOT__CA_BUNDLE", "/nonexistent/ca.pem", "rightfoot.ca_bundle: cannot read"),
+        ("RFP_RIGHTFOOT__BASE_URL", "https://api.rightfoot.com:99999", "base_url: the port"),
+        ("RFP_KAFKA__BOOTSTRAP_SERVERS", "kafka:x", "kafka.bootstrap_servers: entry 1"),
+    ],
+)
+@pytest.mark.parametrize("command", ["check-config", "run", "export", "track"])
+def test_each_command_refuses_them_in_one_line_before_doing_anything(
+    clean_env: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+    var: str,
+    value: str,
+    needle: str,
+) -> None:
+    clean_env.setenv(var, value)
+
+    def started(*_: object) -> int:
+        raise AssertionError(f"{command} went on with {var}={value}")
+
+    # What each command does once its configuration is loaded: not reached.
+    for module, name in [
+        ("service.app", "run_service"),
+        ("service.export", "export_main"),
+        ("service.intake", "send_requests"),
+    ]:
+        clean_env.setattr(f"{module}.{name}", started)
+    args = {
+        "check-config": [],
+        "run": [],
+        "export": ["5d3c6bbb-fc1a-46a4-93da-1ce4a54b0d83", "-o", "-"],
+        "track": ["5d3c6bbb-fc1a-46a4-93da-1ce4a54b0d83"],
+    }[command]
+    assert main([command, *args]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("rightfoot-poller: invalid configuration: ")
+    assert err.count("\n") == 1 and needle in err
