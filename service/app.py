@@ -17,11 +17,17 @@ from typing import Any
 import structlog
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, KafkaTimeoutError
 
 from service.api import ApiKey, RightfootClient
 from service.config import Settings
-from service.errors import ApiError, ApiUnauthorized, KafkaConnectionProblem
+from service.errors import (
+    ApiError,
+    ApiUnauthorized,
+    ConnectionErrorReason,
+    KafkaConnectionProblem,
+    PollerError,
+)
 from service.events import EventFactory
 from service.http_api import HttpApi
 from service.kafka_clients import (
@@ -63,6 +69,21 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
 # The batch a key probe asks for when this replica tracks none.
 AUTH_PROBE_BATCH_ID = "00000000-0000-0000-0000-000000000000"
+
+
+def kafka_problem_is_transient(exc: BaseException, reason: ConnectionErrorReason) -> bool:
+    """Whether a failed connection to Kafka is one that fixes itself: no broker answers
+    yet (starting, restarting, a network path coming up). A refused login, a certificate
+    or a missing permission are not, nor a broker's refusal that no retry changes."""
+    if reason != "unreachable":
+        return False
+    return isinstance(exc, KafkaConnectionProblem | OSError | KafkaTimeoutError) or bool(
+        getattr(exc, "retriable", False)
+    )
+
+
+class HttpListenError(PollerError):
+    """The admin HTTP server cannot listen on http.host / http.port."""
 
 
 class PollerService:
@@ -123,6 +144,8 @@ class PollerService:
         # Set by every rebalance: the partition count may have changed (see _partition_count).
         self._count_check = asyncio.Event()
         self._count_problems = Throttle(every_s=60.0)
+        # kafka_unavailable for a broker out of reach: the first, then one a minute.
+        self._kafka_waits = Throttle(every_s=60.0)
 
     # ---- readiness --------------------------------------------------------------------
 
@@ -194,9 +217,13 @@ class PollerService:
     async def _connect_kafka(self) -> None:
         """Connect, retrying with backoff: a broker that is down or refuses us is waited for.
 
-        A refused password, an untrusted certificate or an unreachable broker gives one
-        ERROR line per attempt (reason and what to check), a ``kafka_error`` on /readyz
-        and ``kafka_connection_errors_total{reason}``; attempts back off from 1 s to 60 s.
+        Every failed attempt sets ``kafka_error`` on /readyz and counts in
+        ``kafka_connection_errors_total{reason}``; attempts back off from 1 s to 60 s. A
+        refused password, an untrusted certificate or a missing permission, which no
+        retry fixes, is one ERROR line per attempt (reason and what to check). No broker
+        answering yet is expected (a broker starting with the service): one WARNING
+        ``kafka_unavailable`` at the first attempt, then at most one a minute (with how
+        many attempts it stands for).
         """
         delay = 1.0
         while not self._stopping.is_set():
@@ -242,7 +269,13 @@ class PollerService:
                 self.metrics.publish_errors.labels("connect").inc()
                 self.metrics.kafka_connection_errors.labels(reason).inc()
                 self._kafka_problem = {"reason": reason, "error": message}
-                log.error("kafka_unavailable", reason=reason, error=message, retry_in_s=delay)
+                fields = {"reason": reason, "error": message, "retry_in_s": delay}
+                if not kafka_problem_is_transient(exc, reason):
+                    log.error("kafka_unavailable", **fields)
+                elif (held := self._kafka_waits.admit(reason)) is None:
+                    log.debug("kafka_unavailable", **fields)
+                else:
+                    log.warning("kafka_unavailable", **fields, attempts_held=held)
                 await self._close_clients()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), delay)
@@ -262,9 +295,13 @@ class PollerService:
             max_body_bytes=self.settings.http.max_body_bytes,
             liveness=self.liveness,
         )
-        self._runner, self.http_port = await api.serve(
-            self.settings.http.host, self.settings.http.port
-        )
+        host, port = self.settings.http.host, self.settings.http.port
+        try:
+            self._runner, self.http_port = await api.serve(host, port)
+        except OSError as exc:  # a host that is no address here, a port in use
+            raise HttpListenError(
+                f"http.host / http.port: cannot listen on {host}:{port}: {exc.strerror or exc}"
+            ) from None
 
     async def submit(self, req: TrackingRequest) -> None:
         """Send a tracking request to the requests topic (HTTP intake)."""

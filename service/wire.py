@@ -16,7 +16,7 @@ import structlog
 
 from service.config import Settings
 from service.errors import RegistryError, RegistryUnavailable
-from service.logs import redact
+from service.logs import Throttle, redact
 from service.registry import (
     MAGIC_BYTE,
     RegistryClient,
@@ -35,8 +35,10 @@ async def frames_when_available(
 ) -> dict[str, bytes] | None:
     """The wire-format frame of each event topic, from the registry; None if stopped first.
 
-    An unavailable registry is tried again with backoff (one ERROR line per attempt,
-    like Kafka at start); a refusal (credentials, an incompatible or invalid schema, a
+    An unavailable registry is tried again with backoff: unreachable, timing out or
+    failing (5xx), which is expected to pass, is one WARNING at the first attempt and then
+    at most one a minute (like Kafka at start); a TLS failure, which no retry fixes, one
+    ERROR line per attempt. A refusal (credentials, an incompatible or invalid schema, a
     schema not registered while ``auto_register`` is off) gives one ERROR line naming
     the subject and is tried again every ``schema_registry.backoff_max_s``, in case it
     is fixed. ``on_problem`` gets what /readyz shows, then None once it is solved.
@@ -44,16 +46,23 @@ async def frames_when_available(
     cfg = settings.schema_registry
     secrets = settings.secrets()
 
+    waits = Throttle(every_s=60.0)
+
     def unavailable(exc: RegistryUnavailable, failures: int, delay: float) -> None:
         message = redact(str(exc), secrets)
         on_problem({"reason": exc.reason, "error": message})
-        log.error(
-            "schema_registry_unavailable",
-            reason=exc.reason,
-            error=message,
-            attempt=failures,
-            retry_in_s=round(delay, 1),
-        )
+        fields = {
+            "reason": exc.reason,
+            "error": message,
+            "attempt": failures,
+            "retry_in_s": round(delay, 1),
+        }
+        if exc.reason == "tls":
+            log.error("schema_registry_unavailable", **fields)
+        elif (held := waits.admit(exc.reason)) is None:
+            log.debug("schema_registry_unavailable", **fields)
+        else:
+            log.warning("schema_registry_unavailable", **fields, attempts_held=held)
 
     schemas = event_schemas(settings.kafka)
     async with RegistryClient(cfg, instance_id=settings.instance_id) as client:
