@@ -11,7 +11,7 @@ import contextlib
 import itertools
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import structlog
@@ -39,7 +39,7 @@ from service.kafka_clients import (
     probe_brokers,
     stop_client,
 )
-from service.kafka_logs import BROKERS
+from service.kafka_logs import BROKERS, BrokerLog
 from service.logs import Throttle, redact
 from service.metrics import Metrics
 from service.pacing import RateLimiter
@@ -69,6 +69,13 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
 # The batch a key probe asks for when this replica tracks none.
 AUTH_PROBE_BATCH_ID = "00000000-0000-0000-0000-000000000000"
+
+
+def any_broker_reachable(brokers: Mapping[str, bool]) -> bool:
+    """Whether Kafka answers, from ``BrokerLog.refresh()``: one broker is enough (the
+    loss of one of several is the cluster's business, not a reason to leave the load
+    balancer), and no broker known yet counts as reachable."""
+    return not brokers or any(brokers.values())
 
 
 def kafka_problem_is_transient(exc: BaseException, reason: ConnectionErrorReason) -> bool:
@@ -131,6 +138,9 @@ class PollerService:
             stopping=self._stopping,
         )
         self._kafka_ok = False
+        # Whether any Kafka broker answers (BrokerLog.refresh, every 5 s): /readyz's kafka.
+        self.brokers: BrokerLog = BROKERS
+        self._brokers_reachable = True
         self._kafka_problem: dict[str, Any] | None = None  # why Kafka refuses us, for /readyz
         self._registry_problem: dict[str, str] | None = None  # json_sr: why no schema ids
         self._monitor: asyncio.Task[None] | None = None
@@ -151,8 +161,9 @@ class PollerService:
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Whether this replica is ready, and why not (a query: it changes nothing)."""
+        kafka = self._kafka_ok and self._brokers_reachable
         checks = {
-            "kafka": self._kafka_ok,
+            "kafka": kafka,
             "group_joined": self.partitions.joined,
             "partitions_restored": self.partitions.all_restored,
             "api_key_accepted": not self.tracker.unauthorized,
@@ -167,6 +178,11 @@ class PollerService:
         }
         if self._kafka_problem is not None and not self._kafka_ok:
             detail["kafka_error"] = self._kafka_problem
+        elif not kafka:
+            detail["kafka_error"] = {
+                "reason": "unreachable",
+                "error": "no Kafka broker is reachable (connected before; the clients retry)",
+            }
         if self._registry_problem is not None:
             detail["schema_registry_error"] = self._registry_problem
         return ready, detail
@@ -253,9 +269,9 @@ class PollerService:
                     listener=_Rebalance(self.partitions, self._count_check.set),
                 )
                 await self.consumer.start()
-                BROKERS.watch(self.producer.client)
-                BROKERS.watch(self.consumer._client)
-                self._kafka_ok = True
+                self.brokers.watch(self.producer.client)
+                self.brokers.watch(self.consumer._client)
+                self._kafka_ok = self._brokers_reachable = True
                 self._kafka_problem = None
                 return
             except (KafkaConnectionProblem, KafkaError, OSError, ApiError) as exc:
@@ -488,8 +504,14 @@ class PollerService:
             self.metrics.oldest_overdue_poll.set(self.tracker.oldest_overdue())
             self.metrics.ready.set(1 if self.readiness()[0] else 0)
             if tick % brokers_every == 0:
-                for broker, up in BROKERS.refresh().items():
-                    self.metrics.kafka_broker_reachable.labels(broker).set(1 if up else 0)
+                self._check_brokers()
+
+    def _check_brokers(self) -> None:
+        """Which brokers answer: the metric of each, and /readyz's kafka check."""
+        brokers = self.brokers.refresh()
+        for broker, up in brokers.items():
+            self.metrics.kafka_broker_reachable.labels(broker).set(1 if up else 0)
+        self._brokers_reachable = any_broker_reachable(brokers)
 
 
 async def run_service(settings: Settings) -> int:

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -43,6 +44,7 @@ from conftest import (
 )
 from test_durability import assert_exactly_once, served_ids, track, wait_completed
 
+from service import kafka_logs
 from service.app import PollerService
 from service.config import load_settings
 
@@ -80,6 +82,10 @@ class Toxiproxy:
     async def disable(self, proxy: str) -> None:
         """The proxy stops listening and drops its connections: connections are refused."""
         await self._call("POST", f"/proxies/{proxy}", {"enabled": False})
+
+    async def enable(self, proxy: str) -> None:
+        """The proxy listens again."""
+        await self._call("POST", f"/proxies/{proxy}", {"enabled": True})
 
 
 @pytest.fixture
@@ -253,6 +259,17 @@ async def test_kafka_connections_cut_inside_transactions_lose_and_repeat_nothing
         assert_exactly_once(balances, served_ids(sim, batches))
         assert service.readiness()[0], "the service is ready again"
 
+        # The broker out of reach for good: /readyz's kafka check turns false (it means
+        # "connected to Kafka"), and true again once the broker is back.
+        with kafka_lines_read():
+            await toxiproxy.disable("kafka")
+            await wait_for(
+                lambda: not service.readiness()[1]["checks"]["kafka"], 40, "kafka not ready"
+            )
+            assert service.readiness()[1]["kafka_error"]["reason"] == "unreachable"
+            await toxiproxy.enable("kafka")
+            await wait_for(lambda: service.readiness()[0], 40, "the service ready again")
+
         # Stopped (SIGTERM) while the broker is out of reach: the stop ends, and it ends
         # by itself, not with an exception out of a client that could not say goodbye.
         await toxiproxy.disable("kafka")
@@ -262,6 +279,25 @@ async def test_kafka_connections_cut_inside_transactions_lose_and_repeat_nothing
     finally:
         if not stopped:
             await service.stop()
+
+
+@contextlib.contextmanager
+def kafka_lines_read() -> Iterator[None]:
+    """The service's BrokerLog reads aiokafka's lines, as it does on the handler
+    configure_logging installs (which the tests leave out)."""
+
+    class Discard(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            pass
+
+    handler = Discard()
+    handler.addFilter(kafka_logs.BROKERS)
+    aiokafka = logging.getLogger("aiokafka")
+    aiokafka.addHandler(handler)
+    try:
+        yield
+    finally:
+        aiokafka.removeHandler(handler)
 
 
 async def _kafka_faults(
