@@ -12,7 +12,7 @@ import itertools
 import signal
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 from aiohttp import web
@@ -22,7 +22,11 @@ from aiokafka.errors import KafkaError, KafkaTimeoutError
 from service.api import ApiKey, RightfootClient
 from service.config import Settings
 from service.errors import (
+    ApiBadRequest,
     ApiError,
+    ApiForbidden,
+    ApiMalformedResponse,
+    ApiNotFound,
     ApiUnauthorized,
     ConnectionErrorReason,
     KafkaConnectionProblem,
@@ -69,6 +73,23 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
 # The batch a key probe asks for when this replica tracks none.
 AUTH_PROBE_BATCH_ID = "00000000-0000-0000-0000-000000000000"
+
+KeyProbeOutcome = Literal["accepted", "rejected", "inconclusive"]
+
+
+def key_probe_outcome(error: ApiError | None) -> KeyProbeOutcome:
+    """What the answer to a key probe (None: a page) says about the API key.
+
+    Only an answer from past the API's authentication says the key is accepted: a page,
+    a 404 (the batch does not exist), a 400 or a body of the wrong shape. A 401 or 403
+    says it is still rejected. A 5xx, a timeout, a connection failure or a 429 says
+    nothing about the key: the state is kept and the key tried again later.
+    """
+    if error is None or isinstance(error, ApiNotFound | ApiBadRequest | ApiMalformedResponse):
+        return "accepted"
+    if isinstance(error, ApiUnauthorized | ApiForbidden):
+        return "rejected"
+    return "inconclusive"
 
 
 def any_broker_reachable(brokers: Mapping[str, bool]) -> bool:
@@ -474,7 +495,12 @@ class PollerService:
             log.warning(event, **fields, retry_in_s=5.0, suppressed=held)
 
     async def _auth_probe(self) -> None:
-        """While the API key is rejected, try it again now and then (re-reading a key file)."""
+        """While the API key is rejected, try it again now and then (re-reading a key file).
+
+        The key counts as accepted again only on an answer from past the API's
+        authentication (``key_probe_outcome``); an answer that says nothing about the key
+        (a 5xx, a timeout, a 429) is one WARNING, and the key is tried again at the next
+        interval, still rejected until then."""
         interval = self.settings.rightfoot.unauthorized_retry_s
         while not self._stopping.is_set():
             await asyncio.sleep(min(interval, 5.0) if not self.tracker.unauthorized else interval)
@@ -484,14 +510,24 @@ class PollerService:
             # batch that cannot exist: the key is accepted if the answer is a 404.
             batch_id = self.tracker.any_tracked_batch() or AUTH_PROBE_BATCH_ID
             self.client.api_key.refresh()
+            error: ApiError | None = None
             try:
                 await self.client.fetch_page(batch_id, None, limit=1)
-            except ApiUnauthorized:
-                log.warning("api_key_still_rejected", retry_in_s=interval)
-                continue
-            except ApiError:
-                pass  # any other answer means the key is accepted
-            self.tracker.set_authorized()
+            except ApiError as exc:
+                error = exc
+            outcome = key_probe_outcome(error)
+            if outcome == "rejected":
+                log.warning("api_key_still_rejected", error=str(error), retry_in_s=interval)
+            elif outcome == "inconclusive":
+                log.warning(
+                    "api_key_probe_inconclusive",
+                    error=str(error),
+                    error_kind=type(error).__name__,
+                    note="the answer says nothing about the key; still taken as rejected",
+                    retry_in_s=interval,
+                )
+            else:
+                self.tracker.set_authorized()
 
     async def _loop_monitor(self) -> None:
         interval, brokers_every = 0.25, 20  # brokers: every 5 s
