@@ -4,13 +4,17 @@ and of their authorizers in batches that keep those: ``state.FP_VERSION``).
 A batch may have millions of records, and every replica may hold thousands of
 batches, so a plain ``set`` of ints (about 60 bytes a fingerprint) is too dear. A
 ``SeenSet`` keeps its fingerprints in sorted buckets, each an ``array('Q')`` (8 bytes
-a fingerprint) of at most ``BUCKET_MAX`` values covering one range, and a small set of
-recent additions. The recent ones are merged into the buckets once they pass an
-eighth of what is stored, a bucket at a time, and a bucket that grows too large is
-cut in two: memory stays near 8 to 16 bytes a fingerprint, the merges cost O(1)
-amortised per fingerprint added, and no step ever copies the whole set (neither a merge nor a
-rebuild from the state topic), so nothing holds more than one bucket's worth of
-Python ints at once, whatever the size of the batch.
+a fingerprint) of at most ``BUCKET_MAX`` values covering one range of them. A
+fingerprint added goes at once into its place in its bucket (a bucket given many at
+a time is rebuilt with them, in one pass), and a bucket that grows past
+``BUCKET_MAX`` is cut into parts of about half that. So memory stays near 8 to 9
+bytes a fingerprint, and the work of adding some is bounded by how many they are
+(at most about ``BUCKET_MAX`` values moved for each), whatever the set holds: no
+step merges, sorts or copies the whole set, so none blocks the event loop for longer
+as a batch grows, and nothing holds more than ``SLICE`` plus one bucket's worth of
+Python ints at once. Beyond the fingerprints, the one thing moved on adding is the
+list of buckets, when one is cut (a pointer per bucket, about one per thousand
+fingerprints). Every lookup is exact at every moment: there is nothing on the side.
 """
 
 from __future__ import annotations
@@ -19,31 +23,42 @@ from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator
 
-# Recent additions kept in the set before the first merge, whatever is stored.
-MERGE_MIN = 1024
-# The most fingerprints in one bucket: a fuller one is cut into halves of this size.
-BUCKET_MAX = 4096
+# The most fingerprints in one bucket: a fuller one is cut into parts of at least half
+# this, and at most three quarters.
+BUCKET_MAX = 2048
+# Values added are sorted and put in place this many at a time.
+SLICE = 4096
+# A bucket given fewer than one in REBUILD_RATIO of its size takes them one by one
+# (each an insertion into the array); more, it is rebuilt with them in one pass.
+REBUILD_RATIO = 8
+
+_NOTHING: frozenset[int] = frozenset()
 
 
 class SeenSet:
     """A set of 64-bit fingerprints that only grows.
 
-    ``buckets[j]`` holds, sorted, the stored values from ``firsts[j]`` up to (not
-    including) ``firsts[j + 1]``; ``firsts[0]`` is 0.
+    ``buckets[j]`` holds, sorted, the values from ``firsts[j]`` up to (not including)
+    ``firsts[j + 1]``; ``firsts[0]`` is 0. Both lists are changed in place, never
+    replaced, so a reference to them stays current (``step.collect`` looks values up
+    in them itself).
     """
 
-    __slots__ = ("buckets", "firsts", "recent", "stored")
+    __slots__ = ("buckets", "firsts", "stored")
 
     def __init__(self, values: Iterable[int] = ()) -> None:
         self.buckets: list[array[int]] = []
         self.firsts: list[int] = []
-        self.recent: set[int] = set()
         self.stored = 0
         self.update(values)
 
+    @property
+    def recent(self) -> frozenset[int]:
+        """Fingerprints held outside the buckets: none any longer. (``step.collect``, which
+        looks values up as ``__contains__`` does, still reads it.)"""
+        return _NOTHING
+
     def __contains__(self, value: object) -> bool:
-        if value in self.recent:
-            return True
         if not self.buckets or type(value) is not int:
             return False
         bucket = self.buckets[bisect_right(self.firsts, value) - 1]
@@ -51,12 +66,11 @@ class SeenSet:
         return i < len(bucket) and bucket[i] == value
 
     def __len__(self) -> int:
-        return self.stored + len(self.recent)
+        return self.stored
 
     def __iter__(self) -> Iterator[int]:
         for bucket in self.buckets:
             yield from bucket
-        yield from self.recent
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, SeenSet):
@@ -73,62 +87,57 @@ class SeenSet:
     def update(self, values: Iterable[int]) -> None:
         """Add fingerprints that are not yet in the set (the caller checked each one).
 
-        ``values`` may be large (a batch's chunks, read back from the state topic): a
-        sequence is taken in slices, merged as they come; a set (a commit's new
-        fingerprints) at once. A value given twice is stored twice, which costs its 8
-        bytes and nothing else.
+        They are put in place ``SLICE`` at a time: the work is bounded by how many are
+        given, not by how many the set holds, so a caller that must not block for long
+        gives them a slice at a time (``state.StateRestore.rebuild`` gives a chunk). A
+        value given twice is stored twice, which costs its 8 bytes and nothing else.
         """
-        recent = self.recent
-        if isinstance(values, set | frozenset):
-            # The common case, a commit's new fingerprints (a bounded number): all at once.
-            recent.update(values)
-            if len(recent) > self._limit():
-                self._merge()
-            return
         if not isinstance(values, list | array | tuple):
             values = list(values)
-        start = 0
-        while start < len(values):
-            room = self._limit() + 1 - len(recent)
-            # Through a set: a set grows its table by half the room a value at a time does.
-            recent.update(set(values[start : start + room]))
-            start += room
-            if len(recent) > self._limit():
-                self._merge()
-                recent = self.recent
+        for start in range(0, len(values), SLICE):
+            self._add(sorted(values[start : start + SLICE]))
 
-    def _limit(self) -> int:
-        """The most recent additions kept before they are merged into the buckets."""
-        return MERGE_MIN + self.stored // 8
-
-    def _merge(self) -> None:
-        new = sorted(self.recent)
-        self.recent = set()
-        if not self.buckets:
-            self.buckets, self.firsts = [array("Q")], [0]
+    def _add(self, new: list[int]) -> None:
+        """Put sorted values into their buckets: each bucket they fall in is changed (and
+        cut if too full), no other."""
         buckets, firsts = self.buckets, self.firsts
-        out_buckets: list[array[int]] = []
-        out_firsts: list[int] = []
-        lo = 0
-        last = len(buckets) - 1
-        for j, bucket in enumerate(buckets):
-            hi = len(new) if j == last else bisect_left(new, firsts[j + 1], lo)
-            if hi == lo:
-                out_buckets.append(bucket)
-                out_firsts.append(firsts[j])
-                continue
+        if not buckets:
+            buckets.append(array("Q"))
+            firsts.append(0)
+        lo, n, j = 0, len(new), 0
+        while lo < n:
+            value = new[lo]
+            j = bisect_right(firsts, value, j) - 1
+            # new[lo:hi]: the values of bucket j (most often one: the next is elsewhere).
+            if j + 1 == len(firsts):
+                hi = n
+            else:
+                bound = firsts[j + 1]
+                hi = lo + 1
+                if hi < n and new[hi] < bound:
+                    hi = bisect_left(new, bound, hi + 1)
+            self._put(j, new, lo, hi)
+            self.stored += hi - lo
+            lo = hi
+
+    def _put(self, j: int, new: list[int], lo: int, hi: int) -> None:
+        """Put the sorted values ``new[lo:hi]``, all within bucket j's range, into it."""
+        bucket = self.buckets[j]
+        if (hi - lo) * REBUILD_RATIO <= len(bucket):
+            at = 0
+            for k in range(lo, hi):
+                value = new[k]
+                at = bisect_left(bucket, value, at)
+                bucket.insert(at, value)
+        else:
             # Two sorted runs: timsort merges them in one linear pass.
             merged = bucket.tolist()
             merged.extend(new[lo:hi])
             merged.sort()
-            lo = hi
-            if len(merged) <= BUCKET_MAX:
-                out_buckets.append(array("Q", merged))
-                out_firsts.append(firsts[j])
-                continue
-            half = BUCKET_MAX // 2
-            for start in range(0, len(merged), half):
-                out_buckets.append(array("Q", merged[start : start + half]))
-                out_firsts.append(firsts[j] if start == 0 else merged[start])
-        self.buckets, self.firsts = out_buckets, out_firsts
-        self.stored += len(new)
+            bucket = self.buckets[j] = array("Q", merged)
+        size = len(bucket)
+        if size > BUCKET_MAX:
+            parts = size // (BUCKET_MAX // 2)
+            cut = [bucket[p * size // parts : (p + 1) * size // parts] for p in range(parts)]
+            self.buckets[j : j + 1] = cut
+            self.firsts[j + 1 : j + 1] = [part[0] for part in cut[1:]]

@@ -1,45 +1,75 @@
-"""SeenSet: a set of 64-bit fingerprints that answers like a set and costs 8-16 bytes a record,
-with no step that copies the whole set, however large it grows."""
+"""SeenSet: a set of 64-bit fingerprints that answers like a set and costs about 8 bytes a
+fingerprint, exact after every update, with no update whose work grows with the set."""
 
 from __future__ import annotations
 
 import random
 import tracemalloc
+from array import array
+from bisect import bisect_left, bisect_right
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from unittest import mock
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 from service import seen as seen_module
-from service.seen import BUCKET_MAX, MERGE_MIN, SeenSet
+from service.seen import BUCKET_MAX, SeenSet
 
 fingerprints = st.integers(min_value=0, max_value=2**64 - 1)
 
 
+@contextmanager
+def _tiny(bucket_max: int, slice_: int = 4096, ratio: int = 8) -> Iterator[None]:
+    """Tiny buckets (and slices): buckets are cut again and again, both ways of adding."""
+    with (
+        mock.patch.object(seen_module, "BUCKET_MAX", bucket_max),
+        mock.patch.object(seen_module, "SLICE", slice_),
+        mock.patch.object(seen_module, "REBUILD_RATIO", ratio),
+    ):
+        yield
+
+
+def _inlined_lookup(seen: SeenSet, value: int) -> bool:
+    """The lookup as ``step.collect`` inlines it (``recent``, ``buckets``, ``firsts``)."""
+    if value in seen.recent:
+        return True
+    if not seen.buckets:
+        return False
+    bucket = seen.buckets[bisect_right(seen.firsts, value) - 1]
+    i = bisect_left(bucket, value)
+    return i < len(bucket) and bucket[i] == value
+
+
 def _grows_like_a_set(additions: list[list[int]], probes: list[int]) -> None:
-    """Added to a batch at a time, the set answers as a plain set does, after each batch."""
+    """Added to a batch at a time, the set answers exactly as a plain set does, after each
+    batch, whether asked itself or the way ``step.collect`` asks it."""
     seen = SeenSet()
+    buckets, firsts = seen.buckets, seen.firsts  # as step.collect holds them over a page
     model: set[int] = set()
     for batch in additions:
         new = set(batch) - model
         seen.update(new)
         model |= new
         assert len(seen) == len(model)
-        if seen.buckets:
-            _check_buckets(seen)
-    for value in [*probes, *model, 0, 2**64 - 1]:
-        assert (value in seen) == (value in model)
+        _check_buckets(seen)
+        assert seen.buckets is buckets and seen.firsts is firsts, "changed in place"
+        for value in [*probes, *batch, 0, 2**64 - 1]:
+            assert (value in seen) == (value in model) == _inlined_lookup(seen, value)
+    assert all(value in seen for value in model)
     assert set(seen) == model
     assert seen == model
 
 
-@given(st.lists(st.lists(fingerprints, max_size=600), max_size=12), st.lists(fingerprints))
-def test_answers_like_a_set(additions: list[list[int]], probes: list[int]) -> None:
-    _grows_like_a_set(additions, probes)
-
-
 def _check_buckets(seen: SeenSet) -> None:
-    """Each bucket sorted, within its range, and no fuller than BUCKET_MAX."""
+    """Each bucket sorted, within its range, and no fuller than BUCKET_MAX; nothing else
+    held."""
+    assert not seen.recent
+    if not seen.buckets:
+        assert seen.stored == 0 and not seen.firsts
+        return
     assert seen.firsts[0] == 0 and seen.firsts == sorted(seen.firsts)
     bounds = [*seen.firsts[1:], 2**64]
     for bucket, low, high in zip(seen.buckets, seen.firsts, bounds, strict=True):
@@ -50,23 +80,45 @@ def _check_buckets(seen: SeenSet) -> None:
     assert seen.stored == sum(len(b) for b in seen.buckets)
 
 
-@given(st.lists(st.lists(fingerprints, max_size=60), max_size=30), st.lists(fingerprints))
-def test_answers_like_a_set_through_many_merges_and_splits(
-    additions: list[list[int]], probes: list[int]
+@given(st.lists(st.lists(fingerprints, max_size=600), max_size=12), st.lists(fingerprints))
+def test_answers_like_a_set(additions: list[list[int]], probes: list[int]) -> None:
+    _grows_like_a_set(additions, probes)
+
+
+@given(
+    st.lists(st.lists(fingerprints, max_size=60), max_size=30),
+    st.lists(fingerprints),
+    st.sampled_from([(4, 3, 8), (4, 4096, 1), (6, 5, 2), (8, 4096, 1000)]),
+)
+def test_answers_like_a_set_through_many_cuts(
+    additions: list[list[int]], probes: list[int], tiny: tuple[int, int, int]
 ) -> None:
-    # Tiny buckets and merges: every addition merges, and buckets are cut again and again.
-    with (
-        mock.patch.object(seen_module, "MERGE_MIN", 2),
-        mock.patch.object(seen_module, "BUCKET_MAX", 4),
-    ):
+    # Tiny buckets: every few additions cut one. Both ways of adding: one at a time
+    # (ratio 1000: only to an empty bucket is it rebuilt) and rebuilt (ratio 1).
+    with _tiny(*tiny):
         _grows_like_a_set(additions, probes)
+
+
+@given(
+    st.lists(st.integers(min_value=0, max_value=40), min_size=1, max_size=40),
+    st.integers(min_value=0, max_value=2**32),
+)
+def test_clustered_values_answer_like_a_set(sizes: list[int], seed: int) -> None:
+    """Values close together (all in one bucket, then in its parts) and far apart."""
+    rng = random.Random(seed)
+    base = rng.randrange(2**64 - 2**12)
+    additions = [
+        [base + rng.randrange(2**12) for _ in range(size)] + [rng.getrandbits(64)] for size in sizes
+    ]
+    with _tiny(8, 5, 4):
+        _grows_like_a_set(additions, [base, base + 1, base + 2**12])
 
 
 def test_starts_from_any_values_and_keeps_growing() -> None:
     rng = random.Random(3)
     start = [rng.getrandbits(64) for _ in range(50_000)]
     seen = SeenSet(start)
-    assert len(seen.buckets) > 1 and len(seen.recent) <= MERGE_MIN + seen.stored // 8
+    assert len(seen.buckets) > 1
     _check_buckets(seen)
     later = {rng.getrandbits(64) for _ in range(30_000)} - set(start)
     seen.update(later)
@@ -76,7 +128,63 @@ def test_starts_from_any_values_and_keeps_growing() -> None:
     assert 2**64 - 1 not in seen and "x" not in seen and -1 not in seen
 
 
-def test_many_fingerprints_cost_at_most_16_bytes_each_and_never_twice_that() -> None:
+def _written(before: Counter[bytes], seen: SeenSet) -> int:
+    """Fingerprints now in buckets that were not there, as they are, before: those that
+    an update wrote or moved."""
+    left = before.copy()
+    written = 0
+    for bucket in seen.buckets:
+        raw = bucket.tobytes()
+        if left[raw]:
+            left[raw] -= 1
+        else:
+            written += len(bucket)
+    return written
+
+
+def _every_update_writes_at_most(bucket_max: int, sizes: list[int], seed: int) -> int:
+    """Grow a set by updates of these sizes, checking that each writes at most
+    ``bucket_max + 1`` fingerprints per fingerprint added, however large the set."""
+    rng = random.Random(seed)
+    seen = SeenSet()
+    most = 0
+    for k in sizes:
+        before = Counter(bucket.tobytes() for bucket in seen.buckets)
+        seen.update({rng.getrandbits(64) for _ in range(k)})
+        written = _written(before, seen)
+        assert written <= k * (bucket_max + 1), (written, k, len(seen))
+        most = max(most, written)
+    return most
+
+
+def test_no_update_writes_more_than_its_own_buckets() -> None:
+    """The work of an update is bounded by its own size, not the set's: every update, up
+    to a set 500 times as large as a bucket, writes at most a bucket's worth of
+    fingerprints for each it adds. (Merging into every bucket at once, as this set once
+    did at every eighth of its size, writes them all: tens of thousands here.)"""
+    rng = random.Random(11)
+    sizes = [rng.randint(1, 12) for _ in range(5000)]
+    with mock.patch.object(seen_module, "BUCKET_MAX", 64):
+        most = _every_update_writes_at_most(64, sizes, 12)
+    assert sum(sizes) > 500 * 64
+    assert most <= 12 * 65
+
+
+def test_a_large_set_takes_a_commit_without_touching_the_rest() -> None:
+    """At its real bucket size: a set of 400,000 fingerprints, given a commit of 50
+    (two fingerprints a record for 25 records), writes only the buckets they fall in."""
+    rng = random.Random(13)
+    seen = SeenSet(array("Q", (rng.getrandbits(64) for _ in range(400_000))))
+    for _ in range(20):
+        before = Counter(bucket.tobytes() for bucket in seen.buckets)
+        new = {rng.getrandbits(64) for _ in range(50)}
+        seen.update(new)
+        # Buckets hold 1,024 to 2,048: 50 values fall in at most 50 of about 280.
+        assert _written(before, seen) <= len(new) * (BUCKET_MAX + 1) < len(seen) / 3
+    _check_buckets(seen)
+
+
+def test_many_fingerprints_cost_about_8_bytes_each_and_never_much_more() -> None:
     rng = random.Random(5)
     tracemalloc.start()
     try:
@@ -87,9 +195,8 @@ def test_many_fingerprints_cost_at_most_16_bytes_each_and_never_twice_that() -> 
     finally:
         tracemalloc.stop()
     assert len(seen) >= 299_000
-    assert current / len(seen) <= 16
-    # A merge works a bucket at a time: the set never holds a Python int per stored
+    assert current / len(seen) <= 10
+    # An update works a bucket at a time: the set never holds a Python int per stored
     # fingerprint (about 40 bytes each), even for a moment.
-    assert peak / len(seen) <= 24
-    assert len(seen.recent) <= MERGE_MIN + seen.stored // 8
+    assert peak / len(seen) <= 11
     assert max(len(b) for b in seen.buckets) <= BUCKET_MAX
