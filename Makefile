@@ -118,7 +118,8 @@ DEPLOY_KUBE_VERSIONS := 1.29.0 1.35.0
 DEPLOY_SCHEMAS := $(CURDIR)/.cache/tools/kubernetes-json-schema/{{ .NormalizedKubernetesVersion }}-standalone{{ .StrictSuffix }}/{{ .ResourceKind }}{{ .KindSuffix }}.json
 
 # Install the deployment tools (idempotent; the first run builds helm, ~2-3 min).
-tools:
+# scripts/install-tools.sh runs uv: tools-uv installs it on a machine without it.
+tools: tools-uv
 	bash scripts/install-tools.sh
 
 # Lint the Dockerfile; lint, render and schema-validate the chart with every ci/*-values.yaml
