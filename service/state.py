@@ -37,7 +37,7 @@ import base64
 import json
 import sys
 from array import array
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -95,6 +95,11 @@ _SEPARATOR = CHUNK_SEPARATOR.encode()
 # reason, which may quote an API error message.
 MAX_REASON_CHARS = 1024
 MAX_SUMMARY_BYTES = 64 * 1024
+# A step of ``StateRestore.rebuild``: about this many fingerprints put into seen sets
+# (a few milliseconds), a summary decoded counting as SUMMARY_WORK of them (about its
+# cost). A step ends after the chunk or the summary that reaches it.
+STEP_WORK = 2 * CHUNK_FPS
+SUMMARY_WORK = 16
 
 
 def unpack_seen(text: str) -> array[int]:
@@ -510,33 +515,75 @@ class StateRestore:
 
     def batches(self, on_error: Callable[[str, ValueError], None]) -> dict[str, BatchState]:
         """The restored batches; a batch whose records are not understood, whatever the
-        decoder raised, is left out (and given to ``on_error`` as a ValueError)."""
+        decoder raised, is left out (and given to ``on_error`` as a ValueError).
+
+        All at once: for a partition of millions of fingerprints, seconds. A caller on
+        the event loop uses ``rebuild`` instead."""
         out: dict[str, BatchState] = {}
-        for batch_id, value in self._summaries.items():
-            chunks = self._chunks.pop(batch_id, {})
-            try:
-                state = decode_state(value, self.partition)
-                # A batch finished for good never needs its fingerprints again. (A summary
-                # of versions 1 and 2 carries its fingerprints inline: those stay in memory
-                # until a commit puts them into chunks.)
-                wanted = state.active or state.status in RESUMABLE or self.only is not None
-                if state.status in FINAL and self.only is None:
-                    # (Finished for good: its chunks left to clear, if any.)
-                    if not state.chunks.unsaved:
-                        _park(state, self._last_chunk.get(batch_id))
-                elif wanted and batch_id in self._parked and not state.chunks.unsaved:
-                    _park(state, self._last_chunk.get(batch_id))
-                elif wanted:
-                    _load_chunks(state, chunks)
-            except Exception as exc:  # (RecursionError, TypeError… as much as ValueError)
-                on_error(batch_id, _not_understood(exc))
-                continue
-            out[batch_id] = state
-        self._summaries.clear()
-        self._chunks.clear()
-        self._parked.clear()
-        self._last_chunk.clear()
+        for _ in self.rebuild(on_error, out):
+            pass
         return out
+
+    def rebuild(
+        self, on_error: Callable[[str, ValueError], None], out: dict[str, BatchState]
+    ) -> Generator[None, None, None]:
+        """``batches`` a step at a time, for a caller that must not block for long: each
+        step (``next``) decodes summaries and puts chunks into seen sets, about
+        ``STEP_WORK`` fingerprints' worth, then yields, so that a caller on the event loop
+        lets the rest run between steps::
+
+            batches: dict[str, BatchState] = {}
+            for _ in restore.rebuild(refused, batches):
+                await asyncio.sleep(0)
+
+        Each batch goes into ``out`` once it is whole (its fingerprints all in): when
+        the iterator ends, ``out`` holds what ``batches`` returns. No record may be
+        applied once it has begun; closed before its end (its caller cancelled), it
+        leaves in ``out`` the batches done so far, and lets go of the rest.
+        """
+        work = 0
+        try:
+            for batch_id, value in self._summaries.items():
+                chunks = self._chunks.pop(batch_id, {})
+                try:
+                    state = decode_state(value, self.partition)
+                    # (Versions 1 and 2: the fingerprints inline, at most a message's.)
+                    work += SUMMARY_WORK + len(state.seen)
+                    if self._wanted(state, batch_id):
+                        for taken in _load_chunks(state, chunks):
+                            work += taken
+                            if work >= STEP_WORK:
+                                work = 0
+                                yield
+                except Exception as exc:  # (RecursionError, TypeError… as much as ValueError)
+                    on_error(batch_id, _not_understood(exc))
+                    continue
+                out[batch_id] = state
+                if work >= STEP_WORK:
+                    work = 0
+                    yield
+        finally:
+            self._summaries.clear()
+            self._chunks.clear()
+            self._parked.clear()
+            self._last_chunk.clear()
+
+    def _wanted(self, state: BatchState, batch_id: str) -> bool:
+        """Whether the batch's chunks are to be read into its seen set; if not, it is left
+        without them (``_park``), unless its fingerprints are inline (versions 1 and 2)."""
+        # A batch finished for good never needs its fingerprints again. (A summary of
+        # versions 1 and 2 carries its fingerprints inline: those stay in memory until a
+        # commit puts them into chunks.)
+        wanted = state.active or state.status in RESUMABLE or self.only is not None
+        if state.status in FINAL and self.only is None:
+            # (Finished for good: its chunks left to clear, if any.)
+            if not state.chunks.unsaved:
+                _park(state, self._last_chunk.get(batch_id))
+            return False
+        if wanted and batch_id in self._parked and not state.chunks.unsaved:
+            _park(state, self._last_chunk.get(batch_id))
+            return False
+        return wanted
 
 
 def _not_understood(exc: Exception) -> ValueError:
@@ -563,8 +610,9 @@ def _park(state: BatchState, last_chunk: int | None) -> None:
     state.chunks = ChunkLog(open_seq=0 if last_chunk is None else last_chunk + 1)
 
 
-def _load_chunks(state: BatchState, chunks: dict[int, bytes]) -> None:
-    """Put a batch's chunks into its seen set, one at a time (each freed once taken)."""
+def _load_chunks(state: BatchState, chunks: dict[int, bytes]) -> Iterator[int]:
+    """Put a batch's chunks into its seen set, one at a time (each freed once taken),
+    yielding after each how many fingerprints it held."""
     if not chunks:
         return
     last = max(chunks)
@@ -574,5 +622,6 @@ def _load_chunks(state: BatchState, chunks: dict[int, bytes]) -> None:
         state.seen.update(fps)
         if seq == last:
             log.open_seq, log.open = last, fps
+        yield len(fps)
     if len(log.open) >= CHUNK_FPS:
         log.open_seq, log.open = last + 1, array("Q")
