@@ -627,9 +627,16 @@ def test_notes_render_with_scaling_advice(tmp_path: Path) -> None:
 def test_rendered_config_is_accepted_by_the_service(values: Path, tmp_path: Path) -> None:
     from service.config import load_settings
 
+    from certs import CertificateAuthority
+
     docs = documents(values)
+    config = rendered_config(docs)
+    if config.get("rightfoot", {}).get("ca_bundle"):
+        # A path in the pod (a mounted Secret); the service checks at start that the file
+        # is a CA bundle, so a real one stands in for it here.
+        config["rightfoot"]["ca_bundle"] = str(CertificateAuthority(tmp_path).cert)
     path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(rendered_config(docs)))
+    path.write_text(yaml.safe_dump(config))
     env = {"RFP_INSTANCE_ID": "ci-0", "RIGHTFOOT_API_KEY": "k", "RFP_KAFKA__SASL_PASSWORD": "p"}
     if rendered_config(docs).get("schema_registry", {}).get("username"):
         env["RFP_SCHEMA_REGISTRY__PASSWORD"] = "p"  # the pod gets it from the Secret
