@@ -227,7 +227,7 @@ class PartitionOwner:
             unreadable[batch_id] = str(exc)[:300]
             self._state_unreadable(batch_id, exc)
 
-        return restore.batches(refused), unreadable
+        return await _rebuilt(restore, refused), unreadable
 
     async def load_batch(self, p: int, batch_id: str) -> BatchState | None:
         """One batch of state partition p as last committed, with all its fingerprints
@@ -285,7 +285,7 @@ class PartitionOwner:
 
         await self._read_partition(p, restore, refused)
         log.debug("state_partition_read", partition=p, batches=len(restore.only or ()))
-        return restore.batches(refused), errors
+        return await _rebuilt(restore, refused), errors
 
     async def _read_partition(
         self,
@@ -486,3 +486,15 @@ def _reset_ended(partition: int, task: asyncio.Task[None]) -> None:
     that ends otherwise is a fault, said rather than left silent."""
     if not task.cancelled() and task.exception() is not None:
         log.error("partition_reset_crashed", partition=partition, exc_info=task.exception())
+
+
+async def _rebuilt(
+    restore: StateRestore, on_error: Callable[[str, ValueError], None]
+) -> dict[str, BatchState]:
+    """``restore.batches``, a step at a time with the event loop let go between steps:
+    putting millions of fingerprints into seen sets at once held the loop for seconds (the
+    consumer's heartbeats, the other partitions' polls, /healthz)."""
+    out: dict[str, BatchState] = {}
+    for _ in restore.rebuild(on_error, out):
+        await asyncio.sleep(0)
+    return out

@@ -452,3 +452,33 @@ async def test_a_partition_fenced_and_then_revoked_is_left_to_its_new_owner(
         assert restores == [] and o.owned == [] and consumer.paused
     finally:
         await o.release_all(1.0)
+
+
+async def test_a_restore_lets_the_event_loop_run_while_it_rebuilds_the_batches() -> None:
+    """The restore of a partition puts its fingerprints into seen sets a step at a time,
+    letting the rest run in between (the consumer's heartbeats, the other partitions'
+    polls, /healthz): at once, millions of them held the loop for seconds."""
+    from test_state import _busy_partition, _restore_of
+
+    from service.partitions import _rebuilt
+
+    log, _ = _busy_partition()
+    whole = _restore_of(log).batches(lambda b, e: pytest.fail(f"{b}: {e}"))
+    ticks = 0
+
+    async def other() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(other())
+    await asyncio.sleep(0)
+    try:
+        out = await _rebuilt(_restore_of(log), lambda b, e: pytest.fail(f"{b}: {e}"))
+    finally:
+        task.cancel()
+    assert ticks > 10
+    assert {b: sorted(s.seen) for b, s in out.items()} == {
+        b: sorted(s.seen) for b, s in whole.items()
+    }
