@@ -48,7 +48,7 @@ from service.requests import FORWARDED_HEADER, TrackingRequest, decode_request, 
 from service.schedule import DueQueue
 from service.state import BatchState
 from service.step import Step
-from service.worker import PageSource, PartitionWorker, done, settled
+from service.worker import PageSource, PartitionWorker, committed, done, settled
 from service.writer import StepWriter
 
 log = structlog.get_logger(__name__)
@@ -538,7 +538,7 @@ class Tracker:
                 reserved = page_room
                 page = await self._fetch(w, poll)
                 while len(committing) >= MAX_COMMITS_IN_FLIGHT:
-                    await committing.popleft()
+                    await committed(committing.popleft())
                 # No await from here until the step is applied: a step is made from the
                 # batch as it stands, and nothing may change the batch in between.
                 before = poll.pending.size

@@ -55,13 +55,23 @@ class PartitionWorker:
     clearing: asyncio.Future[None] | None = None
 
 
+async def committed(commit: asyncio.Future[None]) -> None:
+    """Wait for a commit; cancelled meanwhile (the partition released, a stop), the waiter
+    alone is: the commit goes on, and is counted as what it turns out to be."""
+    try:
+        await asyncio.shield(commit)
+    except asyncio.CancelledError:
+        commit.add_done_callback(lambda f: f.cancelled() or f.exception())
+        raise
+
+
 async def settled(commits: deque[asyncio.Future[None]]) -> None:
     """Wait for each commit in order; the first failure is raised (the later ones fail too)."""
     try:
         while commits:
             commit = commits.popleft()
             if not commit.cancelled():
-                await commit
+                await committed(commit)
     finally:
         for commit in commits:
             commit.add_done_callback(lambda f: f.cancelled() or f.exception())

@@ -203,8 +203,9 @@ async def test_an_expected_count_during_a_poll_with_a_commit_in_flight_is_kept()
         await settle()
         committer.release_all()
         await asyncio.wait_for(pending, 1.0)
-        for _ in range(100):
-            if worker.batches[BATCH].status != "tracking":
+        for _ in range(100):  # until the completion is handed to the committer
+            summaries = committer.summaries()
+            if summaries and summaries[-1].status != "tracking":
                 break
             await asyncio.sleep(0.01)
     finally:
@@ -1062,3 +1063,47 @@ async def test_a_failed_poll_backs_off_from_when_it_failed_not_from_when_it_was_
     assert worker.batches[BATCH].failures == 1
     head = tracker.due.head()
     assert head is not None and head[0] == 1100.0 + 30.0  # the first backoff step: a window
+
+
+async def test_a_commit_whose_poll_is_cancelled_is_counted_once_it_lands() -> None:
+    """A partition released (or the service stopping) cancels the polls still running
+    after half its timeout, not their commits: those are committed by the publisher's
+    close. Counted from the cancelled waiter, such a commit went uncounted
+    (records_published_total short) and gave its room back before it had landed."""
+    source = HeldSource(Vendor([record(i) for i in range(6)]))
+    source.held = False
+    tracker = runner(source, max_records_per_transaction=2)
+    committer = HeldCommitter()
+    worker = PartitionWorker(partition=0, publisher=committer)
+    tracker.add_worker(worker)
+    await started(tracker, worker, TrackingRequest(batch_id=BATCH))
+    committer.hold = True  # the poll's commits stay in flight
+    scheduler = asyncio.create_task(tracker.run())
+    try:
+        async with asyncio.timeout(5):
+            while not any(isinstance(m, BalanceEvents) for m in committer.messages()):
+                committer.queued.clear()
+                await committer.queued.wait()
+        await settle()
+        (poll,) = worker.polls
+        poll.cancel()
+        await settle()
+        assert tracker.room.held > 0  # the records of the commits in flight keep their room
+        committer.release_all()
+        async with asyncio.timeout(5):
+            await asyncio.gather(poll, return_exceptions=True)
+        await settle()
+    finally:
+        tracker.stop()
+        scheduler.cancel()
+    sent = [m for m in committer.messages() if isinstance(m, BalanceEvents)]
+    records = sum(len(m.records) for m in sent)
+    counted = sum(
+        sample.value
+        for metric in tracker.metrics.registry.collect()
+        if metric.name == "rightfoot_poller_records_published"
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    )
+    assert records > 0 and counted == records
+    assert tracker.room.held == 0
