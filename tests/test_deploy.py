@@ -625,9 +625,9 @@ def test_notes_render_with_scaling_advice(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("values", CI_VALUES, ids=values_id)
 def test_rendered_config_is_accepted_by_the_service(values: Path, tmp_path: Path) -> None:
-    from service.config import load_settings
-
     from certs import CertificateAuthority
+
+    from service.config import load_settings
 
     docs = documents(values)
     config = rendered_config(docs)
