@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.errors import UnknownStateVersion
 from service.records import fingerprint, legacy_fingerprint
-from service.seen import SeenSet
+from service.seen import SeenLoader, SeenSet
 
 Status = Literal["tracking", "completed", "expired", "failed", "stopped"]
 FINAL: frozenset[str] = frozenset({"completed", "expired", "failed", "stopped"})
@@ -95,11 +95,12 @@ _SEPARATOR = CHUNK_SEPARATOR.encode()
 # reason, which may quote an API error message.
 MAX_REASON_CHARS = 1024
 MAX_SUMMARY_BYTES = 64 * 1024
-# A step of ``StateRestore.rebuild``: about this many fingerprints put into seen sets
-# (a few milliseconds), a summary decoded counting as SUMMARY_WORK of them (about its
-# cost). A step ends after the chunk or the summary that reaches it.
-STEP_WORK = 2 * CHUNK_FPS
-SUMMARY_WORK = 16
+# The work of a step of ``StateRestore.rebuild``, a millisecond or two: a fingerprint
+# taken from its chunk, or put into its bucket (``SeenLoader``), is one (some 0.2 µs);
+# a summary decoded is SUMMARY_WORK (some 15 µs). A step ends after the chunk, the
+# loader's part or the summary that reaches it.
+STEP_WORK = 4 * CHUNK_FPS
+SUMMARY_WORK = 64
 
 
 def unpack_seen(text: str) -> array[int]:
@@ -528,9 +529,9 @@ class StateRestore:
         self, on_error: Callable[[str, ValueError], None], out: dict[str, BatchState]
     ) -> Generator[None, None, None]:
         """``batches`` a step at a time, for a caller that must not block for long: each
-        step (``next``) decodes summaries and puts chunks into seen sets, about
-        ``STEP_WORK`` fingerprints' worth, then yields, so that a caller on the event loop
-        lets the rest run between steps::
+        step (``next``) decodes summaries and builds seen sets of chunks, ``STEP_WORK``
+        worth (a millisecond or two, whatever the batches), then yields, so that a caller
+        on the event loop lets the rest run between steps::
 
             batches: dict[str, BatchState] = {}
             for _ in restore.rebuild(refused, batches):
@@ -611,17 +612,23 @@ def _park(state: BatchState, last_chunk: int | None) -> None:
 
 
 def _load_chunks(state: BatchState, chunks: dict[int, bytes]) -> Iterator[int]:
-    """Put a batch's chunks into its seen set, one at a time (each freed once taken),
-    yielding after each how many fingerprints it held."""
+    """Put a batch's chunks into its seen set: each taken into a ``SeenLoader`` (its bytes
+    let go once taken), then the set built of them; yields the fingerprints each step
+    took."""
     if not chunks:
         return
     last = max(chunks)
     log = state.chunks
+    loader = SeenLoader(len(state.seen) + sum(len(v) for v in chunks.values()) // 8)
+    if state.seen:  # inline (versions 1 and 2), should a batch have chunks too
+        loader.add(state.seen)
+        yield len(state.seen)
     for seq in sorted(chunks):
         fps = decode_chunk(chunks.pop(seq))
-        state.seen.update(fps)
+        loader.add(fps)
         if seq == last:
             log.open_seq, log.open = last, fps
         yield len(fps)
+    state.seen = yield from loader.build()
     if len(log.open) >= CHUNK_FPS:
         log.open_seq, log.open = last + 1, array("Q")

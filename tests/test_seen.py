@@ -12,11 +12,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from unittest import mock
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from service import seen as seen_module
-from service.seen import BUCKET_MAX, SeenSet
+from service.seen import BUCKET_MAX, SeenLoader, SeenSet
 
 fingerprints = st.integers(min_value=0, max_value=2**64 - 1)
 
@@ -94,7 +95,9 @@ def test_answers_like_a_set_through_many_cuts(
     additions: list[list[int]], probes: list[int], tiny: tuple[int, int, int]
 ) -> None:
     # Tiny buckets: every few additions cut one. Both ways of adding: one at a time
-    # (ratio 1000: only to an empty bucket is it rebuilt) and rebuilt (ratio 1).
+    # (ratio 1: whenever the set holds as many as are added, or a bucket as many as it
+    # is given) and a bucket rebuilt with those it is given (ratio 1000: always, but
+    # for a set 1,000 times the size of the addition).
     with _tiny(*tiny):
         _grows_like_a_set(additions, probes)
 
@@ -112,6 +115,90 @@ def test_clustered_values_answer_like_a_set(sizes: list[int], seed: int) -> None
     ]
     with _tiny(8, 5, 4):
         _grows_like_a_set(additions, [base, base + 1, base + 2**12])
+
+
+@given(st.lists(fingerprints, min_size=1, max_size=50), st.integers(), st.booleans())
+def test_a_value_that_is_no_64_bit_fingerprint_changes_nothing(
+    values: list[int], wrong: int, many: bool
+) -> None:
+    seen = SeenSet(range(0, 2**64, 2**54) if many else [])
+    before = set(seen)
+    bad = wrong + 2**64 if wrong >= 0 else wrong
+    with pytest.raises(OverflowError):
+        seen.update({*values, bad})
+    assert seen == before and len(seen) == len(before)
+    _check_buckets(seen)
+
+
+def _load(chunks: list[list[int]], expected: int) -> tuple[SeenSet, list[int]]:
+    """A set built by a SeenLoader from these chunks; and what each step of its build
+    put into the set."""
+    loader = SeenLoader(expected)
+    for chunk in chunks:
+        loader.add(array("Q", chunk) if len(chunk) % 2 else chunk)
+    steps, grew, before = loader.build(), [], 0
+    while True:
+        try:
+            next(steps)
+        except StopIteration as end:
+            assert end.value is loader.seen
+            grew.append(len(loader.seen) - before)
+            return loader.seen, grew
+        grew.append(len(loader.seen) - before)
+        before = len(loader.seen)
+
+
+@given(
+    st.lists(st.lists(fingerprints, max_size=40), max_size=20),
+    st.lists(fingerprints),
+    st.integers(min_value=0, max_value=2000),
+    st.sampled_from([(4, 3, 2), (8, 5, 1), (2048, 4096, 4)]),
+    st.lists(fingerprints, max_size=40),
+)
+def test_a_loaded_set_answers_like_a_set_and_keeps_growing(
+    chunks: list[list[int]],
+    probes: list[int],
+    expected: int,
+    tiny: tuple[int, int, int],
+    later: list[int],
+) -> None:
+    """Whatever it was told to expect, however crowded the values; and once built, it
+    takes more as any set does."""
+    bucket_max, slice_, part_ratio = tiny
+    model: set[int] = set()
+    unique = []
+    for chunk in chunks:
+        unique.append([v for v in dict.fromkeys(chunk) if v not in model])
+        model.update(chunk)
+    with _tiny(bucket_max, slice_), mock.patch.object(seen_module, "PART_RATIO", part_ratio):
+        seen, grew = _load(unique, expected)
+        assert len(seen) == len(model) and seen == model
+        _check_buckets(seen)
+        assert max(grew) <= max(part_ratio * bucket_max, slice_)
+        for value in [*probes, *model, 0, 2**64 - 1]:
+            assert (value in seen) == (value in model) == _inlined_lookup(seen, value)
+        seen.update(set(later) - model)
+        model |= set(later)
+        _check_buckets(seen)
+        assert seen == model
+
+
+def test_a_set_loaded_from_a_batch_is_built_a_part_at_a_time() -> None:
+    """300,000 fingerprints of both kinds (top bits 10 and 00), as a restore reads them:
+    no step of the build puts more than a few buckets' worth into the set; values
+    crowded into one part go in a slice at a time."""
+    rng = random.Random(19)
+    values = [rng.getrandbits(62) | (rng.getrandbits(1) << 63) for _ in range(300_000)]
+    chunks = [values[start : start + 2048] for start in range(0, len(values), 2048)]
+    seen, grew = _load(chunks, len(values))
+    assert len(seen) == len(values) and all(v in seen for v in values[::101])
+    _check_buckets(seen)
+    assert len(grew) > 100 and max(grew) <= seen_module.PART_RATIO * BUCKET_MAX
+    crowded = list(range(2**40, 2**40 + 50_000))  # all in one part
+    seen, grew = _load([crowded[::-1]], 50_000)
+    assert seen == set(crowded)
+    _check_buckets(seen)
+    assert len(grew) > 10 and max(grew) <= seen_module.SLICE
 
 
 def test_starts_from_any_values_and_keeps_growing() -> None:

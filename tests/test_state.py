@@ -13,7 +13,7 @@ import json
 import random
 import tracemalloc
 from array import array
-from collections.abc import Iterable
+from collections.abc import Generator, Iterable
 from pathlib import Path
 from unittest import mock
 
@@ -28,7 +28,7 @@ from service.errors import ApiForbidden
 from service.policy import Policy
 from service.records import balance_event_id, fingerprint, legacy_fingerprint
 from service.requests import TrackingRequest
-from service.seen import SeenSet
+from service.seen import BUCKET_MAX, PART_RATIO, SeenLoader, SeenSet
 from service.state import (
     CHUNK_FPS,
     EARLY_SEAL_LIMIT,
@@ -824,22 +824,37 @@ def test_a_restore_rebuilds_in_bounded_steps_what_batches_gives_at_once() -> Non
     assert {b: len(s.seen) for b, s in whole.items() if len(s.seen)} == sizes
 
     work = [0]
-    real_update, real_decode = SeenSet.update, state_module.decode_state
-
-    def update(seen: SeenSet, values: Iterable[int]) -> None:
-        values = list(values)
-        work[0] += len(values)
-        real_update(seen, values)
+    real_decode = state_module.decode_state
 
     def decode(value: bytes, partition: int) -> BatchState:
         work[0] += state_module.SUMMARY_WORK
         return real_decode(value, partition)
 
+    class Loader(SeenLoader):
+        """Counts the fingerprints taken, then those put into buckets."""
+
+        def add(self, values: Iterable[int]) -> None:
+            values = array("Q", values)
+            work[0] += len(values)
+            super().add(values)
+
+        def build(self) -> Generator[int, None, SeenSet]:
+            steps, built = super().build(), 0
+            while True:
+                try:
+                    taken = next(steps)
+                except StopIteration as end:
+                    work[0] += len(self.seen) - built
+                    return end.value  # type: ignore[no-any-return]
+                work[0] += len(self.seen) - built
+                built = len(self.seen)
+                yield taken
+
     restore = _restore_of(log)
     out: dict[str, BatchState] = {}
     steps: list[int] = []
     with (
-        mock.patch.object(SeenSet, "update", update),
+        mock.patch.object(state_module, "SeenLoader", Loader),
         mock.patch.object(state_module, "decode_state", decode),
     ):
         for _ in restore.rebuild(lambda b, e: pytest.fail(f"{b}: {e}"), out):
@@ -848,10 +863,13 @@ def test_a_restore_rebuilds_in_bounded_steps_what_batches_gives_at_once() -> Non
             for batch_id, state in out.items():  # each batch given out whole
                 assert len(state.seen) == sizes.get(batch_id, 0)
     steps.append(work[0])
-    total = 60_000 + 2 * (len(SEEN) + 2) + 604 * state_module.SUMMARY_WORK
+    # Each fingerprint taken, then put into a bucket; a summary decoded.
+    total = 2 * sum(sizes.values()) + 604 * state_module.SUMMARY_WORK
     assert sum(steps) == total
-    assert max(steps) <= state_module.STEP_WORK + CHUNK_FPS, steps
-    assert len(steps) >= total // (state_module.STEP_WORK + CHUNK_FPS)
+    # A step ends after the chunk or the part of the loader that reaches STEP_WORK.
+    most = state_module.STEP_WORK + PART_RATIO * BUCKET_MAX
+    assert max(steps) <= most, steps
+    assert len(steps) >= total // most
     assert sorted(out) == sorted(whole)
     for batch_id, state in out.items():
         expected = whole[batch_id]
