@@ -374,12 +374,12 @@ def _invalid(batch_id: str, item: Any, reason: str, detail: str) -> InvalidRecor
         # changed version of the record is not a new record (records are counted by it).
         uid = str(uid)
     usable = isinstance(uid, str) and 0 < len(uid) <= MAX_ID_CHARS and _is_utf8(uid)
-    # A dead letter is the same one as long as its record's fields of the vendor's schema
-    # are, with or without a usable authorizer: a field outside the schema that changes
-    # with every response (a request id, a time) would make it a new dead letter at every
-    # poll, and the batch would never be idle. What is not an object, by its whole text.
+    # A dead letter is the same one as long as its record's fields are: a field outside the
+    # schema that changes with every response (a request id, a time) would make it a new
+    # dead letter at every poll, and the batch would never be idle. Without a usable
+    # authorizer, the whole text tells two records apart, as nothing else can.
     identity = raw
-    if isinstance(item, dict):
+    if usable and isinstance(item, dict):
         identity = dumps_exact({k: v for k, v in item.items() if k in RECORD_FIELDS})
     event_id = str(uuid.uuid5(EVENT_NAMESPACE, f"{batch_id}\x1finvalid\x1f{identity}"))
     return InvalidRecord(

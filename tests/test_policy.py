@@ -713,7 +713,7 @@ def test_a_batch_short_of_its_expected_count_is_not_swept_while_records_still_co
 
 
 def test_a_record_without_an_authorizer_that_changes_does_not_complete_a_batch_early() -> None:
-    """A record refused for having no authorizer ID is told apart by its fields only:
+    """A record refused for having no authorizer ID is told apart by its whole text only:
     listed again with new content, it counts as one more record. With an expected count
     that the extra one reaches, the batch completed at once, without the record listed
     behind the cursor meanwhile. It now completes on a read of the whole batch, once idle."""
