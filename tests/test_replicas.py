@@ -105,7 +105,17 @@ async def test_replicas_share_batches_and_take_over_a_dead_one(
     passing = replica("replica-4")  # takes partitions over, then hands them back
     passing.start()
     await passing.ready()
-    await asyncio.sleep(4)
+
+    def passing_polled() -> bool:
+        return any(e.instance == "replica-4" and e.path == "/v1/balances" for e in sim.request_log)
+
+    # Until it polls what it took over (the rebalance that gives it partitions may end
+    # after it reports ready with none, later on a loaded machine), then a little more.
+    for _ in range(300):
+        if passing_polled():
+            break
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(2)
     passing.signal(signal.SIGTERM)
     assert await passing.wait(timeout=15) == 0, passing.tail()
 
