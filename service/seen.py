@@ -38,8 +38,6 @@ REBUILD_RATIO = 8
 # slice at a time rather than sorted at once.
 PART_RATIO = 4
 
-_NOTHING: frozenset[int] = frozenset()
-
 
 class SeenSet:
     """A set of 64-bit fingerprints that only grows.
@@ -57,12 +55,6 @@ class SeenSet:
         self.firsts: list[int] = []
         self.stored = 0
         self.update(values)
-
-    @property
-    def recent(self) -> frozenset[int]:
-        """Fingerprints held outside the buckets: none any longer. (``step.collect``, which
-        looks values up as ``__contains__`` does, still reads it.)"""
-        return _NOTHING
 
     def __contains__(self, value: object) -> bool:
         if not self.buckets or type(value) is not int:

@@ -102,20 +102,20 @@ def _collect_with_authorizers(
     record listed again with new content (``relisted``).
     """
     fresh, append = pending.digests, pending.records.append
-    recent, buckets, firsts = b.seen.recent, b.seen.buckets, b.seen.firsts
+    buckets, firsts = b.seen.buckets, b.seen.firsts
     relisted, xxh3 = 0, xxh3_64_intdigest
     for rec in records:
         eid = rec.event_id
         # records.authorizer_fingerprint and records.fingerprint, inlined
         a = xxh3(rec.authorizer_unique_id.encode()) >> 2
         d = int(eid[19:23] + eid[24:], 16)
-        known = a in recent or a in fresh
+        known = a in fresh
         if not known and buckets:  # SeenSet.__contains__, inlined
             bucket = buckets[bisect_right(firsts, a) - 1]
             i = bisect_left(bucket, a)
             known = i < len(bucket) and bucket[i] == a
         if known:
-            if d in recent or d in fresh:
+            if d in fresh:
                 continue
             if buckets:
                 bucket = buckets[bisect_right(firsts, d) - 1]
@@ -143,11 +143,11 @@ def collect(
     elif b.tracks_authorizers:
         _collect_with_authorizers(b, records, pending)
     else:
-        recent, buckets, firsts = b.seen.recent, b.seen.buckets, b.seen.firsts
+        buckets, firsts = b.seen.buckets, b.seen.firsts
         for rec in records:
             eid = rec.event_id
             d = int(eid[19:23] + eid[24:], 16)  # records.fingerprint, inlined
-            if d in recent or d in fresh:
+            if d in fresh:
                 continue
             if buckets:  # SeenSet.__contains__, inlined
                 bucket = buckets[bisect_right(firsts, d) - 1]

@@ -1,8 +1,8 @@
 """``step.collect``: a page's records go on only if the batch has not published them.
 
 The hot path looks fingerprints up in the seen set itself (``SeenSet.__contains__``
-inlined): here against sets small enough to be all recent additions and large
-enough to be mostly in sorted buckets, for each kind of fingerprint a batch may use.
+inlined): here against sets small enough for one bucket and large enough for many,
+for each kind of fingerprint a batch may use.
 A batch of this release keeps its authorizers too, and counts a new event of an
 authorizer it had as a record listed again (``relisted``), not as a new record.
 """

@@ -34,9 +34,7 @@ def _tiny(bucket_max: int, slice_: int = 4096, ratio: int = 8) -> Iterator[None]
 
 
 def _inlined_lookup(seen: SeenSet, value: int) -> bool:
-    """The lookup as ``step.collect`` inlines it (``recent``, ``buckets``, ``firsts``)."""
-    if value in seen.recent:
-        return True
+    """The lookup as ``step.collect`` inlines it (``buckets``, ``firsts``)."""
     if not seen.buckets:
         return False
     bucket = seen.buckets[bisect_right(seen.firsts, value) - 1]
@@ -67,7 +65,6 @@ def _grows_like_a_set(additions: list[list[int]], probes: list[int]) -> None:
 def _check_buckets(seen: SeenSet) -> None:
     """Each bucket sorted, within its range, and no fuller than BUCKET_MAX; nothing else
     held."""
-    assert not seen.recent
     if not seen.buckets:
         assert seen.stored == 0 and not seen.firsts
         return
