@@ -32,10 +32,12 @@ log = structlog.get_logger(__name__)
 
 
 class BatchView(Protocol):
-    """What ``GET /v1/batches`` reads (``view.StateView``). While it has a ``loaded`` that is
-    False (the state topic still being read, at start or after partitions were added), what
-    it holds is not whole yet: those GETs answer 503 (a view without ``loaded`` is whole)."""
+    """What ``GET /v1/batches`` reads (``view.StateView``). While ``loaded`` is False (the
+    state topic still being read, at start or after partitions were added), what it holds
+    is not whole yet: those GETs answer 503."""
 
+    @property
+    def loaded(self) -> bool: ...
     def get(self, batch_id: str) -> dict[str, Any] | None: ...
     def list(
         self,
@@ -264,7 +266,7 @@ class HttpApi:
     def _view_loading(self) -> web.Response | None:
         """A 503 while the state view is not whole yet (see BatchView): not a 404 for a
         batch that is tracked, nor a list without it."""
-        if getattr(self.view, "loaded", True):
+        if self.view.loaded:
             return None
         return _unavailable("the state view is still loading (the service is starting); try again")
 

@@ -613,6 +613,8 @@ async def test_api_key_from_file_never_leaks(
 
 
 class _Boundary:
+    loaded = True  # the state view, read whole
+
     def __init__(self, fail_with: BaseException | None = None) -> None:
         self.fail_with = fail_with
         self.submitted: list[Any] = []
