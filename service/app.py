@@ -38,6 +38,7 @@ from service.kafka_clients import (
     classify_connection_error,
     client_args,
     ensure_topics,
+    heartbeat_interval_ms,
     make_producer,
     partition_counts,
     probe_brokers,
@@ -282,7 +283,7 @@ class PollerService:
                     auto_offset_reset="earliest",
                     isolation_level="read_committed",
                     session_timeout_ms=self.kcfg.session_timeout_ms,
-                    heartbeat_interval_ms=max(500, self.kcfg.session_timeout_ms // 5),
+                    heartbeat_interval_ms=heartbeat_interval_ms(self.kcfg),
                     max_poll_records=500,
                 )
                 self.consumer.subscribe(

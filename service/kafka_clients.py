@@ -112,6 +112,11 @@ def sasl_password(cfg: KafkaConfig) -> str | None:
     return configured
 
 
+def heartbeat_interval_ms(cfg: KafkaConfig) -> int:
+    """The group consumer's heartbeat interval: a fifth of its session timeout."""
+    return max(500, cfg.session_timeout_ms // 5)
+
+
 def client_args(cfg: KafkaConfig, client_id: str) -> dict[str, Any]:
     """Connection and security settings shared by every Kafka client.
 

@@ -22,7 +22,7 @@ from aiokafka.errors import KafkaError, KafkaTimeoutError
 from service.config import Settings
 from service.errors import PartitionLost
 from service.kafka import PartitionPublisher, canonical_partition
-from service.kafka_clients import client_args, make_producer, stop_client
+from service.kafka_clients import client_args, heartbeat_interval_ms, make_producer, stop_client
 from service.metrics import Metrics
 from service.state import BatchState, StateRestore
 from service.tracker import Tracker, state_unreadable, unreadable_reason
@@ -71,8 +71,8 @@ class PartitionOwner:
         self.joined = False
         self._resets: dict[int, tuple[float, int]] = {}
         # How long a partition fenced while assigned here waits for a rebalance (_reset):
-        # a session timeout and two heartbeats (their interval as app.py sets it).
-        heartbeat_ms = max(500, self.kcfg.session_timeout_ms // 5)
+        # a session timeout and two heartbeats.
+        heartbeat_ms = heartbeat_interval_ms(self.kcfg)
         self.fence_settle_s = (self.kcfg.session_timeout_ms + 2 * heartbeat_ms) / 1000
         self._reset_tasks: set[asyncio.Task[None]] = set()
         # load_batch: the batches waiting for a read of their partition, and its reader.
