@@ -237,7 +237,7 @@ class EventFactory:
         event: str,
         *,
         generation: int,
-        tracked_at: float | None = None,
+        tracked_at: float,
         expected_count: int | None,
         records_published: int,
         counts_by_status: dict[str, int] | None = None,
@@ -252,9 +252,7 @@ class EventFactory:
         must not take the ids of the first tracking's (a consumer would drop them)."""
         if event not in LIFECYCLE_EVENTS:
             raise ValueError(f"unknown lifecycle event {event!r}")
-        name = f"{batch_id}\x1f{generation}\x1f{event}"
-        if tracked_at is not None:
-            name += f"\x1f{tracked_at!r}"
+        name = f"{batch_id}\x1f{generation}\x1f{event}\x1f{tracked_at!r}"
         event_id = str(uuid.uuid5(EVENT_NAMESPACE, name))
         at = utc_now_iso()
         value: dict[str, object] = {

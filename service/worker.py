@@ -55,13 +55,19 @@ class PartitionWorker:
     clearing: asyncio.Future[None] | None = None
 
 
+def _retrieve(commit: asyncio.Future[None]) -> None:
+    """Mark a commit's outcome retrieved: nobody waits for it any longer."""
+    if not commit.cancelled():
+        commit.exception()
+
+
 async def committed(commit: asyncio.Future[None]) -> None:
     """Wait for a commit; cancelled meanwhile (the partition released, a stop), the waiter
     alone is: the commit goes on, and is counted as what it turns out to be."""
     try:
         await asyncio.shield(commit)
     except asyncio.CancelledError:
-        commit.add_done_callback(lambda f: f.cancelled() or f.exception())
+        commit.add_done_callback(_retrieve)
         raise
 
 
@@ -74,7 +80,7 @@ async def settled(commits: deque[asyncio.Future[None]]) -> None:
                 await committed(commit)
     finally:
         for commit in commits:
-            commit.add_done_callback(lambda f: f.cancelled() or f.exception())
+            commit.add_done_callback(_retrieve)
         commits.clear()
 
 

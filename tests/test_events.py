@@ -114,6 +114,7 @@ def test_every_produced_event_matches_the_published_schemas(factory: EventFactor
             BATCH,
             event,
             generation=2,
+            tracked_at=0.0,
             expected_count=4 if event == "completed" else None,
             records_published=4,
             counts_by_status=counts,
@@ -146,6 +147,7 @@ def test_lifecycle_event_value_and_headers(factory: EventFactory) -> None:
         BATCH,
         "completed",
         generation=1,
+        tracked_at=0.0,
         expected_count=3,
         records_published=3,
         counts_by_status={"SUCCESS": 2, "INSTITUTION_NOT_SUPPORTED": 1},
@@ -171,7 +173,13 @@ def test_lifecycle_event_value_and_headers(factory: EventFactory) -> None:
 
 def test_failed_event_carries_its_reason(factory: EventFactory) -> None:
     msg = factory.lifecycle(
-        BATCH, "failed", generation=1, expected_count=None, records_published=0, reason="404"
+        BATCH,
+        "failed",
+        generation=1,
+        tracked_at=0.0,
+        expected_count=None,
+        records_published=0,
+        reason="404",
     )
     value = json.loads(msg.value or b"")
     assert value["reason"] == "404"
@@ -186,6 +194,7 @@ def test_terminal_events_say_how_many_were_relisted(factory: EventFactory) -> No
             BATCH,
             event,
             generation=1,
+            tracked_at=0.0,
             expected_count=None,
             records_published=302,
             records_dead_lettered=1,
@@ -198,14 +207,24 @@ def test_terminal_events_say_how_many_were_relisted(factory: EventFactory) -> No
         assert (value["records_relisted"], value["total_processed"]) == (3, 300), event
         validate_message("batch", msg.key, msg.value, msg.headers)
     started = factory.lifecycle(
-        BATCH, "tracking_started", generation=1, expected_count=None, records_published=0
+        BATCH,
+        "tracking_started",
+        generation=1,
+        tracked_at=0.0,
+        expected_count=None,
+        records_published=0,
     )
     assert "records_relisted" not in json.loads(started.value or b"")
 
 
 def lifecycle_id(factory: EventFactory, batch: str, generation: int, event: str) -> str:
     msg = factory.lifecycle(
-        batch, event, generation=generation, expected_count=None, records_published=0
+        batch,
+        event,
+        generation=generation,
+        tracked_at=0.0,
+        expected_count=None,
+        records_published=0,
     )
     return str(json.loads(msg.value or b"")["event_id"])
 
@@ -231,4 +250,6 @@ def test_lifecycle_event_ids_are_deterministic_per_batch_generation_event(
 @pytest.mark.parametrize("event", ["started", "complete", "", "COMPLETED", "deleted"])
 def test_unknown_lifecycle_event_refused(factory: EventFactory, event: str) -> None:
     with pytest.raises(ValueError, match="unknown lifecycle event"):
-        factory.lifecycle(BATCH, event, generation=1, expected_count=None, records_published=0)
+        factory.lifecycle(
+            BATCH, event, generation=1, tracked_at=0.0, expected_count=None, records_published=0
+        )

@@ -93,6 +93,7 @@ def sample_values(factory: EventFactory) -> dict[str, bytes]:
         batch,
         "completed",
         generation=1,
+        tracked_at=0.0,
         expected_count=1,
         records_published=1,
         counts_by_status={"SUCCESS": 1},

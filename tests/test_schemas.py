@@ -701,6 +701,7 @@ def test_service_events_match_the_schemas_and_headers() -> None:
                 BATCH,
                 event,
                 generation=1,
+                tracked_at=0.0,
                 expected_count=9 if event == "completed" else None,
                 records_published=len(page.records),
                 counts_by_status=None if event == "tracking_started" else counts,
