@@ -54,7 +54,7 @@ MAX_RAW_CHARS = 64 * 1024
 MAX_ID_CHARS = 1024
 # A page token is stored with the batch's progress, so it is bounded too: in UTF-8 bytes,
 # and without control characters (which the state's JSON would write six bytes each).
-MAX_PAGE_TOKEN_CHARS = 8 * 1024
+MAX_PAGE_TOKEN_BYTES = 8 * 1024
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # A balance and a timestamp go into every event as text: bounded, so that one record can
 # neither take the memory (a JSON exponent such as 1e999999999 written out in plain
@@ -224,8 +224,8 @@ def _token_problem(token: str | None) -> str | None:
         size = len(token) if token.isascii() else len(token.encode("utf-8"))
     except UnicodeEncodeError:  # a lone surrogate, escaped in the JSON
         return "next_page_token is not valid Unicode"
-    if size > MAX_PAGE_TOKEN_CHARS:
-        return f"next_page_token is over {MAX_PAGE_TOKEN_CHARS} bytes"
+    if size > MAX_PAGE_TOKEN_BYTES:
+        return f"next_page_token is over {MAX_PAGE_TOKEN_BYTES} bytes"
     if _CONTROL.search(token):
         return "next_page_token has a control character"
     return None
@@ -275,9 +275,10 @@ def _exact_fields(item: dict[str, Any]) -> _Fields | None:
         type(uid) is str
         and type(timestamp) is str
         and (balance is None or type(balance) is Decimal)
-        and (type(code) is int or (code is None and (legacy is None or type(legacy) is int)))
+        and (code is None or type(code) is int)
+        and (legacy is None or type(legacy) is int)
     ):
-        return _Fields(uid, balance, code, None if type(code) is int else legacy, timestamp)
+        return _Fields(uid, balance, code, legacy, timestamp)
     return None
 
 
@@ -457,10 +458,11 @@ def parse_record(
             "invalid_balance",
             f"balance is over {MAX_BALANCE_CHARS} characters in plain notation",
         )
-    rec: _Fields | _Record | None = _exact_fields(item)
+    fields = _codes(item)
+    rec: _Fields | _Record | None = _exact_fields(fields)
     if rec is None:
         try:
-            rec = _Record.model_validate(_codes(item))
+            rec = _Record.model_validate(fields)
         except ValidationError as exc:
             err = exc.errors()[0]
             where = ".".join(str(p) for p in err["loc"])

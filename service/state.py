@@ -91,7 +91,7 @@ CLEAR_CHUNKS_AT_FINISH = 1024
 _MAX_SEQ_DIGITS = len(str(MAX_CHUNK_SEQ))
 _SEPARATOR = CHUNK_SEPARATOR.encode()
 # Strings that come from outside are bounded so that a summary always fits: a page token
-# (records.MAX_PAGE_TOKEN_CHARS, longer ones are refused as a malformed page) and the
+# (records.MAX_PAGE_TOKEN_BYTES of UTF-8, longer ones are refused as a malformed page) and the
 # reason, which may quote an API error message.
 MAX_REASON_CHARS = 1024
 MAX_SUMMARY_BYTES = 64 * 1024
