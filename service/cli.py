@@ -65,6 +65,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from service.runtime import tune_gc
 
     settings = _settings(args)
+    settings.require_api_key()
     configure_logging(
         level=settings.logging.level,
         fmt=settings.logging.format,
@@ -76,7 +77,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
+    """Checks what ``run`` checks before it starts: the API key too."""
     settings = _settings(args)
+    settings.require_api_key()
     sys.stdout.write(yaml.safe_dump(settings.masked(), sort_keys=False))
     return 0
 

@@ -29,6 +29,7 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 
 from service.errors import ConfigError, SecretFileTooLarge
 
@@ -68,6 +69,8 @@ SECRET_SOURCES = (
     ),
 )
 SECRET_KEYS = {(s.section, s.key) for s in SECRET_SOURCES}
+# What to do about a missing API key, in every command that needs one.
+NO_API_KEY = "no API key: set RIGHTFOOT_API_KEY, RFP_RIGHTFOOT__API_KEY or RIGHTFOOT_API_KEY_FILE"
 # Read by SecretSource, not as plain overrides. Any other RFP_ variable is a key, and one
 # that names no key is refused: an unknown RFP_..._FILE too, never ignored.
 SECRET_ENV = {name for s in SECRET_SOURCES for name in s.env} | {
@@ -131,23 +134,106 @@ def _topic_name(value: str) -> str:
 TopicName = Annotated[str, AfterValidator(_topic_name)]
 
 
+def _file_problem(path: Path) -> str | None:
+    """Why ``path`` is not a regular file this process can read; None if it is one. Not
+    opened unless regular: a pipe would block the opener."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return f"{path} is not a regular file"
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror or exc}"
+    return None
+
+
+def _ca_file_problem(path: Path) -> str | None:
+    """Why ``path`` is not a CA bundle a TLS client can load; None if it is one."""
+    problem = _file_problem(path)
+    if problem is not None:
+        return problem
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=str(path))
+    except ssl.SSLError:  # an OSError too: first
+        return f"{path} is not a PEM certificate bundle (no certificate found)"
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror or exc}"
+    return None
+
+
 def _ca_bundle(path: Path | None) -> Path | None:
     """A CA bundle the API client can load, checked now: found later, when the first
     request is made, it was a traceback instead of a refusal."""
     if path is None:
         return None
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            raise ValueError(f"{path} is not a regular file")
-        ssl.create_default_context().load_verify_locations(cafile=str(path))
-    except ssl.SSLError:  # an OSError too: first
-        raise ValueError(f"{path} is not a PEM certificate bundle (no certificate found)") from None
-    except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    problem = _ca_file_problem(path)
+    if problem is not None:
+        raise ValueError(problem)
     return path
 
 
 CaBundle = Annotated[Path, AfterValidator(_ca_bundle)]
+
+
+def tls_files_problem(
+    section: str, cafile: Path | None, certfile: Path | None, keyfile: Path | None
+) -> str | None:
+    """Why the TLS files of ``section`` (``ssl_cafile``, ``ssl_certfile``, ``ssl_keyfile``)
+    cannot be used, in one line naming the key; None if they can.
+
+    Each file named must be a regular file this process can read; the CA file must hold
+    certificates; the certificate and its key go together, the key unencrypted (the service
+    has no passphrase to give) and the key of that certificate. Found later, when a client
+    connected, it was a retry forever (Kafka) or a refusal on the first request (registry).
+    """
+    for key, path in (("ssl_cafile", cafile), ("ssl_certfile", certfile), ("ssl_keyfile", keyfile)):
+        problem = _file_problem(path) if path is not None else None
+        if problem is not None:
+            return f"{section}.{key}: {problem}"
+    if certfile is not None and keyfile is None:
+        return f"{section}.ssl_keyfile: required with ssl_certfile (the client certificate's key)"
+    if keyfile is not None and certfile is None:
+        return f"{section}.ssl_certfile: required with ssl_keyfile (the client certificate)"
+    if cafile is not None:
+        problem = _ca_file_problem(cafile)
+        if problem is not None:
+            return f"{section}.ssl_cafile: {problem}"
+    if certfile is None or keyfile is None:
+        return None
+    return _key_pair_problem(section, certfile, keyfile)
+
+
+def _key_pair_problem(section: str, certfile: Path, keyfile: Path) -> str | None:
+    """Why a client certificate and its key, both readable files, do not load together."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        ctx.load_verify_locations(cafile=str(certfile))
+    except (ssl.SSLError, OSError):
+        return f"{section}.ssl_certfile: {certfile} is not a PEM certificate (no certificate found)"
+    asked: list[bool] = []
+
+    def passphrase() -> bytes:
+        asked.append(True)  # the key is encrypted: OpenSSL would prompt on a terminal
+        return b""
+
+    try:
+        ctx.load_cert_chain(str(certfile), str(keyfile), password=passphrase)
+    except ssl.SSLError as exc:  # an OSError too: first
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            return (
+                f"{section}.ssl_keyfile: {keyfile} is not the key of the certificate "
+                "in ssl_certfile"
+            )
+        if not asked:  # else: encrypted, said below
+            return f"{section}.ssl_keyfile: {keyfile} is not a PEM private key"
+    except OSError as exc:
+        return f"{section}.ssl_keyfile: cannot read {keyfile}: {exc.strerror or exc}"
+    if asked:
+        return (
+            f"{section}.ssl_keyfile: {keyfile} is encrypted with a passphrase, which the service "
+            "cannot give: use an unencrypted key (a mounted Secret)"
+        )
+    return None
 
 
 def _port_error(port: str) -> str | None:
@@ -439,6 +525,23 @@ class Settings(_Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _check_tls_files(self) -> Settings:
+        """The Kafka and schema registry TLS files, checked when the configuration is
+        loaded. Here rather than on their sections: a section built in code (the tests of
+        how the clients report a file that has gone since) is not refused."""
+        for section, cfg in (("kafka", self.kafka), ("schema_registry", self.schema_registry)):
+            problem = tls_files_problem(section, cfg.ssl_cafile, cfg.ssl_certfile, cfg.ssl_keyfile)
+            if problem is not None:
+                raise ValueError(problem)  # names its key: see _check_value_format
+        return self
+
+    def require_api_key(self) -> None:
+        """Raises ConfigError unless an API key is set: ``run`` and ``check-config`` need
+        one (without it every request is a 401); ``track`` and ``simulate`` do not."""
+        if self.rightfoot.api_key is None:
+            raise ConfigError(f"rightfoot.api_key: {NO_API_KEY}")
+
     def secrets(self) -> list[str]:
         """Every secret value in effect, for redaction."""
         values = [
@@ -584,8 +687,29 @@ def load_settings(path: Path | str | None, env: dict[str, str] | None = None) ->
         raise ConfigError(_format_error(exc, origins)) from None
 
 
+def _field(path: list[str]) -> FieldInfo | None:
+    """The field of the key at ``path`` (``[section, key]`` or ``[key]``); None if there is
+    none (an unknown key: refused as such when validated)."""
+    model: type[BaseModel] | None = Settings
+    field: FieldInfo | None = None
+    for part in path:
+        if model is None:
+            return None
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        kind = field.annotation
+        model = kind if isinstance(kind, type) and issubclass(kind, BaseModel) else None
+    return field
+
+
 def _apply_env_overrides(data: dict[str, Any], env: dict[str, str]) -> None:
-    """``RFP_SECTION__KEY=value`` sets ``section.key``; ``RFP_KEY`` a top-level key."""
+    """``RFP_SECTION__KEY=value`` sets ``section.key``; ``RFP_KEY`` a top-level key.
+
+    An empty (or blank) value unsets a key without a default (``ssl_cafile``,
+    ``schema_registry.url``...), whatever the file says; for a key with a default it is
+    refused, naming the key: an empty broker list or topic is a mistake, not the default.
+    """
     for name, value in sorted(env.items()):
         if not name.startswith(ENV_PREFIX) or name in NOT_KEYS:
             continue
@@ -598,4 +722,13 @@ def _apply_env_overrides(data: dict[str, Any], env: dict[str, str]) -> None:
             if not isinstance(child, dict):
                 raise ConfigError(f"{name}: {part} is not a section")
             target = child
-        target[path[-1]] = value
+        field = _field(path) if not value.strip() else None
+        if field is None:
+            target[path[-1]] = value
+        elif field.default is None and field.default_factory is None:
+            target[path[-1]] = None
+        else:
+            raise ConfigError(
+                f"{'.'.join(path)}: {name} is empty: set a value, or unset the variable to keep "
+                "the config file's value or the default"
+            )

@@ -391,17 +391,20 @@ def test_unknown_value_format_refused() -> None:
 
 
 def test_json_sr_with_registry_settings_from_yaml_and_env(tmp_path: Path) -> None:
+    from certs import CertificateAuthority
+
+    ca = CertificateAuthority(tmp_path / "registry-tls", name="ca")
     path = write(
         tmp_path,
         "kafka:\n  value_format: json_sr\n"
         "schema_registry:\n  url: https://registry.internal:8081/apis/ccompat/v7\n"
-        "  username: poller\n  ssl_cafile: /etc/registry-tls/ca.crt\n  auto_register: false\n",
+        f"  username: poller\n  ssl_cafile: {ca.cert}\n  auto_register: false\n",
     )
     s = load_settings(path, env={"RFP_SCHEMA_REGISTRY__PASSWORD": REGISTRY_PASSWORD})
     assert s.kafka.value_format == "json_sr"
     assert s.schema_registry.url == "https://registry.internal:8081/apis/ccompat/v7"
     assert s.schema_registry.username == "poller"
-    assert s.schema_registry.ssl_cafile == Path("/etc/registry-tls/ca.crt")
+    assert s.schema_registry.ssl_cafile == ca.cert
     assert s.schema_registry.auto_register is False
     assert s.schema_registry.password is not None
     assert s.schema_registry.password.get_secret_value() == REGISTRY_PASSWORD
@@ -552,10 +555,12 @@ def test_bootstrap_servers_accepted(servers: str) -> None:
     ],
 )
 def test_bootstrap_servers_that_name_no_usable_broker_are_refused(
-    servers: str, reason: str
+    tmp_path: Path, servers: str, reason: str
 ) -> None:
+    # From the file: an empty RFP_ variable is refused before any check of the value.
+    path = write(tmp_path, yaml.safe_dump({"kafka": {"bootstrap_servers": servers}}))
     with pytest.raises(ConfigError) as info:
-        load_settings(None, env={"RFP_KAFKA__BOOTSTRAP_SERVERS": servers})
+        load_settings(path, env={})
     assert str(info.value).startswith(f"kafka.bootstrap_servers: {reason}")
 
 
@@ -565,6 +570,8 @@ def test_bootstrap_servers_that_name_no_usable_broker_are_refused(
         ("RFP_RIGHTFOOT__CA_BUNDLE", "/nonexistent/ca.pem", "rightfoot.ca_bundle: cannot read"),
         ("RFP_RIGHTFOOT__BASE_URL", "https://api.rightfoot.com:99999", "base_url: the port"),
         ("RFP_KAFKA__BOOTSTRAP_SERVERS", "kafka:x", "kafka.bootstrap_servers: entry 1"),
+        ("RFP_KAFKA__SSL_CAFILE", "/nonexistent/ca.crt", "kafka.ssl_cafile: cannot read"),
+        ("RFP_KAFKA__BOOTSTRAP_SERVERS", "", "kafka.bootstrap_servers: RFP_KAFKA__BOOTSTRAP"),
     ],
 )
 @pytest.mark.parametrize("command", ["check-config", "run", "export", "track"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -400,3 +401,95 @@ def test_instance_id_with_a_control_character_is_refused(
 
 def test_instance_id_may_hold_spaces_and_letters_beyond_ascii() -> None:
     assert load_settings(None, env={"RFP_INSTANCE_ID": "réplica a"}).instance_id == "réplica a"
+
+
+# --- run and check-config need the API key; track and simulate do not ------------------
+
+
+@pytest.fixture
+def commands(clean_env: pytest.MonkeyPatch) -> list[str]:
+    """The commands that got past their configuration: what each then does is faked."""
+    reached: list[str] = []
+
+    def fake(command: str) -> Any:
+        async def done(*_: object) -> int:
+            reached.append(command)
+            return 0
+
+        return done
+
+    clean_env.setattr("service.app.run_service", fake("run"))
+    clean_env.setattr("service.intake.send_requests", fake("track"))
+    clean_env.setattr("rightfoot_simulator.simulate_main", fake("simulate"))
+    # No process-wide change from the commands that do get there.
+    clean_env.setattr("service.cli.configure_logging", lambda **_: None)
+    clean_env.setattr("service.runtime.tune_gc", lambda: None)
+    return reached
+
+
+NO_KEY = (
+    "rightfoot-poller: invalid configuration: rightfoot.api_key: no API key: set "
+    "RIGHTFOOT_API_KEY, RFP_RIGHTFOOT__API_KEY or RIGHTFOOT_API_KEY_FILE\n"
+)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{}, {"RIGHTFOOT_API_KEY": "", "RFP_RIGHTFOOT__API_KEY": " ", "RIGHTFOOT_API_KEY_FILE": ""}],
+    ids=["unset", "empty"],
+)
+@pytest.mark.parametrize("command", ["run", "check-config"])
+def test_run_and_check_config_refuse_to_go_on_without_an_api_key(
+    commands: list[str],
+    clean_env: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+    env: dict[str, str],
+) -> None:
+    """Before, check-config showed api_key: null and exited 0, and run started and got a
+    401 for every request."""
+    for name, value in env.items():
+        clean_env.setenv(name, value)
+    assert main([command]) == 2
+    out, err = capsys.readouterr()
+    assert (out, err) == ("", NO_KEY)
+    assert commands == []
+
+
+@pytest.mark.parametrize("source", ["RIGHTFOOT_API_KEY", "RFP_RIGHTFOOT__API_KEY", "file"])
+def test_run_and_check_config_go_on_with_an_api_key_from_each_source(
+    commands: list[str],
+    clean_env: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    source: str,
+) -> None:
+    if source == "file":
+        key_file = tmp_path / "api-key"
+        key_file.write_text(API_KEY + "\n", encoding="utf-8")
+        clean_env.setenv("RIGHTFOOT_API_KEY_FILE", str(key_file))
+    else:
+        clean_env.setenv(source, API_KEY)
+    assert main(["run"]) == 0
+    assert commands == ["run"]
+    assert main(["check-config"]) == 0
+    out, err = capsys.readouterr()
+    assert "api_key: '********'" in out and API_KEY not in out + err
+
+
+def test_track_and_simulate_need_no_api_key(
+    commands: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """track talks to Kafka (or the running service), simulate is the fake vendor."""
+    assert main(["track", "5d3c6bbb-fc1a-46a4-93da-1ce4a54b0d83"]) == 0
+    assert main(["simulate", "--port", "0", "--no-demo"]) == 0
+    assert commands == ["track", "simulate"]
+    assert "API key" not in capsys.readouterr().err
+
+
+def test_a_config_error_is_said_before_a_missing_api_key(
+    commands: list[str], clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clean_env.setenv("RFP_KAFKA__DELIVERY", "twice")
+    assert main(["run"]) == 2
+    assert "kafka.delivery" in capsys.readouterr().err

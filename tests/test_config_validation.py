@@ -9,10 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 from pydantic import BaseModel
 
 from service.cli import main
-from service.config import Settings, load_settings
+from service.config import SECRET_KEYS, Settings, load_settings
 from service.errors import ConfigError
 
 
@@ -65,8 +66,11 @@ def test_a_non_finite_number_in_the_yaml_file_is_refused(tmp_path: Path) -> None
     "key", ["balances_topic", "batch_events_topic", "requests_topic", "state_topic"]
 )
 @pytest.mark.parametrize("value", ["", "with space", ".", "..", "t" * 250, "topic/name", "tópico"])
-def test_a_topic_name_kafka_would_refuse_is_refused(key: str, value: str) -> None:
-    message = refusal({f"RFP_KAFKA__{key.upper()}": value})
+def test_a_topic_name_kafka_would_refuse_is_refused(tmp_path: Path, key: str, value: str) -> None:
+    # From the file: an empty RFP_ variable is refused before any check of the value.
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"kafka": {key: value}}), encoding="utf-8")
+    message = refusal({}, path)
     assert message.startswith(f"kafka.{key}: a Kafka topic name is 1-249 characters")
 
 
@@ -155,3 +159,87 @@ def test_check_config_exits_2_with_one_line_on_each_refusal(
     assert out == ""
     assert err.startswith("rightfoot-poller: invalid configuration: ")
     assert err.count("\n") == 1
+
+
+# --- an empty RFP_ variable -----------------------------------------------------------------
+
+
+def plain_keys() -> list[tuple[tuple[str, ...], bool]]:
+    """Every key an ``RFP_`` variable sets (not the secrets, read by their own rule), and
+    whether it is optional (no default: unset unless given)."""
+    keys: list[tuple[tuple[str, ...], bool]] = []
+    for name, field in Settings.model_fields.items():
+        section = field.annotation
+        if isinstance(section, type) and issubclass(section, BaseModel):
+            for key, sub in section.model_fields.items():
+                if (name, key) not in SECRET_KEYS:
+                    keys.append(((name, key), sub.default is None))
+        else:
+            keys.append(((name,), field.default is None and field.default_factory is None))
+    return keys
+
+
+def test_the_keys_are_found() -> None:
+    keys = dict(plain_keys())
+    assert keys[("kafka", "ssl_cafile")] and keys[("schema_registry", "url")]
+    assert not keys[("kafka", "bootstrap_servers")] and not keys[("instance_id",)]
+    assert ("rightfoot", "api_key") not in keys
+
+
+@pytest.mark.parametrize("value", ["", " ", "\n"])
+@pytest.mark.parametrize(
+    ("key", "optional"), plain_keys(), ids=[".".join(k) for k, _ in plain_keys()]
+)
+def test_an_empty_variable_unsets_an_optional_key_and_is_refused_for_others(
+    key: tuple[str, ...], optional: bool, value: str
+) -> None:
+    """It was taken as a value: "." for a path (ssl_cafile, ca_bundle), a bad URL, a bad
+    SASL mechanism; for a key with a default, whatever its check made of it (an empty
+    group_id passed)."""
+    var = "RFP_" + "__".join(key).upper()
+    if not optional:
+        assert refusal({var: value}) == (
+            f"{'.'.join(key)}: {var} is empty: set a value, or unset the variable to keep "
+            "the config file's value or the default"
+        )
+        return
+    settings = load_settings(None, env={var: value})
+    section = getattr(settings, key[0]) if len(key) == 2 else settings
+    assert getattr(section, key[-1]) is None
+
+
+def test_an_empty_variable_unsets_what_the_file_says(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "rightfoot:\n  ca_bundle: /nonexistent/ca.pem\n"
+        "kafka:\n  ssl_cafile: /nonexistent/ca.crt\n  sasl_mechanism: PLAIN\n"
+        "schema_registry:\n  url: https://registry:8081\n",
+        encoding="utf-8",
+    )
+    env = {
+        "RFP_RIGHTFOOT__CA_BUNDLE": "",
+        "RFP_KAFKA__SSL_CAFILE": "",
+        "RFP_KAFKA__SASL_MECHANISM": "",
+        "RFP_SCHEMA_REGISTRY__URL": "",
+    }
+    settings = load_settings(path, env=env)
+    assert settings.rightfoot.ca_bundle is None and settings.kafka.ssl_cafile is None
+    assert settings.kafka.sasl_mechanism is None and settings.schema_registry.url is None
+
+
+def test_what_an_empty_variable_leaves_unset_is_still_required_where_it_is() -> None:
+    message = refusal({"RFP_KAFKA__VALUE_FORMAT": "json_sr", "RFP_SCHEMA_REGISTRY__URL": ""})
+    assert message.startswith("schema_registry.url: required when kafka.value_format is json_sr")
+    message = refusal(
+        {
+            "RFP_KAFKA__SECURITY_PROTOCOL": "SASL_SSL",
+            "RFP_KAFKA__SASL_MECHANISM": "",
+            "RFP_KAFKA__SASL_USERNAME": "poller",
+            "RFP_KAFKA__SASL_PASSWORD": "pw",
+        }
+    )
+    assert message == "kafka: sasl_mechanism is required with a SASL security_protocol"
+
+
+def test_an_empty_variable_of_an_unknown_key_is_refused_as_unknown() -> None:
+    assert refusal({"RFP_KAFKA__SSL_CAFIEL": ""}) == "kafka.ssl_cafiel: unknown key"
