@@ -188,6 +188,8 @@ async def _balances(request: web.Request) -> web.Response:
     if token is not None and offset is None:
         if sim.faults.reject_token_with_404:
             return _error(404, "NOT_FOUND", "The page token was not found.")
+        if sim.faults.reject_token_with_500:
+            return _error(500, "INTERNAL_SERVER_ERROR", "An unexpected error occurred.")
         return _error(400, "INVALID_PAGE_TOKEN", "The page token is invalid or has expired.")
     sequence = sim._next_page_sequence(batch_id)
     if sim.on_page_request is not None:
@@ -266,6 +268,8 @@ def _page_response(
         token = None if cursor is None else sim._tokens.issue(batch.batch_id, cursor, sim.clock())
     # "absent": no has_more at all; the token alone says that a page follows
     has_more = None if batch.shape.has_more == "absent" else token is not None
+    if batch.shape.has_more == "pending" and token is None and total < batch.count:
+        has_more = True  # more will come, and there is nothing yet to ask for them with
     reported = batch.reported_total(total)
     kind = sim._take_malformed(batch.batch_id)
     if kind is None:

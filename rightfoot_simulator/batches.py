@@ -28,9 +28,9 @@ from rightfoot_simulator.data import SimRecord, _LazySource
 #: How a batch lists its records (see :meth:`Simulator.add_batch`).
 ORDERS = ("completion", "submission")
 #: What a batch serves as ``total_processed`` (see :meth:`Simulator.add_batch`).
-TOTAL_PROCESSED_MODES = ("exact", "absent")
+TOTAL_PROCESSED_MODES = ("exact", "absent", "negative")
 #: When a page of a batch says ``has_more`` (see :meth:`Simulator.add_batch`).
-HAS_MORE_MODES = ("exact", "full_page", "absent", "omit_empty")
+HAS_MORE_MODES = ("exact", "full_page", "absent", "omit_empty", "pending")
 #: How a batch writes its whole numbers (see :meth:`Simulator.add_batch`).
 INTEGER_MODES = ("plain", "fraction")
 #: :meth:`Simulator.generate_batch` makes bigger batches lazy unless told otherwise.
@@ -173,6 +173,8 @@ class _Batch:
         """``total_processed`` as served for ``count`` visible records; None: omitted."""
         if self.shape.total_processed == "absent":
             return None
+        if self.shape.total_processed == "negative" and count < self.count:
+            return -1  # "not counted yet", until every record has appeared
         return max(0, count + self.shape.count_skew)
 
     def record_at(self, position: int) -> SimRecord:

@@ -63,6 +63,9 @@ class Faults:
     #: the page up and finds none might, instead of 400 INVALID_PAGE_TOKEN (the pages
     #: document only the batch's 404).
     reject_token_with_404: bool = False
+    #: ... or answered 500 INTERNAL_SERVER_ERROR, every time, as a vendor might that can no
+    #: longer open an old token (sealed with a key it has since retired, say).
+    reject_token_with_500: bool = False
     #: The next N answers that would be a 200 page say ``has_more: true`` and hand back,
     #: as ``next_page_token``, the token they were asked with (for the first page, one
     #: token naming it, the same each time): a client that follows it reads the same

@@ -171,7 +171,9 @@ class Simulator:
         ``"submission"`` lists them in the given order, each once it has appeared, so a
         record can appear before positions a client has already paged past.
         ``total_processed``: ``"exact"`` serves the visible count plus ``count_skew``
-        (at least 0); ``"absent"`` omits the field (``count_skew`` is then unused).
+        (at least 0); ``"absent"`` omits the field (``count_skew`` is then unused);
+        ``"negative"`` serves -1 ("not counted yet") until every record has appeared, then
+        as ``"exact"``.
         ``page_size``: every page holds that many records (fewer only at the end), whatever
         ``limit`` the client asks for; None: ``limit``. ``has_more``: ``"exact"`` says
         whether records follow the page; ``"full_page"`` says so whenever the page is
@@ -181,7 +183,9 @@ class Simulator:
         ``"full_page"`` written as protobuf's JSON writes a message, leaving out fields at
         their default value: ``has_more`` false, an empty ``balances`` (the empty page
         that ends a list is then ``{"batch_id": ...}`` and its count), a
-        ``total_processed`` of 0.
+        ``total_processed`` of 0; ``"pending"`` is ``"exact"``, but the last page says
+        ``has_more: true`` without a ``next_page_token`` while records are still to
+        appear (more will come, with nothing yet to ask for them).
         ``token_ttl_s``: a page token is refused (400 INVALID_PAGE_TOKEN) once that many
         seconds have passed since it was issued; None: tokens do not expire.
         ``integers``: ``"plain"`` writes ``total_processed`` and the status codes as JSON

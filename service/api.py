@@ -333,10 +333,20 @@ class RightfootClient:
         with structlog.contextvars.bound_contextvars(batch_id=batch_id):
             body = await self._get_with_retries("balances", "/v1/balances", params, stop)
         try:
-            return parse_page(batch_id, body, content_ids=content_ids)
+            page = parse_page(batch_id, body, content_ids=content_ids)
         except ApiMalformedResponse:
             self.metrics.invalid_input.labels("api", "malformed_page").inc()
             raise
+        for note, detail in page.notes.items():
+            self.metrics.invalid_input.labels("api", note).inc()
+            held = self.warnings.admit(note)
+            if held is None:
+                log.debug("page_odd", batch_id=batch_id, reason=note, detail=detail)
+            else:
+                log.warning(
+                    "page_odd", batch_id=batch_id, reason=note, detail=detail, suppressed=held
+                )
+        return page
 
     async def _get_with_retries(
         self,

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client import disable_created_metrics as _disable_created_metrics
 
 from service import __version__
-from service.records import ALL_STATUS_NAMES
+from service.records import ALL_STATUS_NAMES, PAGE_NOTES
 
 PREFIX = "rightfoot_poller"
 
@@ -73,6 +73,8 @@ INVALID_INPUT: tuple[tuple[str, str], ...] = (
             "page_token_loop",
             "empty_pages",
             "retry_after",
+            *PAGE_NOTES,
+            "page_failing",
         )
     ),
     *(("requests_topic", r) for r in (*_REQUEST_REJECTS, "too_large")),

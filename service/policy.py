@@ -31,7 +31,7 @@ from service.errors import (
     ApiUnauthorized,
     PageTokenLoop,
 )
-from service.records import BalanceRecord, Page, status_name
+from service.records import MORE_WITHOUT_TOKEN, BalanceRecord, Page, status_name
 from service.requests import TrackingRequest
 from service.seen import SeenSet
 from service.state import RESUMABLE, BatchState, Status
@@ -43,6 +43,11 @@ _STATUS_CODE = operator.itemgetter(BalanceRecord._fields.index("balance_status_c
 # Restarts from the first page within one poll after page tokens are rejected (400);
 # past that the poll fails like any transient failure and backs off.
 MAX_TOKEN_RESTARTS = 3
+# Failed polls in a row (5xx, timeouts, malformed pages: after their retries) at which a
+# poll that fails at a page token tries the first page instead, once: a vendor may answer
+# an old token (one sealed with a retired key, say) with a 500 for good, where it would
+# answer it with the 400 that restarts a batch from its first page.
+FAILING_PAGE_POLLS = 5
 # Empty pages in a row that say more follow, after which a poll ends where it stands: an
 # API that hands out a new token with every empty page would keep it reading for ever.
 MAX_EMPTY_PAGES = 10
@@ -406,13 +411,20 @@ class Poll:
         if b is None or not self.current(b):
             self.done = True
             return None
+        if page.has_more and page.next_page_token is None:
+            # More follow, but no token to ask for them (records.MORE_WITHOUT_TOKEN): the
+            # page's records are kept, and the next poll reads this page again.
+            collect(b, page.records, page.invalid, self.pending)
+            if self.full is None or not self.full.sweep:
+                self.cursor = self.token
+            return self._cut_short(b, now, MORE_WITHOUT_TOKEN)
         if page.has_more:
             self._loop_check(page.next_page_token)
         collect(b, page.records, page.invalid, self.pending)
         last = self._advance(b, page, now)
         self.empty_run = 0 if last or page.records or page.invalid else self.empty_run + 1
         if self.empty_run >= MAX_EMPTY_PAGES:
-            return self._cut_short(b, now)
+            return self._cut_short(b, now, "empty_pages")
         size = self.pending.size
         if not last and size < self.policy.cfg.max_records_per_transaction:
             return None
@@ -431,17 +443,20 @@ class Poll:
             step.poll_in = self.policy.window()
         return step
 
-    def _cut_short(self, b: BatchState, now: float) -> Step:
-        """End the poll after ``MAX_EMPTY_PAGES`` empty pages in a row that said more follow.
+    def _cut_short(self, b: BatchState, now: float, why: str) -> Step:
+        """End the poll before the end of the list: after ``MAX_EMPTY_PAGES`` empty pages
+        in a row that said more follow (``why`` = ``empty_pages``), or at a page that said
+        more follow without a token to ask for them (``more_without_token``).
 
-        Each came with a new token (one that led back would be a loop): a list that goes
-        on empty for ever cannot be told from a long run of empty pages, so the poll stops
-        reading, commits what it has (the cursor at the last token, if it read in order)
-        and the next poll goes on from there. It has not read to the end: no completion.
+        Empty pages each came with a new token (one that led back would be a loop): a list
+        that goes on empty for ever cannot be told from a long run of empty pages, so the
+        poll stops reading, commits what it has (the cursor at the last token, if it read
+        in order) and the next poll goes on from there. It has not read to the end: no
+        completion.
         """
         self.done = True
         step = self._commit(b, None, {}, now)
-        step.cut_short = True
+        step.cut_short = why
         step.poll_in = self.policy.window()
         return step
 
@@ -485,6 +500,15 @@ class Poll:
         if self.full is None:
             self.full = _FullRead(False, seen_with(b, self.pending))
         return True
+
+    def token_failing(self, b: BatchState) -> bool:
+        """The page of the poll's token failed after its retries: True to read again from
+        the first page (``token_rejected``), in every ``FAILING_PAGE_POLLS``-th failed poll in
+        a row and at most once a poll. Its records are recognised by their fingerprints; if
+        the first page fails as well, the poll fails as it would have, its cursor kept."""
+        if self.token is None or self.restarts or (b.failures + 1) % FAILING_PAGE_POLLS:
+            return False
+        return self.token_rejected(b)
 
     def _loop_watch(self, token: str | None) -> None:
         """Start watching for a loop in a read that begins with the page of ``token``."""

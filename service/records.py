@@ -22,7 +22,6 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
-    Field,
     StrictBool,
     StrictInt,
     StrictStr,
@@ -179,6 +178,15 @@ class Page:
     next_page_token: str | None
     records: list[BalanceRecord] = field(default_factory=list)
     invalid: list[InvalidRecord] = field(default_factory=list)
+    # What was odd about the page and taken as it is said here, keyed by its
+    # ``invalid_input_total`` reason (``PAGE_NOTES``), with the detail for the log line.
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+# A page whose envelope has one of these is still read (its records are what matters):
+NEGATIVE_TOTAL = "negative_total"  # total_processed < 0: taken as absent
+MORE_WITHOUT_TOKEN = "more_without_token"  # has_more, no token: the poll ends at this page
+PAGE_NOTES = (NEGATIVE_TOTAL, MORE_WITHOUT_TOKEN)
 
 
 def _integral(value: Any) -> Any:
@@ -204,7 +212,7 @@ class _Envelope(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     batch_id: StrictStr | None = None
-    total_processed: _Integral | None = Field(default=None, ge=0)
+    total_processed: _Integral | None = None  # a negative one is taken as absent
     # No field of the schema is required: a serializer that leaves out empty lists (as
     # protobuf's JSON does) sends an empty page without it. See _parse_page_general.
     balances: list[Any] | None = None
@@ -632,16 +640,28 @@ def _parse_page_general(batch_id: str, body: bytes, content_ids: bool = True) ->
             status=200,
         )
     more = env.more
+    notes: dict[str, str] = {}
     if more and not env.next_page_token:
-        raise ApiMalformedResponse("has_more is true but next_page_token is missing", status=200)
+        # More to come but no way to ask for it (the vendor's schema marks no field
+        # required): the records are kept, and the poll ends here (``Poll.page``).
+        notes[MORE_WITHOUT_TOKEN] = (
+            "has_more is true but next_page_token is missing: the page's records are kept "
+            "and the poll ends there, to read that page again next time"
+        )
     problem = _token_problem(env.next_page_token) if more else None
     if problem is not None:
         raise ApiMalformedResponse(problem, status=200)
+    total = env.total_processed
+    if total is not None and total < 0:
+        # The schema's integer has no minimum: "not counted yet", say. It is advisory.
+        notes[NEGATIVE_TOTAL] = f"total_processed is negative ({total}): taken as absent"
+        total = None
     page = Page(
         batch_id=env.batch_id,
-        total_processed=env.total_processed,
+        total_processed=total,
         has_more=more,
-        next_page_token=env.next_page_token if more else None,
+        next_page_token=env.next_page_token if more and env.next_page_token else None,
+        notes=notes,
     )
     for item in env.balances or ():
         parsed = parse_record(batch_id, item, content_ids=content_ids)

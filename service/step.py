@@ -45,8 +45,10 @@ class Step:
     sweep: SweepReport | None = None
     # The API's count went past the batch's expected_count with this step (logged once).
     above_expected: bool = False
-    # The poll ended before the end of the list, after a run of empty pages (policy.Poll).
-    cut_short: bool = False
+    # The poll ended before the end of the list (policy.Poll): why, as its
+    # ``invalid_input_total`` reason: ``empty_pages`` (a run of empty pages that said more
+    # follow) or ``more_without_token`` (a page that said more follow without a token).
+    cut_short: str | None = None
 
     @property
     def finished(self) -> bool:

@@ -29,7 +29,10 @@ from service.config import Settings
 from service.errors import (
     ApiBadRequest,
     ApiError,
+    ApiMalformedResponse,
     ApiNotFound,
+    ApiServerError,
+    ApiTransportError,
     ApiUnauthorized,
     PageTokenLoop,
     PageTokenRejected,
@@ -698,6 +701,19 @@ class Tracker:
                     log.warning("page_token_rejected", **fields, suppressed=held)
                 if not poll.token_rejected(b):
                     raise PageTokenRejected(str(exc.args[0]), status=400) from None
+            except (ApiServerError, ApiTransportError, ApiMalformedResponse) as exc:
+                b = w.batches.get(poll.batch_id)
+                if b is None or not poll.token_failing(b):
+                    raise
+                # The page at this token keeps failing, poll after poll: the API may no
+                # longer take the token (Policy.token_failing). The first page is tried.
+                self.metrics.invalid_input.labels("api", "page_failing").inc()
+                held = self._token_rejections.admit("page_failing")
+                fields = {"batch_id": poll.batch_id, "failures": b.failures + 1, "error": str(exc)}
+                if held is None:
+                    log.debug("page_failing", **fields)
+                else:
+                    log.warning("page_failing", **fields, suppressed=held)
 
     async def _poll_failed(self, w: PartitionWorker, poll: Poll, exc: ApiError) -> float | None:
         current = w.batches.get(poll.batch_id)

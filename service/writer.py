@@ -113,7 +113,10 @@ class StepWriter:
                     log.warning("poll_failed", **fields, suppressed=held)
 
     def _cut_short(self, step: Step) -> None:
-        """Count and log a poll ended by a run of empty pages that said more follow."""
+        """Count and log a poll ended by a run of empty pages that said more follow (a page
+        that said so without a token is counted and logged where it is read, api.py)."""
+        if step.cut_short != "empty_pages":
+            return
         self.metrics.invalid_input.labels("api", "empty_pages").inc()
         held = self.failures.admit("empty_pages")
         if held is not None:

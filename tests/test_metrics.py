@@ -34,7 +34,7 @@ from service.metrics import (
     TRANSACTION_RESULTS,
     Metrics,
 )
-from service.records import ALL_STATUS_NAMES, InvalidRecord, parse_record
+from service.records import ALL_STATUS_NAMES, PAGE_NOTES, InvalidRecord, parse_page, parse_record
 from service.requests import MAX_REQUEST_BYTES, decode_request, reject_reason
 from service.state import FINAL
 
@@ -165,6 +165,7 @@ NON_LITERAL_LABELS: dict[tuple[str, str], str] = {
         "three state_topic reasons of tracker.state_unreadable, two of them (no_key, "
         "invalid_state) also of partitions._BadKeys (all tested below)"
     ),
+    ("invalid_input", "note"): "a key of Page.notes, one of records.PAGE_NOTES (tested below)",
     ("dlq_records", "reason"): "InvalidRecord.reason, one of DLQ_REASONS (tested below)",
     ("records_published", "status"): "BalanceRecord.balance_status, one of ALL_STATUS_NAMES",
     ("batches_finished", "b.status"): "a final Status of state.py (BATCH_OUTCOMES)",
@@ -311,6 +312,11 @@ def test_declared_values_match_the_code_that_produces_them() -> None:
     assert {("state_topic", r) for r in ("no_key", "unknown_version", "invalid_state")} <= set(
         INVALID_INPUT
     )
+    notes: set[str] = set()
+    for odd in (b'{"balances": [], "has_more": true}', b'{"balances": [], "total_processed": -1}'):
+        notes.update(parse_page("b-1", odd).notes)
+    assert notes == set(PAGE_NOTES)
+    assert {("api", n) for n in PAGE_NOTES} <= set(INVALID_INPUT)
 
 
 def label_calls() -> list[tuple[str, str, list[ast.expr], str]]:

@@ -18,7 +18,13 @@ from service.errors import (
     ApiUnauthorized,
     PageTokenLoop,
 )
-from service.policy import MAX_EMPTY_PAGES, MAX_TOKEN_RESTARTS, Policy, Poll
+from service.policy import (
+    FAILING_PAGE_POLLS,
+    MAX_EMPTY_PAGES,
+    MAX_TOKEN_RESTARTS,
+    Policy,
+    Poll,
+)
 from service.records import InvalidRecord, Page, parse_record
 from service.requests import TrackingRequest
 from service.state import BatchState
@@ -190,6 +196,74 @@ def test_a_page_token_loop_of_any_length_ends_the_poll(tail: int, loop: int) -> 
     assert tail + loop <= pages <= 2 * (tail + loop) + loop
     # Every distinct page was taken, but for the one whose token gave the loop away.
     assert tail + loop - 1 <= poll.pending.size <= tail + loop
+
+
+def test_a_page_that_says_more_follow_without_a_token_is_kept_and_read_again() -> None:
+    """More to come, nothing to ask for it with (records.MORE_WITHOUT_TOKEN): the page's
+    records are published, the poll ends there without completing, and the next poll
+    reads that page again (the cursor is the token that fetched it), then goes on."""
+    d = driver(records=5)
+    d.vendor.page_size = 2
+
+    def page(token: str | None) -> Page:
+        served = d.vendor.page(token)
+        if token == "t2" and len(d.vendor.records) == 4:  # the fifth is still to come
+            served.has_more, served.next_page_token = True, None
+        return served
+
+    fifth = d.vendor.records.pop()
+    poll = d.begin()
+    assert poll is not None
+    steps = []
+    while not poll.done:
+        steps.append(d.apply(poll.page(d.state, page(poll.token), d.now)))
+    last = steps[-1]
+    assert last is not None and last.cut_short == "more_without_token"
+    assert last.lifecycle is None and last.poll_in is not None
+    assert sorted(d.emitted) == sorted(r.event_id for r in d.vendor.records)
+    assert d.state is not None and d.state.cursor == "t2" and d.state.status == "tracking"
+    d.vendor.records.append(fifth)  # it has appeared: the list goes on past the page
+    d.now += 60
+    poll = d.begin()
+    assert poll is not None and poll.token == "t2"
+    while not poll.done:
+        d.apply(poll.page(d.state, page(poll.token), d.now))
+    assert sorted(d.emitted) == sorted(r.event_id for r in d.vendor.records)
+    assert len(d.emitted) == 5
+
+
+def test_a_token_that_keeps_failing_is_given_up_for_the_first_page_every_few_polls() -> None:
+    """A page token answered 5xx poll after poll (an API that can no longer open it): in
+    every FAILING_PAGE_POLLS-th failed poll in a row, the poll tries the first page instead,
+    once; the records behind the token are recognised, nothing is published twice."""
+    d = driver(records=6)
+    d.vendor.page_size = 2
+    first = d.begin()
+    assert first is not None
+    d.apply(first.page(d.state, d.vendor.page(None), d.now))  # a page, then a failure
+    assert d.state is not None and first.cursor == "t2"
+    d.apply(first.flush(d.state, d.now))
+    assert d.state.cursor == "t2"
+    tried = []
+    for n in range(1, 3 * FAILING_PAGE_POLLS + 1):
+        poll = d.begin()
+        assert poll is not None and poll.token == "t2"
+        restarted = poll.token_failing(d.state)
+        tried.append(restarted)
+        if restarted:
+            assert poll.token is None
+            break
+        d.apply(d.policy.failed(d.state, ApiServerError("boom", status=500), d.now))
+        assert d.state.failures == n and d.state.cursor == "t2"
+    assert tried == [False] * (FAILING_PAGE_POLLS - 1) + [True]
+    assert poll is not None
+    d.apply(poll.page(d.state, d.vendor.page(None), d.now))
+    assert poll.token == "t2" and not poll.token_failing(d.state)  # once a poll
+    while not poll.done:  # from the first page, to the end
+        d.apply(poll.page(d.state, d.vendor.page(poll.token), d.now))
+    assert sorted(d.emitted) == sorted(r.event_id for r in d.vendor.records)
+    assert len(d.emitted) == len(set(d.emitted)) == 6
+    assert d.state.failures == 0
 
 
 def test_empty_pages_with_new_tokens_for_ever_end_the_poll_and_the_next_goes_on() -> None:

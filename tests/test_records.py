@@ -416,9 +416,6 @@ def test_invalid_record_event_id_is_deterministic() -> None:
         b"{}",
         b'{"balances": {"items": []}}',
         b'{"balances": "none"}',
-        b'{"balances": [], "has_more": true}',
-        b'{"balances": [], "has_more": true, "next_page_token": ""}',
-        b'{"balances": [], "has_more": true, "next_page_token": null}',
         b'{"balances": [], "has_more": "yes", "next_page_token": "t"}',
         b'{"balances": [], "has_more": 1, "next_page_token": "t"}',
         b'{"balances": [], "has_more": true, "next_page_token": 17}',
@@ -431,6 +428,38 @@ def test_malformed_envelopes_raise(body: bytes) -> None:
         parse_page("b", body)
     assert info.value.status == 200
     assert info.value.metric_code == "malformed"
+
+
+@pytest.mark.parametrize("token", ["", ', "next_page_token": ""', ', "next_page_token": null'])
+def test_more_without_a_token_keeps_the_records_and_notes_it(token: str) -> None:
+    """The schema marks no field required: a page that says more follow but gives no
+    token still has records, which are kept (the poll ends at that page)."""
+    rec = record_text(authorizer_unique_id="kept")
+    body = f'{{"batch_id": "b", "balances": [{rec}], "has_more": true{token}}}'.encode()
+    page = parse_page("b", body)
+    assert [r.authorizer_unique_id for r in page.records] == ["kept"]
+    assert page.has_more and page.next_page_token is None
+    assert list(page.notes) == ["more_without_token"]
+
+
+@pytest.mark.parametrize("total", ["-1", "-3e2", "-0.0"])
+def test_a_negative_total_processed_is_taken_as_absent_and_the_records_kept(total: str) -> None:
+    rec = record_text(authorizer_unique_id="kept")
+    body = f'{{"batch_id": "b", "balances": [{rec}], "total_processed": {total}}}'.encode()
+    page = parse_page("b", body)
+    assert [r.authorizer_unique_id for r in page.records] == ["kept"]
+    if total == "-0.0":  # zero, written oddly: a count like any other
+        assert page.total_processed == 0 and not page.notes
+    else:
+        assert page.total_processed is None
+        assert list(page.notes) == ["negative_total"]
+
+
+def test_a_well_formed_page_has_no_notes() -> None:
+    rec = record_text(authorizer_unique_id="a")
+    body = f'{{"batch_id": "b", "balances": [{rec}], "total_processed": 5}}'.encode()
+    page = parse_page("b", body)
+    assert page.total_processed == 5 and page.notes == {}
 
 
 @pytest.mark.parametrize("depth", [600, 5000])

@@ -417,3 +417,83 @@ async def test_page_tokens_that_expire_between_polls(
         e for e in logs if e["event"] == "page_token_rejected" and e["log_level"] == "warning"
     ]
     assert len(warned) == 1, warned  # one cause, one line (a minute)
+
+
+async def test_page_tokens_that_expire_answered_500_for_good(
+    kafka: str,
+    topics: Topics,
+    sim_server: SimServer,
+    reader: TopicReader,
+    start_service: ServiceFactory,
+) -> None:
+    """An expired token is answered 500, every time (a vendor that can no longer open an
+    old token), never the 400 that would restart the batch: each poll from the stored
+    cursor fails after its retries. Every FAILING_PAGE_POLLS-th failed poll in a row
+    reads from the first page instead, so the batch goes on and completes, each record
+    once; one warning a minute says so."""
+    sim = sim_server.sim
+    sim.faults.reject_token_with_500 = True
+    batch = str(uuid.uuid4())
+    sim.generate_batch(batch, 450, spread_s=4.0, seed=97, order="submission", token_ttl_s=0.1)
+    with structlog.testing.capture_logs() as logs:
+        service = await start_service(RFP_POLLING__COMPLETE_AFTER_IDLE_S="2")
+        await track(kafka, topics, batch)
+        events = await final_events(reader, topics, [batch], timeout=120)
+    assert_exactly_once(await reader.read_all(topics.balances), served_ids(sim, [batch]))
+    (final,) = [e for e in events[batch] if e["event"] != "tracking_started"]
+    assert (final["event"], final["records_published"]) == ("completed", 450)
+    restarted = service.metrics.registry.get_sample_value(
+        "rightfoot_poller_invalid_input_total", {"source": "api", "reason": "page_failing"}
+    )
+    assert restarted is not None and restarted >= 1
+    warned = [e for e in logs if e["event"] == "page_failing" and e["log_level"] == "warning"]
+    assert len(warned) == 1, warned
+
+
+@pytest.mark.parametrize("with_count", [True, False], ids=["expected_count", "no_count"])
+async def test_more_to_come_without_a_token_and_a_count_of_minus_one(
+    kafka: str,
+    topics: Topics,
+    sim_server: SimServer,
+    reader: TopicReader,
+    start_service: ServiceFactory,
+    with_count: bool,
+) -> None:
+    """Until every record has appeared, the last page says ``has_more: true`` without a
+    token (more will come, nothing to ask for it with) and ``total_processed`` is -1 ("not
+    counted yet"). Neither refuses a page: its records are published, the poll ends at
+    that page and the next reads it again; the count is taken as absent. Each record
+    once, the batch completes, and each oddity is counted and logged once."""
+    sim = sim_server.sim
+    batch = str(uuid.uuid4())
+    sim.generate_batch(
+        batch,
+        600,
+        spread_s=5.0,
+        seed=98,
+        order="submission",
+        has_more="pending",
+        total_processed="negative",
+    )
+    with structlog.testing.capture_logs() as logs:
+        service = await start_service(RFP_POLLING__COMPLETE_AFTER_IDLE_S="2")
+        await track(kafka, topics, batch, 600 if with_count else None)
+        events = await final_events(reader, topics, [batch], timeout=90)
+    assert_exactly_once(await reader.read_all(topics.balances), served_ids(sim, [batch]))
+    (final,) = [e for e in events[batch] if e["event"] != "tracking_started"]
+    assert (final["event"], final["records_published"]) == ("completed", 600)
+    for reason in ("more_without_token", "negative_total"):
+        counted = service.metrics.registry.get_sample_value(
+            "rightfoot_poller_invalid_input_total", {"source": "api", "reason": reason}
+        )
+        assert counted is not None and counted >= 1, reason
+        warned = [
+            e
+            for e in logs
+            if e["event"] == "page_odd" and e["log_level"] == "warning" and e["reason"] == reason
+        ]
+        assert len(warned) == 1, warned
+    malformed = service.metrics.registry.get_sample_value(
+        "rightfoot_poller_invalid_input_total", {"source": "api", "reason": "malformed_page"}
+    )
+    assert malformed == 0

@@ -446,6 +446,34 @@ async def test_a_rejected_token_can_be_answered_404(api: Api) -> None:
     assert len((await api.page(BATCH, nextPageToken=token))["balances"]) == 100
 
 
+async def test_a_rejected_token_can_be_answered_500_every_time(api: Api) -> None:
+    api.sim.generate_batch(BATCH, 250, token_ttl_s=5)
+    api.sim.faults.reject_token_with_500 = True
+    token = (await api.page(BATCH))["next_page_token"]
+    assert len((await api.page(BATCH, nextPageToken=token))["balances"]) == 100  # still fresh
+    api.clock.advance(6)
+    for _ in range(3):
+        response, text = await api.get("/v1/balances", {"batchId": BATCH, "nextPageToken": token})
+        assert response.status == 500 and error_code(text) == "INTERNAL_SERVER_ERROR"
+    assert len((await api.page(BATCH))["balances"]) == 100  # the first page still answers
+
+
+async def test_pending_says_more_without_a_token_and_negative_counts_until_all_appear(
+    api: Api,
+) -> None:
+    records = [record("a", at=0), record("b", at=0), record("c", at=10)]
+    api.sim.add_batch(BATCH, records, has_more="pending", total_processed="negative")
+    first = await api.page(BATCH, limit="2")  # all that has appeared: a and b
+    assert [r["authorizer_unique_id"] for r in first["balances"]] == ["a", "b"]
+    assert first["has_more"] is True and first["total_processed"] == -1
+    assert first.get("next_page_token") is None
+    api.clock.advance(11)
+    first = await api.page(BATCH, limit="2")
+    last = await api.page(BATCH, limit="2", nextPageToken=first["next_page_token"])
+    assert [r["authorizer_unique_id"] for r in last["balances"]] == ["c"]
+    assert last["has_more"] is False and last["total_processed"] == 3
+
+
 async def test_only_batch_scopes_the_faults(api: Api) -> None:
     api.sim.generate_batch(BATCH, 5)
     api.sim.generate_batch(OTHER, 5)
