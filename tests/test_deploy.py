@@ -631,10 +631,16 @@ def test_rendered_config_is_accepted_by_the_service(values: Path, tmp_path: Path
 
     docs = documents(values)
     config = rendered_config(docs)
-    if config.get("rightfoot", {}).get("ca_bundle"):
-        # A path in the pod (a mounted Secret); the service checks at start that the file
-        # is a CA bundle, so a real one stands in for it here.
-        config["rightfoot"]["ca_bundle"] = str(CertificateAuthority(tmp_path).cert)
+    # Paths in the pod (mounted Secrets); the service checks at start that each file loads
+    # (a CA bundle, a client certificate and its key), so real ones stand in for them here.
+    ca = CertificateAuthority(tmp_path)
+    client = ca.issue("client", server=False)
+    stand_ins = {"ca_bundle": ca.cert, "ssl_cafile": ca.cert}
+    stand_ins |= {"ssl_certfile": client.cert, "ssl_keyfile": client.key}
+    for section in ("rightfoot", "kafka", "schema_registry"):
+        for key, stand_in in stand_ins.items():
+            if config.get(section, {}).get(key):
+                config[section][key] = str(stand_in)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {"RFP_INSTANCE_ID": "ci-0", "RIGHTFOOT_API_KEY": "k", "RFP_KAFKA__SASL_PASSWORD": "p"}

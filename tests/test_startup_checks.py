@@ -39,6 +39,7 @@ def test_a_port_in_use_is_one_line_and_exit_1(port_in_use: int) -> None:
         "RFP_HTTP__HOST": "127.0.0.1",
         "RFP_HTTP__PORT": str(port_in_use),
         "RFP_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",
+        "RIGHTFOOT_API_KEY": "startup-checks-key",
     }
     done = run_cli("run", env=env, timeout=30)
     assert done.returncode == 1, done.stderr
@@ -56,6 +57,7 @@ def test_a_host_that_is_no_address_is_one_line_and_exit_1() -> None:
         "RFP_HTTP__HOST": "256.0.0.1",
         "RFP_HTTP__PORT": "0",
         "RFP_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",
+        "RIGHTFOOT_API_KEY": "startup-checks-key",
     }
     done = run_cli("run", env=env, timeout=30)
     assert done.returncode == 1, done.stderr
