@@ -76,6 +76,12 @@ USER 10001:10001
 # Health (/healthz, /readyz), Prometheus /metrics and the admin API /v1/batches.
 EXPOSE 8080
 
+# For docker and compose (Kubernetes uses the chart's probes instead): /healthz, the event
+# loop and its tasks alive, on RFP_HTTP__PORT (8080 unless set; a config file that moves
+# http.port should set the variable too). The image has no curl: Python's own client.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('RFP_HTTP__PORT', '8080'), timeout=4)"]
+
 # SIGTERM (the default stop signal) starts a graceful shutdown within shutdown_grace_s.
 ENTRYPOINT ["rightfoot-poller"]
 CMD ["run", "--config", "/etc/rightfoot-poller/config.yaml"]
