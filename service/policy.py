@@ -600,7 +600,17 @@ def expired_reason(b: BatchState, seen: int, total: int | None) -> str:
     reason = "tracked longer than polling.max_age_s"
     if b.expected_count is not None and seen < b.expected_count:
         missing = b.expected_count - seen
-        return f"{reason}; {missing} of {b.expected_count} expected records never listed"
-    if total is not None and seen < total:
-        return f"{reason}; {total - seen} of the {total} records the API counts never listed"
+        reason = f"{reason}; {missing} of {b.expected_count} expected records never listed"
+    elif total is not None and seen < total:
+        missing = total - seen
+        reason = f"{reason}; {missing} of the {total} records the API counts never listed"
+    else:
+        return reason
+    if b.relisted:
+        # Records are counted by authorizer; a count of entries would hold these too.
+        entries = "1 entry" if b.relisted == 1 else f"{b.relisted} entries"
+        reason += (
+            f" ({entries} listed again for an authorizer already seen: if the count is of "
+            "entries rather than authorizers, that may be the difference)"
+        )
     return reason

@@ -25,7 +25,7 @@ from service.policy import (
     Policy,
     Poll,
 )
-from service.records import InvalidRecord, Page, parse_record
+from service.records import InvalidRecord, Page, balance_event_id, parse_record
 from service.requests import TrackingRequest
 from service.state import BatchState
 
@@ -426,6 +426,29 @@ def test_a_batch_tracked_longer_than_max_age_expires_and_says_what_is_missing() 
     assert d.state is not None and d.state.status == "expired"
     assert "2 of 3 expected records never listed" in (d.state.reason or "")
     assert d.lifecycle[-1] == "expired"
+
+
+def test_an_expiry_short_by_records_listed_twice_says_so() -> None:
+    """Records are counted by authorizer. A vendor that lists two entries for one
+    authorizer and a client whose expected_count counts entries: every event is
+    published, and the batch expires short by one; the reason says that entries listed
+    again may be the difference, so that it does not read as a record lost."""
+    again = record(1)._replace(balance="9.99")
+    again = again._replace(
+        event_id=balance_event_id(BATCH, again.authorizer_unique_id, again.timestamp, "9.99", 1)
+    )
+    d = Driver(make(max_age_s=3600.0), Vendor([record(1), record(2), again]))
+    d.track(expected_count=3)
+    d.poll()
+    assert len(d.emitted) == 3
+    d.now += 3600
+    assert d.begin() is None
+    assert d.state is not None and d.state.status == "expired"
+    assert d.state.reason == (
+        "tracked longer than polling.max_age_s; 1 of 3 expected records never listed (1 entry "
+        "listed again for an authorizer already seen: if the count is of entries rather than "
+        "authorizers, that may be the difference)"
+    )
 
 
 # ---- requests -------------------------------------------------------------------------
