@@ -16,6 +16,11 @@ download holds one of ``rightfoot.max_concurrent_requests`` slots while it runs.
   Any other answer (an empty body, an error page sent as text/csv, columns missing,
   reordered or repeated) is ApiMalformedResponse, counted with code ``malformed``
   and not retried: the same request would get the same answer.
+* The export asks for ``Accept-Encoding: gzip, deflate`` and decompresses the body itself
+  (:class:`BodyDecoder`, aiohttp's decompression off): a compressed body must reach the
+  end of its stream (gzip: its trailer), else it is truncated, like a connection dropped
+  mid-body, even when what it decompresses to ends on a row boundary. Another
+  Content-Encoding is ApiMalformedResponse.
 * The body is streamed to disk in 64 KiB chunks, never held in memory, into a
   temporary file in the target's directory (``.<name>.<random>.part``), which is
   fsynced and renamed over the target only once complete. On any failure
@@ -39,7 +44,7 @@ download holds one of ``rightfoot.max_concurrent_requests`` slots while it runs.
   mid-body, when it ends inside a quoted field, or when its last row has no line
   ending and fewer fields than the header (a body cut between two fields or in the
   middle of one, where the HTTP framing could not tell: a connection-close body, a
-  chunked body ended early, a compressed one). The vendor's page does not promise
+  chunked body ended early). The vendor's page does not promise
   a line ending after the last row, so a last row without one that has all the
   header's fields is taken as complete: a cut inside the last field of the last
   row cannot be told from the end of the export.
@@ -52,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import io
 import os
@@ -60,7 +66,8 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+import zlib
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -436,6 +443,129 @@ class CsvRowCounter:
         return max(0, self.records + (fields > 0) - 1)
 
 
+# --------------------------------------------------------------------------- content coding
+
+#: What the export asks for (``Accept-Encoding``): the codings :class:`BodyDecoder` reads.
+ACCEPT_ENCODING = "gzip, deflate"
+#: Decompressed bytes handed on at a time: a small compressed chunk may expand a thousandfold.
+DECODED_PIECE_BYTES = 1024 * 1024
+_IDENTITY, _GZIP, _DEFLATE = "identity", "gzip", "deflate"
+_CODINGS = {
+    "": _IDENTITY,
+    "identity": _IDENTITY,
+    "gzip": _GZIP,
+    "x-gzip": _GZIP,
+    "deflate": _DEFLATE,
+}
+
+
+class BodyDecoder:
+    """The export's body from its Content-Encoding: as it is, gzip or deflate.
+
+    aiohttp's own decompression is off for the export: it checks that a deflate stream
+    reached its end but not a gzip one, so a gzip body cut off where what it decompresses
+    to ends on a row boundary would pass for a whole export. Here a compressed body must
+    reach the end of its stream (``zlib``'s ``eof``: for gzip, the trailer with the CRC and
+    length checked), else :meth:`finish` raises ApiTransportError ``truncated``, retried
+    like a connection dropped mid-body; data zlib cannot read is ``corrupt``, retried too.
+
+    gzip may hold several members one after another (NUL padding between them is skipped);
+    deflate is the zlib format, or raw deflate as some servers send it (as aiohttp reads it).
+    Another coding (br, zstd, a list) is ApiMalformedResponse: the export asks for gzip or
+    deflate only (``ACCEPT_ENCODING``).
+    """
+
+    def __init__(self, content_encoding: str | None) -> None:
+        value = (content_encoding or "").strip().lower()
+        coding = _CODINGS.get(value)
+        if coding is None:
+            raise _malformed(
+                f"the API answered with Content-Encoding {_shown(content_encoding or '')}: "
+                f"the export asks for {ACCEPT_ENCODING} (or none) and reads no other"
+            )
+        self.coding = coding
+        self._zlib: Any = None  # zlib's Decompress object, once the stream's format is known
+        self._pending = b""  # the first byte of a deflate body, until the second tells zlib/raw
+
+    @property
+    def compressed(self) -> bool:
+        return self.coding != _IDENTITY
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        """The decoded bytes of ``data`` (the next bytes of the body as sent), in pieces of
+        at most DECODED_PIECE_BYTES."""
+        if not self.compressed:
+            if data:
+                yield data
+            return
+        data = self._pending + data
+        self._pending = b""
+        while data:
+            if self._zlib is None or self._zlib.eof:
+                data = self._next_stream(data)
+                if self._zlib is None or not data:
+                    return
+            try:
+                out = self._zlib.decompress(data, DECODED_PIECE_BYTES)
+                if out:
+                    yield out
+                # More output may be held back when the piece was full, input or not.
+                while len(out) == DECODED_PIECE_BYTES and not self._zlib.eof:
+                    out = self._zlib.decompress(self._zlib.unconsumed_tail, DECODED_PIECE_BYTES)
+                    if out:
+                        yield out
+            except zlib.error as exc:
+                raise self._corrupt(exc) from None
+            data = self._zlib.unused_data if self._zlib.eof else self._zlib.unconsumed_tail
+
+    def finish(self) -> None:
+        """The body ended: ApiTransportError ``truncated`` if its compressed stream did not."""
+        if not self.compressed:
+            return
+        if self._pending or self._zlib is None or not self._zlib.eof:
+            raise ApiTransportError(
+                f"the export's {self.coding} stream stopped short of its end: "
+                "the body is truncated",
+                code="truncated",
+            )
+
+    def _next_stream(self, data: bytes) -> bytes:
+        """Start the (next) compressed stream at ``data``: what is left of ``data`` to feed
+        it (empty while a deflate body's format cannot be told yet)."""
+        if self.coding == _GZIP:
+            if self._zlib is not None:  # another member may follow the first, after NULs
+                data = data.lstrip(b"\0")
+                if not data:
+                    return b""
+            self._zlib = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+            return data
+        if self._zlib is not None:
+            raise self._corrupt(None)  # bytes after the end of the deflate stream
+        if len(data) < 2:
+            self._pending = data
+            return b""
+        # A zlib header: compression method 8, and the two bytes a multiple of 31.
+        zlib_header = data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
+        self._zlib = zlib.decompressobj(wbits=zlib.MAX_WBITS if zlib_header else -zlib.MAX_WBITS)
+        return data
+
+    def _corrupt(self, exc: zlib.error | None) -> ApiTransportError:
+        why = f" ({exc})" if exc is not None else ": data after its end"
+        return ApiTransportError(
+            f"the export's {self.coding} stream cannot be decompressed{why}", code="corrupt"
+        )
+
+
+async def decoded_body(
+    content: aiohttp.StreamReader, decoder: BodyDecoder
+) -> AsyncGenerator[bytes, None]:
+    """The body, decoded, in pieces; at its end, ``decoder.finish()`` (truncation) first."""
+    async for raw in content.iter_chunked(CHUNK_BYTES):
+        for piece in decoder.feed(raw):
+            yield piece
+    decoder.finish()
+
+
 # --------------------------------------------------------------------------- header
 
 
@@ -500,17 +630,17 @@ def _check_content_type(resp: aiohttp.ClientResponse) -> None:
         )
 
 
-async def _read_header(content: aiohttp.StreamReader, counter: CsvRowCounter) -> bytes:
-    """The body's first bytes, fed to ``counter``, up to the end of its header line (and
-    the rest of that read), after checking that line; ApiMalformedResponse if it is not
-    the documented one, or longer than MAX_HEADER_BYTES."""
+async def _read_header(body: AsyncIterator[bytes], counter: CsvRowCounter) -> bytes:
+    """The body's first bytes (``body``: decoded), fed to ``counter``, up to the end of its
+    header line (and the rest of that piece), after checking that line;
+    ApiMalformedResponse if it is not the documented one, or longer than MAX_HEADER_BYTES."""
     head = bytearray()
     while not counter.records:
         if len(head) >= MAX_HEADER_BYTES:
             raise _malformed(
                 f"the export's header line is longer than {MAX_HEADER_BYTES // 1024} KiB"
             )
-        chunk = await content.read(CHUNK_BYTES)
+        chunk = await anext(body, b"")
         if not chunk:
             break
         counter.feed(chunk)
@@ -608,13 +738,22 @@ async def _download(
     timeout = aiohttp.ClientTimeout(
         total=None, sock_connect=cfg.connect_timeout_s, sock_read=cfg.timeout_s
     )
-    headers: dict[str, str] = client.request_args()["headers"]
+    headers: dict[str, str] = {
+        **client.request_args()["headers"],
+        "Accept-Encoding": ACCEPT_ENCODING,
+    }
     request_started = time.perf_counter()
     code = "error"
     answered = begun = False  # a 200 being read; the output begun
     try:
+        # Decompressed here, not by aiohttp (BodyDecoder: a gzip body cut short is caught).
         async with client.session.get(
-            url, params=params, headers=headers, timeout=timeout, allow_redirects=False
+            url,
+            params=params,
+            headers=headers,
+            timeout=timeout,
+            allow_redirects=False,
+            auto_decompress=False,
         ) as resp:
             code = str(resp.status)
             if 300 <= resp.status < 400:
@@ -624,21 +763,23 @@ async def _download(
             if resp.status != 200:
                 raise await _error_response(client, resp)
             _check_content_type(resp)
+            decoder = BodyDecoder(resp.headers.get("Content-Encoding"))
             answered = True
             counter = CsvRowCounter()
-            head = await _read_header(resp.content, counter)
-            output.begin()
-            begun = True
-            output.write(head)
-            size = len(head)
-            if progress is not None:
-                progress(counter.rows, size, time.monotonic() - started)
-            async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
-                output.write(chunk)
-                size += len(chunk)
-                counter.feed(chunk)
+            async with contextlib.aclosing(decoded_body(resp.content, decoder)) as body:
+                head = await _read_header(body, counter)
+                output.begin()
+                begun = True
+                output.write(head)
+                size = len(head)
                 if progress is not None:
                     progress(counter.rows, size, time.monotonic() - started)
+                async for chunk in body:
+                    output.write(chunk)
+                    size += len(chunk)
+                    counter.feed(chunk)
+                    if progress is not None:
+                        progress(counter.rows, size, time.monotonic() - started)
             rows = counter.finish()
             output.commit()
             return rows, size
@@ -656,8 +797,8 @@ async def _download(
         if isinstance(exc, aiohttp.ClientError):
             code = "connection_error"
             raise ApiTransportError(_describe(exc, answered), code="connection_error") from None
-        if isinstance(exc, ApiTransportError) and exc.code == "truncated":
-            code = "truncated"
+        if isinstance(exc, ApiTransportError) and exc.code in ("truncated", "corrupt"):
+            code = exc.code
         if isinstance(exc, ApiMalformedResponse):
             code = "malformed"
         raise
@@ -678,10 +819,17 @@ async def _error_response(client: RightfootClient, resp: aiohttp.ClientResponse)
     """The typed error for a non-200 answer, its body read up to a bound; the API's text
     in it one short line without the key (``RightfootClient.error_from``)."""
     body = bytearray()
-    async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
-        body += chunk[: MAX_ERROR_BODY_BYTES - len(body)]
-        if len(body) >= MAX_ERROR_BODY_BYTES:
-            break
+    try:  # decoded as far as it goes: the status is what matters, the text is a help
+        decoder = BodyDecoder(resp.headers.get("Content-Encoding"))
+        async for raw in resp.content.iter_chunked(CHUNK_BYTES):
+            for chunk in decoder.feed(raw):
+                body += chunk[: MAX_ERROR_BODY_BYTES - len(body)]
+                if len(body) >= MAX_ERROR_BODY_BYTES:
+                    break
+            if len(body) >= MAX_ERROR_BODY_BYTES:
+                break
+    except ApiError:
+        pass
     return client.error_from(resp, bytes(body))
 
 

@@ -51,7 +51,9 @@ from service.errors import (
     ExportWriteError,
 )
 from service.export import (
+    DECODED_PIECE_BYTES,
     MAX_BATCH_IDS,
+    BodyDecoder,
     CsvRowCounter,
     download_export,
     export_csv,
@@ -874,8 +876,8 @@ CUT_MID_ROW = CSV_BODY.index(b",SUCCESS,", len(CSV_BODY) // 2)
 
 def _gzip_cut_mid_row(body: bytes) -> bytes:
     """The gzip of ``body`` cut off where what it decompresses to ends in the middle of a
-    row, outside quotes, a few rows short of the end (a gzip stream ended early gives no
-    error: only the CSV can tell)."""
+    row, outside quotes, a few rows short of the end (the CSV tells, and the gzip stream
+    without its end: BodyDecoder)."""
     packed = gzip.compress(body)
     for cut in range(len(packed) // 2, len(packed)):
         prefix = zlib.decompressobj(wbits=31).decompress(packed[:cut])
@@ -883,6 +885,38 @@ def _gzip_cut_mid_row(body: bytes) -> bytes:
         if len(prefix) > len(body) // 2 and last.count(b'"') % 2 == 0 and last.count(b",") > 5:
             return packed[:cut]
     raise AssertionError("no cut found")
+
+
+def _compressed_cut_on_a_row(body: bytes, wbits: int) -> bytes:
+    """``body`` compressed (gzip for ``wbits`` 31, zlib 15, raw deflate -15) as a server
+    streaming it does, flushed after each row, and cut off after the flush of a row some
+    rows short of the end: what it decompresses to is whole rows, and only the compressed
+    stream (no end, no gzip trailer) tells."""
+    packer = zlib.compressobj(wbits=wbits)
+    rows = body.splitlines(keepends=True)
+    packed = b"".join(packer.compress(row) + packer.flush(zlib.Z_SYNC_FLUSH) for row in rows[:-3])
+    assert zlib.decompressobj(wbits=wbits).decompress(packed) == b"".join(rows[:-3])
+    return packed
+
+
+def _compressed(body: bytes, wbits: int) -> bytes:
+    packer = zlib.compressobj(wbits=wbits)
+    return packer.compress(body) + packer.flush()
+
+
+# Content-Encoding and body, by kind: whole, or cut on a row boundary.
+COMPRESSED: dict[str, tuple[bytes, Callable[[bytes], bytes]]] = {
+    "gzip": (b"gzip", lambda b: _compressed(b, 31)),
+    "gzip-two-members": (b"gzip", lambda b: gzip.compress(b[:999]) + gzip.compress(b[999:])),
+    "deflate": (b"deflate", lambda b: _compressed(b, 15)),
+    "deflate-raw": (b"deflate", lambda b: _compressed(b, -15)),
+    "cut-row-gzip": (b"gzip", lambda b: _compressed_cut_on_a_row(b, 31)),
+    "cut-row-gzip-length": (b"gzip", lambda b: _compressed_cut_on_a_row(b, 31)),
+    "cut-row-deflate": (b"deflate", lambda b: _compressed_cut_on_a_row(b, 15)),
+    "cut-row-deflate-raw": (b"deflate", lambda b: _compressed_cut_on_a_row(b, -15)),
+    "corrupt-gzip": (b"gzip", lambda b: _compressed(b, 31)[:-8] + b"\0\0\0\0\0\0\0\0"),
+    "brotli": (b"br", lambda b: b"\x1b\x00\x00"),
+}
 
 
 @dataclass
@@ -895,6 +929,7 @@ class RawServer:
     connections: int = 0
     port: int = 0
     server: asyncio.Server | None = None
+    requests: list[bytes] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -911,9 +946,10 @@ class RawServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            await reader.readuntil(b"\r\n\r\n")
+            request = await reader.readuntil(b"\r\n\r\n")
             kind = self.behaviours[min(self.connections, len(self.behaviours) - 1)]
             self.connections += 1
+            self.requests.append(request)
             writer.write(self._response(kind))
             await writer.drain()
         finally:
@@ -947,6 +983,13 @@ class RawServer:
         if kind == "cut-mid-row-gzip":
             gzip_type = b"Content-Encoding: gzip\r\n"
             return head + csv_type + gzip_type + b"\r\n" + _gzip_cut_mid_row(body)
+        if kind in COMPRESSED:
+            coding, pack = COMPRESSED[kind]
+            packed = pack(body)
+            coded = b"Content-Encoding: " + coding + b"\r\n"
+            # A length that matches what was sent, or no length (the connection's close).
+            length = b"Content-Length: %d\r\n" % len(packed) if "length" in kind else b""
+            return head + csv_type + coded + length + b"\r\n" + packed
         if kind == "json":
             return head + b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
         raise AssertionError(kind)
@@ -968,7 +1011,16 @@ async def raw_server() -> AsyncIterator[Callable[..., Awaitable[RawServer]]]:
 
 
 CUTS_MID_ROW = ["cut-mid-row", "cut-mid-row-length", "cut-mid-row-chunked", "cut-mid-row-gzip"]
-DROPS = ["drop-content-length", "drop-chunked", "drop-inside-quotes", *CUTS_MID_ROW]
+# A compressed body cut off where its text ends on a row boundary: only the stream tells.
+CUTS_ON_A_ROW = ["cut-row-gzip", "cut-row-gzip-length", "cut-row-deflate", "cut-row-deflate-raw"]
+DROPS = [
+    "drop-content-length",
+    "drop-chunked",
+    "drop-inside-quotes",
+    *CUTS_MID_ROW,
+    *CUTS_ON_A_ROW,
+    "corrupt-gzip",
+]
 
 
 @pytest.mark.parametrize("drop", DROPS)
@@ -1055,6 +1107,104 @@ async def test_a_row_cut_short_is_named_in_the_error_and_counted(
     )
     assert client.metrics.api_requests.labels("export", "truncated")._value.get() == 2
     assert listing(tmp_path) == []
+
+
+@pytest.mark.parametrize("cut", CUTS_ON_A_ROW)
+async def test_a_compressed_body_cut_on_a_row_boundary_is_truncated(
+    raw_server: Callable[..., Awaitable[RawServer]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    cut: str,
+) -> None:
+    """Whole rows decompressed, but the stream has no end (gzip: no trailer): aiohttp says
+    nothing of a gzip stream cut short; the export does, exit 1, no file."""
+    server = await raw_server(cut)
+    target = tmp_path / "x.csv"
+    settings = make_settings(server.url, RFP_RIGHTFOOT__MAX_ATTEMPTS="2")
+
+    code = await export_main(settings, cli_args([BATCH], target))
+
+    assert code == 1
+    coding = "gzip" if "gzip" in cut else "deflate"
+    assert capsys.readouterr().err.strip() == (
+        f"rightfoot-poller: export failed: the export's {coding} stream stopped short of its "
+        "end: the body is truncated (gave up after 2 attempts)"
+    )
+    assert server.connections == 2
+    assert listing(tmp_path) == []
+
+
+@pytest.mark.parametrize("kind", ["gzip", "gzip-two-members", "deflate", "deflate-raw"])
+async def test_a_compressed_body_is_decompressed_and_asked_for(
+    raw_server: Callable[..., Awaitable[RawServer]], tmp_path: Path, kind: str
+) -> None:
+    server = await raw_server(kind)
+    client = make_client(make_settings(server.url))
+    await client.start()
+    try:
+        result = await export_csv(client, [BATCH], tmp_path / "x.csv")
+    finally:
+        await client.close()
+    assert (tmp_path / "x.csv").read_bytes() == CSV_BODY
+    assert result.rows == 2000 and result.bytes == len(CSV_BODY)
+    assert b"\r\naccept-encoding: gzip, deflate\r\n" in server.requests[0].lower()
+
+
+async def test_a_corrupt_gzip_body_is_retried_and_counted(
+    raw_server: Callable[..., Awaitable[RawServer]], tmp_path: Path
+) -> None:
+    server = await raw_server("corrupt-gzip", "full")
+    client = make_client(make_settings(server.url))
+    await client.start()
+    try:
+        result = await export_csv(client, [BATCH], tmp_path / "x.csv")
+    finally:
+        await client.close()
+    assert result.rows == 2000 and server.connections == 2
+    assert client.metrics.api_requests.labels("export", "corrupt")._value.get() == 1
+
+
+async def test_a_coding_not_asked_for_is_refused_without_retry(
+    raw_server: Callable[..., Awaitable[RawServer]], tmp_path: Path
+) -> None:
+    server = await raw_server("brotli")
+    client = make_client(make_settings(server.url))
+    await client.start()
+    try:
+        with pytest.raises(ApiMalformedResponse, match="Content-Encoding 'br'"):
+            await export_csv(client, [BATCH], tmp_path / "x.csv")
+    finally:
+        await client.close()
+    assert server.connections == 1
+    assert listing(tmp_path) == []
+
+
+@pytest.mark.parametrize("wbits", [31, 15, -15], ids=["gzip", "zlib", "raw"])
+@pytest.mark.parametrize("size", [1, 2, 7, 4096])
+def test_body_decoder_whatever_the_chunking_and_every_cut(wbits: int, size: int) -> None:
+    packed = _compressed(CSV_BODY[:5000], wbits)
+    decoder = BodyDecoder("gzip" if wbits == 31 else "deflate")
+    out = b"".join(
+        piece for k in range(0, len(packed), size) for piece in decoder.feed(packed[k : k + size])
+    )
+    decoder.finish()
+    assert out == CSV_BODY[:5000]
+    for cut in range(0, len(packed), 7 if size == 1 else 97):
+        short = BodyDecoder("gzip" if wbits == 31 else "deflate")
+        for _ in short.feed(packed[:cut]):
+            pass
+        with pytest.raises(ApiTransportError, match="stopped short of its end") as info:
+            short.finish()
+        assert info.value.code == "truncated"
+
+
+def test_body_decoder_hands_a_bomb_on_in_bounded_pieces() -> None:
+    packed = gzip.compress(b"\0" * (20 * 1024 * 1024))
+    decoder = BodyDecoder("x-gzip")
+    sizes = [len(piece) for piece in decoder.feed(packed)]
+    decoder.finish()
+    assert sum(sizes) == 20 * 1024 * 1024
+    assert max(sizes) <= DECODED_PIECE_BYTES
 
 
 @pytest.mark.parametrize("fields", [9, 10])
