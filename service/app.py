@@ -16,7 +16,13 @@ from typing import Any, Literal
 
 import structlog
 from aiohttp import web
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import (
+    AIOKafkaConsumer,
+    AIOKafkaProducer,
+    ConsumerRebalanceListener,
+    ConsumerRecord,
+    TopicPartition,
+)
 from aiokafka.errors import KafkaError, KafkaTimeoutError
 
 from service.api import ApiKey, RightfootClient
@@ -54,7 +60,7 @@ from service.runtime import memory_limit_bytes, memory_limit_files
 from service.tracker import Tracker
 from service.view import StateView
 from service.wire import frames_when_available
-from service.worker import PartitionWorker
+from service.worker import PartitionWorker, done
 
 log = structlog.get_logger(__name__)
 
@@ -407,14 +413,28 @@ class PollerService:
                         consumer.seek(tp, messages[0].offset)
                         consumer.pause(tp)
                     continue
-                waits: list[asyncio.Future[None]] = []
-                for msg in messages:
-                    req = self.tracker.read_request(msg.key, msg.value, tp.partition, msg.offset)
-                    forwarded = is_forwarded(msg.headers)
-                    waits.append(
-                        self.tracker.handle_request(worker, req, msg.offset, forwarded=forwarded)
-                    )
+                waits = [self._take_request(worker, msg) for msg in messages]
                 self._hold_until_committed(consumer, tp, worker, waits)
+
+    def _take_request(
+        self, worker: PartitionWorker, msg: ConsumerRecord[Any, Any]
+    ) -> asyncio.Future[None]:
+        """Read and handle one message of the requests topic; the future of its commit.
+
+        A request whose handling raises is counted and logged (``Tracker.request_failed``:
+        the tracker does so itself for a request it takes) and left, its offset committed
+        alone: this loop goes on with the next one, and the partition with it."""
+        req: TrackingRequest | None = None
+        try:
+            req = self.tracker.read_request(msg.key, msg.value, worker.partition, msg.offset)
+            forwarded = is_forwarded(msg.headers)
+            return self.tracker.handle_request(worker, req, msg.offset, forwarded=forwarded)
+        except Exception as exc:
+            self.tracker.request_failed(worker, req, msg.offset, exc)
+        try:
+            return self.tracker.handle_request(worker, None, msg.offset)
+        except Exception:  # the next request's commit takes its offset
+            return done()
 
     def _hold_until_committed(
         self,

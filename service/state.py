@@ -35,16 +35,18 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import sys
 from array import array
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from service.errors import UnknownStateVersion
-from service.records import fingerprint, legacy_fingerprint
+from service.records import MAX_PAGE_TOKEN_BYTES, fingerprint, legacy_fingerprint
+from service.requests import BATCH_ID_PATTERN
 from service.seen import SeenLoader, SeenSet
 
 Status = Literal["tracking", "completed", "expired", "failed", "stopped"]
@@ -95,6 +97,16 @@ _SEPARATOR = CHUNK_SEPARATOR.encode()
 # reason, which may quote an API error message.
 MAX_REASON_CHARS = 1024
 MAX_SUMMARY_BYTES = 64 * 1024
+# A summary read back is held to what the writer writes (``StateSummary``), so that one a
+# restore takes can always be written again: its batch ID as a request's, its cursor a page
+# token the API client keeps, its counts those of status names (records.ALL_STATUS_NAMES,
+# 10 of them; a newer release may name more, so any of this form, up to this many) and the
+# service's own counters below 2**63. At their largest (the cursor's 8 KiB of two-byte
+# characters escaped as \uXXXX, 24 KiB; the reason's 1,024 characters, 12 KiB; a
+# total_processed of the 4,300 digits the JSON parser takes) a summary is under 48 KiB.
+MAX_COUNTS_KEYS = 64
+COUNTS_KEY_PATTERN = r"^[A-Z0-9_]{1,64}$"
+MAX_STORED_INT = 2**63 - 1
 # The work of a step of ``StateRestore.rebuild``, a millisecond or two: a fingerprint
 # taken from its chunk, or put into its bucket (``SeenLoader``), is one (some 0.2 µs);
 # a summary decoded is SUMMARY_WORK (some 15 µs). A step ends after the chunk, the
@@ -302,33 +314,61 @@ class _Version(BaseModel):
     v: int = Field(ge=1)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _page_token(value: str | None) -> str | None:
+    """A cursor as the API client keeps a page token (records._token_problem): at most
+    MAX_PAGE_TOKEN_BYTES of UTF-8, no control character."""
+    if value is None:
+        return None
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError("cursor is not valid Unicode") from None
+    if size > MAX_PAGE_TOKEN_BYTES:
+        raise ValueError(f"cursor is {size} bytes, over {MAX_PAGE_TOKEN_BYTES}")
+    if _CONTROL.search(value):
+        raise ValueError("cursor has a control character")
+    return value
+
+
+_Count = Annotated[int, Field(ge=0, le=MAX_STORED_INT)]
+_CountsKey = Annotated[str, Field(pattern=COUNTS_KEY_PATTERN)]
+
+
 class StateSummary(BaseModel):
-    """The schema of a batch's summary record (every version; ``v`` says which)."""
+    """The schema of a batch's summary record (every version; ``v`` says which).
+
+    Held to the bounds of what ``encode_state`` writes (``MAX_COUNTS_KEYS``): a record
+    outside them (corrupt, or not this service's) is not understood, and its batch left
+    unreadable, rather than restored as a batch whose next commit cannot be written."""
 
     model_config = ConfigDict(extra="ignore")
 
     v: int = Field(ge=1)
     fp: int | None = Field(default=None, ge=1, le=FP_VERSION)  # absent: 1 in v1, else 2
-    batch_id: str = Field(min_length=1)
-    expected_count: int | None = Field(default=None, ge=1)
-    generation: int = Field(ge=1)
+    batch_id: str = Field(pattern=BATCH_ID_PATTERN)
+    expected_count: int | None = Field(default=None, ge=1, le=MAX_STORED_INT)
+    generation: int = Field(ge=1, le=MAX_STORED_INT)
     status: Status
     tracked_at: float
-    cursor: str | None = None
-    published: int = Field(ge=0)
-    dead_lettered: int = Field(default=0, ge=0)
-    relisted: int = Field(default=0, ge=0)
-    unkeyed: int = Field(default=0, ge=0)
-    counts: dict[str, int] = Field(default_factory=dict)
+    cursor: Annotated[str | None, AfterValidator(_page_token)] = None
+    published: _Count
+    dead_lettered: _Count = 0
+    relisted: _Count = 0
+    unkeyed: _Count = 0
+    counts: dict[_CountsKey, _Count] = Field(default_factory=dict, max_length=MAX_COUNTS_KEYS)
     seen: str = ""  # versions 1 and 2 only
     last_new_at: float | None = None
     last_poll_at: float | None = None
     not_found_since: float | None = None
-    failures: int = Field(default=0, ge=0)
+    failures: _Count = 0
     reason: str | None = None
+    # As the API gave it (any size: records.parse_page takes it), so not bounded here.
     total_processed: int | None = Field(default=None, ge=0)
     last_sweep_at: float | None = None
-    sweep_failures: int = Field(default=0, ge=0)
+    sweep_failures: _Count = 0
     next_sweep_at: float | None = None
 
 
@@ -379,7 +419,11 @@ def state_records(state: BatchState) -> list[tuple[bytes, bytes | None]]:
     rest, see ``clear_records``); one whose seen set was let go (stopped or failed) seals
     its open chunk, so that memory keeps nothing of it. The summary comes last, so that
     with ``at_least_once`` (no transaction) a summary is never ahead of its fingerprints.
+
+    The summary is encoded first: should it not be written (ValueError, too large), the
+    batch's chunk log is left as it was, as Kafka has it.
     """
+    summary = encode_state(state)
     out: list[tuple[bytes, bytes | None]] = []
     if state.status in FINAL and state.status not in RESUMABLE:
         state.chunks.unsaved = array("Q")  # never needed again
@@ -388,7 +432,7 @@ def state_records(state: BatchState) -> list[tuple[bytes, bytes | None]]:
         out.extend((chunk_key(state.batch_id, n), v) for n, v in state.chunks.flush())
         if not state.seen_loaded:
             state.chunks.seal()
-    out.append((state.batch_id.encode(), encode_state(state)))
+    out.append((state.batch_id.encode(), summary))
     return out
 
 

@@ -271,6 +271,42 @@ class Tracker:
     def _handle(
         self, w: PartitionWorker, req: TrackingRequest | None, offset: int, forwarded: bool
     ) -> asyncio.Future[None]:
+        try:
+            return self._handle_now(w, req, offset, forwarded)
+        except Exception as exc:
+            self.request_failed(w, req, offset, exc)
+            return self._send(w, [], offset + 1)
+
+    def request_failed(
+        self, w: PartitionWorker, req: TrackingRequest | None, offset: int, exc: Exception
+    ) -> None:
+        """Count and log a request whose handling raised (a fault of this service, or a
+        batch whose state cannot be written: ``_apply``), which is then left, its offset
+        committed with nothing else, as a refused request's is: counted in
+        ``tracking_requests_total{result="unreadable"}``, one ERROR with its batch ID. Nothing
+        of it was queued (``_apply`` raises before it changes the batch in memory), so the
+        batch stays as Kafka has it. Read again instead (a reset), the request would fail
+        again, at every owner of its partition, and hold up the partition's requests."""
+        # Counted as a request for a batch whose state cannot be used: the one cause known
+        # (a summary the writer refuses); the ERROR line tells it from the others.
+        if req is not None and req.action == "stop":
+            self.metrics.requests_received.labels("stop", "unreadable").inc()
+        else:
+            self.metrics.requests_received.labels("track", "unreadable").inc()
+        action = req.action if req is not None else None
+        log.error(
+            "tracking_request_failed",
+            batch_id=req.batch_id if req is not None else None,
+            action=action,
+            partition=w.partition,
+            offset=offset,
+            error=repr(exc)[:300],
+            exc_info=exc,
+        )
+
+    def _handle_now(
+        self, w: PartitionWorker, req: TrackingRequest | None, offset: int, forwarded: bool
+    ) -> asyncio.Future[None]:
         next_offset = offset + 1
         if req is None:
             return self._send(w, [], next_offset)
@@ -339,13 +375,17 @@ class Tracker:
     def _apply(
         self, w: PartitionWorker, step: Step, next_offset: int | None = None
     ) -> asyncio.Future[None]:
-        """Make ``step`` the batch's state and queue what it publishes; the commit's future."""
+        """Make ``step`` the batch's state and queue what it publishes; the commit's future.
+
+        The messages are made first: should they fail (a summary too large to write,
+        ``state.encode_state``), the exception is raised with the batch in memory as it
+        was, nothing queued (``state_records`` leaves its chunk log as it was too)."""
         b = step.state
+        messages = self.writer.messages(step)
         if not w.closed:
             w.batches[b.batch_id] = b
         if step.finished:
             self.due.drop(b.batch_id)
-        messages = self.writer.messages(step)
         if b.chunks_to_clear:
             self._clear_soon.set()  # chunks left on the topic (a big batch finished for good)
         if not messages and next_offset is None:
@@ -355,9 +395,28 @@ class Tracker:
         return fut
 
     def _commit_held(self, w: PartitionWorker, step: Step) -> asyncio.Future[None]:
-        """``_apply`` for a poll's step, whose records give their room back once committed."""
+        """``_apply`` for a poll's step, whose records give their room back once committed.
+
+        A step whose messages cannot be made is a commit that failed: its records' room is
+        given back, and the partition is restored from Kafka (PublishFailed), since the
+        poll put its fingerprints into the seen set it shares with the batch in memory
+        (``Policy.commit``): left there, the records not published would be taken for
+        published ones by the next poll."""
         held = step.size
-        fut = self._apply(w, step)
+        try:
+            fut = self._apply(w, step)
+        except Exception as exc:
+            self.room.drop(held)
+            log.error(
+                "commit_not_made",
+                batch_id=step.state.batch_id,
+                partition=w.partition,
+                error=repr(exc)[:300],
+                detail="the partition is restored from Kafka",
+            )
+            failure = PublishFailed(f"partition {w.partition}: {exc!r}"[:300])
+            self._publisher_failed(w, failure)
+            raise failure from exc
         if held:
             self.room.to_commit(held)
             fut.add_done_callback(lambda _: self.room.committed(held))

@@ -8,6 +8,8 @@ understand, and what a reset does when a restore fails, can be shown exactly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 from collections.abc import MutableMapping
 from types import SimpleNamespace
 from typing import Any
@@ -22,7 +24,8 @@ from service.config import Settings
 from service.events import EventFactory
 from service.metrics import Metrics
 from service.partitions import PartitionOwner
-from service.state import BatchState, state_records
+from service.requests import TrackingRequest
+from service.state import BatchState, encode_state, state_records
 from service.tracker import Tracker
 
 Records = list[tuple[bytes | None, bytes | None]]
@@ -482,3 +485,45 @@ async def test_a_restore_lets_the_event_loop_run_while_it_rebuilds_the_batches()
     assert {b: sorted(s.seen) for b, s in out.items()} == {
         b: sorted(s.seen) for b, s in whole.items()
     }
+
+
+def _summary_with(batch_id: str, **fields: object) -> bytes:
+    state = BatchState(batch_id=batch_id, partition=0, tracked_at=1.0)
+    doc = json.loads(encode_state(state))
+    doc.update(fields)
+    return json.dumps(doc).encode()
+
+
+@pytest.mark.parametrize(
+    "summary",
+    [
+        _summary_with("odd", cursor="x" * 70_000),
+        _summary_with("odd", counts={f"S{i}": 0 for i in range(9000)}),
+    ],
+    ids=["cursor_70k", "counts_9000_keys"],
+)
+async def test_a_summary_the_writer_would_not_write_again_leaves_its_batch_unreadable(
+    state_topic: type[StateConsumer], summary: bytes
+) -> None:
+    """Restored, its next commit would raise (a stop request, a poll): it is refused as
+    any summary not understood is, and a request for it is answered as for one."""
+    state_topic.records = [*batch("fine"), (b"odd", summary)]
+    o = owner()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            await o.acquire([0])
+        worker = o.tracker.workers[0]
+        assert sorted(worker.batches) == ["fine"] and list(worker.unreadable) == ["odd"]
+        assert invalid_state(o) == 1
+        errors = [(e["event"], e.get("batch_id")) for e in logs if e["log_level"] == "error"]
+        assert errors == [("state_unreadable", "odd")]
+        stop = TrackingRequest(batch_id="odd", action="stop")
+        commit = o.tracker.handle_request(worker, stop, 0)
+        with contextlib.suppress(Exception):  # (the test's producer commits nothing)
+            await commit
+        unreadable = o.metrics.registry.get_sample_value(
+            "rightfoot_poller_tracking_requests_total", {"action": "stop", "result": "unreadable"}
+        )
+        assert unreadable == 1 and "odd" not in worker.batches
+    finally:
+        await o.release_all(1.0)

@@ -26,7 +26,12 @@ from service import state as state_module
 from service.config import KafkaConfig
 from service.errors import ApiForbidden
 from service.policy import Policy
-from service.records import balance_event_id, fingerprint, legacy_fingerprint
+from service.records import (
+    MAX_PAGE_TOKEN_BYTES,
+    balance_event_id,
+    fingerprint,
+    legacy_fingerprint,
+)
 from service.requests import TrackingRequest
 from service.seen import BUCKET_MAX, PART_RATIO, SeenLoader, SeenSet
 from service.state import (
@@ -914,3 +919,87 @@ def test_a_restore_left_unfinished_gives_the_batches_done_and_lets_go_of_the_res
     assert 0 < len(out) < 604
     assert all(len(s.seen) == sizes.get(b, 0) for b, s in out.items())
     assert restore.batches(lambda b, e: pytest.fail(f"{b}: {e}")) == {}
+
+
+# --- a summary restored can always be written again ------------------------------------
+
+
+def _summary(**fields: object) -> bytes:
+    doc = json.loads(encode_state(BatchState(batch_id="A", partition=0, tracked_at=1.0)))
+    doc.update(fields)
+    return json.dumps(doc).encode()
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"cursor": "x" * 70_000},
+        {"cursor": "x" * 8193},
+        {"cursor": "a\nb"},
+        {"counts": {f"S{i}": 0 for i in range(9000)}},
+        {"counts": {"SUCCESS": 1, "not a status": 1}},
+        {"counts": {"X" * 65: 1}},
+        {"counts": {"SUCCESS": -1}},
+        {"batch_id": "A" * 70_000},
+        {"batch_id": "has/fp/slash"},
+        {"published": 2**63},
+        {"generation": 10**4000},
+    ],
+    ids=lambda fields: next(iter(fields)) + str(len(json.dumps(fields))),
+)
+def test_a_summary_the_writer_would_not_write_is_not_understood(fields: dict[str, object]) -> None:
+    """What restore takes, the next commit of the batch writes again: a summary outside
+    what ``encode_state`` writes (corrupt, or not this service's) is a batch not
+    understood, left unreadable, rather than one whose next commit raises."""
+    value = _summary(**fields)
+    with pytest.raises(ValueError):
+        decode_state(value, 0)
+    errors: list[tuple[str, ValueError]] = []
+    restore = StateRestore(0)
+    restore.apply(b"A", value)
+    assert restore.batches(lambda b, e: errors.append((b, e))) == {}
+    assert [b for b, _ in errors] == ["A"]
+
+
+def test_the_largest_summary_a_restore_takes_is_written_again() -> None:
+    """Every bound at its largest, each string of the characters JSON escapes longest."""
+    value = _summary(
+        batch_id="B" * 128,
+        cursor="é" * (MAX_PAGE_TOKEN_BYTES // 2),
+        reason="\U0001f600" * 100_000,  # cut to MAX_REASON_CHARS when written
+        counts={
+            f"{i:02d}".rjust(64, "Z"): state_module.MAX_STORED_INT
+            for i in range(state_module.MAX_COUNTS_KEYS)
+        },
+        published=state_module.MAX_STORED_INT,
+        dead_lettered=state_module.MAX_STORED_INT,
+        relisted=state_module.MAX_STORED_INT,
+        unkeyed=state_module.MAX_STORED_INT,
+        failures=state_module.MAX_STORED_INT,
+        sweep_failures=state_module.MAX_STORED_INT,
+        generation=state_module.MAX_STORED_INT,
+        expected_count=state_module.MAX_STORED_INT,
+        total_processed=int("9" * 4000),
+        tracked_at=-1.2345678901234567e-300,
+        last_new_at=-1.2345678901234567e-300,
+        last_poll_at=-1.2345678901234567e-300,
+        not_found_since=-1.2345678901234567e-300,
+        last_sweep_at=-1.2345678901234567e-300,
+        next_sweep_at=-1.2345678901234567e-300,
+    )
+    state = decode_state(value, 0)
+    records = state_records(state)
+    assert len(records[-1][1] or b"") <= MAX_SUMMARY_BYTES
+    assert decode_state(records[-1][1] or b"", 0).cursor == state.cursor
+
+
+def test_a_summary_that_cannot_be_written_leaves_the_chunk_log_as_it_was() -> None:
+    """``state_records`` raises before it takes anything from the batch's chunk log: the
+    fingerprints not yet saved are still to be saved, as Kafka has them."""
+    state = BatchState(batch_id="A", partition=0, tracked_at=1.0, status="stopped")
+    state.remember([1, 2, 3])
+    state.cursor = "x" * (MAX_SUMMARY_BYTES + 1)  # (no longer possible from a restore)
+    with pytest.raises(ValueError, match="state summary"):
+        state_records(state)
+    assert list(state.chunks.unsaved) == [1, 2, 3]
+    assert (state.chunks.open_seq, len(state.chunks.open), state.chunks.writes) == (0, 0, 0)
