@@ -592,6 +592,10 @@ class StateRestore:
                 chunks = self._chunks.pop(batch_id, {})
                 try:
                     state = decode_state(value, self.partition)
+                    if state.batch_id != batch_id:  # corrupt, or written under another key
+                        raise ValueError(
+                            f"the summary under key {batch_id!r} is of batch {state.batch_id!r}"
+                        )
                     # (Versions 1 and 2: the fingerprints inline, at most a message's.)
                     work += SUMMARY_WORK + len(state.seen)
                     if self._wanted(state, batch_id):

@@ -183,6 +183,8 @@ class StateView:
             summary = StateSummary.model_validate_json(value)
         except ValidationError:
             return  # counted by the owner that restores it
+        if summary.batch_id != batch_id:
+            return  # not understood either (StateRestore.rebuild)
         self.put(batch_id, summary.model_dump(include=VIEW_FIELDS))
 
     async def close(self) -> None:

@@ -527,3 +527,21 @@ async def test_a_summary_the_writer_would_not_write_again_leaves_its_batch_unrea
         assert unreadable == 1 and "odd" not in worker.batches
     finally:
         await o.release_all(1.0)
+
+
+async def test_a_summary_under_another_batchs_key_leaves_that_key_unreadable(
+    state_topic: type[StateConsumer],
+) -> None:
+    other = state_records(BatchState(batch_id="A", partition=0, tracked_at=1.0))[-1][1]
+    state_topic.records = [*batch("fine"), (b"B", other)]
+    o = owner()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            await o.acquire([0])
+        worker = o.tracker.workers[0]
+        assert sorted(worker.batches) == ["fine"] and list(worker.unreadable) == ["B"]
+        assert invalid_state(o) == 1
+        errors = [(e["event"], e.get("batch_id")) for e in logs if e["log_level"] == "error"]
+        assert errors == [("state_unreadable", "B")]
+    finally:
+        await o.release_all(1.0)

@@ -1003,3 +1003,20 @@ def test_a_summary_that_cannot_be_written_leaves_the_chunk_log_as_it_was() -> No
         state_records(state)
     assert list(state.chunks.unsaved) == [1, 2, 3]
     assert (state.chunks.open_seq, len(state.chunks.open), state.chunks.writes) == (0, 0, 0)
+
+
+def test_a_summary_under_another_batchs_key_is_not_understood() -> None:
+    """A summary says which batch it is of: under another key (corrupt, or copied) it is
+    refused, not restored as a second copy of that batch under the key's ID (polled by
+    nobody, counted as tracked, and a stop of the key's batch writing the other's)."""
+    a = encode_state(BatchState(batch_id="A", partition=0, tracked_at=1.0))
+    restore = StateRestore(0)
+    restore.apply(b"B", a)
+    restore.apply(b"A", a)
+    errors: list[tuple[str, ValueError]] = []
+    batches = restore.batches(lambda b, e: errors.append((b, e)))
+    assert {k: v.batch_id for k, v in batches.items()} == {"A": "A"}
+    assert [(b, "under key 'B'" in str(e)) for b, e in errors] == [("B", True)]
+    view = StateView(KafkaConfig(), "test")
+    view._apply(b"B", a, 0)
+    assert view.get("B") is None and view.home("B") == 0
