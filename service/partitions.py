@@ -98,8 +98,14 @@ class PartitionOwner:
                 *(self._restore(p) for p in partitions), return_exceptions=True
             )
             for p, result in zip(partitions, results, strict=True):
-                if isinstance(result, BaseException):
-                    log.error("restore_failed", partition=p, error=repr(result))
+                if isinstance(result, KafkaError | OSError):  # TimeoutError is one
+                    # Kafka unreachable or refusing, a transient condition, as in _reset.
+                    log.warning("restore_failed", partition=p, error=repr(result)[:300])
+                    self._schedule_reset(p)
+                elif isinstance(result, BaseException):
+                    log.error(
+                        "restore_failed", partition=p, error=repr(result)[:300], exc_info=result
+                    )
                     self._schedule_reset(p)
             self._count_owned()
         log.info("partitions_assigned", partitions=sorted(partitions))
@@ -300,6 +306,11 @@ class PartitionOwner:
             enable_auto_commit=False,
             isolation_level="read_committed",
             max_partition_fetch_bytes=4 * 1024 * 1024,
+            # The log's start moved past the position (records deleted while it read): an
+            # error (OffsetOutOfRangeError), so that the restore fails and is tried again,
+            # where aiokafka's default, "latest", went to the end and ended the read there,
+            # a part of the partition taken for all of it.
+            auto_offset_reset="none",
         )
         await consumer.start()
         try:

@@ -151,6 +151,9 @@ class StateView:
             **client_args(self.cfg, self.client_id),
             enable_auto_commit=False,
             isolation_level="read_committed",
+            # Records deleted ahead of the position: an error, and the topic is read again
+            # from its start (``run``), not skipped to its end (aiokafka's "latest").
+            auto_offset_reset="none",
         )
         self._consumer = consumer
         await consumer.start()

@@ -17,7 +17,11 @@ from typing import Any
 import pytest
 import structlog
 from aiokafka import TopicPartition
-from aiokafka.errors import NoBrokersAvailable, TransactionalIdAuthorizationFailed
+from aiokafka.errors import (
+    NoBrokersAvailable,
+    OffsetOutOfRangeError,
+    TransactionalIdAuthorizationFailed,
+)
 
 from service import partitions
 from service.config import Settings
@@ -543,5 +547,59 @@ async def test_a_summary_under_another_batchs_key_leaves_that_key_unreadable(
         assert invalid_state(o) == 1
         errors = [(e["event"], e.get("batch_id")) for e in logs if e["log_level"] == "error"]
         assert errors == [("state_unreadable", "B")]
+    finally:
+        await o.release_all(1.0)
+
+
+class MovingStart(StateConsumer):
+    """A state partition whose log start moves past the reader's position after its first
+    record (DeleteRecords, or a topic cleaned up by deletion): record 1 is gone. What the
+    fetcher then does is its ``auto_offset_reset``'s, as aiokafka's does."""
+
+    log_start = 0
+    moved = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__()
+        self.reset = kwargs.get("auto_offset_reset", "latest")
+
+    async def seek_to_beginning(self, _tp: TopicPartition) -> None:
+        self.pos = type(self).log_start
+
+    async def getmany(
+        self, tp: TopicPartition, timeout_ms: int, max_records: int
+    ) -> dict[TopicPartition, list[SimpleNamespace]]:
+        cls = type(self)
+        if not cls.moved and self.pos > 0:
+            cls.moved, cls.log_start = True, 2
+        if self.pos < cls.log_start:
+            if self.reset == "none":
+                raise OffsetOutOfRangeError({tp: self.pos})
+            self.pos = len(self.records) if self.reset == "latest" else cls.log_start
+            return {tp: []}
+        return await super().getmany(tp, timeout_ms, 1)
+
+
+async def test_a_restore_whose_log_start_moves_past_it_fails_and_is_read_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Not a restore of the records read before the move alone, silently (aiokafka's
+    default reset, "latest", ended the read at the end): the read fails, one WARNING, and
+    the reset reads the partition again from its new start."""
+    records = [*batch("a"), *batch("b"), *batch("c"), *batch("d")]
+    consumer = type("Consumer", (MovingStart,), {"records": records})
+    monkeypatch.setattr(partitions, "AIOKafkaConsumer", consumer)
+    monkeypatch.setattr(partitions, "RESET_RETRY_MIN_S", 0.01)
+    o = owner()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            await o.acquire([0])
+            for _ in range(300):
+                if o.all_restored:
+                    break
+                await asyncio.sleep(0.01)
+        assert o.owned == [0] and sorted(o.tracker.workers[0].batches) == ["c", "d"]
+        lines = [(e["event"], e["log_level"]) for e in logs if e["log_level"] != "info"]
+        assert lines == [("restore_failed", "warning")]
     finally:
         await o.release_all(1.0)
