@@ -25,7 +25,9 @@ download holds one of ``rightfoot.max_concurrent_requests`` slots while it runs.
   temporary file in the target's directory (``.<name>.<random>.part``), which is
   fsynced and renamed over the target only once complete. On any failure
   (HTTP error, connection dropped mid-body, disk error, cancellation) the
-  temporary file is removed and an existing target is left as it was. SIGTERM
+  temporary file is removed and an existing target is left as it was. A symbolic link
+  is followed (the file it resolves to is replaced); a FIFO or a device (``/dev/null``)
+  is written to directly, as stdout is, and ``/dev/stdout`` is stdout. SIGTERM
   cancels the export as Ctrl-C does; the command then exits 143 (Ctrl-C: 130).
 * A redirect is not followed (the target could be any host, over plain HTTP): a 3xx
   is an error naming where it pointed, not retried.
@@ -86,7 +88,7 @@ from service.errors import (
     ExportWriteError,
     PollerError,
 )
-from service.export_output import Output, open_output
+from service.export_output import Output, open_output, output_kind
 from service.export_progress import ProgressPrinter, progress_wanted
 from service.logs import redact
 from service.metrics import Metrics
@@ -167,7 +169,9 @@ def validate_batch_ids(batch_ids: Sequence[str]) -> list[str]:
 
 
 def output_path(value: str) -> Path | None:
-    """The target file of ``-o``, checked to be writable; None for ``-`` (stdout)."""
+    """The target file of ``-o``, checked to be writable; None for ``-`` (stdout). A
+    symbolic link's directory is that of the file it resolves to; a FIFO or a device is
+    written to as it is (service/export_output.py)."""
     if value == "-":
         return None
     if not value:
@@ -175,7 +179,13 @@ def output_path(value: str) -> Path | None:
     target = Path(value)
     if target.is_dir():
         raise ExportUsageError(f"-o {value}: is a directory")
-    parent = target.parent
+    try:
+        kind, where = output_kind(target)
+    except OSError as exc:
+        raise ExportUsageError(f"-o {value}: {exc.strerror or exc}") from None
+    if kind != "file":
+        return target  # it exists, and is written to as it is
+    parent = where.parent  # a symbolic link's file is replaced where it is
     if not parent.is_dir():
         raise ExportUsageError(f"-o {value}: the directory {str(parent)!r} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
@@ -684,12 +694,26 @@ async def download_export(
 ) -> ExportResult:
     """:func:`export_csv` without validating the batch IDs: the API judges them."""
     output = open_output(dest)
+    try:
+        await output.prepare()
+        return await _download_to(client, batch_ids, output, progress, rng)
+    finally:
+        output.close()
+
+
+async def _download_to(
+    client: RightfootClient,
+    batch_ids: Sequence[str],
+    output: Output,
+    progress: ProgressCallback | None,
+    rng: random.Random | None,
+) -> ExportResult:
     # A 429 may ask for no longer a wait than the backoff's own cap.
     policy = RetryPolicy.from_config(client.cfg, max_retry_after_s=client.cfg.backoff_max_s)
     started = time.monotonic()
 
     def blocker() -> str | None:
-        return None if output.restartable else "the output on stdout is incomplete"
+        return None if output.restartable else f"the output on {output.name} is incomplete"
 
     def on_retry(exc: ApiError, failures: int, delay: float) -> None:
         log.info("export_retry", error=str(exc), attempt=failures, delay_s=round(delay, 3))
@@ -931,7 +955,11 @@ async def export_main(settings: Settings, args: argparse.Namespace) -> int:
     except asyncio.CancelledError:
         if printer is not None:
             printer.abort()
-        left = "the output on stdout is incomplete" if dest is None else f"{dest} not written"
+        if dest is None or output_kind(dest)[0] != "file":
+            where = "stdout" if dest is None else str(dest)
+            left = f"the output on {where} is incomplete"
+        else:
+            left = f"{dest} not written"
         print(f"rightfoot-poller: export interrupted; {left}", file=err)
         if sigterm.received:
             return EXIT_TERMINATED

@@ -4,17 +4,31 @@ A file is written to a temporary file beside it (``.<name>.<random>.part``), fsy
 and renamed over the target only on commit; on abort the temporary file is removed
 and an existing target is left as it was. Stdout can only be restarted while nothing
 has been written to it.
+
+What ``-o`` names is looked at first (:func:`output_kind`):
+
+* a symbolic link to a regular file (or to none yet) is followed: the file it resolves
+  to is replaced, its temporary file in that file's directory; the link stays a link;
+* an existing target that is not a regular file (a FIFO, a character device such as
+  ``/dev/null`` or a terminal), or one reached through ``/proc`` (``/dev/fd/3``), is
+  written to directly (:class:`DirectOutput`), as stdout is: no temporary file, no
+  rename (which would swap the FIFO or the device for a plain file), restartable only
+  while nothing has been written; a FIFO is opened once a reader has it open;
+* such a target that is the process's stdout (``/dev/stdout``, ``/proc/self/fd/1``) is
+  stdout, as for ``-o -``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import errno
 import os
 import stat
 import sys
 import tempfile
 from pathlib import Path
-from typing import IO, BinaryIO, Protocol
+from typing import IO, BinaryIO, Literal, Protocol
 
 import structlog
 
@@ -23,16 +37,76 @@ from service.errors import ExportWriteError
 log = structlog.get_logger(__name__)
 
 
+#: How long a FIFO is waited for between two tries to open it (until it has a reader).
+FIFO_POLL_S = 0.1
+
+OutputKind = Literal["stdout", "direct", "file"]
+
+
+def output_kind(target: Path) -> tuple[OutputKind, Path]:
+    """How ``-o target`` is written, and where: ``("file", the regular file to replace,
+    symbolic links resolved)``, ``("direct", target)`` or ``("stdout", target)`` (see the
+    module's docstring). OSError if the target cannot be looked at (a loop of links)."""
+    try:
+        st: os.stat_result | None = target.stat()  # through symbolic links
+    except FileNotFoundError:
+        st = None  # a new file, or a link to none yet: created where it points
+    if st is not None and (not stat.S_ISREG(st.st_mode) or _through_proc(target)):
+        return ("stdout" if _is_stdout(st) else "direct"), target
+    return "file", Path(os.path.realpath(target))
+
+
+def _through_proc(target: Path) -> bool:
+    """Whether ``target`` leads, through links, to ``/proc`` (``/dev/stdout``, ``/dev/fd/N``:
+    an open file of a process, which no rename should replace)."""
+    path = os.path.abspath(target)
+    for _ in range(40):  # the kernel's own limit on links followed
+        parent = os.path.realpath(os.path.dirname(path))
+        if parent == "/proc" or parent.startswith("/proc/"):
+            return True
+        path = os.path.join(parent, os.path.basename(path))
+        if not os.path.islink(path):
+            return False
+        path = os.path.normpath(os.path.join(parent, os.readlink(path)))
+    return False
+
+
+def _is_stdout(st: os.stat_result) -> bool:
+    try:
+        out = os.fstat(sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):  # no stdout, or not a real file
+        return False
+    return (out.st_dev, out.st_ino) == (st.st_dev, st.st_ino)
+
+
 def open_output(dest: Path | None) -> Output:
-    """The output for ``-o``: the file ``dest``, or stdout for None."""
-    return StreamOutput(sys.stdout.buffer) if dest is None else FileOutput(dest)
+    """The output for ``-o``: ``dest`` as :func:`output_kind` says, or stdout for None."""
+    if dest is None:
+        return StreamOutput(sys.stdout.buffer)
+    try:
+        kind, where = output_kind(dest)
+    except OSError as exc:
+        raise ExportWriteError(f"cannot write {dest}: {exc.strerror or exc}") from None
+    if kind == "stdout":
+        return StreamOutput(sys.stdout.buffer)
+    if kind == "direct":
+        return DirectOutput(where)
+    return FileOutput(where)
 
 
 class Output(Protocol):
-    """Where one export goes; ``begin`` starts each attempt afresh."""
+    """Where one export goes: ``prepare`` once, ``begin`` starts each attempt afresh,
+    ``close`` at the end whatever happened."""
 
     @property
     def restartable(self) -> bool: ...
+
+    @property
+    def name(self) -> str: ...
+
+    async def prepare(self) -> None: ...
+
+    def close(self) -> None: ...
 
     def begin(self) -> None: ...
 
@@ -62,6 +136,16 @@ class FileOutput:
         self.target = target
         self._file: IO[bytes] | None = None
         self.temp_path: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.target)
+
+    async def prepare(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.abort()
 
     def begin(self) -> None:
         self.abort()
@@ -129,6 +213,8 @@ def _fsync_directory(path: Path) -> None:
 class StreamOutput:
     """A binary stream (stdout): can restart only while nothing has been written."""
 
+    name = "stdout"
+
     def __init__(self, stream: BinaryIO) -> None:
         self.stream = stream
         self.written = 0
@@ -136,6 +222,12 @@ class StreamOutput:
     @property
     def restartable(self) -> bool:
         return self.written == 0
+
+    async def prepare(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
     def begin(self) -> None:
         pass
@@ -171,3 +263,78 @@ def _silence_stdout() -> None:
         os.close(devnull)
     except (OSError, ValueError):
         pass
+
+
+class DirectOutput:
+    """An existing file that no rename may replace (a FIFO, a character device, a file
+    reached through ``/proc``), written to as it is: restartable only while nothing has
+    been written, as stdout."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+        self.written = 0
+        self._file: IO[bytes] | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.target)
+
+    @property
+    def restartable(self) -> bool:
+        return self.written == 0
+
+    async def prepare(self) -> None:
+        """Open the target: a FIFO once it has a reader (waited for without blocking, so
+        that Ctrl-C and SIGTERM still stop the command), anything else at once; a regular
+        file (reached through ``/proc``) is appended to, as it is someone's open file."""
+        try:
+            regular = stat.S_ISREG(self.target.stat().st_mode)
+            flags = os.O_WRONLY | os.O_NONBLOCK | (os.O_APPEND if regular else 0)
+            waiting = False
+            while True:
+                try:
+                    fd = os.open(self.target, flags)
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.ENXIO:  # ENXIO: a FIFO that no one reads yet
+                        raise
+                if not waiting:
+                    log.info("export_waiting_for_reader", path=str(self.target))
+                    waiting = True
+                await asyncio.sleep(FIFO_POLL_S)
+            os.set_blocking(fd, True)
+            self._file = os.fdopen(fd, "wb")
+        except OSError as exc:
+            raise self._error(exc) from None
+
+    def begin(self) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        assert self._file is not None
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            raise self._error(exc) from None
+        self.written += len(data)
+
+    def commit(self) -> None:
+        assert self._file is not None
+        try:
+            self._file.flush()
+        except OSError as exc:
+            raise self._error(exc) from None
+
+    def abort(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+
+    def _error(self, exc: OSError) -> ExportWriteError:
+        return ExportWriteError(f"cannot write {self.target}: {exc.strerror or exc}")

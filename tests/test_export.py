@@ -60,6 +60,7 @@ from service.export import (
     export_main,
     validate_batch_ids,
 )
+from service.export_output import output_kind
 from service.export_progress import ProgressPrinter, progress_wanted
 from service.metrics import Metrics
 from service.pacing import RateLimiter
@@ -1449,6 +1450,123 @@ async def test_new_file_gets_the_usual_mode_and_replaces_the_old_one(
     assert stat.S_IMODE(old.stat().st_mode) == 0o600
 
 
+# --------------------------------------------------------------------------- -o targets
+
+
+@pytest.mark.parametrize("existing", [True, False], ids=["existing", "dangling"])
+async def test_a_symlink_target_replaces_the_file_it_points_to(
+    api: Api, tmp_path: Path, existing: bool
+) -> None:
+    api.sim.generate_batch(BATCH, 5)
+    client = await api.client()
+    expected = tmp_path / "expected.csv"
+    await export_csv(client, [BATCH], expected)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "out").mkdir()
+    real = tmp_path / "real" / "x.csv"
+    if existing:
+        real.write_bytes(b"old\n")
+        real.chmod(0o600)
+    link = tmp_path / "out" / "link.csv"
+    link.symlink_to("../real/x.csv")
+
+    code = await export_main(api.settings(), cli_args([BATCH], link))
+
+    assert code == 0
+    assert link.is_symlink() and os.readlink(link) == "../real/x.csv"
+    assert real.read_bytes() == expected.read_bytes()
+    if existing:
+        assert stat.S_IMODE(real.stat().st_mode) == 0o600
+    assert listing(tmp_path / "out") == ["link.csv"]
+    assert listing(tmp_path / "real") == ["x.csv"]
+
+
+def _read_fifo(path: Path, into: bytearray, *, limit: int | None = None) -> threading.Thread:
+    """A reader of the FIFO ``path`` in a thread, opened a moment later (the export waits
+    for it): all of it into ``into``, or ``limit`` bytes and then closed."""
+
+    def read() -> None:
+        time.sleep(0.3)
+        with path.open("rb") as f:
+            if limit is not None:
+                into.extend(f.read(limit))
+                return
+            while chunk := f.read(65536):
+                into.extend(chunk)
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    return thread
+
+
+async def test_a_fifo_target_is_written_to_as_it_is(api: Api, tmp_path: Path) -> None:
+    api.sim.generate_batch(BATCH, 2000)
+    client = await api.client()
+    expected = tmp_path / "expected.csv"
+    await export_csv(client, [BATCH], expected)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got = bytearray()
+    reader = _read_fifo(fifo, got)
+
+    result = await export_csv(client, [BATCH], fifo)
+
+    await asyncio.to_thread(reader.join, 10)
+    assert bytes(got) == expected.read_bytes()
+    assert result.rows == 2000
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    assert listing(tmp_path) == ["expected.csv", "fifo"]
+
+
+async def test_a_fifo_whose_reader_leaves_fails_without_restarting(
+    api: Api, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    api.sim.generate_batch(BATCH, 5000)  # far more than a pipe holds
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got = bytearray()
+    reader = _read_fifo(fifo, got, limit=100)
+
+    code = await export_main(api.settings(), cli_args([BATCH], fifo))
+
+    await asyncio.to_thread(reader.join, 10)
+    assert code == 1
+    assert capsys.readouterr().err.strip() == (
+        f"rightfoot-poller: export failed: cannot write {fifo}: Broken pipe"
+    )
+    assert api.statuses() == [200]
+    assert listing(tmp_path) == ["fifo"]
+
+
+def test_what_each_kind_of_target_is_written_as(tmp_path: Path) -> None:
+    (tmp_path / "plain").write_bytes(b"x")
+    (tmp_path / "link").symlink_to("plain")
+    (tmp_path / "null").symlink_to("/dev/null")
+    os.mkfifo(tmp_path / "fifo")
+    assert output_kind(tmp_path / "plain") == ("file", tmp_path / "plain")
+    assert output_kind(tmp_path / "new") == ("file", tmp_path / "new")
+    assert output_kind(tmp_path / "link") == ("file", tmp_path / "plain")
+    assert output_kind(Path("/dev/null")) == ("direct", Path("/dev/null"))
+    assert output_kind(tmp_path / "null") == ("direct", tmp_path / "null")
+    assert output_kind(tmp_path / "fifo") == ("direct", tmp_path / "fifo")
+    read, write = os.pipe()
+    try:  # an open file of this process, through /proc: never renamed over
+        assert output_kind(Path(f"/dev/fd/{write}"))[0] == "direct"
+    finally:
+        os.close(read)
+        os.close(write)
+
+
+async def test_a_link_to_a_device_writes_to_the_device(api: Api, tmp_path: Path) -> None:
+    api.sim.generate_batch(BATCH, 5)
+    link = tmp_path / "null"
+    link.symlink_to("/dev/null")
+    code = await export_main(api.settings(), cli_args([BATCH], link))
+    assert code == 0
+    assert link.is_symlink() and os.readlink(link) == "/dev/null"
+    assert listing(tmp_path) == ["null"]
+
+
 # --------------------------------------------------------------------------- stdout
 
 
@@ -1628,6 +1746,30 @@ def test_cli_to_stdout_never_mixes_progress_into_it(sim_process: Any, tmp_path: 
         f"exported 500 rows ({out.stat().st_size} bytes) to stdout in {run.seconds:.2f} s"
     ]
     assert len(read_csv(out)) == 501
+
+
+@pytest.mark.parametrize("via_link", [False, True], ids=["dev-stdout", "link-to-fd-1"])
+def test_cli_to_dev_stdout_writes_to_stdout(
+    sim_process: Any, tmp_path: Path, via_link: bool
+) -> None:
+    """``-o /dev/stdout`` is stdout, as ``-o -``: written to, never renamed over (a link in
+    tmp_path to /proc/self/fd/1 stands for /dev/stdout in the check, so that a regression
+    could not replace the system's /dev/stdout)."""
+    batch = sim_process.create_batch(300)
+    out = tmp_path / "stdout.csv"
+    target = "/dev/stdout"
+    if via_link:
+        (tmp_path / "link").symlink_to("/proc/self/fd/1")
+        target = str(tmp_path / "link")
+    else:  # never run a build that would rename over the system's /dev/stdout
+        assert output_kind(Path(target))[0] != "file"
+    run = bench.run_export(sim_process.base_url, [batch], target, api_key=KEY, stdout=out)
+    assert run.exit_code == 0, run.stderr
+    assert run.stderr.strip().startswith(f"exported 300 rows ({out.stat().st_size} bytes) to ")
+    assert len(read_csv(out)) == 301
+    if via_link:
+        assert (tmp_path / "link").is_symlink()
+        assert listing(tmp_path) == ["link", "stdout.csv"]
 
 
 def test_cli_progress_always_for_a_file_off_a_terminal(sim_process: Any, tmp_path: Path) -> None:
