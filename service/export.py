@@ -11,8 +11,12 @@ download holds one of ``rightfoot.max_concurrent_requests`` slots while it runs.
 * The answer is checked against the vendor's page before anything is written: a
   ``text/csv`` Content-Type whose charset, if given, is UTF-8, and a body that starts
   with the documented header line (read up to 64 KiB, UTF-8, a byte order mark
-  allowed): the 9 fixed columns in order, then only ``meta_<key>`` columns, each once,
-  in alphabetical order (by code point or ignoring case: the page does not say which).
+  allowed): the 9 fixed columns in order, then only ``meta_<key>`` columns, each once.
+  The page says the ``meta_`` columns are appended alphabetically, not by which
+  collation: an order that is alphabetical neither by code point nor ignoring case
+  (Node's localeCompare, a glibc locale: ``meta_école`` before ``meta_ref1``) is logged
+  once (WARNING ``export_meta_columns_unordered``) and the export goes on: the body is
+  passed through as it is, and nothing here depends on that order.
   Any other answer (an empty body, an error page sent as text/csv, columns missing,
   reordered or repeated) is ApiMalformedResponse, counted with code ``malformed``
   and not retried: the same request would get the same answer.
@@ -599,13 +603,22 @@ def header_problem(columns: Sequence[str]) -> str | None:
         if name in seen:
             return f"column {i} repeats {_shown(name)}"
         seen.add(name)
-    if meta != sorted(meta) and meta != sorted(meta, key=str.casefold):
-        k = next(k for k in range(1, len(meta)) if meta[k] < meta[k - 1])
-        return (
-            f"column {fixed + k + 1} {_shown(meta[k])} comes after {_shown(meta[k - 1])}: "
-            f"the {META_PREFIX} columns are not in alphabetical order"
-        )
     return None
+
+
+def header_order_note(columns: Sequence[str]) -> str | None:
+    """Where the ``meta_`` columns of a documented header are in an order alphabetical
+    neither by code point nor ignoring case; None if they are in either. Not a reason to
+    refuse the export (the vendor may sort by another collation): a note for a WARNING."""
+    meta = list(columns[len(EXPORT_COLUMNS) :])
+    if meta == sorted(meta) or meta == sorted(meta, key=str.casefold):
+        return None
+    k = next(k for k in range(1, len(meta)) if meta[k] < meta[k - 1])
+    return (
+        f"column {len(EXPORT_COLUMNS) + k + 1} {_shown(meta[k])} comes after "
+        f"{_shown(meta[k - 1])}: the {META_PREFIX} columns are not in alphabetical order "
+        "by code point nor ignoring case"
+    )
 
 
 def _header_columns(head: bytes) -> list[str]:
@@ -659,9 +672,13 @@ async def _read_header(body: AsyncIterator[bytes], counter: CsvRowCounter) -> by
         raise _malformed("the API answered 200 with an empty body, not the CSV export")
     if not counter.records and counter.in_quotes:
         counter.finish()  # the body ended inside the header: truncated
-    problem = header_problem(_header_columns(bytes(head)))
+    columns = _header_columns(bytes(head))
+    problem = header_problem(columns)
     if problem is not None:
         raise _malformed(f"the export's header is not the documented one: {problem}")
+    note = header_order_note(columns)
+    if note is not None:
+        log.warning("export_meta_columns_unordered", detail=note)
     return bytes(head)
 
 
