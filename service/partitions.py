@@ -41,6 +41,10 @@ RESET_RETRY_MAX_S = 30.0
 # transaction) and for the requests partition's committed offset: it holds the lock that
 # a rebalance waits for. Past it the restore fails, and is tried again with backoff.
 RESTORE_CALL_TIMEOUT_S = 30.0
+# The longest a read of a state partition goes on without getting further (its leader
+# offline, say): it holds the same lock. Past it the read fails (KafkaTimeoutError), and the
+# restore is tried again with backoff.
+RESTORE_STALL_S = RESTORE_CALL_TIMEOUT_S
 
 
 class PartitionOwner:
@@ -299,7 +303,9 @@ class PartitionOwner:
         restore: StateRestore,
         on_error: Callable[[str | None, ValueError], None],
     ) -> None:
-        """Read state partition p from its beginning to its last committed record."""
+        """Read state partition p from its beginning to its last committed record;
+        KafkaTimeoutError (or TimeoutError) once it gets no further for ``RESTORE_STALL_S``."""
+        stall = RESTORE_STALL_S
         tp = TopicPartition(self.kcfg.state_topic, p)
         consumer = AIOKafkaConsumer(
             **client_args(self.kcfg, f"rightfoot-poller-restore-{self.instance}"),
@@ -315,15 +321,27 @@ class PartitionOwner:
         await consumer.start()
         try:
             consumer.assign([tp])
-            await consumer.seek_to_beginning(tp)
-            end = (await consumer.end_offsets([tp]))[tp]
-            while await consumer.position(tp) < end:
-                chunk = await consumer.getmany(tp, timeout_ms=1000, max_records=5000)
+            await asyncio.wait_for(consumer.seek_to_beginning(tp), stall)
+            end = (await asyncio.wait_for(consumer.end_offsets([tp]), stall))[tp]
+            position = await asyncio.wait_for(consumer.position(tp), stall)
+            progress_at = time.monotonic()
+            while position < end:
+                chunk = await asyncio.wait_for(
+                    consumer.getmany(tp, timeout_ms=1000, max_records=5000), stall
+                )
                 for msg in chunk.get(tp, []):
                     try:
                         restore.apply(msg.key, msg.value)
                     except ValueError as exc:
                         on_error(None, exc)
+                now = await asyncio.wait_for(consumer.position(tp), stall)
+                if now > position:
+                    position, progress_at = now, time.monotonic()
+                elif time.monotonic() - progress_at >= stall:
+                    raise KafkaTimeoutError(
+                        f"state partition {p}: no record read for {stall} s "
+                        f"at offset {position} of {end}"
+                    )
         finally:
             await stop_client(consumer)
 

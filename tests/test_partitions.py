@@ -603,3 +603,56 @@ async def test_a_restore_whose_log_start_moves_past_it_fails_and_is_read_again(
         assert lines == [("restore_failed", "warning")]
     finally:
         await o.release_all(1.0)
+
+
+class Stalled(StateConsumer):
+    """A state partition whose leader goes offline after its first record, for the first
+    reader only: no record comes, the position stays (``hang``: nor does position answer)."""
+
+    readers = 0
+    hang = False
+
+    def __init__(self, **_: Any) -> None:
+        super().__init__()
+        cls = type(self)
+        cls.readers += 1
+        self.stalls = cls.readers == 1
+
+    async def position(self, _tp: TopicPartition) -> int:
+        if self.stalls and self.pos > 0 and self.hang:
+            await asyncio.Event().wait()
+        return self.pos
+
+    async def getmany(
+        self, tp: TopicPartition, timeout_ms: int, max_records: int
+    ) -> dict[TopicPartition, list[SimpleNamespace]]:
+        if self.stalls and self.pos > 0:
+            await asyncio.sleep(0.01)  # (timeout_ms of nothing)
+            return {}
+        return await super().getmany(tp, timeout_ms, 1)
+
+
+@pytest.mark.parametrize("hang", [False, True], ids=["no_records", "position_hangs"])
+async def test_a_restore_that_gets_no_further_fails_and_is_tried_again(
+    monkeypatch: pytest.MonkeyPatch, hang: bool
+) -> None:
+    """It holds the lock that a revocation and the resets wait for: past RESTORE_STALL_S
+    without a record it fails (one WARNING), the lock is let go, the reset tries again."""
+    records = [*batch("a"), *batch("b")]
+    consumer = type("Consumer", (Stalled,), {"records": records, "readers": 0, "hang": hang})
+    monkeypatch.setattr(partitions, "AIOKafkaConsumer", consumer)
+    monkeypatch.setattr(partitions, "RESTORE_STALL_S", 0.1)
+    monkeypatch.setattr(partitions, "RESET_RETRY_MIN_S", 0.01)
+    o = owner()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            await asyncio.wait_for(o.acquire([0]), 5)
+            for _ in range(300):
+                if o.all_restored:
+                    break
+                await asyncio.sleep(0.01)
+        assert o.owned == [0] and sorted(o.tracker.workers[0].batches) == ["a", "b"]
+        lines = [(e["event"], e["log_level"]) for e in logs if e["log_level"] != "info"]
+        assert lines == [("restore_failed", "warning")]
+    finally:
+        await o.release_all(1.0)
