@@ -303,6 +303,8 @@ class RightfootConfig(_Section):
     backoff_max_s: float = Field(300.0, gt=0)
     max_attempts: int = Field(4, ge=1, description="attempts of one request within a poll")
     unauthorized_retry_s: float = Field(60.0, gt=0)
+    #: The export command waits a 429's (or 503's) Retry-After up to this long, then fails.
+    export_max_wait_s: float = Field(3600.0, ge=0, le=7 * 86400.0)
 
     @model_validator(mode="after")
     def _check_url(self) -> RightfootConfig:

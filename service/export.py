@@ -37,7 +37,9 @@ download holds one of ``rightfoot.max_concurrent_requests`` slots while it runs.
   is an error naming where it pointed, not retried.
 * 5xx, 429, timeouts and connection errors are retried by the poller's own
   retry loop (service/retry.py), ``rightfoot.max_attempts`` attempts in all; a
-  429 may ask for a wait up to ``rightfoot.backoff_max_s``. The CSV has no
+  429's Retry-After is waited in full up to ``rightfoot.export_max_wait_s`` (an
+  hour by default; a longer one fails the export at once, saying so), and a wait of
+  NOTE_WAIT_S or more is told on stderr with the time the export resumes. The CSV has no
   resume: a download that fails after its body started is restarted from
   scratch into a fresh temporary file (to stdout, only while nothing has been
   written yet).
@@ -109,6 +111,8 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_TERMINATED = 143  # SIGTERM, 128 + 15 as for Ctrl-C's 130: the export did not complete
+#: A wait before a new attempt at least this long is told on stderr (when it resumes).
+NOTE_WAIT_S = 5.0
 #: Batch IDs in one export: 150 x 47 bytes (``batch_ids=<uuid>&``) is 7,050 bytes of query
 #: string, which leaves over 1 KiB of an 8 KiB request line for the rest of the URL.
 MAX_BATCH_IDS = 150
@@ -708,12 +712,16 @@ async def download_export(
     *,
     progress: ProgressCallback | None = None,
     rng: random.Random | None = None,
+    notify: Callable[[str], None] | None = None,
 ) -> ExportResult:
-    """:func:`export_csv` without validating the batch IDs: the API judges them."""
+    """:func:`export_csv` without validating the batch IDs: the API judges them.
+
+    ``notify(text)`` hears of each wait of NOTE_WAIT_S or more before a new attempt (a
+    Retry-After, a long backoff): why, and when the export resumes."""
     output = open_output(dest)
     try:
         await output.prepare()
-        return await _download_to(client, batch_ids, output, progress, rng)
+        return await _download_to(client, batch_ids, output, progress, rng, notify)
     finally:
         output.close()
 
@@ -724,9 +732,16 @@ async def _download_to(
     output: Output,
     progress: ProgressCallback | None,
     rng: random.Random | None,
+    notify: Callable[[str], None] | None,
 ) -> ExportResult:
-    # A 429 may ask for no longer a wait than the backoff's own cap.
-    policy = RetryPolicy.from_config(client.cfg, max_retry_after_s=client.cfg.backoff_max_s)
+    cfg = client.cfg
+    # A 429's Retry-After is waited up to rightfoot.export_max_wait_s (an hour by default):
+    # a one-off command has nothing else to do meanwhile, and says when it resumes.
+    policy = RetryPolicy.from_config(
+        cfg,
+        max_retry_after_s=cfg.export_max_wait_s,
+        max_retry_after_name="rightfoot.export_max_wait_s",
+    )
     started = time.monotonic()
 
     def blocker() -> str | None:
@@ -734,6 +749,8 @@ async def _download_to(
 
     def on_retry(exc: ApiError, failures: int, delay: float) -> None:
         log.info("export_retry", error=str(exc), attempt=failures, delay_s=round(delay, 3))
+        if notify is not None and delay >= NOTE_WAIT_S:
+            notify(_wait_note(exc, failures, delay, cfg.max_attempts))
 
     rows, size = await retrying(
         lambda: _attempt(client, batch_ids, output, progress, started),
@@ -745,6 +762,19 @@ async def _download_to(
         give_up=_gave_up,
     )
     return ExportResult(rows=rows, bytes=size, seconds=time.monotonic() - started)
+
+
+def _wait_note(exc: ApiError, failures: int, delay: float, attempts: int) -> str:
+    """``waiting 600 s (Retry-After), until 14:05:09, before attempt 2 of 4: HTTP 429 …``."""
+    cause = "Retry-After" if exc.retry_after is not None and exc.retry_after >= delay else "backoff"
+    resume = time.time() + delay
+    same_day = time.localtime(resume)[:3] == time.localtime()[:3]
+    at = time.strftime("%H:%M:%S" if same_day else "%Y-%m-%d %H:%M:%S", time.localtime(resume))
+    why = one_line(_describe_failure(exc))  # the API's text: without the key already
+    return (
+        f"waiting {delay:.0f} s ({cause}), until {at}, before attempt {failures + 1} of "
+        f"{attempts}: {why}"
+    )
 
 
 def _gave_up(exc: ApiError, why: str) -> ApiError:
@@ -957,11 +987,17 @@ async def export_main(settings: Settings, args: argparse.Namespace) -> int:
         api_key=ApiKey.from_env(settings.rightfoot.api_key.get_secret_value()),
         limiter=RateLimiter(settings.rightfoot.max_requests_per_s),
     )
+
+    def notify(text: str) -> None:
+        if printer is not None:
+            printer.abort()  # a half-drawn progress line ended first
+        print(f"rightfoot-poller: {one_line(redact(text, secrets))}", file=err, flush=True)
+
     sigterm = _OnSigterm()
     try:
         with sigterm:
             await client.start()
-            result = await download_export(client, batch_ids, dest, progress=printer)
+            result = await download_export(client, batch_ids, dest, progress=printer, notify=notify)
     except (ApiError, ExportWriteError) as exc:
         if printer is not None:
             printer.abort()

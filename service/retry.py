@@ -12,6 +12,7 @@ so both are tested without sleeping.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -53,14 +54,23 @@ class RetryPolicy:
     backoff_max_s: float
     #: A 429 asking for a longer wait than this ends the retries.
     max_retry_after_s: float
+    #: What sets ``max_retry_after_s``, named when a Retry-After is longer (a setting).
+    max_retry_after_name: str | None = None
 
     @classmethod
-    def from_config(cls, cfg: RightfootConfig, *, max_retry_after_s: float) -> RetryPolicy:
+    def from_config(
+        cls,
+        cfg: RightfootConfig,
+        *,
+        max_retry_after_s: float,
+        max_retry_after_name: str | None = None,
+    ) -> RetryPolicy:
         return cls(
             max_attempts=cfg.max_attempts,
             backoff_base_s=cfg.backoff_base_s,
             backoff_max_s=cfg.backoff_max_s,
             max_retry_after_s=max_retry_after_s,
+            max_retry_after_name=max_retry_after_name,
         )
 
     def next_delay(self, failures: int, exc: ApiError, rng: random.Random) -> float | GiveUp:
@@ -76,9 +86,15 @@ class RetryPolicy:
         if isinstance(exc, ApiRateLimited):
             wait = exc.retry_after if exc.retry_after is not None else delay
             if wait > self.max_retry_after_s:
-                return GiveUp(f"Retry-After of {wait:.0f} s is too long")
+                return GiveUp(self._too_long(wait))
             delay = max(delay, wait)
         return delay
+
+    def _too_long(self, wait: float) -> str:
+        limit = f"{self.max_retry_after_s:g} s"
+        if self.max_retry_after_name is not None:
+            limit = f"{self.max_retry_after_name}, {limit}"
+        return f"Retry-After of {math.ceil(wait)} s is too long: over {limit}"
 
 
 async def retrying(

@@ -214,6 +214,15 @@ def test_page_limit_out_of_range_refused(limit: str) -> None:
         load_settings(None, env={"RFP_RIGHTFOOT__PAGE_LIMIT": limit})
 
 
+def test_export_max_wait_s_defaults_to_an_hour_and_is_bounded() -> None:
+    assert load_settings(None, env={}).rightfoot.export_max_wait_s == 3600
+    env = {"RFP_RIGHTFOOT__EXPORT_MAX_WAIT_S": "0"}
+    assert load_settings(None, env=env).rightfoot.export_max_wait_s == 0
+    for bad in ("-1", "604801"):
+        with pytest.raises(ConfigError, match=r"^rightfoot\.export_max_wait_s: "):
+            load_settings(None, env={"RFP_RIGHTFOOT__EXPORT_MAX_WAIT_S": bad})
+
+
 def test_polling_window_must_not_be_inverted(tmp_path: Path) -> None:
     path = write(tmp_path, "polling:\n  interval_min_s: 60\n  interval_max_s: 30\n")
     with pytest.raises(ConfigError, match=r"^polling: interval_max_s must be >= interval_min_s$"):

@@ -725,14 +725,85 @@ async def test_429_waits_retry_after_then_succeeds(api: Api, tmp_path: Path) -> 
     assert api.statuses() == [429, 200]
 
 
-async def test_a_429_asking_too_long_a_wait_fails(api: Api, tmp_path: Path) -> None:
+class FakeSleep:
+    """An injected sleep (the client's and its limiter's): notes the waits, returns at once."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.delays.append(seconds)
+
+
+def sleepless_client(settings: Settings, sleep: FakeSleep) -> RightfootClient:
+    return RightfootClient(
+        settings.rightfoot,
+        instance_id=settings.instance_id,
+        metrics=Metrics(),
+        api_key=ApiKey(KEY),
+        limiter=RateLimiter(settings.rightfoot.max_requests_per_s, sleep=sleep),
+        sleep=sleep,
+    )
+
+
+async def test_a_429_longer_than_the_backoff_cap_is_waited_in_full_with_a_note(
+    api: Api, tmp_path: Path
+) -> None:
+    """backoff_max_s is 0.05 here: a Retry-After of 10 minutes is still waited (up to
+    rightfoot.export_max_wait_s, an hour), and the wait is told with when it ends."""
     api.sim.generate_batch(BATCH, 10)
     api.sim.faults.rate_limit_next = 1
-    api.sim.faults.retry_after_s = 5  # backoff_max_s is 0.05 here
-    client = await api.client()
-    with pytest.raises(Exception, match="Retry-After of 5 s is too long"):
-        await export_csv(client, [BATCH], tmp_path / "x.csv")
+    api.sim.faults.retry_after_s = 600
+    sleep = FakeSleep()
+    client = sleepless_client(api.settings(), sleep)
+    await client.start()
+    notes: list[str] = []
+    try:
+        result = await download_export(client, [BATCH], tmp_path / "x.csv", notify=notes.append)
+    finally:
+        await client.close()
+    assert result.rows == 10
+    assert api.statuses() == [429, 200]
+    assert 600.0 in sleep.delays
+    (note,) = notes
+    assert note.startswith("waiting 600 s (Retry-After), until ")
+    assert note.endswith(", before attempt 2 of 4: HTTP 429 RATE_LIMITED: Too many requests.")
+
+
+async def test_a_429_beyond_export_max_wait_s_fails_at_once_saying_why(
+    api: Api, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    api.sim.generate_batch(BATCH, 10)
+    api.sim.faults.rate_limit_next = 1
+    api.sim.faults.retry_after_s = 5
+    settings = api.settings(RFP_RIGHTFOOT__EXPORT_MAX_WAIT_S="2")
+
+    code = await export_main(settings, cli_args([BATCH], tmp_path / "x.csv"))
+
+    assert code == 1
+    assert capsys.readouterr().err.strip() == (
+        "rightfoot-poller: export failed: HTTP 429 RATE_LIMITED: Too many requests. "
+        "(Retry-After of 5 s is too long: over rightfoot.export_max_wait_s, 2 s)"
+    )
+    assert api.statuses() == [429]
     assert listing(tmp_path) == []
+
+
+async def test_the_command_tells_a_long_wait_on_stderr(
+    api: Api, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("service.export.NOTE_WAIT_S", 0.5)
+    api.sim.generate_batch(BATCH, 10)
+    api.sim.faults.rate_limit_next = 1
+    api.sim.faults.retry_after_s = 1
+
+    code = await export_main(api.settings(), cli_args([BATCH], tmp_path / "x.csv"))
+
+    assert code == 0
+    note, done = capsys.readouterr().err.strip().splitlines()
+    assert note.startswith("rightfoot-poller: waiting 1 s (Retry-After), until ")
+    assert note.endswith("before attempt 2 of 4: HTTP 429 RATE_LIMITED: Too many requests.")
+    assert done.startswith("exported 10 rows")
 
 
 async def test_a_hanging_answer_times_out_per_read_and_is_retried(api: Api, tmp_path: Path) -> None:

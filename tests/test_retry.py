@@ -206,7 +206,7 @@ async def test_give_up_replaces_the_last_error_with_the_reason() -> None:
     assert caught.value.__cause__ is None and caught.value.__suppress_context__
 
     attempt = Script([ApiRateLimited("slow down", retry_after=45.0)])
-    with pytest.raises(RuntimeError, match=r"^Retry-After of 45 s is too long$"):
+    with pytest.raises(RuntimeError, match=r"^Retry-After of 45 s is too long: over 30 s$"):
         await retrying(attempt, policy(), rng=Ceiling(), sleep=Sleeps(), give_up=give_up)
 
 
@@ -254,5 +254,9 @@ def test_next_delay_is_a_plain_function() -> None:
     assert p.next_delay(4, server_error(), rng) == GiveUp("gave up after 4 attempts")
     assert p.next_delay(1, ApiRateLimited("x", retry_after=10.0), rng) == 10.0
     assert p.next_delay(1, ApiRateLimited("x", retry_after=10.5), rng) == GiveUp(
-        "Retry-After of 10 s is too long"
+        "Retry-After of 11 s is too long: over 10 s"
+    )
+    named = RetryPolicy(4, 0.5, 3.0, 3600.0, max_retry_after_name="rightfoot.export_max_wait_s")
+    assert named.next_delay(1, ApiRateLimited("x", retry_after=7200), rng) == GiveUp(
+        "Retry-After of 7200 s is too long: over rightfoot.export_max_wait_s, 3600 s"
     )
