@@ -3,6 +3,9 @@
 ``GET /v1/balances`` with Bearer auth, timeouts, bounded retries with
 exponential backoff and jitter on 5xx, timeouts and connection errors, 429
 answered by waiting at least ``Retry-After``, and typed errors for the rest.
+A 503's ``Retry-After`` is a lower bound of its backoff (service/retry.py); one longer
+than MAX_INLINE_RETRY_AFTER_S ends the poll's retries, as a 429's does. Unlike a 429's,
+it does not hold the replica's other requests back.
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ from service.retry import RetryPolicy, retrying
 log = structlog.get_logger(__name__)
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
-# A 429 asking for a longer wait than this ends the attempt; the batch is rescheduled.
+# A 429 (or a 503) asking for a longer wait than this ends the attempt; the batch is
+# rescheduled.
 MAX_INLINE_RETRY_AFTER_S = 30.0
 # A 429 holds every request of the replica back for its Retry-After, however long: the
 # vendor's wait is honoured in full. A wait over this long is honoured too, with a WARNING

@@ -37,7 +37,7 @@ download holds one of ``rightfoot.max_concurrent_requests`` slots while it runs.
   is an error naming where it pointed, not retried.
 * 5xx, 429, timeouts and connection errors are retried by the poller's own
   retry loop (service/retry.py), ``rightfoot.max_attempts`` attempts in all; a
-  429's Retry-After is waited in full up to ``rightfoot.export_max_wait_s`` (an
+  Retry-After of a 429 or a 503 is waited in full up to ``rightfoot.export_max_wait_s`` (an
   hour by default; a longer one fails the export at once, saying so), and a wait of
   NOTE_WAIT_S or more is told on stderr with the time the export resumes. The CSV has no
   resume: a download that fails after its body started is restarted from
@@ -99,7 +99,7 @@ from service.export_progress import ProgressPrinter, progress_wanted
 from service.logs import redact
 from service.metrics import Metrics
 from service.pacing import RateLimiter
-from service.retry import RetryPolicy, retrying
+from service.retry import RetryPolicy, retry_after, retrying
 
 log = structlog.get_logger(__name__)
 
@@ -766,7 +766,8 @@ async def _download_to(
 
 def _wait_note(exc: ApiError, failures: int, delay: float, attempts: int) -> str:
     """``waiting 600 s (Retry-After), until 14:05:09, before attempt 2 of 4: HTTP 429 …``."""
-    cause = "Retry-After" if exc.retry_after is not None and exc.retry_after >= delay else "backoff"
+    asked = retry_after(exc)
+    cause = "Retry-After" if asked is not None and asked >= delay else "backoff"
     resume = time.time() + delay
     same_day = time.localtime(resume)[:3] == time.localtime()[:3]
     at = time.strftime("%H:%M:%S" if same_day else "%Y-%m-%d %H:%M:%S", time.localtime(resume))

@@ -1,8 +1,9 @@
 """The one retry loop for a request to the API, used by the poller's client and the export.
 
 Bounded attempts; exponential backoff with jitter (``pacing.backoff_delay``) on 5xx,
-timeouts and connection errors; a 429 waits at least its ``Retry-After``, unless that is
-longer than the caller is willing to wait inline. Anything else propagates at once.
+timeouts and connection errors; a 429, and a 503 that sends one, waits at least its
+``Retry-After``, unless that is longer than the caller is willing to wait inline (which
+ends the retries). Anything else propagates at once.
 
 The decision is a plain function of plain values (:meth:`RetryPolicy.next_delay`);
 :func:`retrying` is the thin loop around one attempt. Randomness and sleep are injected,
@@ -31,6 +32,15 @@ RETRYABLE: tuple[type[ApiError], ...] = (ApiServerError, ApiTransportError, ApiR
 OnRetry = Callable[[ApiError, int, float], None]
 #: ``give_up(error, reason)``: the exception to raise instead of the last error.
 OnGiveUp = Callable[[ApiError, str], BaseException]
+
+
+def retry_after(exc: ApiError) -> float | None:
+    """The Retry-After that ``exc`` asks to honour: a 429's, or a 503's (RFC 9110 gives
+    Retry-After to both: a 503 saying how long it will be unavailable). Another 5xx's is
+    not one (the backoff applies, as the contract says of 5xx)."""
+    if isinstance(exc, ApiRateLimited) or (isinstance(exc, ApiServerError) and exc.status == 503):
+        return exc.retry_after
+    return None
 
 
 def transient(exc: ApiError) -> bool:
@@ -76,15 +86,18 @@ class RetryPolicy:
     def next_delay(self, failures: int, exc: ApiError, rng: random.Random) -> float | GiveUp:
         """The wait before the next attempt, after ``failures`` failed ones (the last: ``exc``).
 
-        Backoff with jitter, at most ``backoff_max_s``; for a 429, at least its Retry-After
-        (the backoff when it sent none), which may be longer than ``backoff_max_s`` but not
-        than ``max_retry_after_s``.
+        Backoff with jitter, at most ``backoff_max_s``; for a 429, or a 503 that sent a
+        Retry-After, at least its Retry-After (a 429 without one: the backoff), which may be
+        longer than ``backoff_max_s`` but not than ``max_retry_after_s``: a longer one ends
+        the retries.
         """
         if failures >= self.max_attempts:
             return GiveUp(f"gave up after {failures} attempts")
         delay = backoff_delay(failures, self.backoff_base_s, self.backoff_max_s, rng)
-        if isinstance(exc, ApiRateLimited):
-            wait = exc.retry_after if exc.retry_after is not None else delay
+        wait = retry_after(exc)
+        if isinstance(exc, ApiRateLimited) and wait is None:
+            wait = delay
+        if wait is not None:
             if wait > self.max_retry_after_s:
                 return GiveUp(self._too_long(wait))
             delay = max(delay, wait)

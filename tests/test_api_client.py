@@ -275,6 +275,67 @@ async def test_a_retry_after_of_years_holds_requests_back_seven_days_at_most(
     assert 7 * 86400.0 - 100 < max(api.limiter_sleeps.delays) <= 7 * 86400.0
 
 
+@pytest.fixture
+async def unavailable() -> AsyncIterator[tuple[Harness, list[str]]]:
+    """An API that answers 503 with the Retry-After values queued in the list it gives
+    (``""``: none), then a page."""
+    queue: list[str] = []
+    seen: list[int] = []
+
+    async def page(request: web.Request) -> web.Response:
+        if queue:
+            seen.append(503)
+            value = queue.pop(0)
+            headers = {"Retry-After": value} if value else {}
+            body = {"status": "error", "error": {"code": "UNAVAILABLE", "message": "maintenance"}}
+            return web.json_response(body, status=503, headers=headers)
+        seen.append(200)
+        return web.json_response({"batch_id": BATCH, "balances": [], "has_more": False})
+
+    app = web.Application()
+    app.router.add_get("/v1/balances", page)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    harness = Harness(Simulator(api_keys=[KEY]), str(server.make_url("")).rstrip("/"))
+    harness.requests = lambda: list(seen)  # type: ignore[method-assign]
+    try:
+        yield harness, queue
+    finally:
+        for client in harness.clients:
+            await client.close()
+        await server.close()
+
+
+async def test_a_503_waits_at_least_its_retry_after(
+    unavailable: tuple[Harness, list[str]],
+) -> None:
+    """The contract: 5xx backs off exponentially; a 503's Retry-After (how long the vendor
+    says it is unavailable) is a lower bound of that backoff, waited inline up to 30 s."""
+    api, queue = unavailable
+    queue.extend(["20", "", "0"])
+    client = await api.client(backoff_base_s=1.0, backoff_max_s=8.0)
+    page = await client.fetch_page(BATCH, None)
+    assert page.records == []
+    assert api.requests() == [503, 503, 503, 200]
+    first, second, third = api.client_sleeps.delays
+    assert first == 20.0  # the Retry-After, over the backoff's 0.5-1 s
+    assert 1.0 <= second <= 2.0 and 2.0 <= third <= 4.0  # the backoff, none or a shorter one
+    assert api.limiter_sleeps.delays == []  # a 503 does not hold the replica back as a 429
+
+
+async def test_a_503_with_a_long_retry_after_is_not_waited_inline(
+    unavailable: tuple[Harness, list[str]],
+) -> None:
+    api, queue = unavailable
+    queue.append("600")
+    client = await api.client()
+    with pytest.raises(ApiServerError) as info:
+        await client.fetch_page(BATCH, None)
+    assert info.value.status == 503 and info.value.retry_after == 600
+    assert api.requests() == [503]  # the poll ends; the batch is polled again later
+    assert api.client_sleeps.delays == []
+
+
 @pytest.mark.parametrize(
     "header",
     [

@@ -806,6 +806,74 @@ async def test_the_command_tells_a_long_wait_on_stderr(
     assert done.startswith("exported 10 rows")
 
 
+@dataclass
+class Unavailable:
+    """An export that answers 503 with each Retry-After queued (``""``: none), then a CSV."""
+
+    queue: list[str]
+    statuses: list[int] = field(default_factory=list)
+
+    async def export(self, request: web.Request) -> web.Response:
+        if self.queue:
+            self.statuses.append(503)
+            value = self.queue.pop(0)
+            headers = {"Retry-After": value} if value else {}
+            return web.Response(status=503, text="<html>maintenance</html>", headers=headers)
+        self.statuses.append(200)
+        return web.Response(body=CSV_HEADER + ROW + b"\r\n", content_type="text/csv")
+
+
+@pytest.fixture
+async def unavailable() -> AsyncIterator[tuple[Unavailable, str]]:
+    api = Unavailable([])
+    app = web.Application()
+    app.router.add_get("/v1/balances/export", api.export)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield api, str(server.make_url("")).rstrip("/")
+    finally:
+        await server.close()
+
+
+async def test_a_503s_retry_after_is_waited_too(
+    unavailable: tuple[Unavailable, str], tmp_path: Path
+) -> None:
+    api, url = unavailable
+    api.queue.extend(["120", "", "0"])
+    sleep = FakeSleep()
+    client = sleepless_client(make_settings(url), sleep)
+    await client.start()
+    notes: list[str] = []
+    try:
+        result = await download_export(client, [BATCH], tmp_path / "x.csv", notify=notes.append)
+    finally:
+        await client.close()
+    assert result.rows == 1
+    assert api.statuses == [503, 503, 503, 200]
+    assert sleep.delays[0] == 120.0 and max(sleep.delays[1:]) <= 0.05  # then the backoff
+    (note,) = notes
+    assert note.startswith("waiting 120 s (Retry-After), until ")
+    assert note.endswith("before attempt 2 of 4: HTTP 503: the API answered 503")
+
+
+async def test_a_503s_retry_after_beyond_export_max_wait_s_fails_saying_why(
+    unavailable: tuple[Unavailable, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    api, url = unavailable
+    api.queue.append("7200")
+    settings = make_settings(url)  # export_max_wait_s: an hour
+
+    code = await export_main(settings, cli_args([BATCH], tmp_path / "x.csv"))
+
+    assert code == 1
+    assert capsys.readouterr().err.strip() == (
+        "rightfoot-poller: export failed: HTTP 503: the API answered 503 "
+        "(Retry-After of 7200 s is too long: over rightfoot.export_max_wait_s, 3600 s)"
+    )
+    assert api.statuses == [503]
+
+
 async def test_a_hanging_answer_times_out_per_read_and_is_retried(api: Api, tmp_path: Path) -> None:
     api.sim.generate_batch(BATCH, 10)
     api.sim.faults.hang_next = 1

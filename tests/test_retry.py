@@ -121,6 +121,32 @@ async def test_retry_after_beyond_the_cap_ends_the_retries_at_once() -> None:
     assert sleeps.delays == []
 
 
+async def test_a_503s_retry_after_is_a_lower_bound_of_the_backoff() -> None:
+    sleeps = Sleeps()
+    attempt = Script(
+        [
+            ApiServerError("maintenance", status=503, retry_after=20.0),
+            ApiServerError("maintenance", status=503, retry_after=0.5),
+            ApiServerError("maintenance", status=503),
+            ApiServerError("bad gateway", status=502, retry_after=20.0),
+        ]
+    )
+    await retrying(attempt, policy(cap=8.0, max_retry_after=30.0), rng=Ceiling(), sleep=sleeps)
+    # Retry-After over the backoff; the backoff over a shorter one, or none; a 502's is not
+    # a Retry-After to honour (the backoff, as for any 5xx).
+    assert sleeps.delays == [20.0, 2.0, 4.0, 8.0]
+
+
+async def test_a_503s_retry_after_beyond_the_cap_ends_the_retries_at_once() -> None:
+    sleeps = Sleeps()
+    too_long = ApiServerError("maintenance", status=503, retry_after=31.0)
+    attempt = Script([too_long])
+    with pytest.raises(ApiServerError) as caught:
+        await retrying(attempt, policy(max_retry_after=30.0), rng=Ceiling(), sleep=sleeps)
+    assert caught.value is too_long
+    assert attempt.calls == 1 and sleeps.delays == []
+
+
 @pytest.mark.parametrize(
     "error",
     [
