@@ -434,7 +434,7 @@ async def test_control_api_makes_every_shape(api: Api) -> None:
     [
         ("order", "random", "order must be one of 'completion', 'submission'"),
         ("order", 1, "order must be of type str"),
-        ("total_processed", "maybe", "total_processed must be one of 'exact', 'absent'"),
+        ("total_processed", "maybe", "total_processed must be one of 'exact', 'absent', 'negative'"),
         ("total_processed", False, "total_processed must be of type str"),
         ("count_skew", "5", "count_skew must be of type int"),
         ("count_skew", 2.5, "count_skew must be of type int"),
@@ -446,7 +446,7 @@ async def test_control_api_makes_every_shape(api: Api) -> None:
         (
             "has_more",
             "always",
-            "has_more must be one of 'exact', 'full_page', 'absent', 'omit_empty'",
+            "has_more must be one of 'exact', 'full_page', 'absent', 'omit_empty', 'pending'",
         ),
         ("token_ttl_s", 0, "token_ttl_s must be a number > 0 (or null)"),
         ("token_ttl_s", "5", "token_ttl_s must be a number > 0 (or null)"),
