@@ -305,6 +305,9 @@ class RightfootConfig(_Section):
     unauthorized_retry_s: float = Field(60.0, gt=0)
     #: The export command waits a 429's (or 503's) Retry-After up to this long, then fails.
     export_max_wait_s: float = Field(3600.0, ge=0, le=7 * 86400.0)
+    #: The export's answer may take this long to begin (the vendor may build the CSV first);
+    #: its body then timeout_s between two reads.
+    export_timeout_s: float = Field(300.0, gt=0)
 
     @model_validator(mode="after")
     def _check_url(self) -> RightfootConfig:

@@ -43,8 +43,10 @@ download holds one of ``rightfoot.max_concurrent_requests`` slots while it runs.
   resume: a download that fails after its body started is restarted from
   scratch into a fresh temporary file (to stdout, only while nothing has been
   written yet).
-* Timeouts are per read (``timeout_s`` between two reads, ``connect_timeout_s``
-  to connect): an export may legitimately take far longer than one page.
+* Timeouts are per read: ``connect_timeout_s`` to connect, ``export_timeout_s``
+  (300 s by default) for the answer to begin, as a vendor may build the whole CSV
+  before it answers, then ``timeout_s`` between two reads of the body: an export may
+  legitimately take far longer than one page.
 * Rows are counted as Python's ``csv.reader`` reads them (:class:`CsvRowCounter`):
   a quote opens a quoted field only at the start of a field, a newline (LF, CRLF
   or a bare CR) inside a quoted field does not end a row, and the header row is
@@ -574,13 +576,28 @@ class BodyDecoder:
         )
 
 
-async def decoded_body(
-    content: aiohttp.StreamReader, decoder: BodyDecoder
+async def raw_reads(
+    content: aiohttp.StreamReader, read_timeout_s: float
 ) -> AsyncGenerator[bytes, None]:
-    """The body, decoded, in pieces; at its end, ``decoder.finish()`` (truncation) first."""
-    async for raw in content.iter_chunked(CHUNK_BYTES):
-        for piece in decoder.feed(raw):
-            yield piece
+    """The body as sent, as it comes (up to CHUNK_BYTES a read); TimeoutError when no byte
+    comes for ``read_timeout_s``."""
+    while True:
+        async with asyncio.timeout(read_timeout_s):
+            raw = await content.read(CHUNK_BYTES)
+        if not raw:
+            return
+        yield raw
+
+
+async def decoded_body(
+    content: aiohttp.StreamReader, decoder: BodyDecoder, read_timeout_s: float
+) -> AsyncGenerator[bytes, None]:
+    """The body, decoded, in pieces; at its end, ``decoder.finish()`` (truncation) first.
+    TimeoutError when no byte comes for ``read_timeout_s``."""
+    async with contextlib.aclosing(raw_reads(content, read_timeout_s)) as reads:
+        async for raw in reads:
+            for piece in decoder.feed(raw):
+                yield piece
     decoder.finish()
 
 
@@ -807,8 +824,10 @@ async def _download(
     cfg = client.cfg
     url = cfg.base_url.rstrip("/") + cfg.export_path
     params = [("batch_ids", batch_id) for batch_id in batch_ids]
+    # The answer may take export_timeout_s to begin (a vendor building the CSV before it
+    # answers); then every read of the body timeout_s at most (raw_reads).
     timeout = aiohttp.ClientTimeout(
-        total=None, sock_connect=cfg.connect_timeout_s, sock_read=cfg.timeout_s
+        total=None, sock_connect=cfg.connect_timeout_s, sock_read=cfg.export_timeout_s
     )
     headers: dict[str, str] = {
         **client.request_args()["headers"],
@@ -838,7 +857,8 @@ async def _download(
             decoder = BodyDecoder(resp.headers.get("Content-Encoding"))
             answered = True
             counter = CsvRowCounter()
-            async with contextlib.aclosing(decoded_body(resp.content, decoder)) as body:
+            reading = decoded_body(resp.content, decoder, cfg.timeout_s)
+            async with contextlib.aclosing(reading) as body:
                 head = await _read_header(body, counter)
                 output.begin()
                 begun = True
@@ -863,7 +883,8 @@ async def _download(
             what = (
                 f"the download stalled: no data for {cfg.timeout_s:g} s"
                 if answered
-                else "the API did not answer in time"
+                else f"the API did not answer within {cfg.export_timeout_s:g} s "
+                "(rightfoot.export_timeout_s)"
             )
             raise ApiTransportError(what, code="timeout") from None
         if isinstance(exc, aiohttp.ClientError):
@@ -893,7 +914,7 @@ async def _error_response(client: RightfootClient, resp: aiohttp.ClientResponse)
     body = bytearray()
     try:  # decoded as far as it goes: the status is what matters, the text is a help
         decoder = BodyDecoder(resp.headers.get("Content-Encoding"))
-        async for raw in resp.content.iter_chunked(CHUNK_BYTES):
+        async for raw in raw_reads(resp.content, client.cfg.timeout_s):
             for chunk in decoder.feed(raw):
                 body += chunk[: MAX_ERROR_BODY_BYTES - len(body)]
                 if len(body) >= MAX_ERROR_BODY_BYTES:

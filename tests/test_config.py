@@ -223,6 +223,13 @@ def test_export_max_wait_s_defaults_to_an_hour_and_is_bounded() -> None:
             load_settings(None, env={"RFP_RIGHTFOOT__EXPORT_MAX_WAIT_S": bad})
 
 
+def test_export_timeout_s_defaults_to_five_minutes_apart_from_timeout_s() -> None:
+    s = load_settings(None, env={"RFP_RIGHTFOOT__TIMEOUT_S": "3"}).rightfoot
+    assert (s.timeout_s, s.export_timeout_s) == (3, 300)
+    with pytest.raises(ConfigError, match=r"^rightfoot\.export_timeout_s: "):
+        load_settings(None, env={"RFP_RIGHTFOOT__EXPORT_TIMEOUT_S": "0"})
+
+
 def test_polling_window_must_not_be_inverted(tmp_path: Path) -> None:
     path = write(tmp_path, "polling:\n  interval_min_s: 60\n  interval_max_s: 30\n")
     with pytest.raises(ConfigError, match=r"^polling: interval_max_s must be >= interval_min_s$"):

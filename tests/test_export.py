@@ -874,13 +874,67 @@ async def test_a_503s_retry_after_beyond_export_max_wait_s_fails_saying_why(
     assert api.statuses == [503]
 
 
-async def test_a_hanging_answer_times_out_per_read_and_is_retried(api: Api, tmp_path: Path) -> None:
+async def test_an_answer_slower_than_export_timeout_s_times_out_and_is_retried(
+    api: Api, tmp_path: Path
+) -> None:
     api.sim.generate_batch(BATCH, 10)
     api.sim.faults.hang_next = 1
     api.sim.faults.hang_s = 5
-    client = await api.client(RFP_RIGHTFOOT__TIMEOUT_S="0.3")
+    client = await api.client(RFP_RIGHTFOOT__EXPORT_TIMEOUT_S="0.3")
     result = await export_csv(client, [BATCH], tmp_path / "x.csv")
     assert result.rows == 10
+    assert client.metrics.api_requests.labels("export", "timeout")._value.get() == 1
+
+
+async def test_an_answer_slower_than_timeout_s_is_waited_for(api: Api, tmp_path: Path) -> None:
+    """A vendor that builds the CSV before it answers: the answer may take up to
+    rightfoot.export_timeout_s to begin, however short timeout_s (a page's) is."""
+    api.sim.generate_batch(BATCH, 10)
+    api.sim.faults.hang_next = 1
+    api.sim.faults.hang_s = 1.0
+    client = await api.client(RFP_RIGHTFOOT__TIMEOUT_S="0.2", RFP_RIGHTFOOT__MAX_ATTEMPTS="1")
+    result = await export_csv(client, [BATCH], tmp_path / "x.csv")
+    assert result.rows == 10
+    assert api.statuses() == [200]
+    assert client.metrics.api_requests.labels("export", "timeout")._value.get() == 0
+
+
+async def test_a_body_stalled_longer_than_timeout_s_times_out_and_is_retried(
+    tmp_path: Path,
+) -> None:
+    """Once the answer has begun, timeout_s between two reads (export_timeout_s is only
+    for its beginning)."""
+    served: list[str] = []
+
+    async def export(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/csv; charset=utf-8"})
+        await resp.prepare(request)
+        await resp.write(CSV_HEADER)
+        if not served:
+            served.append("stalled")
+            await asyncio.sleep(3)
+        else:
+            served.append("whole")
+        await resp.write(ROW + b"\r\n")
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/v1/balances/export", export)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    url = str(server.make_url("")).rstrip("/")
+    client = make_client(make_settings(url, RFP_RIGHTFOOT__TIMEOUT_S="0.3"))
+    await client.start()
+    try:
+        started = time.monotonic()
+        result = await export_csv(client, [BATCH], tmp_path / "x.csv")
+        took = time.monotonic() - started
+    finally:
+        await client.close()
+        await server.close()
+    assert result.rows == 1
+    assert served == ["stalled", "whole"]
+    assert took < 2.5
     assert client.metrics.api_requests.labels("export", "timeout")._value.get() == 1
 
 
