@@ -67,6 +67,10 @@ class _FullRead:
     # A sweep for records a count shows missing ends once the records seen reach it; one
     # before the batch may complete for idleness (None) reads the whole batch.
     until: int | None = None
+    # A sweep that goes on where an earlier one was cut short (BatchState.sweep_from): when
+    # that one began. Its pages before were read in earlier polls.
+    resumed_from: float | None = None
+    began_at: float = 0.0
 
 
 class Policy:
@@ -184,6 +188,7 @@ class Policy:
         # saves what is not there yet), to be read back by its first poll if it is.
         updated.seen = SeenSet()
         updated.seen_loaded = False
+        updated.sweep_from = None
         return Step(updated, status, save=True, lifecycle=status)
 
     # ---- reconciliation and completion --------------------------------------------
@@ -435,10 +440,12 @@ class Poll:
             updates, sweep = self.policy.after_read(
                 b, self.pending, page.total_processed, self.full, now
             )
-            read_all = self.full is not None and not page.has_more
+            read_all = self.full is not None and not page.has_more and self._whole(b)
             outcome = self.policy.completion(b, self.pending, updates, now, read_all)
         step = self._commit(b, outcome, updates, now)
         step.sweep = sweep
+        if last and self.full is not None and self.full.sweep:
+            step.state.sweep_from = None  # this sweep got to its end: the next starts anew
         if last and step.lifecycle is None:
             step.poll_in = self.policy.window()
         return step
@@ -457,6 +464,12 @@ class Poll:
         self.done = True
         step = self._commit(b, None, {}, now)
         step.cut_short = why
+        full = self.full
+        if full is not None and full.sweep and self.token is not None:
+            # The next sweep goes on from here: from the first page, it would meet the same
+            # run of empty pages, and never get past it.
+            began = full.began_at if full.resumed_from is None else full.resumed_from
+            step.state.sweep_from = (self.token, began)
         step.poll_in = self.policy.window()
         return step
 
@@ -499,6 +512,8 @@ class Poll:
         self._loop_watch(None)
         if self.full is None:
             self.full = _FullRead(False, seen_with(b, self.pending))
+        else:
+            self.full.resumed_from = None  # read from the first page after all
         return True
 
     def token_failing(self, b: BatchState) -> bool:
@@ -556,11 +571,24 @@ class Poll:
         if last and full is None and self.policy.sweep_due(b, self.pending, total, now):
             seen = seen_with(b, self.pending)
             missing = self.policy.missing(b, self.pending, total, now)
-            self.full = _FullRead(True, seen, until=seen + missing if missing else None)
+            until = seen + missing if missing else None
+            self.full = _FullRead(True, seen, until=until, began_at=now)
             self.token = None
-            self._loop_watch(None)
+            if b.sweep_from is not None:  # an earlier sweep was cut short there
+                self.token, self.full.resumed_from = b.sweep_from
+            self._loop_watch(self.token)
             return False
         return last
+
+    def _whole(self, b: BatchState) -> bool:
+        """Whether the full read now at its end read the whole batch with nothing new: a
+        sweep that went on from where an earlier one was cut short did, if nothing new
+        was committed since that one began (what a poll has not committed yet makes it
+        not idle)."""
+        full = self.full
+        if full is None or full.resumed_from is None:
+            return True
+        return b.last_new_at is None or b.last_new_at < full.resumed_from
 
 
 def seen_with(b: BatchState, pending: Pending) -> int:

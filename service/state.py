@@ -262,6 +262,11 @@ class BatchState:
     last_sweep_at: float | None = None  # the last read of the whole batch from its first page
     sweep_failures: int = 0  # sweeps in a row that found nothing the count said was missing
     next_sweep_at: float | None = None  # no sweep before this (wall clock), after those
+    # In memory only: where a sweep that a run of empty pages cut short stopped (its next
+    # page token) and when that sweep began; the next sweep goes on from there
+    # (``policy.Poll``). None: the next one starts at the first page. Lost with a restart,
+    # which costs a sweep from the first page, nothing else.
+    sweep_from: tuple[str, float] | None = None
 
     @property
     def active(self) -> bool:

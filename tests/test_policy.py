@@ -834,3 +834,91 @@ def test_a_record_without_an_authorizer_that_changes_does_not_complete_a_batch_e
     assert late.authorizer_unique_id in d.authorizers
     assert d.state.status == "completed" and d.state.unkeyed == 2
     assert d.state.reason is not None and "read of the whole batch" in d.state.reason
+
+
+class _Sparse(Vendor):
+    """A list with a run of empty pages in it (a vendor paging a sparse scan): two pages
+    of records, then ``run`` empty pages that each say more follow, then the rest of the
+    records two a page. Tokens: ``t<offset>`` for pages of records, ``e<n>`` in the run."""
+
+    run: int = MAX_EMPTY_PAGES + 3
+
+    def page(self, token: str | None) -> Page:
+        if token is not None and token.startswith("e"):
+            n = int(token[1:])
+            nxt = f"e{n + 1}" if n < self.run else "t4"
+            return Page(BATCH, self.total(), True, nxt, [])
+        served = super().page(token)
+        if served.next_page_token == "t4" and (token or "t0") == "t2":
+            served.next_page_token = "e1"  # the run comes after the second page
+        return served
+
+    def total(self) -> int | None:
+        return len(self.records) + self.unlisted if self.counts else None
+
+
+@pytest.mark.parametrize("counts", [True, False], ids=["count", "no_count"])
+def test_a_sweep_gets_past_a_run_of_empty_pages_over_several_polls(counts: bool) -> None:
+    """A run of more than MAX_EMPTY_PAGES empty pages cuts every reading short; the
+    ordered reading gets past it because its cursor is kept, and a sweep (or the whole
+    read that completion for idleness takes) must too: it goes on where the last one was
+    cut short instead of starting from the first page again, so a record that appears
+    behind the cursor past the run is found, and the batch completes."""
+    vendor = _Sparse([record(i) for i in range(8)], counts=counts)
+    d = Driver(make(complete_after_idle_s=900.0, sweep_interval_s=600.0), vendor)
+    d.track()
+    for _ in range(5):  # the ordered reading, ten empty pages a poll
+        d.poll()
+        d.now += 45
+    assert d.state is not None and sorted(d.emitted) == sorted(r.event_id for r in vendor.records)
+    late = record(50)
+    vendor.insert(5, late)  # past the run, behind the cursor
+    for _ in range(60):
+        d.now += 45
+        d.poll()
+        if d.state.status != "tracking":
+            break
+    assert late.event_id in d.emitted
+    assert sorted(d.emitted) == sorted(r.event_id for r in vendor.records)
+    assert d.state.status == "completed", d.state.reason
+
+
+def test_a_sweep_resumed_after_something_new_does_not_complete_the_batch() -> None:
+    """Completion for idleness takes a read of the whole batch with nothing new in it. A
+    sweep that goes on where an earlier one was cut short read its first pages back then:
+    if anything new was committed since, the pages before the run must be read again
+    (from the first page) before the batch completes, since a record may have appeared
+    there meanwhile."""
+    vendor = _Sparse([record(i) for i in range(8)], counts=False)
+    d = Driver(make(complete_after_idle_s=900.0, sweep_interval_s=100_000.0), vendor)
+    d.track()
+    for _ in range(5):
+        d.poll()
+        d.now += 45
+    assert d.state is not None and len(d.emitted) == 8
+    d.now += 900  # idle: the poll sweeps before completing, and the run cuts it short
+    d.poll()
+    assert d.state.active and d.state.sweep_from is not None
+    began = d.state.sweep_from[1]
+    vendor.records.append(record(60))  # at the end: the ordered reading finds it
+    d.now += 45
+    d.poll()
+    assert d.state.last_new_at is not None and d.state.last_new_at > began
+    assert record(60).event_id in d.emitted
+    firsts: list[float] = []  # when a read of the batch started at its first page
+    served = vendor.page
+
+    def logged(token: str | None) -> Page:
+        if token is None:
+            firsts.append(d.now)
+        return served(token)
+
+    vendor.page = logged  # type: ignore[method-assign]
+    for _ in range(100):
+        d.now += 45
+        d.poll()
+        if d.state.status != "tracking":
+            break
+    assert d.state.status == "completed", d.state.reason
+    # The sweep it completed on started at the first page after the last new record.
+    assert firsts and firsts[-1] > d.state.last_new_at

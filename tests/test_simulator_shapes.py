@@ -434,7 +434,11 @@ async def test_control_api_makes_every_shape(api: Api) -> None:
     [
         ("order", "random", "order must be one of 'completion', 'submission'"),
         ("order", 1, "order must be of type str"),
-        ("total_processed", "maybe", "total_processed must be one of 'exact', 'absent', 'negative'"),
+        (
+            "total_processed",
+            "maybe",
+            "total_processed must be one of 'exact', 'absent', 'negative'",
+        ),
         ("total_processed", False, "total_processed must be of type str"),
         ("count_skew", "5", "count_skew must be of type int"),
         ("count_skew", 2.5, "count_skew must be of type int"),
