@@ -60,6 +60,8 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # digits) nor make an event too large for Kafka. Far beyond any amount of money or any
 # RFC 3339 date-time; a record past them is dead-lettered.
 MAX_BALANCE_CHARS = 100
+# The largest total_processed taken (a signed 64-bit count); any larger is no batch's.
+MAX_TOTAL = 2**63 - 1
 MAX_TIMESTAMP_CHARS = 64
 
 EVENT_NAMESPACE = uuid.UUID("3f0c4a52-7d0e-5b8a-9a51-6c2f1e0b7d11")
@@ -184,9 +186,9 @@ class Page:
 
 
 # A page whose envelope has one of these is still read (its records are what matters):
-NEGATIVE_TOTAL = "negative_total"  # total_processed < 0: taken as absent
+TOTAL_OUT_OF_RANGE = "total_out_of_range"  # total_processed < 0 or >= 2**63: taken as absent
 MORE_WITHOUT_TOKEN = "more_without_token"  # has_more, no token: the poll ends at this page
-PAGE_NOTES = (NEGATIVE_TOTAL, MORE_WITHOUT_TOKEN)
+PAGE_NOTES = (TOTAL_OUT_OF_RANGE, MORE_WITHOUT_TOKEN)
 
 
 def _integral(value: Any) -> Any:
@@ -206,13 +208,26 @@ def _integral(value: Any) -> Any:
 _Integral = Annotated[StrictInt, BeforeValidator(_integral)]
 
 
+def _count(value: Any) -> Any:
+    """``total_processed``: as ``_integral``, and a whole number too large for it (over 19
+    digits, however written) as one past ``MAX_TOTAL``: out of range, taken as absent
+    (``parse_page``) rather than refusing the page."""
+    value = _integral(value)
+    if type(value) is Decimal and value.is_finite() and value == value.to_integral_value():
+        return MAX_TOTAL + 1 if value > 0 else -(MAX_TOTAL + 1)
+    return value
+
+
+_Count = Annotated[StrictInt, BeforeValidator(_count)]
+
+
 class _Envelope(BaseModel):
     """BatchBalancesResponse; unknown fields are tolerated."""
 
     model_config = ConfigDict(extra="ignore")
 
     batch_id: StrictStr | None = None
-    total_processed: _Integral | None = None  # a negative one is taken as absent
+    total_processed: _Count | None = None  # one out of range is taken as absent
     # No field of the schema is required: a serializer that leaves out empty lists (as
     # protobuf's JSON does) sends an empty page without it. See _parse_page_general.
     balances: list[Any] | None = None
@@ -545,7 +560,7 @@ def _parse_page_fast(batch_id: str, body: bytes, content_ids: bool = True) -> Pa
     if more and not env.next_page_token:
         return None
     if (more and _token_problem(env.next_page_token)) or (
-        env.total_processed is not None and env.total_processed < 0
+        env.total_processed is not None and not 0 <= env.total_processed <= MAX_TOTAL
     ):
         return None
     records: list[BalanceRecord] = []
@@ -652,9 +667,11 @@ def _parse_page_general(batch_id: str, body: bytes, content_ids: bool = True) ->
     if problem is not None:
         raise ApiMalformedResponse(problem, status=200)
     total = env.total_processed
-    if total is not None and total < 0:
-        # The schema's integer has no minimum: "not counted yet", say. It is advisory.
-        notes[NEGATIVE_TOTAL] = f"total_processed is negative ({total}): taken as absent"
+    if total is not None and not 0 <= total <= MAX_TOTAL:
+        # The schema's integer has no bounds: -1 for "not counted yet", say; or a number no
+        # batch can reach, which no gauge could show. It is advisory.
+        problem = f"negative ({total})" if -MAX_TOTAL <= total < 0 else "out of range"
+        notes[TOTAL_OUT_OF_RANGE] = f"total_processed is {problem}: taken as absent"
         total = None
     page = Page(
         batch_id=env.batch_id,
