@@ -176,7 +176,8 @@ class Policy:
             return self._finish(b, "failed", f"api_{exc.status}: {exc.args[0]}", now)
         failures = b.failures + 1
         delay = self.backoff(failures, self.backoff_max_s)
-        if isinstance(exc, ApiRateLimited) and exc.retry_after is not None:
+        # A 429's Retry-After, or a 503's (maintenance, say: RFC 9110 gives it both).
+        if exc.retry_after is not None and (isinstance(exc, ApiRateLimited) or exc.status == 503):
             delay = max(delay, exc.retry_after)
         updated = replace(b, failures=failures, last_poll_at=now)
         return Step(updated, "error", save=True, poll_in=delay)

@@ -92,6 +92,19 @@ def test_persistent_5xx_backs_off_exponentially_capped_and_other_batches_are_una
     assert d.state.failures == 0
 
 
+def test_a_503_retry_after_is_a_lower_bound_of_the_poll_backoff() -> None:
+    """A 503 that says when to come back (maintenance): the batch's next poll is no
+    sooner; a 500 or a 503 without it backs off as usual."""
+    policy = make(backoff_max_s=300.0)
+    b = BatchState(batch_id=BATCH, partition=0, tracked_at=0.0)
+    step = policy.failed(b, ApiServerError("down", status=503, retry_after=1800.0), 1.0)
+    assert step.poll_in == 1800.0
+    plain = policy.failed(b, ApiServerError("down", status=503), 1.0)
+    assert plain.poll_in is not None and plain.poll_in <= 60.0
+    other = policy.failed(b, ApiServerError("boom", status=500, retry_after=1800.0), 1.0)
+    assert other.poll_in is not None and other.poll_in <= 60.0
+
+
 def test_a_retry_after_longer_than_the_window_and_the_cap_is_honoured() -> None:
     policy = make(backoff_max_s=300.0)
     b = BatchState(batch_id=BATCH, partition=0, tracked_at=0.0)
