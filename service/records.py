@@ -186,9 +186,10 @@ class Page:
 
 
 # A page whose envelope has one of these is still read (its records are what matters):
-TOTAL_OUT_OF_RANGE = "total_out_of_range"  # total_processed < 0 or >= 2**63: taken as absent
+# total_processed not a count (negative, 2**63 or more, not a whole number): taken as absent
+TOTAL_UNUSABLE = "total_unusable"
 MORE_WITHOUT_TOKEN = "more_without_token"  # has_more, no token: the poll ends at this page
-PAGE_NOTES = (TOTAL_OUT_OF_RANGE, MORE_WITHOUT_TOKEN)
+PAGE_NOTES = (TOTAL_UNUSABLE, MORE_WITHOUT_TOKEN)
 
 
 def _integral(value: Any) -> Any:
@@ -208,17 +209,22 @@ def _integral(value: Any) -> Any:
 _Integral = Annotated[StrictInt, BeforeValidator(_integral)]
 
 
-def _count(value: Any) -> Any:
-    """``total_processed``: as ``_integral``, and a whole number too large for it (over 19
-    digits, however written) as one past ``MAX_TOTAL``: out of range, taken as absent
-    (``parse_page``) rather than refusing the page."""
+def _count(value: Any) -> tuple[int | None, str | None]:
+    """``total_processed`` as sent: the count, or None and why it is not one. It is
+    advisory (the records are what matters), so a count that is not one is taken as
+    absent rather than refusing the page: the schema's integer has no bounds (-1 for "not
+    counted yet", say), a number no batch can reach would overflow a gauge, and a
+    serializer may write a 64-bit integer as a string (protobuf's JSON does)."""
+    if value is None:
+        return None, None
     value = _integral(value)
+    if type(value) is int:
+        if 0 <= value <= MAX_TOTAL:
+            return value, None
+        return None, f"negative ({value})" if -MAX_TOTAL <= value < 0 else "out of range"
     if type(value) is Decimal and value.is_finite() and value == value.to_integral_value():
-        return MAX_TOTAL + 1 if value > 0 else -(MAX_TOTAL + 1)
-    return value
-
-
-_Count = Annotated[StrictInt, BeforeValidator(_count)]
+        return None, "out of range"  # a whole number of over 19 digits, however written
+    return None, f"not a whole number ({type(value).__name__})"
 
 
 class _Envelope(BaseModel):
@@ -227,7 +233,7 @@ class _Envelope(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     batch_id: StrictStr | None = None
-    total_processed: _Count | None = None  # one out of range is taken as absent
+    total_processed: Any = None  # see _count
     # No field of the schema is required: a serializer that leaves out empty lists (as
     # protobuf's JSON does) sends an empty page without it. See _parse_page_general.
     balances: list[Any] | None = None
@@ -666,13 +672,9 @@ def _parse_page_general(batch_id: str, body: bytes, content_ids: bool = True) ->
     problem = _token_problem(env.next_page_token) if more else None
     if problem is not None:
         raise ApiMalformedResponse(problem, status=200)
-    total = env.total_processed
-    if total is not None and not 0 <= total <= MAX_TOTAL:
-        # The schema's integer has no bounds: -1 for "not counted yet", say; or a number no
-        # batch can reach, which no gauge could show. It is advisory.
-        problem = f"negative ({total})" if -MAX_TOTAL <= total < 0 else "out of range"
-        notes[TOTAL_OUT_OF_RANGE] = f"total_processed is {problem}: taken as absent"
-        total = None
+    total, problem = _count(env.total_processed)
+    if problem is not None:
+        notes[TOTAL_UNUSABLE] = f"total_processed is {problem}: taken as absent"
     page = Page(
         batch_id=env.batch_id,
         total_processed=total,

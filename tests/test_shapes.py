@@ -482,7 +482,7 @@ async def test_more_to_come_without_a_token_and_a_count_of_minus_one(
     assert_exactly_once(await reader.read_all(topics.balances), served_ids(sim, [batch]))
     (final,) = [e for e in events[batch] if e["event"] != "tracking_started"]
     assert (final["event"], final["records_published"]) == ("completed", 600)
-    for reason in ("more_without_token", "total_out_of_range"):
+    for reason in ("more_without_token", "total_unusable"):
         counted = service.metrics.registry.get_sample_value(
             "rightfoot_poller_invalid_input_total", {"source": "api", "reason": reason}
         )
