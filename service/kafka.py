@@ -188,14 +188,29 @@ class PartitionPublisher:
                 unit.future.cancel()
 
     async def close(self, timeout: float) -> None:
-        """Commit what is queued (within ``timeout``), then stop."""
-        if self._task is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._drained(), timeout)
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self._fail_pending(PublishFailed("publisher closed"))
+        """Commit what is queued (within ``timeout``), then stop.
+
+        A caller cancelled meanwhile (``wait_for(service.stop(), grace)`` running out) is
+        cancelled: the publisher task is stopped (its transaction aborted, or fenced by
+        the partition's next producer) and what was queued fails, but close() does not
+        go on waiting for the task's abort, nor stop the producer."""
+        try:
+            if self._task is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._drained(), timeout)
+                self._task.cancel()
+                try:
+                    await self._task
+                except asyncio.CancelledError:
+                    # The task's own end (cancelled above) is expected; the caller's is
+                    # not swallowed: who bounds close() by a timeout gets it.
+                    current = asyncio.current_task()
+                    if current is not None and current.cancelling():
+                        raise
+        finally:
+            if self._task is not None:
+                self._task.cancel()
+            self._fail_pending(PublishFailed("publisher closed"))
         if self.owns_producer:
             await stop_client(self.producer)
 

@@ -229,3 +229,56 @@ async def test_a_producer_whose_stop_does_not_end_is_closed_all_the_same(stuck: 
     async with asyncio.timeout(5):
         await stop_client(producer, timeout_s=0.05)
     assert (producer._sender.closed, producer.client.closed) == (stuck, stuck)
+
+
+async def test_close_does_not_swallow_its_callers_cancellation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``close()`` bounded by its caller (``wait_for(service.stop(), grace)``) while a
+    commit is stuck and its abort too: the caller's cancellation was suppressed with the
+    publisher task's, and close() (and the rest of stop()) ran on past the grace."""
+    monkeypatch.setattr(kafka, "ABORT_TIMEOUT_S", 30.0)
+    producer = Producer()
+
+    async def never(*_: Any, **__: Any) -> asyncio.Future[None]:
+        return asyncio.get_running_loop().create_future()
+
+    async def stuck() -> None:
+        producer.aborts += 1
+        await asyncio.Event().wait()
+
+    producer.send = never  # type: ignore[method-assign]
+    producer.abort_transaction = stuck  # type: ignore[method-assign]
+    pub = publisher(producer)
+    publishing = asyncio.ensure_future(pub.publish([MESSAGE], request_offset=7))
+    queued = asyncio.ensure_future(pub.publish([MESSAGE], request_offset=8))
+    await asyncio.sleep(0.01)
+    after: list[str] = []
+
+    async def stop_like() -> None:
+        await pub.close(0.05)
+        after.append("went on after close")
+        await asyncio.sleep(5)
+
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(stop_like(), 0.3)
+    assert loop.time() - began < 1.0
+    assert after == []
+    # What was queued behind the stuck commit fails at once; the stuck one with its task.
+    with pytest.raises(PublishFailed):
+        await asyncio.wait_for(queued, 1.0)
+    assert pub._task is not None and pub._task.cancelling()
+    pub._task.cancel()
+    publishing.cancel()
+    await asyncio.gather(pub._task, publishing, return_exceptions=True)
+
+
+async def test_close_goes_on_when_only_the_publisher_task_is_cancelled() -> None:
+    """The publisher task's own cancellation (close() cancels it) is not the caller's."""
+    producer = Producer()
+    pub = publisher(producer)
+    await pub.publish([MESSAGE], request_offset=7)
+    await pub.close(0.05)
+    assert pub._task is not None and pub._task.cancelled()
