@@ -184,6 +184,8 @@ async def _balances(request: web.Request) -> web.Response:
         return _error(404, "NOT_FOUND", "The specified batch ID does not exist.")
     batch, count = found
     token = request.query.get("nextPageToken")
+    if token is not None and sim._take_next("ignore_token_next", batch_id):
+        token = None  # read as if not sent: the first page, and a new token
     offset = None if token is None else _token_offset(sim, batch, token)
     if token is not None and offset is None:
         if sim.faults.reject_token_with_404:

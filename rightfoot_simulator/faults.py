@@ -71,6 +71,11 @@ class Faults:
     #: token naming it, the same each time): a client that follows it reads the same
     #: page for ever.
     token_loop_next: int = 0
+    #: The next N requests that carry a ``nextPageToken`` are answered as if they carried
+    #: none: the first page, with a new token each time (as an API would that reads the
+    #: parameter under another name: the vendor's Python sample spells it
+    #: ``next_page_token``). A client that follows it reads the first page for ever.
+    ignore_token_next: int = 0
     #: Restrict all faults to requests for this batch ID.
     only_batch: str | None = None
 

@@ -425,7 +425,7 @@ class Poll:
                 self.cursor = self.token
             return self._cut_short(b, now, MORE_WITHOUT_TOKEN)
         if page.has_more:
-            self._loop_check(page.next_page_token)
+            self._loop_check(page.next_page_token, page)
         collect(b, page.records, page.invalid, self.pending)
         last = self._advance(b, page, now)
         self.empty_run = 0 if last or page.records or page.invalid else self.empty_run + 1
@@ -528,29 +528,37 @@ class Poll:
 
     def _loop_watch(self, token: str | None) -> None:
         """Start watching for a loop in a read that begins with the page of ``token``."""
-        self._mark = token  # a token of this read that the next ones are compared with
-        self._since_mark = 0  # pages since it was taken
-        self._span = 1  # how many pages it is kept before a newer one takes its place
+        self._tokens = _Brent(token)
+        self._pages = _Brent(None)  # what the pages held (``_page_key``), empty ones aside
 
-    def _loop_check(self, token: str | None) -> None:
-        """PageTokenLoop if ``token`` leads back to a page this read has already had.
+    def _loop_check(self, token: str | None, page: Page) -> None:
+        """PageTokenLoop if ``token`` leads back to a page this read has already had, or
+        ``page`` is one it has already had under another token.
 
-        Followed, such a token makes the API serve the same pages for ever. Brent's cycle
-        detection: each token is compared with one kept from earlier in the read, which is
-        replaced after 1, 2, 4, ... pages; a loop of any length is caught within about
-        twice its length plus the pages before it, in constant memory. Within one read from
-        a given page, tokens only move forward; only a fault in the API repeats one.
+        Followed, such a token makes the API serve the same pages for ever. Within one read
+        from a given page, tokens only move forward; only a fault in the API repeats one.
+        An API that ignores the token it is sent and hands out a new one each time (the
+        time in it, say: the vendor's own Python sample spells the parameter otherwise)
+        serves the same page under tokens that never repeat: the pages' contents do. A
+        page repeated whole under a new token, records and all, is no list moving on (a
+        record added behind the reader shifts the pages by one record, not by a page);
+        empty pages are left to ``MAX_EMPTY_PAGES``.
         """
-        if token == self._mark:
+        if self._tokens.again(token):
             raise PageTokenLoop(
                 "next_page_token leads back to a page already read in this poll "
                 "(the API's pages go round in a loop)",
                 status=200,
                 code="page_token_loop",
             )
-        self._since_mark += 1
-        if self._since_mark == self._span:
-            self._mark, self._since_mark, self._span = token, 0, self._span * 2
+        if (page.records or page.invalid) and self._pages.again(_page_key(page)):
+            raise PageTokenLoop(
+                "the API's pages go round in a loop: a page already read in this poll "
+                "came again under a new next_page_token (does it ignore the nextPageToken "
+                "it is sent?)",
+                status=200,
+                code="page_token_loop",
+            )
 
     def _advance(self, b: BatchState, page: Page, now: float) -> bool:
         """Move past ``page``; True when the poll has read all it will."""
@@ -590,6 +598,34 @@ class Poll:
         if full is None or full.resumed_from is None:
             return True
         return b.last_new_at is None or b.last_new_at < full.resumed_from
+
+
+class _Brent:
+    """Brent's cycle detection over the values of one read, in constant memory: each is
+    compared with one kept from earlier in the read, replaced after 1, 2, 4, ... values,
+    so a loop of any length is caught within about twice its length plus the values
+    before it."""
+
+    __slots__ = ("mark", "since", "span")
+
+    def __init__(self, first: object) -> None:
+        self.mark = first  # the value the next ones are compared with
+        self.since = 0  # values since it was taken
+        self.span = 1  # how many values it is kept before a newer one takes its place
+
+    def again(self, value: object) -> bool:
+        """Whether ``value`` is the one kept (the read goes round); else take it in."""
+        if value == self.mark:
+            return True
+        self.since += 1
+        if self.since == self.span:
+            self.mark, self.since, self.span = value, 0, self.span * 2
+        return False
+
+
+def _page_key(page: Page) -> tuple[str, ...]:
+    """What a page held, as its records' event ids in order (dead letters' too)."""
+    return (*(r.event_id for r in page.records), *(bad.event_id for bad in page.invalid))
 
 
 def seen_with(b: BatchState, pending: Pending) -> int:

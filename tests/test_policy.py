@@ -279,6 +279,45 @@ def test_a_token_that_keeps_failing_is_given_up_for_the_first_page_every_few_pol
     assert d.state.failures == 0
 
 
+def test_an_api_that_ignores_the_page_token_is_caught_by_its_pages() -> None:
+    """The API serves the first page whatever token it is sent, with a new token every
+    time (the time in it): no token repeats, but the page does, and following it would
+    read the same page at the replica's whole request rate for ever."""
+    d = driver(records=6)
+    issued = 0
+
+    def page(_token: str | None) -> Page:
+        nonlocal issued
+        issued += 1
+        first = d.vendor.page(None)
+        first.next_page_token = f"fresh-{issued}"
+        return first
+
+    poll = d.begin()
+    assert poll is not None
+    with pytest.raises(PageTokenLoop, match="ignore the nextPageToken"):
+        while issued < 1000:
+            d.apply(poll.page(d.state, page(poll.token), d.now))
+    assert issued <= 3
+
+
+def test_records_added_behind_the_reader_shift_the_pages_and_are_no_loop() -> None:
+    """Offset tokens and a record added before the reader's place between two pages: the
+    next page repeats the last record of the one before (a shift by one record), never a
+    whole page; the read goes on to its end."""
+    d = driver(records=12)
+    d.vendor.page_size = 3
+    poll = d.begin()
+    assert poll is not None
+    n = 100
+    while not poll.done:
+        d.apply(poll.page(d.state, d.vendor.page(poll.token), d.now))
+        d.vendor.insert(0, record(n))
+        n += 1
+    assert d.state is not None and d.state.failures == 0
+    assert set(r.event_id for r in d.vendor.records[-12:]) <= set(d.emitted)
+
+
 def test_empty_pages_with_new_tokens_for_ever_end_the_poll_and_the_next_goes_on() -> None:
     """A tail page that is empty, says more follow and gives a new token every time (the
     time in it): no token repeats, so it is no loop, but followed it would keep the poll

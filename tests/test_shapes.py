@@ -238,14 +238,18 @@ async def test_pages_of_any_size_and_lists_that_end_on_an_empty_page(
     assert (batches[6], sim.record_count(batches[6])) in offsets
 
 
+@pytest.mark.parametrize("fault", ["token_loop_next", "ignore_token_next"])
 async def test_a_page_token_loop_fails_the_poll_and_nothing_else(
     kafka: str,
     topics: Topics,
     sim_server: SimServer,
     reader: TopicReader,
     start_service: ServiceFactory,
+    fault: str,
 ) -> None:
-    """A ``next_page_token`` that leads back to a page already read: the poll must end.
+    """A ``next_page_token`` that leads back to a page already read (``token_loop_next``),
+    or an API that ignores the token it is sent and serves the first page again under a
+    new one each time (``ignore_token_next``): the poll must end.
 
     Followed blindly, the poll reads the same page for ever, at the replica's whole request
     rate, and its batch never gets further. The poll is failed as a malformed answer and
@@ -257,7 +261,7 @@ async def test_a_page_token_loop_fails_the_poll_and_nothing_else(
     sim.generate_batch(looping, 450, seed=80)
     sim.generate_batch(other, 300, spread_s=3.0, seed=81)
     sim.faults.only_batch = looping
-    sim.faults.token_loop_next = 1_000_000
+    setattr(sim.faults, fault, 1_000_000)
     with structlog.testing.capture_logs() as logs:
         service = await start_service(RFP_POLLING__COMPLETE_AFTER_IDLE_S="1")
         await track(kafka, topics, looping)
@@ -268,7 +272,7 @@ async def test_a_page_token_loop_fails_the_poll_and_nothing_else(
         # Each failed poll read a few pages before it saw the loop, then backed off.
         assert requests <= 40 * loop_failures(service), requests
         assert [e["event"] for e in events[other]] == ["tracking_started", "completed"]
-        sim.faults.token_loop_next = 0
+        setattr(sim.faults, fault, 0)
         events = await final_events(reader, topics, [looping], timeout=60)
     assert_exactly_once(await reader.read_all(topics.balances), served_ids(sim, [looping, other]))
     (final,) = [e for e in events[looping] if e["event"] != "tracking_started"]

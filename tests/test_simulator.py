@@ -474,6 +474,17 @@ async def test_pending_says_more_without_a_token_and_negative_counts_until_all_a
     assert last["has_more"] is False and last["total_processed"] == 3
 
 
+async def test_an_ignored_token_serves_the_first_page_again(api: Api) -> None:
+    api.sim.generate_batch(BATCH, 250)
+    first = await api.page(BATCH)
+    api.sim.faults.ignore_token_next = 2
+    for _ in range(2):
+        again = await api.page(BATCH, nextPageToken=first["next_page_token"])
+        assert again["balances"] == first["balances"] and again["has_more"] is True
+    after = await api.page(BATCH, nextPageToken=first["next_page_token"])
+    assert after["balances"] != first["balances"]  # the fault is used up: page two
+
+
 async def test_only_batch_scopes_the_faults(api: Api) -> None:
     api.sim.generate_batch(BATCH, 5)
     api.sim.generate_batch(OTHER, 5)
