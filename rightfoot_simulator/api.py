@@ -107,6 +107,8 @@ def _fault_response(status: int, retry_after_s: float, as_date: bool = False) ->
         seconds = max(0, math.ceil(retry_after_s))
         when = formatdate(time.time() + seconds, usegmt=True) if as_date else str(seconds)
         return _error(429, "RATE_LIMITED", "Too many requests.", headers={"Retry-After": when})
+    if status == 403:
+        return _error(403, "FORBIDDEN", "This API key is not allowed to do this.")
     if status in _PROXY_PAGES:
         title = _PROXY_PAGES[status]
         html = f"<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n"

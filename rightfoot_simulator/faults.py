@@ -40,6 +40,9 @@ class Faults:
     error_5xx_rate: float = 0.0
     #: The next N API requests answer 429 with ``Retry-After``.
     rate_limit_next: int = 0
+    #: The next N API requests answer 403 FORBIDDEN (a gateway that denies the key for a
+    #: while, say: the export page documents a 403, the balances page none).
+    forbidden_next: int = 0
     #: Probability (0..1) that an API request answers 429.
     rate_limit_rate: float = 0.0
     #: Seconds announced by ``Retry-After`` (rounded up to whole seconds).

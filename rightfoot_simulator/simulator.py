@@ -462,7 +462,7 @@ class Simulator:
         return 0.0
 
     def _take_error_status(self, batch_ids: Sequence[str]) -> int | None:
-        """429 or a 5xx status to answer instead of the real response, if any."""
+        """429, 403 or a 5xx status to answer instead of the real response, if any."""
         if not self._in_scope(batch_ids):
             return None
         f = self.faults
@@ -474,6 +474,9 @@ class Simulator:
         if f.rate_limit_next > 0 or self._roll(f.rate_limit_rate):
             f.rate_limit_next = max(0, f.rate_limit_next - 1)
             return 429
+        if f.forbidden_next > 0:
+            f.forbidden_next -= 1
+            return 403
         return None
 
     def _take_token_reject(self, batch_id: str) -> bool:

@@ -172,8 +172,12 @@ class Policy:
                 return self._finish(b, "failed", f"api_not_found: {exc.args[0]}", now)
             updated = replace(b, not_found_since=first, last_poll_at=now)
             return Step(updated, "not_found", save=True, poll_in=self.window())
-        if isinstance(exc, ApiForbidden | ApiBadRequest):  # or a 400 on the first page
+        if isinstance(exc, ApiBadRequest) or (isinstance(exc, ApiForbidden) and not _read(b)):
+            # The batch itself refused (a 400 on its first page; a 403: another client's).
             return self._finish(b, "failed", f"api_{exc.status}: {exc.args[0]}", now)
+        # A 403 for a batch this key has read before is the key's or the API's (permissions
+        # changed, a gateway), not the batch's, which does not become another client's: it
+        # is retried with backoff, as a 5xx, the batch kept.
         failures = b.failures + 1
         delay = self.backoff(failures, self.backoff_max_s)
         # A 429's Retry-After, or a 503's (maintenance, say: RFC 9110 gives it both).
@@ -598,6 +602,13 @@ class Poll:
         if full is None or full.resumed_from is None:
             return True
         return b.last_new_at is None or b.last_new_at < full.resumed_from
+
+
+def _read(b: BatchState) -> bool:
+    """Whether the API has let this service read the batch before: a page of it."""
+    return bool(b.published or b.dead_lettered) or (
+        b.cursor is not None or b.total_processed is not None or b.last_new_at is not None
+    )
 
 
 class _Brent:

@@ -156,6 +156,24 @@ def test_403_and_400_on_the_first_page_fail_the_batch_at_once() -> None:
         assert step is not None and step.lifecycle == "failed" and step.poll_in is None
 
 
+def test_403_for_a_batch_read_before_is_retried_and_the_batch_kept() -> None:
+    """A batch this key has read does not become another client's: a 403 later is the
+    key's or the API's (a gateway, permissions changed). Retried with backoff as a 5xx;
+    once the API answers again, the batch goes on from where it was."""
+    d = driver(records=4)
+    d.vendor.page_size = 2
+    d.poll()
+    assert d.state is not None and d.state.published == 4
+    for n in (1, 2, 3):
+        step = d.apply(d.policy.failed(d.state, ApiForbidden("denied", status=403), d.now))
+        assert step is not None and step.lifecycle is None and step.poll_in is not None
+        assert d.state.active and d.state.failures == n
+    d.vendor.records.append(record(9))
+    d.now += 60
+    d.poll()
+    assert d.state.active and d.state.failures == 0 and d.state.published == 5
+
+
 def test_a_rejected_page_token_restarts_from_the_first_page_and_publishes_nothing_twice() -> None:
     d = driver(records=6)
     d.poll()  # reads all six; the cursor is at the last page

@@ -501,3 +501,34 @@ async def test_more_to_come_without_a_token_and_a_count_of_minus_one(
         "rightfoot_poller_invalid_input_total", {"source": "api", "reason": "malformed_page"}
     )
     assert malformed == 0
+
+
+async def test_a_403_for_a_batch_read_before_is_retried_and_the_batch_completes(
+    kafka: str,
+    topics: Topics,
+    sim_server: SimServer,
+    reader: TopicReader,
+    start_service: ServiceFactory,
+) -> None:
+    """A batch the key has read does not become another client's: a 403 in the middle of
+    its tracking (a gateway that denies the key for a while) is retried with backoff, and
+    the batch goes on and completes, each record once, instead of failing for good."""
+    sim = sim_server.sim
+    batch = str(uuid.uuid4())
+    sim.generate_batch(batch, 400, spread_s=6.0, seed=99, order="submission")
+    await start_service(RFP_POLLING__COMPLETE_AFTER_IDLE_S="2")
+    await track(kafka, topics, batch)
+
+    for _ in range(100):  # until the first records are published (some 30 s at most)
+        if await reader.read_all(topics.balances, idle_s=0.2):
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("no record published")
+    sim.faults.only_batch = batch
+    sim.faults.forbidden_next = 6
+    events = await final_events(reader, topics, [batch], timeout=90)
+    assert sim.faults.forbidden_next == 0  # every 403 was met
+    assert_exactly_once(await reader.read_all(topics.balances), served_ids(sim, [batch]))
+    (final,) = [e for e in events[batch] if e["event"] != "tracking_started"]
+    assert (final["event"], final["records_published"]) == ("completed", 400)

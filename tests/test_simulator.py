@@ -485,6 +485,14 @@ async def test_an_ignored_token_serves_the_first_page_again(api: Api) -> None:
     assert after["balances"] != first["balances"]  # the fault is used up: page two
 
 
+async def test_forbidden_next_answers_403_with_an_error_body(api: Api) -> None:
+    api.sim.generate_batch(BATCH, 5)
+    api.sim.faults.forbidden_next = 1
+    response, text = await api.get("/v1/balances", {"batchId": BATCH})
+    assert response.status == 403 and error_code(text) == "FORBIDDEN"
+    assert len((await api.page(BATCH))["balances"]) == 5
+
+
 async def test_only_batch_scopes_the_faults(api: Api) -> None:
     api.sim.generate_batch(BATCH, 5)
     api.sim.generate_batch(OTHER, 5)
