@@ -75,6 +75,14 @@ def unreadable_reason(batch_id: str | None, exc: ValueError) -> str:
     return "invalid_state"
 
 
+def _ran(worker: PartitionWorker, batch_id: str, task: asyncio.Future[None] | None) -> None:
+    """A poll's task is done: the batch has no poll running (from its done-callback too,
+    for a task cancelled before it began, whose ``_poll`` never ran). Not the next poll's
+    entry, if that one has begun since."""
+    if task is not None and worker.running.get(batch_id) is task:
+        del worker.running[batch_id]
+
+
 def state_unreadable(metrics: Metrics, batch_id: str | None, exc: ValueError) -> None:
     """Count and log state-topic records that are not understood (``unreadable_reason``)."""
     reason = unreadable_reason(batch_id, exc)
@@ -357,14 +365,30 @@ class Tracker:
             else:
                 # Tracked again: its first poll reads its fingerprints back from the state
                 # topic, which shows them once this commit is done.
+                w.resuming[req.batch_id] = fut
                 fut.add_done_callback(lambda f: self._resumed(w, req.batch_id, f))
         return fut
 
     def _resumed(self, w: PartitionWorker, batch_id: str, commit: asyncio.Future[None]) -> None:
+        """The commit that tracked a batch again is done: its first poll is due now.
+
+        Not if the batch was tracked again once more meanwhile (that commit's end
+        schedules it), nor while a poll of the batch runs (one of the generation before,
+        which was still under way: at most one poll of a batch runs at a time, and that
+        one schedules the batch when it ends, ``_poll``)."""
+        if w.resuming.get(batch_id) is commit:
+            del w.resuming[batch_id]
+        elif batch_id in w.resuming:
+            return  # tracked again once more: its own commit's end schedules it
         if commit.cancelled() or commit.exception() is not None or w.closed:
             return  # (a failed commit: the partition is restored from Kafka)
         current = w.batches.get(batch_id)
-        if current is not None and current.active and batch_id not in self.due:
+        if (
+            current is not None
+            and current.active
+            and batch_id not in self.due
+            and batch_id not in w.running
+        ):
             self._schedule(w, batch_id, self.clock())
 
     def _send(
@@ -528,13 +552,18 @@ class Tracker:
             due, epoch, batch_id = head
             worker = self._by_epoch[epoch]
             b = worker.batches.get(batch_id)
-            if b is None or not b.active:
+            if b is None or not b.active or batch_id in worker.running:
+                # A poll of the batch runs still (one of a generation before, stopped and
+                # tracked again meanwhile): two at once would publish its records twice.
+                # That one schedules the batch when it ends (_poll).
                 self._slots.release()
                 continue
             self.metrics.poll_lateness.observe(max(0.0, self.clock() - due))
             task = asyncio.create_task(self._poll(worker, batch_id, due), name=f"poll-{batch_id}")
+            worker.running[batch_id] = task
             worker.polls.add(task)
             task.add_done_callback(worker.polls.discard)
+            task.add_done_callback(functools.partial(_ran, worker, batch_id))
             task.add_done_callback(lambda _t: self._slots.release())
 
     def stop(self) -> None:
@@ -555,7 +584,17 @@ class Tracker:
     # ---- polling ----------------------------------------------------------------------
 
     async def _poll(self, w: PartitionWorker, batch_id: str, due: float) -> None:
-        delay: float | None
+        """One poll of a batch, the only one of the batch running (``PartitionWorker.
+        running``); when it ends, the batch's next poll is scheduled.
+
+        A poll stands for the batch's generation as it began. If the batch was stopped
+        and tracked again meanwhile, the poll's delay is not the batch's (every path:
+        its normal end, a retry of its fingerprints, a failure, a crash): the batch as it
+        stands now gets its first poll at once, the one it would have had without this
+        poll (or when the commit that tracked it again is done, ``_resumed``)."""
+        delay: float | None = None
+        b = w.batches.get(batch_id)
+        began = None if b is None else (b.generation, b.tracked_at)
         try:
             # Every line logged during the poll (the API client's retries too) names the batch.
             with structlog.contextvars.bound_contextvars(batch_id=batch_id):
@@ -567,10 +606,19 @@ class Tracker:
             self.metrics.polls.labels("error").inc()
             log.exception("poll_crashed", batch_id=batch_id)
             delay = self.policy.window()
-        if delay is None or w.closed or self._stopping:
+        finally:
+            _ran(w, batch_id, asyncio.current_task())
+        if w.closed or self._stopping:
             return
         current = w.batches.get(batch_id)
-        if current is not None and current.active and batch_id not in self.due:
+        if current is None or not current.active or batch_id in self.due:
+            return
+        if (current.generation, current.tracked_at) != began:
+            # Tracked again while this poll ran: its first poll was left to this one's end.
+            if batch_id not in w.resuming:
+                self._schedule(w, batch_id, self.clock())
+            return
+        if delay is not None:
             # A poll's window counts from when it was due (no drift), a failed poll's
             # backoff from when it failed: a poll that ran long (timeouts, many pages) would
             # otherwise retry at once, and lose a step of its backoff.
@@ -633,8 +681,10 @@ class Tracker:
             if reserved:  # the page was not read
                 room.settle(reserved, 0)
             room.drop(poll.pending.size)  # read and not committed: dropped with the poll
-        if last is None:
-            return None  # stopped (or tracked again) while it read: that poll is dropped
+        if last is None or not poll.current(w.batches.get(batch_id)):
+            # Stopped (or tracked again) while it read, or while its last commit was under
+            # way: that poll is dropped, and its delay is not the batch's.
+            return None
         self.metrics.polls.labels("ok").inc()
         return last.poll_in
 
@@ -677,6 +727,11 @@ class Tracker:
             return None
         except Exception as exc:  # the read failed (Kafka unreachable): it is tried again
             self.metrics.fingerprint_loads.labels("failed").inc()
+            if self._unloaded(w, b) is None:
+                # Stopped or tracked again while it read: the batch as it stands is not
+                # this poll's to retry (its own first poll reads its fingerprints).
+                self._load_attempts.pop(batch_id, None)
+                return None
             delay = self.policy.backoff(self._load_attempt(batch_id), self.policy.backoff_max_s)
             log.warning(
                 "fingerprints_load_failed",
@@ -783,6 +838,8 @@ class Tracker:
         if isinstance(exc, ApiUnauthorized):
             self._set_unauthorized(exc, poll.batch_id)
         await self._apply(w, step)
+        if not poll.current(w.batches.get(poll.batch_id)):
+            return None  # stopped or tracked again while it committed: not its delay
         return step.poll_in
 
     def _set_unauthorized(self, exc: ApiError, batch_id: str) -> None:

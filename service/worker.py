@@ -45,6 +45,11 @@ class PartitionWorker:
     # Batches whose stored state this version cannot read: left as they are, not polled.
     unreadable: dict[str, str] = field(default_factory=dict)
     polls: set[asyncio.Task[None]] = field(default_factory=set)
+    # The batches whose poll is running (at most one each: Tracker.run starts none for a
+    # batch in it), and the batches tracked again whose commit is under way, by that
+    # commit's future (their first poll waits for it: Tracker._resumed).
+    running: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    resuming: dict[str, asyncio.Future[None]] = field(default_factory=dict)
     epoch: int = 0
     closed: bool = False
     # The last request held back until a batch being forgotten is gone (Tracker.
