@@ -403,12 +403,19 @@ class Tracker:
 
         The messages are made first: should they fail (a summary too large to write,
         ``state.encode_state``), the exception is raised with the batch in memory as it
-        was, nothing queued (``state_records`` leaves its chunk log as it was too)."""
+        was, nothing queued (``state_records`` leaves its chunk log as it was too).
+
+        The partition released (``w.closed``), its polls still finish the page they
+        were reading, and their steps are committed by the publisher's close: the batch
+        in memory is the step's all the same, so that a step made after it (a poll's
+        failure after the flush of what it read) is made from it. Made from the batch
+        as it stood before, it would commit a summary behind the one committed just
+        before (its cursor and counts gone back, with the records' fingerprints kept),
+        and the partition's next owner would never count those records."""
         b = step.state
         messages = self.writer.messages(step)
-        if not w.closed:
-            w.batches[b.batch_id] = b
-        if step.finished:
+        w.batches[b.batch_id] = b
+        if step.finished and not w.closed:  # (a closed partition's batches left due)
             self.due.drop(b.batch_id)
         if b.chunks_to_clear:
             self._clear_soon.set()  # chunks left on the topic (a big batch finished for good)
