@@ -51,7 +51,7 @@ from service.requests import FORWARDED_HEADER, TrackingRequest, decode_request, 
 from service.schedule import DueQueue
 from service.state import BatchState
 from service.step import Step
-from service.worker import PageSource, PartitionWorker, committed, done, settled
+from service.worker import PageSource, PartitionWorker, abandon, committed, done, settled
 from service.writer import StepWriter
 
 log = structlog.get_logger(__name__)
@@ -681,6 +681,16 @@ class Tracker:
             self._flush(w, poll, committing)
             await settled(committing)
             return await self._poll_failed(w, poll, exc)
+        except asyncio.CancelledError:
+            # Cancelled (its partition released, the poll still running at half of the
+            # release's timeout: remove_worker): its commits under way are not waited
+            # for, or the release would wait for them, shielded, up to their deadline (kafka.
+            # COMMIT_SHARE_OF_TRANSACTION_TIMEOUT). Each lands, or fails (the publisher's
+            # close ends it; the next owner's producer fences it); their callbacks count
+            # them and give their room back. The batch in memory may be ahead of Kafka
+            # meanwhile, only in the worker being released, dropped with it.
+            abandon(committing)
+            raise
         except BaseException:
             await settled(committing)
             raise

@@ -89,6 +89,16 @@ async def settled(commits: deque[asyncio.Future[None]]) -> None:
         commits.clear()
 
 
+def abandon(commits: deque[asyncio.Future[None]]) -> None:
+    """Wait for none of the commits any longer (a poll cancelled: its partition released
+    past its timeout). Each goes on, and lands or fails (the publisher's close ends it,
+    or the partition's next producer fences it); its callbacks count it and give its
+    records' room back either way."""
+    for commit in commits:
+        commit.add_done_callback(_retrieve)
+    commits.clear()
+
+
 def done() -> asyncio.Future[None]:
     fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     fut.set_result(None)

@@ -14,6 +14,7 @@ from policy_harness import BATCH, Vendor, record
 from test_runner import HeldCommitter, HeldSource, restored, runner, settle, state_log
 
 from service.errors import ApiServerError
+from service.events import BalanceEvents
 from service.records import Page
 from service.requests import TrackingRequest
 from service.worker import PartitionWorker
@@ -86,3 +87,55 @@ async def test_a_poll_failing_after_its_partition_was_released_commits_in_order(
     assert (after.status, after.published) == ("completed", 6)
     new = [e for e in committer2.events() if e.startswith("record:")]
     assert len(new) == 2
+
+
+class StuckCommitter(HeldCommitter):
+    """A broker that takes no commit: the close leaves them in flight (the publisher's
+    own close ends them at its timeout; the next owner's producer fences them)."""
+
+    async def close(self, timeout: float) -> None:
+        pass
+
+
+async def test_a_release_is_bounded_by_its_timeout_with_commits_in_flight() -> None:
+    """The polls still running at half the timeout are cancelled: they waited for their
+    commits under way all the same (shielded), up to the commit deadline (45 s by
+    default), and the release with them. The commits, once they land, are counted and
+    give their room back."""
+    source = HeldSource(Vendor([record(i) for i in range(6)]))
+    source.held = False
+    tracker = runner(source, max_records_per_transaction=2)
+    committer = StuckCommitter()
+    worker = PartitionWorker(partition=0, publisher=committer)
+    tracker.add_worker(worker)
+    await tracker.handle_request(worker, TrackingRequest(batch_id=BATCH), 0)
+    committer.hold = True  # the poll's commits stay in flight
+    scheduler = asyncio.create_task(tracker.run())
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(10):
+            while len(committer.units) < 3:  # two of the poll's commits in flight
+                committer.queued.clear()
+                await committer.queued.wait()
+            await settle()
+            assert len(worker.polls) == 1
+            began = loop.time()
+            await asyncio.wait_for(tracker.remove_worker(0, timeout=0.4), 2.0)
+            assert loop.time() - began < 0.6
+            assert not worker.polls and not worker.running
+            assert tracker.room.held > 0  # the commits in flight keep their records' room
+            committer.release_all()  # they land
+            await settle()
+    finally:
+        tracker.stop()
+        scheduler.cancel()
+    assert tracker.room.held == 0 and tracker.room.committing == 0
+    published = sum(len(m.records) for m in committer.messages() if isinstance(m, BalanceEvents))
+    counted = sum(
+        sample.value
+        for metric in tracker.metrics.registry.collect()
+        if metric.name == "rightfoot_poller_records_published"
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    )
+    assert published == counted == 4
