@@ -413,7 +413,9 @@ class Simulator:
         1. ``DEMO_CODES_BATCH_ID``: one record per documented status code plus the
            undocumented 3500, null balances for failures, a ``legacy_only`` record and
            exact balances such as 98765432109876543.21, -0.01 and 0.10;
-        2. ``DEMO_LARGE_BATCH_ID``: 1,250 records (13 pages of 100);
+        2. ``DEMO_LARGE_BATCH_ID``: 1,250 records (13 pages of 100), listed in submission
+           order as the vendor's own example is (not in time order): records that finish
+           late appear behind a reader's cursor;
         3. ``DEMO_LATE_BATCH_ID``: 404 for the first 20 s, then 40 records;
         4. ``DEMO_METADATA_BATCH_ID``: 25 records with metadata, all visible at once.
 
@@ -421,7 +423,9 @@ class Simulator:
         is never added.
         """
         self.add_batch(DEMO_CODES_BATCH_ID, _demo_code_records(spread_s))
-        self.generate_batch(DEMO_LARGE_BATCH_ID, DEMO_LARGE_COUNT, spread_s=spread_s)
+        self.generate_batch(
+            DEMO_LARGE_BATCH_ID, DEMO_LARGE_COUNT, spread_s=spread_s, order="submission"
+        )
         self.generate_batch(
             DEMO_LATE_BATCH_ID, 40, spread_s=spread_s, visible_after=DEMO_LATE_AFTER_S
         )

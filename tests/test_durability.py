@@ -126,7 +126,12 @@ async def test_sigkill_at_random_moments_loses_and_repeats_nothing(
     spread = 40.0
     batches = [str(uuid.uuid4()) for _ in range(4)]
     for i, b in enumerate(batches):
-        sim.generate_batch(b, 400 + 150 * i, spread_s=spread, seed=rng.randrange(2**32))
+        # Half in submission order: records appear behind the cursor, found by sweeps,
+        # which the kills interrupt too (the first poll after a restart may be one).
+        order = "submission" if i % 2 else "completion"
+        sim.generate_batch(
+            b, 400 + 150 * i, spread_s=spread, seed=rng.randrange(2**32), order=order
+        )
     arrival_end = sim.clock() + spread
     total = sum(sim.record_count(b) for b in batches)
     # Room for two pages: the four polls wait for room and commit early (Poll.flush) too.
