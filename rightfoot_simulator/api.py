@@ -195,6 +195,19 @@ async def _balances(request: web.Request) -> web.Response:
         if sim.faults.reject_token_with_500:
             return _error(500, "INTERNAL_SERVER_ERROR", "An unexpected error occurred.")
         return _error(400, "INVALID_PAGE_TOKEN", "The page token is invalid or has expired.")
+    if offset is not None and batch.shape.gaps:
+        offset, gap = batch.shape.from_token(offset)
+        if gap:  # an empty page of the run after the page that ended at ``offset``
+            nxt = gap + 1 if gap < batch.shape.gaps else 0
+            value = batch.shape.token_value(offset, nxt)
+            empty = _page_json(
+                batch.batch_id,
+                batch.reported_total(count),
+                "[]",
+                True,
+                sim._tokens.issue(batch.batch_id, value, sim.clock()),
+            )
+            return web.Response(text=empty, content_type="application/json")
     sequence = sim._next_page_sequence(batch_id)
     if sim.on_page_request is not None:
         page_request = PageRequest(
@@ -266,10 +279,12 @@ def _page_response(
     if sim._take_token_loop(batch.batch_id):
         log.debug("simulator page token loop", batch_id=batch.batch_id, offset=offset)
         if asked_with is None:  # the first page: a token for it, the same one every time
-            asked_with = sim._tokens.issue(batch.batch_id, batch.first_cursor())
+            first = batch.shape.token_value(batch.first_cursor())
+            asked_with = sim._tokens.issue(batch.batch_id, first)
         token: str | None = asked_with
     else:
-        token = None if cursor is None else sim._tokens.issue(batch.batch_id, cursor, sim.clock())
+        value = None if cursor is None else batch.shape.token_value(cursor, 1)
+        token = None if value is None else sim._tokens.issue(batch.batch_id, value, sim.clock())
     # "absent": no has_more at all; the token alone says that a page follows
     has_more = None if batch.shape.has_more == "absent" else token is not None
     if batch.shape.has_more == "pending" and token is None and total < batch.count:

@@ -31,6 +31,8 @@ ORDERS = ("completion", "submission")
 TOTAL_PROCESSED_MODES = ("exact", "absent", "negative")
 #: When a page of a batch says ``has_more`` (see :meth:`Simulator.add_batch`).
 HAS_MORE_MODES = ("exact", "full_page", "absent", "omit_empty", "pending")
+#: At most this many empty pages after each page of records (``gaps``).
+MAX_GAPS = 1000
 #: How a batch writes its whole numbers (see :meth:`Simulator.add_batch`).
 INTEGER_MODES = ("plain", "fraction")
 #: :meth:`Simulator.generate_batch` makes bigger batches lazy unless told otherwise.
@@ -46,6 +48,7 @@ class _Shape:
 
     __slots__ = (
         "count_skew",
+        "gaps",
         "has_more",
         "integers",
         "order",
@@ -63,6 +66,7 @@ class _Shape:
         has_more: str = "exact",
         token_ttl_s: float | None = None,
         integers: str = "plain",
+        gaps: int = 0,
     ) -> None:
         if order not in ORDERS:
             raise ValueError(f"order must be one of {', '.join(map(repr, ORDERS))}")
@@ -92,6 +96,18 @@ class _Shape:
         if integers not in INTEGER_MODES:
             raise ValueError(f"integers must be one of {', '.join(map(repr, INTEGER_MODES))}")
         self.integers = integers
+        if isinstance(gaps, bool) or not isinstance(gaps, int) or not 0 <= gaps <= MAX_GAPS:
+            raise ValueError(f"gaps must be an integer from 0 to {MAX_GAPS}")
+        self.gaps = gaps
+
+    def token_value(self, cursor: int, gap: int = 0) -> int:
+        """What a page token carries: the cursor, and with ``gaps`` which empty page after
+        the page that ends at it (0: the records after it)."""
+        return cursor * (self.gaps + 1) + gap if self.gaps else cursor
+
+    def from_token(self, value: int) -> tuple[int, int]:
+        """(cursor, gap) of a token's value (``token_value``)."""
+        return divmod(value, self.gaps + 1) if self.gaps else (value, 0)
 
 
 class _Batch:

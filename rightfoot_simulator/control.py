@@ -126,7 +126,7 @@ async def _post_batch(request: web.Request) -> web.Response:
 
 def _shape_options(body: Mapping[str, Any]) -> dict[str, Any]:
     """``order``, ``total_processed``, ``count_skew``, ``page_size``, ``has_more``,
-    ``token_ttl_s``, ``integers`` and ``lazy`` of a batch, checked."""
+    ``token_ttl_s``, ``integers``, ``gaps`` and ``lazy`` of a batch, checked."""
     options: dict[str, Any] = {}
     order = _optional(body, "order", str)
     if order is not None:
@@ -143,7 +143,7 @@ def _shape_options(body: Mapping[str, Any]) -> dict[str, Any]:
     if skew is not None:
         options["count_skew"] = skew
     # Their values are checked where the batch is made (a ValueError there answers 400).
-    for name in ("page_size", "has_more", "token_ttl_s", "integers"):
+    for name in ("page_size", "has_more", "token_ttl_s", "integers", "gaps"):
         if body.get(name) is not None:
             options[name] = body[name]
     lazy = _optional(body, "lazy", bool)

@@ -160,6 +160,7 @@ class Simulator:
         has_more: str = "exact",
         token_ttl_s: float | None = None,
         integers: str = "plain",
+        gaps: int = 0,
     ) -> None:
         """Add a batch; it answers 404 for ``visible_after`` seconds, then exists.
 
@@ -191,9 +192,12 @@ class Simulator:
         ``integers``: ``"plain"`` writes ``total_processed`` and the status codes as JSON
         integers; ``"fraction"`` as a serializer that holds numbers as doubles writes them
         (``3300.0``), which the schema's ``integer`` (JSON Schema 2020-12) allows.
+        ``gaps``: after every page of records that has more after it, that many empty
+        pages, each saying ``has_more`` with a new token, as a vendor paging a sparse scan
+        (a database scan with a filter) serves them; 0: none.
         """
         shape = _Shape(
-            order, total_processed, count_skew, page_size, has_more, token_ttl_s, integers
+            order, total_processed, count_skew, page_size, has_more, token_ttl_s, integers, gaps
         )
         if batch_id in self._batches:
             raise ValueError(f"batch {batch_id!r} already exists")
@@ -240,6 +244,7 @@ class Simulator:
         has_more: str = "exact",
         token_ttl_s: float | None = None,
         integers: str = "plain",
+        gaps: int = 0,
         lazy: bool | None = None,
     ) -> Sequence[SimRecord]:
         """Add a batch of ``count`` deterministic synthetic records and return them.
@@ -249,8 +254,8 @@ class Simulator:
         random time, so they finish out of ID order. ``codes`` are assigned in turn
         (record i gets ``codes[i % len(codes)]``); without them about 85% succeed. The
         same (simulator seed, batch ID) or the same ``seed`` always gives the same
-        records. ``order``, ``total_processed``, ``count_skew``, ``page_size``, ``has_more``
-        ``token_ttl_s`` and ``integers``: see :meth:`add_batch`.
+        records. ``order``, ``total_processed``, ``count_skew``, ``page_size``, ``has_more``,
+        ``token_ttl_s``, ``integers`` and ``gaps``: see :meth:`add_batch`.
 
         ``lazy`` (default: when ``count`` > ``LAZY_THRESHOLD``) keeps no record objects:
         each record is derived from (seed, position) when read, at about 8 bytes per
@@ -261,7 +266,7 @@ class Simulator:
         if codes is not None and not codes:
             raise ValueError("codes must not be empty")
         shape = _Shape(
-            order, total_processed, count_skew, page_size, has_more, token_ttl_s, integers
+            order, total_processed, count_skew, page_size, has_more, token_ttl_s, integers, gaps
         )
         if lazy or (lazy is None and count > LAZY_THRESHOLD):
             return self._generate_lazy(
@@ -290,6 +295,7 @@ class Simulator:
             has_more=has_more,
             token_ttl_s=token_ttl_s,
             integers=integers,
+            gaps=gaps,
         )
         return records
 
@@ -405,7 +411,11 @@ class Simulator:
         Completion order: how many records were listed before the next page. Submission
         order: the position (submission index) of the last record listed.
         """
-        return self._tokens.offset_for(token, batch_id)
+        value = self._tokens.offset_for(token, batch_id)
+        batch = self._batches.get(batch_id)
+        if value is None or batch is None:
+            return value
+        return batch.shape.from_token(value)[0]
 
     def seed_demo(self, *, spread_s: float = 120.0) -> list[str]:
         """Add the demo batches and return their IDs, in this order:

@@ -532,3 +532,39 @@ async def test_a_403_for_a_batch_read_before_is_retried_and_the_batch_completes(
     assert_exactly_once(await reader.read_all(topics.balances), served_ids(sim, [batch]))
     (final,) = [e for e in events[batch] if e["event"] != "tracking_started"]
     assert (final["event"], final["records_published"]) == ("completed", 400)
+
+
+@pytest.mark.parametrize("counts", ["exact", "absent"])
+async def test_runs_of_empty_pages_longer_than_a_poll_reads(
+    kafka: str,
+    topics: Topics,
+    sim_server: SimServer,
+    reader: TopicReader,
+    start_service: ServiceFactory,
+    counts: str,
+) -> None:
+    """A vendor paging a sparse scan: after every page of records, 12 empty pages that each
+    say more follow, more than a poll reads in a row (MAX_EMPTY_PAGES). Records listed in
+    submission order appear behind the cursor, past such runs. The ordered reading gets
+    past a run over several polls, its cursor kept; so must the sweeps that look for the
+    records behind it (and the read of the whole batch that completes it without a count):
+    each goes on where the last was cut short. Every record once, and the batch completes.
+    """
+    sim = sim_server.sim
+    batch = str(uuid.uuid4())
+    sim.generate_batch(
+        batch,
+        400,
+        spread_s=4.0,
+        seed=96,
+        order="submission",
+        page_size=50,
+        gaps=12,
+        total_processed=counts,
+    )
+    await start_service(RFP_POLLING__COMPLETE_AFTER_IDLE_S="2")
+    await track(kafka, topics, batch)
+    events = await final_events(reader, topics, [batch], timeout=120)
+    assert_exactly_once(await reader.read_all(topics.balances), served_ids(sim, [batch]))
+    (final,) = [e for e in events[batch] if e["event"] != "tracking_started"]
+    assert (final["event"], final["records_published"]) == ("completed", 400)

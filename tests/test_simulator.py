@@ -493,6 +493,27 @@ async def test_forbidden_next_answers_403_with_an_error_body(api: Api) -> None:
     assert len((await api.page(BATCH))["balances"]) == 5
 
 
+@pytest.mark.parametrize("order", ["completion", "submission"])
+async def test_gaps_put_runs_of_empty_pages_between_the_pages_of_records(
+    api: Api, order: str
+) -> None:
+    api.sim.generate_batch(BATCH, 5, order=order, gaps=3)
+    pages: list[list[str]] = []
+    body = await api.page(BATCH, limit="2")
+    tokens = set()
+    while True:
+        pages.append([r["authorizer_unique_id"] for r in body["balances"]])
+        if not body["has_more"]:
+            break
+        token = body["next_page_token"]
+        assert token not in tokens  # a new token every page
+        tokens.add(token)
+        body = await api.page(BATCH, limit="2", nextPageToken=token)
+    assert [len(p) for p in pages] == [2, 0, 0, 0, 2, 0, 0, 0, 1]
+    listed = [uid for p in pages for uid in p]
+    assert sorted(listed) == sorted(r.authorizer_unique_id for r in api.sim.all_records(BATCH))
+
+
 async def test_only_batch_scopes_the_faults(api: Api) -> None:
     api.sim.generate_batch(BATCH, 5)
     api.sim.generate_batch(OTHER, 5)
