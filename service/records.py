@@ -245,8 +245,9 @@ class _Envelope(BaseModel):
         return _more(self.has_more, self.next_page_token)
 
 
-def _token_problem(token: str | None) -> str | None:
-    """Why ``next_page_token`` cannot be kept with the batch's progress; None if it can."""
+def token_problem(token: str | None) -> str | None:
+    """Why ``next_page_token`` cannot be kept with the batch's progress (its cursor, on the
+    state topic too: ``state.StateSummary``); None if it can."""
     if not token:
         return None
     try:
@@ -565,7 +566,7 @@ def _parse_page_fast(batch_id: str, body: bytes, content_ids: bool = True) -> Pa
     more = _more(env.has_more, env.next_page_token)
     if more and not env.next_page_token:
         return None
-    if (more and _token_problem(env.next_page_token)) or (
+    if (more and token_problem(env.next_page_token)) or (
         env.total_processed is not None and not 0 <= env.total_processed <= MAX_TOTAL
     ):
         return None
@@ -669,7 +670,7 @@ def _parse_page_general(batch_id: str, body: bytes, content_ids: bool = True) ->
             "has_more is true but next_page_token is missing: the page's records are kept "
             "and the poll ends there, to read that page again next time"
         )
-    problem = _token_problem(env.next_page_token) if more else None
+    problem = token_problem(env.next_page_token) if more else None
     if problem is not None:
         raise ApiMalformedResponse(problem, status=200)
     total, problem = _count(env.total_processed)

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 import sys
 from array import array
 from collections.abc import Callable, Generator, Iterable, Iterator
@@ -45,7 +44,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from service.errors import UnknownStateVersion
-from service.records import MAX_PAGE_TOKEN_BYTES, fingerprint, legacy_fingerprint
+from service.records import fingerprint, legacy_fingerprint, token_problem
 from service.requests import BATCH_ID_PATTERN
 from service.seen import SeenLoader, SeenSet
 
@@ -319,22 +318,11 @@ class _Version(BaseModel):
     v: int = Field(ge=1)
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
 def _page_token(value: str | None) -> str | None:
-    """A cursor as the API client keeps a page token (records._token_problem): at most
-    MAX_PAGE_TOKEN_BYTES of UTF-8, no control character."""
-    if value is None:
-        return None
-    try:
-        size = len(value.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise ValueError("cursor is not valid Unicode") from None
-    if size > MAX_PAGE_TOKEN_BYTES:
-        raise ValueError(f"cursor is {size} bytes, over {MAX_PAGE_TOKEN_BYTES}")
-    if _CONTROL.search(value):
-        raise ValueError("cursor has a control character")
+    """A cursor as the API client keeps a page token (records.token_problem)."""
+    problem = token_problem(value)
+    if problem is not None:
+        raise ValueError(f"cursor: {problem}")
     return value
 
 
@@ -370,7 +358,8 @@ class StateSummary(BaseModel):
     not_found_since: float | None = None
     failures: _Count = 0
     reason: str | None = None
-    # As the API gave it (any size: records.parse_page takes it), so not bounded here.
+    # As the API gave it: below 2**63 since records.parse_page takes no larger count, but
+    # not bounded here, where releases before that kept any size.
     total_processed: int | None = Field(default=None, ge=0)
     last_sweep_at: float | None = None
     sweep_failures: _Count = 0

@@ -84,9 +84,7 @@ async def settled(commits: deque[asyncio.Future[None]]) -> None:
             if not commit.cancelled():
                 await committed(commit)
     finally:
-        for commit in commits:
-            commit.add_done_callback(_retrieve)
-        commits.clear()
+        abandon(commits)
 
 
 def abandon(commits: deque[asyncio.Future[None]]) -> None:
