@@ -63,7 +63,13 @@ class SimulatorProcess:
         batch_id = str(uuid.uuid4())
         self.control(
             "/_sim/batches",
-            {"batch_id": batch_id, "count": count, "with_metadata": with_metadata},
+            # all visible at once: both orders list the same records, this one cheapest
+            {
+                "batch_id": batch_id,
+                "count": count,
+                "with_metadata": with_metadata,
+                "order": "completion",
+            },
         )
         return batch_id
 

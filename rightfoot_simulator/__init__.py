@@ -15,19 +15,18 @@ Batches are held in memory. Each record has a ``visible_at`` offset, so results 
 over time the way a batch being processed does. Time comes from an injectable clock, so
 tests can move it by hand.
 
-By default a batch is listed in completion order: records append as they finish,
-``total_processed`` is the visible count, and a page token means "start after the first
-N records", which is stable because records only ever append. The vendor pages allow
-other shapes (the order of the list is not documented, and their example lists
-timestamps out of time order; nothing bounds a batch's size), and a batch can be given
-them (:meth:`Simulator.add_batch`, :meth:`Simulator.generate_batch`, ``POST /_sim/batches``):
+By default a batch is listed in submission order, as the vendor's own example is (its
+timestamps are out of time order): each record is listed once it has finished, possibly
+at a position a client has already paged past; a page token names the position of the
+last record listed and the next page starts after it, so a client that only resumes
+from its last token misses records that finish behind it (a full re-read from the first
+page sees them). ``total_processed`` is the visible count. The vendor pages allow other
+shapes (the order of the list is not documented; nothing bounds a batch's size), and a
+batch can be given them (:meth:`Simulator.add_batch`, :meth:`Simulator.generate_batch`,
+``POST /_sim/batches``):
 
-* ``order="submission"``: the list is in submission order and each record is listed once
-  it has finished, possibly at a position a client has already paged past; a page token
-  names the position of the last record listed and the next page starts after it, so a
-  client that only resumes from its last token misses records that finish behind it
-  (a full re-read from the first page sees them). Timestamps (finish times) are then out
-  of time order in the list;
+* ``order="completion"``: records append as they finish, and a page token means "start
+  after the first N records", which is stable because records only ever append;
 * ``total_processed="absent"`` omits the field; ``count_skew`` (an integer) is added to
   the served count (at least 0), a count that disagrees with what is ever listed;
 * ``lazy=True`` (automatic above ``LAZY_THRESHOLD`` = 100,000 records): no record objects

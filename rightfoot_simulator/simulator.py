@@ -153,7 +153,7 @@ class Simulator:
         *,
         owner_key: str | None = None,
         visible_after: float = 0.0,
-        order: str = "completion",
+        order: str = "submission",
         total_processed: str = "exact",
         count_skew: int = 0,
         page_size: int | None = None,
@@ -167,10 +167,11 @@ class Simulator:
         Record ``visible_at`` offsets count from the moment the batch becomes visible.
         ``owner_key`` None means every configured key may read it.
 
-        ``order``: ``"completion"`` lists records in the order they appear (sorted by
-        ``visible_at``, ties in the given order), so new records only ever append;
-        ``"submission"`` lists them in the given order, each once it has appeared, so a
-        record can appear before positions a client has already paged past.
+        ``order``: ``"submission"`` (the default, as the vendor's example lists its
+        records) lists them in the given order, each once it has appeared, so a record can
+        appear before positions a client has already paged past; ``"completion"`` lists
+        records in the order they appear (sorted by ``visible_at``, ties in the given
+        order), so new records only ever append.
         ``total_processed``: ``"exact"`` serves the visible count plus ``count_skew``
         (at least 0); ``"absent"`` omits the field (``count_skew`` is then unused);
         ``"negative"`` serves -1 ("not counted yet") until every record has appeared, then
@@ -237,7 +238,7 @@ class Simulator:
         with_metadata: bool = False,
         owner_key: str | None = None,
         visible_after: float = 0.0,
-        order: str = "completion",
+        order: str = "submission",
         total_processed: str = "exact",
         count_skew: int = 0,
         page_size: int | None = None,

@@ -904,7 +904,8 @@ async def test_sigkill_inside_an_open_transaction_aborts_it_and_repeats_nothing(
     """
     sim = sim_server.sim
     batch = str(uuid.uuid4())
-    sim.generate_batch(batch, 6000, spread_s=0.0, seed=60)
+    # completion order: the hook aims by page offset, which that order's tokens carry
+    sim.generate_batch(batch, 6000, spread_s=0.0, seed=60, order="completion")
     per_transaction = 500
     env = service_env(
         topics,
@@ -1022,7 +1023,7 @@ async def test_sigkill_in_the_first_poll_after_a_restart(
     sim = sim_server.sim
     batches = [str(uuid.uuid4()) for _ in range(2)]
     for i, b in enumerate(batches):
-        sim.generate_batch(b, 2000, spread_s=20.0, seed=70 + i)
+        sim.generate_batch(b, 2000, spread_s=20.0, seed=70 + i, order="completion")
     limit = 100
     env = service_env(
         topics,

@@ -201,7 +201,7 @@ async def test_pages_of_any_size_and_lists_that_end_on_an_empty_page(
     without ``has_more``."""
     sim = sim_server.sim
     shapes: list[PageShape] = [
-        {"page_size": 7, "has_more": "full_page"},
+        {"page_size": 7, "has_more": "full_page", "order": "completion"},
         {"page_size": 250, "has_more": "full_page", "order": "submission"},
         {"page_size": 250, "order": "completion"},
         {"page_size": 1, "has_more": "full_page", "order": "submission"},
@@ -209,7 +209,7 @@ async def test_pages_of_any_size_and_lists_that_end_on_an_empty_page(
         # No has_more at all (no field is required): only the page token says more follow.
         {"page_size": 50, "has_more": "absent", "order": "submission"},
         # As protobuf writes JSON: the empty page at the end is only {"batch_id": ...}.
-        {"page_size": 7, "has_more": "omit_empty"},
+        {"page_size": 7, "has_more": "omit_empty", "order": "completion"},
         {"has_more": "absent"},
         # Whole numbers written as a serializer holding doubles writes them: 3300.0.
         {"page_size": 50, "integers": "fraction", "order": "submission"},

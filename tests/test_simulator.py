@@ -194,7 +194,9 @@ async def test_pages_through_a_250_record_batch(api: Api) -> None:
 
 
 async def test_records_appear_over_time_and_append(api: Api) -> None:
-    api.sim.add_batch(BATCH, [record("c", at=20), record("a", at=0), record("b", at=10)])
+    api.sim.add_batch(
+        BATCH, [record("c", at=20), record("a", at=0), record("b", at=10)], order="completion"
+    )
     assert (await api.page(BATCH))["total_processed"] == 1
 
     api.clock.advance(15)
@@ -701,9 +703,9 @@ async def test_control_api(api: Api) -> None:
 
 
 def test_generated_batches_are_deterministic_and_well_formed() -> None:
-    first = Simulator(seed=3).generate_batch(BATCH, 2000, spread_s=60)
-    again = Simulator(seed=3).generate_batch(BATCH, 2000, spread_s=60)
-    other = Simulator(seed=4).generate_batch(BATCH, 2000, spread_s=60)
+    first = Simulator(seed=3).generate_batch(BATCH, 2000, spread_s=60, order="completion")
+    again = Simulator(seed=3).generate_batch(BATCH, 2000, spread_s=60, order="completion")
+    other = Simulator(seed=4).generate_batch(BATCH, 2000, spread_s=60, order="completion")
     assert first == again
     assert first != other
     assert len({r.authorizer_unique_id for r in first}) == 2000
@@ -801,7 +803,7 @@ async def test_simulate_main_stops_on_sigterm() -> None:
 
 
 async def test_the_page_request_hook_sees_batch_token_cursor_and_sequence(api: Api) -> None:
-    api.sim.generate_batch(BATCH, 250)
+    api.sim.generate_batch(BATCH, 250, order="completion")
     api.sim.add_batch(OTHER, [record("x", at=2), record("y", at=1)], order="submission")
     api.clock.advance(5)
     seen: list[PageRequest] = []

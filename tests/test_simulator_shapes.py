@@ -198,10 +198,10 @@ async def test_resuming_from_the_last_token_misses_records_behind_the_cursor(api
 
 
 async def test_completion_order_never_lists_behind_the_cursor(api: Api) -> None:
-    """The default, for contrast: the same batch, and resuming sees everything."""
+    """For contrast: the same batch, and resuming sees everything."""
     late = {1, 3, 9}
     records = [record(f"r{i}", at=50.0 if i in late else 0.0) for i in range(10)]
-    api.sim.add_batch(BATCH, records)
+    api.sim.add_batch(BATCH, records, order="completion")
     first = await api.read_all(BATCH, limit=3)
     api.clock.advance(60)
     resumed = await api.read_all(BATCH, first.last_token, limit=3)
@@ -212,7 +212,7 @@ async def test_page_tokens_name_the_position_of_the_last_record_listed(api: Api)
     rng = random.Random(1)
     records = [record(f"r{i}", at=rng.choice([0.0, 99.0])) for i in range(40)]
     api.sim.add_batch(BATCH, records, order="submission")
-    api.sim.add_batch(OTHER, records)  # completion order: the token is a count
+    api.sim.add_batch(OTHER, records, order="completion")  # the token is a count
     positions = {r.authorizer_unique_id: i for i, r in enumerate(records)}
 
     read = await api.read_all(BATCH, limit=4)
@@ -269,7 +269,7 @@ async def test_has_more_is_false_when_only_unfinished_records_follow(api: Api) -
 
 async def test_generated_submission_batches_finish_out_of_order(api: Api) -> None:
     records = api.sim.generate_batch(BATCH, 300, spread_s=60, seed=4, order="submission")
-    completion = Simulator().generate_batch(BATCH, 300, spread_s=60, seed=4)
+    completion = Simulator().generate_batch(BATCH, 300, spread_s=60, seed=4, order="completion")
     times = [r.visible_at for r in records]
     assert times != sorted(times)  # each record has its own time: not sorted by index
     assert sorted(times) == [r.visible_at for r in completion]  # the same draws
@@ -292,8 +292,10 @@ async def test_generated_submission_batches_finish_out_of_order(api: Api) -> Non
 
 
 def test_completion_order_generation_is_unchanged() -> None:
-    """The default generation, pinned to what it was before the shapes were added."""
-    records = Simulator(seed=3).generate_batch(BATCH, 500, spread_s=60, with_metadata=True)
+    """Completion order's generation, pinned to what it was before the shapes were added."""
+    records = Simulator(seed=3).generate_batch(
+        BATCH, 500, spread_s=60, with_metadata=True, order="completion"
+    )
     text = "\n".join(
         f"{r.authorizer_unique_id}|{r.balance}|{r.balance_status_code}|{r.timestamp}|"
         f"{r.visible_at!r}|{r.phone}|{r.zip}|{r.institution}|{sorted(r.metadata.items())}"
@@ -325,6 +327,7 @@ async def test_total_processed_can_be_absent(api: Api) -> None:
         [record(f"r{i}", at=5.0 * (i % 2)) for i in range(7)],
         total_processed="absent",
         count_skew=3,
+        order="completion",
     )
     assert "total_processed" not in (await api.page(BATCH)).body
     api.clock.advance(5)
