@@ -561,7 +561,7 @@ def _parse_page_fast(batch_id: str, body: bytes, content_ids: bool = True) -> Pa
         # msgspec does not check the UTF-8 of what it skips (unknown fields); json does.
         body.decode("utf-8")
         env = _FAST_PAGE.decode(body)
-    except (UnicodeDecodeError, msgspec.DecodeError):  # ValidationError included
+    except (UnicodeDecodeError, msgspec.DecodeError, RecursionError):  # ValidationError too
         return None
     more = _more(env.has_more, env.next_page_token)
     if more and not env.next_page_token:

@@ -478,6 +478,23 @@ def test_deeply_nested_values_do_not_escape_as_recursion_error(depth: int) -> No
     assert [i.reason for i in page.invalid] == ["not_an_object"]
 
 
+@pytest.mark.parametrize("depth", [900, 1000, 100_000])
+def test_a_deeply_nested_unknown_field_is_a_malformed_page_at_worst(depth: int) -> None:
+    """Nested values in a field nobody reads are skipped by the fast decoder, which has a
+    depth limit of its own: past it the page goes to the general parser, which either
+    reads it or calls it malformed (an error the poll handles), never a crash."""
+    nested = "[" * depth + "]" * depth
+    text = record_text(authorizer_unique_id="ok")
+    body = page_of(text[:-1] + f', "extra": {nested}}}')
+    try:
+        page = parse_page("b", body)
+    except ApiMalformedResponse as exc:
+        assert depth >= 1000 and "not JSON" in str(exc)
+        return
+    assert depth < 1000
+    assert [r.authorizer_unique_id for r in page.records] == ["ok"] and not page.invalid
+
+
 @pytest.mark.parametrize("timestamp", ["", "yesterday", "2024-08-09 18:10:44", "2024-08-09"])
 def test_record_with_unusable_timestamp_is_invalid(timestamp: str) -> None:
     bad = one_invalid(record_text(timestamp=timestamp))
