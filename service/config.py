@@ -651,26 +651,7 @@ def load_settings(path: Path | str | None, env: dict[str, str] | None = None) ->
     Raises ConfigError with one line naming the key and the problem.
     """
     env = dict(os.environ if env is None else env)
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError(f"config file {path}: {exc.strerror}") from None
-        except UnicodeDecodeError as exc:
-            raise ConfigError(
-                f"config file {path}: not UTF-8 text (byte {exc.start} cannot be decoded)"
-            ) from None
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(exc, "problem", None) or type(exc).__name__
-            raise ConfigError(f"config file {path}: not valid YAML{where}: {problem}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path}: the top level must be a mapping")
-        data = loaded
+    data: dict[str, Any] = {} if path is None else _read_config_file(path)
     for section, key in sorted(SECRET_KEYS):
         block = data.get(section)
         if isinstance(block, dict) and key in block:
@@ -690,6 +671,41 @@ def load_settings(path: Path | str | None, env: dict[str, str] | None = None) ->
         return Settings.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_error(exc, origins)) from None
+
+
+def _read_config_file(path: Path | str) -> dict[str, Any]:
+    """The YAML file's mapping; ConfigError, in one line, if it cannot be read as one."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path}: not UTF-8 text (byte {exc.start} cannot be decoded)"
+        ) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(f"config file {path}: not valid YAML{where}: {problem}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path}: the top level must be a mapping")
+    for section in _SECTIONS:
+        # A section whose keys are all commented out (``kafka:`` alone) is YAML null: it
+        # means the defaults, as an empty section does. A null scalar key stays null.
+        if section in loaded and loaded[section] is None:
+            loaded[section] = {}
+    return loaded
+
+
+# The top-level keys that are sections (``kafka:``...), not values (``instance_id``...).
+_SECTIONS = tuple(
+    name
+    for name, info in Settings.model_fields.items()
+    if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)
+)
 
 
 def _field(path: list[str]) -> FieldInfo | None:

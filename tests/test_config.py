@@ -254,6 +254,33 @@ def test_unknown_key_refused_naming_it(
     assert str(info.value) == f"{key}: unknown key"
 
 
+def test_a_section_with_every_key_commented_out_is_an_empty_one(tmp_path: Path) -> None:
+    # `kafka:` with nothing under it is YAML null: the section's defaults, and the
+    # environment can still set its keys.
+    path = write(
+        tmp_path,
+        "kafka:\n  # bootstrap_servers: broker:9092\nhttp:\n  port: 9002\nlogging:\n",
+    )
+    s = load_settings(path, env={})
+    assert s.kafka.bootstrap_servers == "localhost:9092"
+    assert s.logging.level == "INFO"
+    assert s.http.port == 9002
+    s = load_settings(path, env={"RFP_KAFKA__BOOTSTRAP_SERVERS": "broker-1:9092"})
+    assert s.kafka.bootstrap_servers == "broker-1:9092"
+    s = load_settings(
+        path, env={"RFP_KAFKA__SASL_USERNAME": "poller", "RFP_KAFKA__SASL_PASSWORD": SASL_PASSWORD}
+    )
+    assert s.kafka.sasl_password is not None
+    assert s.kafka.sasl_password.get_secret_value() == SASL_PASSWORD
+
+
+def test_a_null_value_is_not_taken_for_an_empty_section(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^shutdown_grace_s: "):
+        load_settings(write(tmp_path, "shutdown_grace_s:\n"), env={})
+    with pytest.raises(ConfigError, match=r"^kafka\.bootstrap_servers: "):
+        load_settings(write(tmp_path, "kafka:\n  bootstrap_servers:\n"), env={})
+
+
 def test_invalid_yaml_refused(tmp_path: Path) -> None:
     path = write(tmp_path, "rightfoot: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
