@@ -184,6 +184,8 @@ class PollerService:
         self._count_problems = Throttle(every_s=60.0)
         # kafka_unavailable for a broker out of reach: the first, then one a minute.
         self._kafka_waits = Throttle(every_s=60.0)
+        # requests_consume_failed: a fetch that keeps failing fails every second.
+        self._consume_failures = Throttle(every_s=60.0)
 
     # ---- readiness --------------------------------------------------------------------
 
@@ -402,7 +404,13 @@ class PollerService:
             try:
                 batch = await consumer.getmany(timeout_ms=500, max_records=1000)
             except KafkaError as exc:
-                log.warning("requests_consume_failed", error=repr(exc))
+                # Tried again every second: one WARNING a kind of failure a minute, with
+                # how many were held back since, the rest at DEBUG.
+                held = self._consume_failures.admit(type(exc).__name__)
+                if held is None:
+                    log.debug("requests_consume_failed", error=repr(exc)[:300])
+                else:
+                    log.warning("requests_consume_failed", error=repr(exc)[:300], suppressed=held)
                 await asyncio.sleep(1.0)
                 continue
             for tp, messages in batch.items():

@@ -40,8 +40,11 @@ class ApiError(PollerError):
 
     @property
     def kind(self) -> str:
-        """What failed, for throttling its log lines: the class, and the code if any."""
-        return f"{type(self).__name__}:{self.code or ''}"
+        """What failed, for throttling its log lines: the class and the HTTP status (or the
+        service's own code: timeout, connection_error...). Never the vendor's ``code``
+        text, which a vendor or gateway may make different every time (a request ID in
+        it): each answer would be a kind of its own, never throttled, and held on to."""
+        return f"{type(self).__name__}:{self.metric_code}"
 
     def __str__(self) -> str:
         parts = [f"HTTP {self.status}" if self.status is not None else None, self.code]

@@ -27,6 +27,7 @@ from service.errors import RequestRejected
 from service.logs import Throttle
 from service.metrics import Metrics
 from service.requests import BATCH_ID_PATTERN, TrackingRequest, decode_request, reject_reason
+from service.tracker import readable_batch_id
 
 log = structlog.get_logger(__name__)
 
@@ -337,14 +338,33 @@ class HttpApi:
             self.metrics.invalid_input.labels("http", "malformed_http").inc()
             log.info("http_request_rejected", reason=problem, path=_clip(request.path))
             return _error(400, problem)
+        except ConnectionResetError:
+            # The client went away before sending the whole body: nothing to answer, not a
+            # fault of the service. A malformed request, counted as one; one INFO a minute.
+            self.metrics.invalid_input.labels("http", "malformed_http").inc()
+            held = self.log_throttle.admit("body_cut_short")
+            fields = {
+                "reason": "the client closed the connection before sending the whole body",
+                "path": _clip(request.path),
+            }
+            if held is None:
+                log.debug("http_request_rejected", **fields)
+            else:
+                log.info("http_request_rejected", **fields, suppressed=held)
+            return _error(400, "the connection was closed before the whole body was sent")
         try:
             req = decode_request(body)
         except RequestRejected as exc:
             self.metrics.invalid_input.labels("http", reject_reason(exc)).inc()
-            log.info("http_request_rejected", reason=_clip(str(exc)))
+            batch_id = readable_batch_id(body)
+            fields = {} if batch_id is None else {"batch_id": batch_id}
+            log.info("http_request_rejected", reason=_clip(str(exc)), **fields)
             return _error(400, str(exc))
         if req.action != "track":
-            return _error(400, "action: use DELETE /v1/batches/{batch_id} to stop tracking")
+            problem = "action: use DELETE /v1/batches/{batch_id} to stop tracking"
+            self.metrics.invalid_input.labels("http", "invalid_field").inc()
+            log.info("http_request_rejected", reason=problem, batch_id=req.batch_id)
+            return _error(400, problem)
         failed = await self._submit(req)
         if failed is not None:
             return failed

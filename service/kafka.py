@@ -23,8 +23,13 @@ from typing import Any
 import structlog
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import (
+    CommitFailedError,
+    IllegalGenerationError,
     KafkaError,
+    KafkaTimeoutError,
     ProducerFenced,
+    RebalanceInProgressError,
+    UnknownMemberIdError,
 )
 from murmurhash2 import murmurhash2 as _murmurhash2
 
@@ -126,6 +131,40 @@ class Unit:
 
 
 OffsetCommitter = Callable[[dict[TopicPartition, int]], Awaitable[None]]
+
+# Failures of a commit that an ordinary day brings, after which the partition is restored
+# and its work done again: the client's retriable errors; a timeout (KafkaTimeoutError: the
+# metadata of a partition whose leader moved or whose broker is lost, a batch expired
+# unsent); a connection lost; and, with at_least_once, the consumer's offset commit refused
+# because the group is rebalancing (aiokafka raises CommitFailedError for the three group
+# errors behind it).
+TRANSIENT_COMMIT_ERRORS: tuple[type[BaseException], ...] = (
+    TimeoutError,
+    ConnectionError,
+    KafkaTimeoutError,
+    CommitFailedError,
+    RebalanceInProgressError,
+    IllegalGenerationError,
+    UnknownMemberIdError,
+)
+# The most of a failure's text repeated in a log line (CommitFailedError's is a paragraph).
+MAX_ERROR_CHARS = 300
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether a failed commit is an expected, passing condition (TRANSIENT_COMMIT_ERRORS)."""
+    return bool(getattr(exc, "retriable", False)) or isinstance(exc, TRANSIENT_COMMIT_ERRORS)
+
+
+def describe(exc: BaseException) -> str:
+    """A failure on one short line, its class named once: aiokafka's own text already
+    starts with it (``KafkaTimeoutError: ...``, ``[Error 27] RebalanceInProgressError``)."""
+    text = " ".join(str(exc).split())
+    name = type(exc).__name__
+    if name not in text:
+        text = f"{name}: {text}" if text else name
+    return text[:MAX_ERROR_CHARS]
+
 
 # A transaction not committed within this share of kafka.transaction_timeout_ms is given
 # up and aborted, a failure like any other (the partition is restored from Kafka). Let
@@ -254,13 +293,17 @@ class PartitionPublisher:
         err: PublishFailed = (
             PartitionLost(f"partition {self.partition}: fenced by a newer owner")
             if fenced
-            else PublishFailed(f"partition {self.partition}: {type(exc).__name__}: {exc}")
+            else PublishFailed(f"partition {self.partition}: {describe(exc)}")
         )
         self.failure = err
         self.metrics.publish_errors.labels("fenced" if fenced else type(exc).__name__).inc()
-        if getattr(exc, "retriable", False) or isinstance(exc, TimeoutError | ConnectionError):
-            # A broker lost, a leader or coordinator moving: the partition is restored
-            # from Kafka and its work done again; nothing is wrong for long.
+        if fenced:
+            # Another owner took the partition over (or the broker aborted a transaction):
+            # the owner's WARNING partition_fenced says so, one line for the cause.
+            log.info("publish_failed", partition=self.partition, error=str(err), fenced=True)
+        elif transient(exc):
+            # A broker lost, a leader or coordinator moving, a rebalance: the partition is
+            # restored from Kafka and its work done again; nothing is wrong for long.
             log.warning("publish_failed", partition=self.partition, error=str(err), transient=True)
         else:
             log.error("publish_failed", partition=self.partition, error=str(err))

@@ -20,12 +20,13 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError, KafkaTimeoutError
 
 from service.config import Settings
-from service.errors import PartitionLost
+from service.errors import PartitionLost, UnknownStateVersion
 from service.kafka import PartitionPublisher, canonical_partition
 from service.kafka_clients import client_args, heartbeat_interval_ms, make_producer, stop_client
+from service.logs import Throttle
 from service.metrics import Metrics
 from service.state import BatchState, StateRestore
-from service.tracker import Tracker, state_unreadable, unreadable_reason
+from service.tracker import Tracker, count_unreadable, state_unreadable, unreadable_reason
 from service.worker import PartitionWorker
 
 log = structlog.get_logger(__name__)
@@ -79,6 +80,9 @@ class PartitionOwner:
         heartbeat_ms = heartbeat_interval_ms(self.kcfg)
         self.fence_settle_s = (self.kcfg.session_timeout_ms + 2 * heartbeat_ms) / 1000
         self._reset_tasks: set[asyncio.Task[None]] = set()
+        # partition_reset_failed: Kafka down fails the restore of every partition at each
+        # retry; one line a kind of failure a minute, the rest at DEBUG.
+        self._reset_failures = Throttle()
         # load_batch: the batches waiting for a read of their partition, and its reader.
         self._loads: dict[int, dict[str, list[asyncio.Future[BatchState | None]]]] = {}
         self._load_tasks: dict[int, asyncio.Task[None]] = {}
@@ -232,12 +236,19 @@ class PartitionOwner:
             await self._read_partition(p, restore, bad_keys.add)
         finally:
             bad_keys.close()
+        newer = _NewerVersions(self.metrics, p)
 
         def refused(batch_id: str, exc: ValueError) -> None:
             unreadable[batch_id] = str(exc)[:300]
-            self._state_unreadable(batch_id, exc)
+            if isinstance(exc, UnknownStateVersion):
+                newer.add(batch_id, exc)
+            else:
+                self._state_unreadable(batch_id, exc)
 
-        return await _rebuilt(restore, refused), unreadable
+        try:
+            return await _rebuilt(restore, refused), unreadable
+        finally:
+            newer.close()
 
     async def load_batch(self, p: int, batch_id: str) -> BatchState | None:
         """One batch of state partition p as last committed, with all its fingerprints
@@ -412,17 +423,26 @@ class PartitionOwner:
                     return
                 except (KafkaError, OSError) as exc:
                     # Kafka unreachable or refusing, a transient condition: the partition
-                    # waits, not ready, and is tried again.
+                    # waits, not ready, and is tried again. Every partition's reset fails
+                    # alike: one WARNING a kind of failure a minute, the rest at DEBUG.
                     delay = min(max(delay * 2, RESET_RETRY_MIN_S), RESET_RETRY_MAX_S)
-                    log.warning(
-                        "partition_reset_failed", partition=p, error=repr(exc), retry_in_s=delay
-                    )
+                    fields = {"partition": p, "error": repr(exc)[:300], "retry_in_s": delay}
+                    held = self._reset_failures.admit(type(exc).__name__)
+                    if held is None:
+                        log.debug("partition_reset_failed", **fields)
+                    else:
+                        log.warning("partition_reset_failed", **fields, suppressed=held)
                     failed = True
                     continue
-                except Exception:
+                except Exception as exc:
                     # Not a failure of Kafka: a fault of this service. The partition stays
-                    # paused, so it is tried again like one, not left for dead.
-                    log.exception("partition_reset_failed", partition=p)
+                    # paused, so it is tried again like one, not left for dead. One ERROR
+                    # with its traceback a kind of fault a minute, the rest at DEBUG.
+                    held = self._reset_failures.admit(f"fault:{type(exc).__name__}")
+                    if held is None:
+                        log.debug("partition_reset_failed", partition=p, error=repr(exc)[:300])
+                    else:
+                        log.exception("partition_reset_failed", partition=p, suppressed=held)
                     failed = True
             delay = min(max(delay * 2, RESET_RETRY_MIN_S), RESET_RETRY_MAX_S)
 
@@ -508,6 +528,56 @@ class _BadKeys:
                 count=self.count,
                 first=self.first,
             )
+
+
+class _NewerVersions:
+    """The batches of one restore of a state partition whose summary a newer version of
+    the service wrote (after a rollback): each is counted in
+    ``invalid_input_total{source="state_topic",reason="unknown_version"}`` and left
+    unreadable (``batches_unreadable``), its own line at DEBUG; at the end of the restore
+    one WARNING ``state_unreadable`` says how many there were, with a few of their IDs. One
+    cause, one line: a rollback is a decision, not a fault in each batch, and a partition
+    of thousands of batches does not log thousands of lines at each restore."""
+
+    EXAMPLES = 5
+
+    def __init__(self, metrics: Metrics, partition: int) -> None:
+        self.metrics = metrics
+        self.partition = partition
+        self.batch_ids: list[str] = []  # the first EXAMPLES
+        self.count = 0
+        self.first: str | None = None
+
+    def add(self, batch_id: str, exc: ValueError) -> None:
+        reason = count_unreadable(self.metrics, batch_id, exc)
+        self.count += 1
+        error = str(exc)[:300]
+        if self.first is None:
+            self.first = error
+        if len(self.batch_ids) < self.EXAMPLES:
+            self.batch_ids.append(batch_id)
+        log.debug(
+            "state_unreadable",
+            batch_id=batch_id,
+            partition=self.partition,
+            reason=reason,
+            error=error,
+        )
+
+    def close(self) -> None:
+        if not self.count:
+            return
+        log.warning(
+            "state_unreadable",
+            batch_id=self.batch_ids[0],
+            partition=self.partition,
+            reason="unknown_version",
+            count=self.count,
+            batch_ids=self.batch_ids,
+            error=self.first,
+            detail="written by a newer version of the service (a rollback?): left as they "
+            "are, not polled, until a version that reads them owns the partition",
+        )
 
 
 def _reset_ended(partition: int, task: asyncio.Task[None]) -> None:

@@ -17,7 +17,9 @@ import asyncio
 import contextlib
 import functools
 import itertools
+import json
 import random
+import re
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -47,7 +49,14 @@ from service.logs import Throttle
 from service.metrics import Metrics
 from service.policy import Policy, Poll
 from service.records import Page
-from service.requests import FORWARDED_HEADER, TrackingRequest, decode_request, reject_reason
+from service.requests import (
+    BATCH_ID_PATTERN,
+    FORWARDED_HEADER,
+    MAX_REQUEST_BYTES,
+    TrackingRequest,
+    decode_request,
+    reject_reason,
+)
 from service.schedule import DueQueue
 from service.state import BatchState
 from service.step import Step
@@ -62,6 +71,8 @@ MAX_COMMITS_IN_FLIGHT = 2
 # tombstones, so a commit has at most this many plus one batch's (a batch stopped after a
 # million records has some thousand chunks); the rest go in the next round.
 MAX_FORGET_MESSAGES = 5000
+
+_BATCH_ID = re.compile(BATCH_ID_PATTERN)
 
 
 def unreadable_reason(batch_id: str | None, exc: ValueError) -> str:
@@ -83,11 +94,37 @@ def _ran(worker: PartitionWorker, batch_id: str, task: asyncio.Future[None] | No
         del worker.running[batch_id]
 
 
-def state_unreadable(metrics: Metrics, batch_id: str | None, exc: ValueError) -> None:
-    """Count and log state-topic records that are not understood (``unreadable_reason``)."""
+def count_unreadable(metrics: Metrics, batch_id: str | None, exc: ValueError) -> str:
+    """Count state-topic records that are not understood; their ``unreadable_reason``."""
     reason = unreadable_reason(batch_id, exc)
     metrics.invalid_input.labels("state_topic", reason).inc()
+    return reason
+
+
+def state_unreadable(metrics: Metrics, batch_id: str | None, exc: ValueError) -> None:
+    """Count and log state-topic records that are not understood (``unreadable_reason``)."""
+    reason = count_unreadable(metrics, batch_id, exc)
     log.error("state_unreadable", batch_id=batch_id, reason=reason, error=str(exc)[:300])
+
+
+def readable_batch_id(value: bytes | None, key: bytes | None = None) -> str | None:
+    """The batch a refused tracking request is about, for its log line, when it can be
+    read: the ``batch_id`` of its JSON body if that is a valid batch ID, else its Kafka key
+    if that is one; None otherwise."""
+    candidates: list[object] = []
+    if value is not None and len(value) <= MAX_REQUEST_BYTES:
+        try:
+            doc = json.loads(value)
+        except (ValueError, RecursionError):
+            doc = None
+        if isinstance(doc, dict):
+            candidates.append(doc.get("batch_id"))
+    if key is not None:
+        candidates.append(key.decode("utf-8", "replace"))
+    for candidate in candidates:
+        if isinstance(candidate, str) and _BATCH_ID.fullmatch(candidate):
+            return candidate
+    return None
 
 
 class Tracker:
@@ -130,6 +167,9 @@ class Tracker:
         self._token_rejections = Throttle()
         # A producer that gets the format wrong sends every message wrong.
         self._request_rejections = Throttle(clock=lambda: self.clock())
+        # One cause, many lines: Kafka down fails the fingerprint reads of every batch
+        # tracked again, at each retry; a producer retrying requests for unreadable batches.
+        self._repeats = Throttle(clock=lambda: self.clock())
         self._stopping = False
         self.unauthorized = False
         self._auth_ok = asyncio.Event()
@@ -203,7 +243,11 @@ class Tracker:
         except RequestRejected as exc:
             reason = reject_reason(exc)
             self.metrics.invalid_input.labels("requests_topic", reason).inc()
-            fields = {"partition": partition, "offset": offset, "reason": str(exc)}
+            fields: dict[str, object] = {"partition": partition, "offset": offset}
+            batch_id = readable_batch_id(value, key)
+            if batch_id is not None:
+                fields["batch_id"] = batch_id
+            fields["reason"] = str(exc)
             held = self._request_rejections.admit(reason)
             if held is None:
                 log.debug("tracking_request_rejected", **fields)
@@ -336,12 +380,16 @@ class Tracker:
             return self._send(w, [forward], next_offset)
         if req.batch_id in w.unreadable:
             self.metrics.requests_received.labels(req.action, "unreadable").inc()
-            log.warning(
-                "request_for_unreadable_batch",
-                batch_id=req.batch_id,
-                action=req.action,
-                error=w.unreadable[req.batch_id],
-            )
+            fields = {
+                "batch_id": req.batch_id,
+                "action": req.action,
+                "error": w.unreadable[req.batch_id],
+            }
+            held = self._repeats.admit("request_for_unreadable_batch")
+            if held is None:
+                log.debug("request_for_unreadable_batch", **fields)
+            else:
+                log.warning("request_for_unreadable_batch", **fields, suppressed=held)
             return self._send(w, [], next_offset)
         b, now = w.batches.get(req.batch_id), self.wall()
         if req.action == "stop":
@@ -750,12 +798,12 @@ class Tracker:
                 self._load_attempts.pop(batch_id, None)
                 return None
             delay = self.policy.backoff(self._load_attempt(batch_id), self.policy.backoff_max_s)
-            log.warning(
-                "fingerprints_load_failed",
-                batch_id=batch_id,
-                error=repr(exc)[:300],
-                retry_in_s=round(delay, 2),
-            )
+            fields = {"batch_id": batch_id, "error": repr(exc)[:300], "retry_in_s": round(delay, 2)}
+            held = self._repeats.admit(f"fingerprints_load_failed:{type(exc).__name__}")
+            if held is None:
+                log.debug("fingerprints_load_failed", **fields)
+            else:
+                log.warning("fingerprints_load_failed", **fields, suppressed=held)
             return delay
         current = self._unloaded(w, b)
         if current is None:

@@ -28,21 +28,16 @@ class StepWriter:
         self.metrics = metrics
         self.state_topic = state_topic
         self.failures = Throttle()  # poll_failed: one line a kind of failure a minute
+        # record_dead_lettered (one line a reason a minute: a vendor's format change makes
+        # every batch's records bad alike) and batch_not_found_yet (many batches 404).
+        self.notes = Throttle()
 
     def messages(self, step: Step) -> list[Publishable]:
         """The messages that commit ``step``, in the order they are to be written."""
         b = step.state
         out: list[Publishable] = [self.factory.invalid(b.batch_id, bad) for bad in step.invalid]
         if step.invalid:
-            reasons = Counter(bad.reason for bad in step.invalid)
-            for reason, n in reasons.items():
-                self.metrics.invalid_input.labels("api", reason).inc(n)
-            log.warning(
-                "record_dead_lettered",
-                batch_id=b.batch_id,
-                reasons=dict(reasons),
-                detail=step.invalid[0].detail,
-            )
+            self._dead_lettered(step)
         if step.records:
             out.append(BalanceEvents(self.factory, b.batch_id, step.records))
         if step.lifecycle is not None:
@@ -54,6 +49,29 @@ class StepWriter:
         if step.cut_short:
             self._cut_short(step)
         return out
+
+    def _dead_lettered(self, step: Step) -> None:
+        """Count a step's dead letters, every one; log them, one WARNING a reason a minute
+        (with ``suppressed``, the lines of that reason held back since), the rest at DEBUG.
+        The line is a WARNING if one of its reasons is let through; its ``detail`` is of
+        a record of such a reason."""
+        reasons = Counter(bad.reason for bad in step.invalid)
+        admitted: dict[str, int] = {}
+        for reason, n in reasons.items():
+            self.metrics.invalid_input.labels("api", reason).inc(n)
+            held = self.notes.admit(f"record_dead_lettered:{reason}")
+            if held is not None:
+                admitted[reason] = held
+        first = next((bad for bad in step.invalid if bad.reason in admitted), step.invalid[0])
+        fields = {
+            "batch_id": step.state.batch_id,
+            "reasons": dict(reasons),
+            "detail": first.detail,
+        }
+        if admitted:
+            log.warning("record_dead_lettered", **fields, suppressed=sum(admitted.values()))
+        else:
+            log.debug("record_dead_lettered", **fields)
 
     def committed(self, step: Step) -> None:
         """Count what ``step`` committed."""
@@ -96,7 +114,13 @@ class StepWriter:
             self.metrics.polls.labels("not_found").inc()
             if not step.finished and b.not_found_since is not None and b.last_poll_at is not None:
                 since = round(b.last_poll_at - b.not_found_since, 1)
-                log.info("batch_not_found_yet", batch_id=b.batch_id, since_s=since)
+                held = self.notes.admit("batch_not_found_yet")
+                if held is None:
+                    log.debug("batch_not_found_yet", batch_id=b.batch_id, since_s=since)
+                else:
+                    log.info(
+                        "batch_not_found_yet", batch_id=b.batch_id, since_s=since, suppressed=held
+                    )
         else:
             self.metrics.polls.labels("error").inc()
             if not step.finished:
