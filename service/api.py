@@ -42,7 +42,7 @@ from service.errors import (
     RequestAborted,
     SecretFileTooLarge,
 )
-from service.logs import Throttle, redact
+from service.logs import Throttle, redact, register_secret
 from service.metrics import Metrics
 from service.pacing import RateLimiter, Sleep
 from service.records import Page, parse_page
@@ -215,7 +215,8 @@ class ApiKey:
     def refresh(self) -> None:
         """Read the key file again; a file that cannot be read, is larger than 64 KiB, or
         whose text no Bearer header can carry, leaves the key as it was (one WARNING,
-        never the text)."""
+        never the text). What was read is redacted from log lines from then on, as the key
+        read at start, even a text refused as a key (it may be one still)."""
         if self._file is None:
             return
         try:
@@ -229,6 +230,7 @@ class ApiKey:
         except SecretFileTooLarge as exc:
             log.warning("api_key_file_unreadable", error=str(exc))
             return
+        register_secret(value)
         if not is_bearer_token(value):  # the rule the configuration applies at start
             log.warning(
                 "api_key_file_unreadable",

@@ -38,6 +38,7 @@ from service.errors import (
     PollerError,
     SecretFileTooLarge,
 )
+from service.logs import register_secret
 from service.state import MAX_MESSAGE_BYTES
 
 log = structlog.get_logger(__name__)
@@ -103,12 +104,15 @@ def sasl_password(cfg: KafkaConfig) -> str | None:
     clients are made, so a rotated Secret is picked up by the next connection attempt
     without a restart; a file that cannot be read (not UTF-8, larger than 64 KiB) leaves
     the password read at start. ``RFP_KAFKA__SASL_PASSWORD`` takes precedence, as at start.
+    A password read again is redacted from log lines from then on, as the one read at start.
     """
     configured = cfg.sasl_password.get_secret_value() if cfg.sasl_password else None
     path = os.environ.get("RFP_KAFKA__SASL_PASSWORD_FILE")
     if path and not os.environ.get("RFP_KAFKA__SASL_PASSWORD"):
         with contextlib.suppress(OSError, UnicodeDecodeError, SecretFileTooLarge):
-            return read_secret_file(path) or configured
+            value = read_secret_file(path)
+            register_secret(value)
+            return value or configured
     return configured
 
 

@@ -6,6 +6,7 @@ processors, so they are JSON and redacted too.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -51,54 +52,119 @@ class Throttle:
         return self._held.pop(kind, 0)
 
 
+def secret_forms(secret: str) -> set[str]:
+    """``secret`` as text may show it: as written; as ``repr()`` writes it inside a string
+    (backslashes doubled, quotes and unprintable characters escaped), once or twice over
+    (the repr of an exception whose message holds a repr); and as JSON writes it.
+
+    A ``'`` is escaped in a repr quoted with ``'``, not in one quoted with ``"``; which
+    quote a repr uses depends on the whole text around the secret, so both forms count.
+    """
+    forms = {secret}
+    for _ in range(2):
+        for form in list(forms):
+            quoted = repr(form)
+            inner = quoted[1:-1]
+            forms.add(inner)
+            if quoted.startswith('"'):  # it has a ' and no ": in a '-quoted repr, \'
+                forms.add(inner.replace("'", "\\'"))
+    forms.add(json.dumps(secret)[1:-1])
+    forms.add(json.dumps(secret, ensure_ascii=False)[1:-1])
+    return forms
+
+
+def _all_forms(secrets: Iterable[str]) -> list[str]:
+    """Every form of every secret (``secret_forms``), the longer first: a secret that
+    contains another is replaced whole, not left half shown."""
+    forms: set[str] = set()
+    for secret in secrets:
+        forms |= secret_forms(secret)
+    return sorted(forms, key=len, reverse=True)
+
+
+def _replace(text: str, forms: Iterable[str]) -> str:
+    for form in forms:
+        if form in text:
+            text = text.replace(form, REDACTED)
+    return text
+
+
 def redact(text: str, secrets: Iterable[str]) -> str:
-    """``text`` with every secret in it replaced by ``[redacted]``.
+    """``text`` with every secret in it replaced by ``[redacted]``, in every form that
+    text may show it (``secret_forms``: escaped by ``repr()`` or JSON too).
 
     The one redaction of the service, for log lines and the error messages it prints.
     Empty secrets are ignored; longer ones go first, so that a secret containing
     another is not left half shown.
     """
-    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
-        if secret in text:
-            text = text.replace(secret, REDACTED)
-    return text
+    return _replace(text, _all_forms(s for s in secrets if s))
 
 
 class Redactor:
-    """Replaces every known secret value, wherever it appears in a log line.
+    """Replaces every known secret value, wherever it appears in a log line, in every form
+    text may show it (``secret_forms``).
 
     In log lines, secrets shorter than 4 characters are not redacted, so that a trivial
-    value cannot mangle every line.
+    value cannot mangle every line. A secret read later (a rotated key or password, read
+    again from its file) is added with :meth:`add`, or :func:`register_secret`.
     """
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
-        self.secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+        self._secrets = {s for s in secrets if len(s) >= 4}
+        self.forms = _all_forms(self._secrets)
 
-    def _clean(self, value: Any) -> Any:
+    @property
+    def secrets(self) -> frozenset[str]:
+        return frozenset(self._secrets)
+
+    def add(self, secret: str | None) -> None:
+        """Redact ``secret`` from now on too (kept for good: lines may still show an old
+        value). The list of forms is replaced whole, never changed in place, so a line
+        being redacted meanwhile uses the one list or the other."""
+        if secret is None or len(secret) < 4 or secret in self._secrets:
+            return
+        self._secrets = self._secrets | {secret}
+        self.forms = _all_forms(self._secrets)
+
+    def _clean(self, value: Any, forms: list[str]) -> Any:
         if isinstance(value, str):
-            return redact(value, self.secrets)
+            return _replace(value, forms)
         if isinstance(value, dict):
-            return {k: self._clean(v) for k, v in value.items()}
+            return {k: self._clean(v, forms) for k, v in value.items()}
         if isinstance(value, list | tuple):
-            return [self._clean(v) for v in value]
+            return [self._clean(v, forms) for v in value]
         if isinstance(value, BaseException):
-            return self._clean(repr(value))
+            return self._clean(repr(value), forms)
         if value is None or isinstance(value, bool | int | float):
             return value
         if isinstance(value, bytes | bytearray):
-            return self._clean(bytes(value).decode("utf-8", "replace"))
+            return self._clean(bytes(value).decode("utf-8", "replace"), forms)
         if isinstance(value, set | frozenset):
-            return [self._clean(v) for v in value]
-        return self._clean(repr(value))  # what the JSON renderer would print, redacted
+            return [self._clean(v, forms) for v in value]
+        return self._clean(repr(value), forms)  # what the JSON renderer would print, redacted
 
     def __call__(
         self, _logger: Any, _name: str, event_dict: MutableMapping[str, Any]
     ) -> MutableMapping[str, Any]:
-        if not self.secrets:
+        forms = self.forms
+        if not forms:
             return event_dict
         for key, value in list(event_dict.items()):
-            event_dict[key] = self._clean(value)
+            event_dict[key] = self._clean(value, forms)
         return event_dict
+
+
+# The redactor of the logging configured last (configure_logging), for register_secret.
+_redactor: Redactor | None = None
+
+
+def register_secret(secret: str | None) -> None:
+    """Redact ``secret`` from log lines from now on: a value read after start (a rotated API
+    key or password, read again from its file; a header made of a password). Before
+    logging is configured there is nothing to add it to (configure_logging is given the
+    secrets of the configuration)."""
+    if _redactor is not None:
+        _redactor.add(secret)
 
 
 def configure_logging(
@@ -109,7 +175,8 @@ def configure_logging(
     secrets: Iterable[str] = (),
     stream: TextIO | None = None,
 ) -> None:
-    redactor = Redactor(secrets)
+    global _redactor
+    redactor = _redactor = Redactor(secrets)
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,

@@ -37,6 +37,7 @@ from service.errors import (
     SchemaInvalid,
     SchemaNotRegistered,
 )
+from service.logs import register_secret
 from service.pacing import Sleep, backoff_delay
 
 SUBJECT_SUFFIX = "-value"
@@ -187,6 +188,13 @@ class RegistryClient:
         self.user_agent = f"rightfoot-poller/{__version__} ({instance_id})"
         self._session: aiohttp.ClientSession | None = None
 
+    def credentials(self) -> str | None:
+        """The credentials of HTTP basic auth (``basic_credentials``) when a username and
+        a password are configured: a secret, as the password is."""
+        if self.cfg.username and self.cfg.password is not None:
+            return basic_credentials(self.cfg.username, self.cfg.password.get_secret_value())
+        return None
+
     def ssl_context(self) -> ssl.SSLContext:
         """Verifies the registry against ``ssl_cafile`` when given, else the system CAs."""
         cfg = self.cfg
@@ -205,10 +213,12 @@ class RegistryClient:
         if self._session is not None:
             return
         headers = {"User-Agent": self.user_agent, "Accept": f"{CONTENT_TYPE}, application/json"}
-        if self.cfg.username and self.cfg.password is not None:
-            headers["Authorization"] = basic_auth(
-                self.cfg.username, self.cfg.password.get_secret_value()
-            )
+        credentials = self.credentials()
+        if credentials is not None:
+            # The header is made of the password: it is redacted from log lines as the
+            # password is (neither is logged, but a library's line might show a header).
+            register_secret(credentials)
+            headers["Authorization"] = "Basic " + credentials
         ssl_arg: ssl.SSLContext | bool = (
             self.ssl_context() if self.base.startswith("https:") else False
         )
@@ -351,9 +361,14 @@ async def schema_ids_when_available(
             await sleep(delay)
 
 
+def basic_credentials(username: str, password: str) -> str:
+    """The credentials of HTTP basic auth: ``user:password`` in base64 (UTF-8, RFC 7617)."""
+    return base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
+
+
 def basic_auth(username: str, password: str) -> str:
     """The ``Authorization`` header value of HTTP basic auth (UTF-8, RFC 7617)."""
-    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
+    return "Basic " + basic_credentials(username, password)
 
 
 def _json_or_none(text: str) -> Any:

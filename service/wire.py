@@ -66,6 +66,7 @@ async def frames_when_available(
 
     schemas = event_schemas(settings.kafka)
     async with RegistryClient(cfg, instance_id=settings.instance_id) as client:
+        secrets.extend(c for c in [client.credentials()] if c)
         while not stopping.is_set():
             try:
                 ids = await schema_ids_when_available(client, schemas, on_retry=unavailable)
