@@ -27,6 +27,7 @@ from urllib.parse import quote
 import aiohttp
 
 from service import __version__
+from service.api import parse_retry_after
 from service.config import KafkaConfig, SchemaRegistryConfig
 from service.errors import (
     ConfigError,
@@ -175,7 +176,8 @@ class RegistryClient:
 
     Use as ``async with RegistryClient(cfg) as client:``, or ``start()`` then ``close()``.
     Every failure raises a :class:`~service.errors.RegistryError`: unreachable, timed out,
-    TLS or 5xx → ``RegistryUnavailable`` (retryable); 401/403 → ``RegistryUnauthorized``;
+    TLS, 408 or 5xx → ``RegistryUnavailable`` (retryable), 429 and 503 as
+    :class:`RegistryThrottled` with their Retry-After; 401/403 → ``RegistryUnauthorized``;
     409 → ``SchemaIncompatible``; 422 → ``SchemaInvalid``; a lookup that finds nothing →
     ``SchemaNotRegistered``.
     """
@@ -300,6 +302,7 @@ class RegistryClient:
             ) as resp:
                 text = await resp.text(errors="replace")
                 status = resp.status
+                retry_after = parse_retry_after(resp.headers.get("Retry-After"))
         except aiohttp.ClientConnectorCertificateError as exc:
             raise RegistryUnavailable(
                 "tls",
@@ -324,7 +327,53 @@ class RegistryClient:
         body = _json_or_none(text)
         if 200 <= status < 300:
             return body
-        raise _error(status, body, text, subject, where, lookup=lookup)
+        raise _error(status, body, text, subject, where, lookup=lookup, retry_after=retry_after)
+
+
+class RegistryThrottled(RegistryUnavailable):
+    """429 (too many requests) or 503 (unavailable for now): the registry asks to be left
+    alone a while, ``retry_after_s`` seconds if it sent a Retry-After (else None).
+
+    Its ``reason`` is ``server_error``, as any other 5xx; ``throttled`` tells it apart
+    where it is shown (a 429: see :func:`unavailable_reason`).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        subject: str | None = None,
+        status: int | None = None,
+        error_code: int | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(
+            "server_error", message, subject=subject, status=status, error_code=error_code
+        )
+        self.retry_after_s = retry_after_s
+
+
+def unavailable_reason(exc: RegistryUnavailable) -> str:
+    """Why the registry is unavailable, as logs and /readyz say it: ``throttled`` for a
+    429, else the error's ``reason`` (``unreachable``, ``timeout``, ``tls``,
+    ``server_error``)."""
+    return "throttled" if exc.status == 429 else exc.reason
+
+
+def retry_delay(
+    exc: RegistryUnavailable, failures: int, cfg: SchemaRegistryConfig, rng: random.Random
+) -> float:
+    """The wait before trying again after ``failures`` failed attempts, the last ``exc``.
+
+    Backoff with jitter (``schema_registry.backoff_base_s`` … ``backoff_max_s``); after a
+    429 or 503 that sent a Retry-After, at least that long, but never longer than
+    ``backoff_max_s``: a registry asking for an hour is asked again sooner, and answers
+    with another wait if it still means it.
+    """
+    delay = backoff_delay(failures, cfg.backoff_base_s, cfg.backoff_max_s, rng)
+    if isinstance(exc, RegistryThrottled) and exc.retry_after_s is not None:
+        delay = max(delay, min(exc.retry_after_s, cfg.backoff_max_s))
+    return delay
 
 
 #: ``on_retry(error, failures, delay_s)``: called before each wait (logs, readiness, metrics).
@@ -340,8 +389,9 @@ async def schema_ids_when_available(
     on_retry: OnRetry | None = None,
 ) -> dict[str, int]:
     """:meth:`RegistryClient.schema_ids`, tried again for as long as the registry is
-    unavailable (unreachable, timed out, TLS, 5xx), with exponential backoff and jitter
-    (``schema_registry.backoff_base_s`` … ``backoff_max_s``); cancel the task to give up.
+    unavailable (unreachable, timed out, TLS, 5xx, 429), with exponential backoff and jitter
+    (``schema_registry.backoff_base_s`` … ``backoff_max_s``), at least a 429's or 503's
+    Retry-After up to ``backoff_max_s`` (:func:`retry_delay`); cancel the task to give up.
     Any other error (credentials refused, incompatible or invalid schema, not registered)
     raises at once: trying again would not change the answer.
     """
@@ -353,9 +403,7 @@ async def schema_ids_when_available(
             return await client.schema_ids(schemas)
         except RegistryUnavailable as exc:
             failures += 1
-            delay = backoff_delay(
-                failures, client.cfg.backoff_base_s, client.cfg.backoff_max_s, rng
-            )
+            delay = retry_delay(exc, failures, client.cfg, rng)
             if on_retry is not None:
                 on_retry(exc, failures, delay)
             await sleep(delay)
@@ -389,7 +437,14 @@ def _schema_id(body: Any, subject: str) -> int:
 
 
 def _error(
-    status: int, body: Any, text: str, subject: str | None, where: str, *, lookup: bool
+    status: int,
+    body: Any,
+    text: str,
+    subject: str | None,
+    where: str,
+    *,
+    lookup: bool,
+    retry_after: float | None = None,
 ) -> RegistryError:
     """The exception for an error answer (Confluent API: ``{"error_code", "message"}``)."""
     code = body.get("error_code") if isinstance(body, dict) else None
@@ -428,6 +483,8 @@ def _error(
         )
     if status == 422:
         return SchemaInvalid(f"{where} refused the schema{about}: {message}", **kw)
+    if status in (429, 503):
+        return RegistryThrottled(detail, **kw, retry_after_s=retry_after)
     if status >= 500 or status == 408:
         return RegistryUnavailable("server_error", detail, **kw)
     return RegistryError(detail, **kw)

@@ -22,6 +22,7 @@ from service.registry import (
     RegistryClient,
     event_schemas,
     schema_ids_when_available,
+    unavailable_reason,
 )
 
 log = structlog.get_logger(__name__)
@@ -35,13 +36,15 @@ async def frames_when_available(
 ) -> dict[str, bytes] | None:
     """The wire-format frame of each event topic, from the registry; None if stopped first.
 
-    An unavailable registry is tried again with backoff: unreachable, timing out or
-    failing (5xx), which is expected to pass, is one WARNING at the first attempt and then
-    at most one a minute (like Kafka at start); a TLS failure, which no retry fixes, one
-    ERROR line per attempt. A refusal (credentials, an incompatible or invalid schema, a
-    schema not registered while ``auto_register`` is off) gives one ERROR line naming
-    the subject and is tried again every ``schema_registry.backoff_max_s``, in case it
-    is fixed. ``on_problem`` gets what /readyz shows, then None once it is solved.
+    An unavailable registry is tried again with backoff: unreachable, timing out, failing
+    (5xx) or throttling (429, reason ``throttled``; a 429's or 503's Retry-After is waited,
+    up to ``schema_registry.backoff_max_s``), which is expected to pass, is one WARNING at
+    the first attempt and then at most one a minute a reason (like Kafka at start); a TLS
+    failure, which no retry fixes, one ERROR line per attempt. A refusal (credentials, an
+    incompatible or invalid schema, a schema not registered while ``auto_register`` is
+    off) gives one ERROR line naming the subject and is tried again every
+    ``schema_registry.backoff_max_s``, in case it is fixed. ``on_problem`` gets what
+    /readyz shows, then None once it is solved.
     """
     cfg = settings.schema_registry
     secrets = settings.secrets()
@@ -50,16 +53,17 @@ async def frames_when_available(
 
     def unavailable(exc: RegistryUnavailable, failures: int, delay: float) -> None:
         message = redact(str(exc), secrets)
-        on_problem({"reason": exc.reason, "error": message})
+        reason = unavailable_reason(exc)
+        on_problem({"reason": reason, "error": message})
         fields = {
-            "reason": exc.reason,
+            "reason": reason,
             "error": message,
             "attempt": failures,
             "retry_in_s": round(delay, 1),
         }
         if exc.reason == "tls":
             log.error("schema_registry_unavailable", **fields)
-        elif (held := waits.admit(exc.reason)) is None:
+        elif (held := waits.admit(reason)) is None:
             log.debug("schema_registry_unavailable", **fields)
         else:
             log.warning("schema_registry_unavailable", **fields, attempts_held=held)
