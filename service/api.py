@@ -335,10 +335,13 @@ class RightfootClient:
         params = {"batchId": batch_id, "limit": str(limit or self.cfg.page_limit)}
         if token:
             params["nextPageToken"] = token
-        # Lines logged while fetching (retries) name the batch, whoever asked for the page.
-        with structlog.contextvars.bound_contextvars(batch_id=batch_id):
-            body = await self._get_with_retries("balances", "/v1/balances", params, stop)
+        # A page that cannot be read (a body over MAX_BODY_BYTES, from _read_body; one not of
+        # the documented shape, from parse_page) is counted here; the poll that fails with it
+        # is logged where polls are (writer.poll_failed: one line a kind a minute).
         try:
+            # Lines logged while fetching (retries) name the batch, whoever asked for the page.
+            with structlog.contextvars.bound_contextvars(batch_id=batch_id):
+                body = await self._get_with_retries("balances", "/v1/balances", params, stop)
             page = parse_page(batch_id, body, content_ids=content_ids)
         except ApiMalformedResponse:
             self.metrics.invalid_input.labels("api", "malformed_page").inc()
