@@ -15,11 +15,11 @@ import structlog
 from policy_harness import BATCH, Vendor, read_back, record
 
 from service.config import Settings
-from service.errors import UnknownStateVersion
+from service.errors import ApiBadRequest, ApiError, ApiNotFound, UnknownStateVersion
 from service.events import BalanceEvents, EventFactory, OutMessage, Publishable
 from service.kafka import canonical_partition
 from service.metrics import Metrics
-from service.records import Page
+from service.records import InvalidRecord, Page, parse_record
 from service.requests import (
     FORWARDED_HEADER,
     MAX_REQUEST_BYTES,
@@ -1107,3 +1107,175 @@ async def test_a_commit_whose_poll_is_cancelled_is_counted_once_it_lands() -> No
     )
     assert records > 0 and counted == records
     assert tracker.room.held == 0
+
+
+async def test_a_poll_stopped_while_it_reads_gives_back_the_room_of_what_it_gathered() -> None:
+    """A poll that has gathered records (below max_records_per_transaction, nothing
+    committed) when its batch is stopped drops them, and gives their room back. Kept, that
+    room would be lost to every poll of the replica (polling.max_records_in_flight), a bit
+    more with every such stop, until the replica stalls."""
+    source = HeldSource(Vendor([record(i) for i in range(6)]))
+    tracker = runner(source, max_records_per_transaction=1000)
+    committer = HeldCommitter()
+    worker = PartitionWorker(partition=0, publisher=committer)
+    tracker.add_worker(worker)
+    scheduler = asyncio.create_task(tracker.run())
+    try:
+        await started(tracker, worker, TrackingRequest(batch_id=BATCH))
+        assert await asyncio.wait_for(source.asked.get(), 1.0) is None
+        (poll,) = worker.polls
+        source.release()
+        assert await asyncio.wait_for(source.asked.get(), 1.0) == "t2"
+        # Page 1's two records gathered, and room reserved for page 2 while it is read.
+        assert tracker.room.held == 2 + tracker.settings.rightfoot.page_limit
+        stop = TrackingRequest(batch_id=BATCH, action="stop")
+        await asyncio.wait_for(tracker.handle_request(worker, stop, 1), 1.0)
+        source.release()
+        await asyncio.wait_for(poll, 1.0)
+    finally:
+        tracker.stop()
+        scheduler.cancel()
+    assert not any(isinstance(m, BalanceEvents) for m in committer.messages())
+    assert worker.batches[BATCH].status == "stopped"
+    assert tracker.room.held == 0
+    assert tracker.metrics.registry.get_sample_value("rightfoot_poller_records_held") == 0
+
+
+def dead_letter(n: int) -> InvalidRecord:
+    """A record without its authorizer, as a page of the API brings it: dead-lettered."""
+    bad = parse_record(BATCH, {"balance": f"{n}.00", "timestamp": "2026-11-28T10:00:00Z"})
+    assert isinstance(bad, InvalidRecord)
+    return bad
+
+
+async def polled_once(vendor: Vendor) -> tuple[Tracker, HeldCommitter, PartitionWorker]:
+    """A batch tracked and polled once, its poll's commits done."""
+    tracker = runner(Vendors({BATCH: vendor}))
+    committer = HeldCommitter()
+    worker = PartitionWorker(partition=0, publisher=committer)
+    tracker.add_worker(worker)
+    await started(tracker, worker, TrackingRequest(batch_id=BATCH))
+    head = tracker.due.head()
+    assert head is not None
+    tracker.due.pop()
+    await tracker._poll(worker, BATCH, head[0])
+    await settle()
+    return tracker, committer, worker
+
+
+async def test_a_page_with_a_dead_letter_publishes_its_valid_records_as_well() -> None:
+    """Good and bad records on one page: the commit holds the dead letter, a balance event
+    for every valid record, and the state, in that order. Without the events, the valid
+    records would be lost for good: their fingerprints are in the state, so they are never
+    published again."""
+    bad = dead_letter(9)
+    good = [record(i) for i in range(3)]
+    tracker, committer, _worker = await polled_once(
+        Vendor([good[0], bad, good[1], good[2]], page_size=10)
+    )
+    [_started, (unit, offset)] = committer.units
+    assert offset is None
+    dlq = [m for m in unit if isinstance(m, OutMessage) and m.topic == "balances.dlq"]
+    assert [json.loads(m.value or b"{}")["event_id"] for m in dlq] == [bad.event_id]
+    sent = [out for m in unit if isinstance(m, BalanceEvents) for out in m]
+    assert sorted(json.loads(out.value or b"{}")["event_id"] for out in sent) == sorted(
+        r.event_id for r in good
+    )
+    assert all(out.topic == "balances" for out in sent)
+    state_topic = tracker.settings.kafka.state_topic
+    last = unit[-1]
+    assert isinstance(last, OutMessage) and last.topic == state_topic
+    assert last.key == BATCH.encode() and last.value is not None
+    saved = decode_state(last.value, 0)
+    assert (saved.published, saved.dead_lettered) == (3, 1)
+    kinds = [
+        "dlq" if m in dlq else "events" if isinstance(m, BalanceEvents) else "state" for m in unit
+    ]
+    assert kinds == ["dlq", "events"] + ["state"] * (len(unit) - 2)
+
+
+async def test_records_published_total_counts_every_record_a_commit_publishes() -> None:
+    """One commit of seven records of two statuses (and a dead letter, which is not a
+    published record): records_published_total goes up by seven, each status by its own
+    count, not by one a commit."""
+    good = [record(i) for i in range(7)]
+    by_status: dict[str, int] = {}
+    for r in good:
+        by_status[r.balance_status] = by_status.get(r.balance_status, 0) + 1
+    assert sorted(by_status.values()) == [3, 4]
+    tracker, committer, _worker = await polled_once(
+        Vendor([*good[:4], dead_letter(9), *good[4:]], page_size=10)
+    )
+    assert sum(len(m) for m in committer.messages() if isinstance(m, BalanceEvents)) == 7
+
+    def published(status: str) -> float:
+        name = "rightfoot_poller_records_published_total"
+        value = tracker.metrics.registry.get_sample_value(name, {"balance_status": status})
+        return value or 0.0
+
+    assert {status: published(status) for status in by_status} == by_status
+
+
+class RefusedFirstPage(HeldSource):
+    """Every request refused with the same error, page token or not."""
+
+    def __init__(self, error: ApiError) -> None:
+        super().__init__(Vendor())
+        self.error = error
+
+    async def fetch_page(self, batch_id: str, token: str | None, *a: object, **k: object) -> Page:
+        self.asked.put_nowait(token)
+        raise self.error
+
+
+def refused_first_page(error: ApiError) -> tuple[Tracker, HeldCommitter, PartitionWorker]:
+    tracker = runner(RefusedFirstPage(error))
+    committer = HeldCommitter()
+    worker = PartitionWorker(partition=0, publisher=committer)
+    tracker.add_worker(worker)
+    return tracker, committer, worker
+
+
+async def poll_now(tracker: Tracker, worker: PartitionWorker) -> None:
+    head = tracker.due.head()
+    assert head is not None
+    tracker.due.pop()
+    await tracker._poll(worker, BATCH, head[0])
+    await settle()
+
+
+async def test_a_404_on_the_first_page_is_the_batch_s_and_waits_out_the_grace() -> None:
+    """A 404 for the first page is the batch not found (yet): polled on for
+    not_found_grace_s, then failed. Not a page token refused: there is no token, and
+    taken as one the batch would be backed off as a failing poll, never failed."""
+    tracker, committer, worker = refused_first_page(ApiNotFound("no such batch", status=404))
+    wall = [1_000_000.0]
+    tracker.wall = lambda: wall[0]
+    await started(tracker, worker, TrackingRequest(batch_id=BATCH))
+    grace = tracker.settings.polling.not_found_grace_s
+    await poll_now(tracker, worker)
+    b = worker.batches[BATCH]
+    assert (b.status, b.not_found_since, b.failures) == ("tracking", wall[0], 0)
+    wall[0] += grace - 1
+    await poll_now(tracker, worker)
+    assert worker.batches[BATCH].status == "tracking"
+    wall[0] += 1
+    await poll_now(tracker, worker)
+    b = worker.batches[BATCH]
+    assert b.status == "failed" and (b.reason or "").startswith("api_not_found: ")
+    assert committer.events()[-1] == "failed"
+    assert not invalid_input(tracker, "api", "page_token_rejected")
+
+
+async def test_a_400_on_the_first_page_fails_the_batch_at_once() -> None:
+    """A 400 for the first page is the batch refused: failed at once (api_400), as the
+    README says. Not a page token refused (there is none), which would back it off and
+    poll it again for ever."""
+    tracker, committer, worker = refused_first_page(ApiBadRequest("bad batch id", status=400))
+    await started(tracker, worker, TrackingRequest(batch_id=BATCH))
+    await poll_now(tracker, worker)
+    b = worker.batches[BATCH]
+    assert b.status == "failed" and (b.reason or "").startswith("api_400: ")
+    assert committer.events()[-1] == "failed"
+    assert BATCH not in tracker.due
+    assert not invalid_input(tracker, "api", "page_token_rejected")
