@@ -992,3 +992,233 @@ def test_a_sweep_resumed_after_something_new_does_not_complete_the_batch() -> No
     assert d.state.status == "completed", d.state.reason
     # The sweep it completed on started at the first page after the last new record.
     assert firsts and firsts[-1] > d.state.last_new_at
+
+
+# ---- idleness completes only what the counts allow ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("expected", "unlisted", "missing"),
+    [
+        (None, 1, "1 of the 5 records the API counts never listed"),
+        (5, 0, "1 of 5 expected records never listed"),
+    ],
+    ids=["api_count_above_seen", "expected_one_above_seen"],
+)
+def test_an_idle_batch_short_of_its_count_never_completes_and_expires(
+    expected: int | None, unlisted: int, missing: str
+) -> None:
+    """Four records listed, and no more ever: the API counts five (no expected count), or
+    the API counts four and five are expected. Idle as it gets, the batch is short of a
+    count: it never completes, goes on tracking, and expires after max_age_s, its reason
+    saying what is missing."""
+    d = Driver(
+        make(complete_after_idle_s=900.0, max_age_s=20_000.0),
+        Vendor([record(i) for i in range(4)], unlisted=unlisted),
+    )
+    d.track(expected_count=expected)
+    tracked = d.now
+    while d.state is not None and d.state.active and d.now < tracked + 19_900.0:
+        d.poll()
+        d.now += 500
+    assert d.state is not None and d.state.status == "tracking" and d.state.records_seen == 4
+    d.now = tracked + 20_000.0  # max_age_s
+    assert d.begin() is None
+    state = d.state  # read anew: mypy keeps d.state.status narrowed to "tracking"
+    assert state.status == "expired" and d.lifecycle == ["tracking_started", "expired"]
+    assert state.reason == f"tracked longer than polling.max_age_s; {missing}"
+    assert len(d.emitted) == 4
+
+
+def test_a_batch_tracked_again_waits_for_idleness_anew() -> None:
+    """Stopped, then tracked again after longer than complete_after_idle_s: idleness counts
+    from the new tracking. Its first poll does not complete it on the old quiet; it completes
+    once complete_after_idle_s has passed since it was tracked again."""
+    d = driver(records=4, complete_after_idle_s=900.0)
+    d.poll()
+    assert d.state is not None and d.state.status == "tracking" and d.state.published == 4
+    d.stop()
+    d.now += 5000
+    d.track()
+    tracked_again = d.now
+    d.now += 60
+    d.poll()
+    assert d.state.status == "tracking", d.state.reason
+    d.now = tracked_again + 899
+    d.poll()
+    assert d.state.status == "tracking", d.state.reason
+    d.now = tracked_again + 900
+    d.poll()
+    state = d.state  # read anew: mypy keeps d.state.status narrowed to "tracking"
+    assert state.status == "completed"
+    assert d.lifecycle == ["tracking_started", "stopped", "tracking_started", "completed"]
+    assert len(d.emitted) == 4
+
+
+# ---- a poll's cursor ----------------------------------------------------------------------
+
+
+def test_a_poll_that_reads_only_empty_pages_keeps_the_cursor_it_reached() -> None:
+    """A run of empty pages longer than two polls can read: the second poll reads nothing
+    new, only empty pages, but its cursor moved past them and is kept, so the third poll
+    gets past the run and publishes the records listed after it."""
+    vendor = _Sparse([record(i) for i in range(8)])
+    vendor.run = 2 * MAX_EMPTY_PAGES + 3
+    d = Driver(make(complete_after_idle_s=900.0), vendor)
+    d.track()
+    d.poll()  # two pages of records, then the first empty pages
+    assert d.state is not None and len(d.emitted) == 4
+    cursor = d.state.cursor
+    assert cursor is not None and cursor.startswith("e")
+    d.now += 45
+    second = d.poll()  # nothing but empty pages
+    assert second is not None and second.cut_short == "empty_pages"
+    assert len(d.emitted) == 4 and d.state.cursor != cursor
+    for _ in range(2):
+        d.now += 45
+        d.poll()
+    assert sorted(d.emitted) == sorted(r.event_id for r in vendor.records)
+
+
+def test_a_sweep_that_stops_at_the_count_does_not_move_the_cursor() -> None:
+    """A record listed behind the cursor: the poll reads on in order to the end, then sweeps
+    from the first page and stops there, the count reached. The cursor stays where the
+    ordered reading left it, not at the page the sweep stopped at."""
+    d = driver(records=6)
+    d.poll()
+    assert d.state is not None and d.state.cursor == "t4"
+    late = record(100)
+    d.vendor.insert(0, late)  # behind the cursor: the count says 7, and the list shifts
+    d.now += 45
+    step = d.poll()
+    assert step is not None and step.sweep is not None
+    assert step.sweep.found == 1 and step.sweep.pages == 1  # stopped mid-list, at the count
+    assert late.event_id in d.emitted and len(d.emitted) == 7 == len(set(d.emitted))
+    assert d.state.cursor == "t6"  # the last page of the ordered reading, which had shifted
+    assert [s.cursor for s in d.saved[-1:]] == ["t6"]
+
+
+# ---- when sweeps run ----------------------------------------------------------------------
+
+
+def _first_pages(d: Driver) -> list[float]:
+    """When each read of the batch from its first page started, from now on."""
+    firsts: list[float] = []
+    served = d.vendor.page
+
+    def logged(token: str | None) -> Page:
+        if token is None:
+            firsts.append(d.now)
+        return served(token)
+
+    d.vendor.page = logged  # type: ignore[method-assign]
+    return firsts
+
+
+def test_fruitless_sweeps_back_off_and_none_runs_before_its_time() -> None:
+    """The API counts a record it never lists: every sweep for it finds nothing. Each sets
+    the next one's earliest time further off (next_sweep_at), and no poll sweeps before it:
+    polled every 45 s for an hour, the batch is swept a handful of times, not at every
+    poll."""
+    d = Driver(make(complete_after_idle_s=900.0), Vendor([record(i) for i in range(4)], unlisted=1))
+    d.track()
+    d.poll()
+    assert d.state is not None and d.state.published == 4
+    firsts = _first_pages(d)
+    polls = 80
+    for _ in range(polls):
+        d.now += 45
+        not_before = d.state.next_sweep_at
+        step = d.poll()
+        assert step is not None
+        if step.sweep is not None:
+            assert not_before is None or d.now >= not_before
+            assert step.sweep.outcome == "nothing" and step.sweep.next_sweep_in_s is not None
+            assert d.state.next_sweep_at == d.now + step.sweep.next_sweep_in_s
+        else:
+            assert not_before is not None and d.now < not_before
+    assert d.state.status == "tracking" and d.state.sweep_failures == len(firsts)
+    assert 3 <= len(firsts) <= 8, firsts
+
+
+def test_without_a_count_a_record_behind_the_cursor_is_found_within_the_sweep_interval() -> None:
+    """No count, and records keep coming at the end of the list, so the batch is never idle:
+    the periodic sweep (every sweep_interval_s) is what finds a record listed behind the
+    cursor meanwhile."""
+    d = Driver(
+        make(complete_after_idle_s=900.0, sweep_interval_s=600.0),
+        Vendor([record(i) for i in range(4)], counts=False),
+    )
+    d.track()
+    d.poll()
+    late = record(999)
+    listed_at = found_at = None
+    for n in range(4, 60):
+        d.now += 45
+        d.vendor.records.append(record(n))
+        if n == 10:
+            d.vendor.insert(0, late)
+            listed_at = d.now
+        d.poll()
+        if found_at is None and late.event_id in d.emitted:
+            found_at = d.now
+    assert d.state is not None and d.state.status == "tracking"
+    assert listed_at is not None and found_at is not None, "never found"
+    assert found_at - listed_at <= 600.0 + 45.0
+    assert sorted(d.emitted) == sorted(r.event_id for r in d.vendor.records)
+
+
+def test_sweeps_that_find_nothing_when_nothing_is_missing_do_not_delay_later_sweeps() -> None:
+    """Without a count, the periodic sweeps find nothing, and nothing was missing: they are
+    not fruitless, and set no backoff. So when the API starts counting and its count shows a
+    record missing (listed behind the cursor), the very next poll sweeps for it, instead of
+    waiting out a backoff built up by those sweeps."""
+    d = Driver(
+        make(complete_after_idle_s=100_000.0, sweep_interval_s=100.0),
+        Vendor([record(i) for i in range(4)], counts=False),
+    )
+    d.track()
+    d.poll()
+    sweeps = 0
+    for _ in range(30):
+        d.now += 45
+        step = d.poll()
+        assert step is not None and d.state is not None
+        if step.sweep is not None:
+            sweeps += 1
+            assert step.sweep.found == 0 and step.sweep.next_sweep_in_s is None
+    assert d.state is not None and sweeps >= 8
+    assert d.state.sweep_failures == 0 and d.state.next_sweep_at is None
+    late = record(999)
+    d.vendor.insert(0, late)
+    d.vendor.counts = True  # the API counts five now
+    d.now += 45
+    step = d.poll()
+    assert step is not None and step.sweep is not None and step.sweep.found == 1
+    assert late.event_id in d.emitted
+
+
+@pytest.mark.parametrize(
+    ("unlisted", "outcome", "behind"),
+    [(0, "reconciled", 0), (1, "partial", 1)],
+)
+def test_a_sweep_reports_whether_it_found_every_record_the_count_shows(
+    unlisted: int, outcome: str, behind: int
+) -> None:
+    """A record listed behind the cursor, and maybe one more that the API counts but does
+    not list: the sweep that finds the one listed reports ``reconciled`` when the records
+    seen then reach the count, ``partial`` when some are still missing. Either way it found
+    something: it sets no backoff for the next sweep."""
+    d = driver(records=4)
+    d.poll()
+    late = record(100)
+    d.vendor.insert(0, late)
+    d.vendor.unlisted = unlisted
+    d.now += 45
+    step = d.poll()
+    assert step is not None and step.sweep is not None
+    assert step.sweep.outcome == outcome and step.sweep.found == 1
+    assert step.sweep.behind == behind and step.sweep.total_processed == 5 + unlisted
+    assert step.sweep.next_sweep_in_s is None
+    assert d.state is not None and d.state.sweep_failures == 0 and d.state.next_sweep_at is None
+    assert late.event_id in d.emitted
