@@ -478,6 +478,23 @@ def test_deeply_nested_values_do_not_escape_as_recursion_error(depth: int) -> No
     assert [i.reason for i in page.invalid] == ["not_an_object"]
 
 
+@pytest.mark.parametrize("beside", [(), (record_text(authorizer_unique_id="other"),)])
+def test_an_authorizer_id_of_1024_characters_is_kept_and_one_longer_is_dead_lettered(
+    beside: tuple[str],
+) -> None:
+    """The limit, at its edge, on both paths: a page whose records are all valid is read
+    by the fast decoder, one with a record to set aside by the general parser."""
+    at_limit, over = "7" * 1024, "8" * 1025
+    page = parse_page("b", page_of(record_text(authorizer_unique_id=at_limit), *beside))
+    assert [r.authorizer_unique_id for r in page.records][:1] == [at_limit]
+    assert not page.invalid
+    page = parse_page("b", page_of(record_text(authorizer_unique_id=over), *beside))
+    assert [r.authorizer_unique_id for r in page.records] == ["other"] * len(beside)
+    assert [(i.reason, i.detail) for i in page.invalid] == [
+        ("invalid_field", "authorizer_unique_id is over 1024 chars")
+    ]
+
+
 @pytest.mark.parametrize("depth", [900, 1000, 100_000])
 def test_a_deeply_nested_unknown_field_is_a_malformed_page_at_worst(depth: int) -> None:
     """Nested values in a field nobody reads are skipped by the fast decoder, which has a
