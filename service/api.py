@@ -348,13 +348,9 @@ class RightfootClient:
             raise
         for note, detail in page.notes.items():
             self.metrics.invalid_input.labels("api", note).inc()
-            held = self.warnings.admit(note)
-            if held is None:
-                log.debug("page_odd", batch_id=batch_id, reason=note, detail=detail)
-            else:
-                log.warning(
-                    "page_odd", batch_id=batch_id, reason=note, detail=detail, suppressed=held
-                )
+            self.warnings.log(
+                note, log, "warning", "page_odd", batch_id=batch_id, reason=note, detail=detail
+            )
         return page
 
     async def _get_with_retries(
@@ -372,12 +368,8 @@ class RightfootClient:
             return await self._get_once(endpoint, path, params)
 
         def on_retry(exc: ApiError, _failures: int, delay: float) -> None:
-            held = self.retries.admit(exc.kind)
             fields = {"endpoint": endpoint, "error": str(exc), "delay_s": round(delay, 3)}
-            if held is None:
-                log.debug("api_retry", **fields)
-            else:
-                log.info("api_retry", **fields, suppressed=held)
+            self.retries.log(exc.kind, log, "info", "api_retry", **fields)
 
         return await retrying(
             attempt, self.retry_policy, rng=self.rng, sleep=self.sleep, on_retry=on_retry

@@ -406,11 +406,13 @@ class PollerService:
             except KafkaError as exc:
                 # Tried again every second: one WARNING a kind of failure a minute, with
                 # how many were held back since, the rest at DEBUG.
-                held = self._consume_failures.admit(type(exc).__name__)
-                if held is None:
-                    log.debug("requests_consume_failed", error=repr(exc)[:300])
-                else:
-                    log.warning("requests_consume_failed", error=repr(exc)[:300], suppressed=held)
+                self._consume_failures.log(
+                    type(exc).__name__,
+                    log,
+                    "warning",
+                    "requests_consume_failed",
+                    error=repr(exc)[:300],
+                )
                 await asyncio.sleep(1.0)
                 continue
             for tp, messages in batch.items():
@@ -517,11 +519,7 @@ class PollerService:
         return True
 
     def _count_problem(self, event: str, **fields: Any) -> None:
-        held = self._count_problems.admit(event)
-        if held is None:
-            log.debug(event, **fields)
-        else:
-            log.warning(event, **fields, retry_in_s=5.0, suppressed=held)
+        self._count_problems.log(event, log, "warning", event, **fields, retry_in_s=5.0)
 
     async def _auth_probe(self) -> None:
         """While the API key is rejected, try it again now and then (re-reading a key file).

@@ -157,7 +157,7 @@ class UnknownStateVersion(PollerError, ValueError):
 
 # --------------------------------------------------------------------------- schema registry
 
-RegistryUnavailableReason = Literal["unreachable", "timeout", "tls", "server_error"]
+RegistryUnavailableReason = Literal["unreachable", "timeout", "tls", "server_error", "throttled"]
 
 
 class RegistryError(PollerError):

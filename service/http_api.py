@@ -26,8 +26,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from service.errors import RequestRejected
 from service.logs import Throttle
 from service.metrics import Metrics
-from service.requests import BATCH_ID_PATTERN, TrackingRequest, decode_request, reject_reason
-from service.tracker import readable_batch_id
+from service.requests import (
+    BATCH_ID_PATTERN,
+    TrackingRequest,
+    decode_request,
+    readable_batch_id,
+    reject_reason,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -307,11 +312,9 @@ class HttpApi:
             }
             if "batch_id" in request.match_info:
                 fields["batch_id"] = _clip(request.match_info["batch_id"])
-            held = self.log_throttle.admit("admin_request_unauthorized")
-            if held is None:
-                log.debug("admin_request_unauthorized", **fields)
-            else:
-                log.warning("admin_request_unauthorized", **fields, suppressed=held)
+            self.log_throttle.log(
+                "admin_request_unauthorized", log, "warning", "admin_request_unauthorized", **fields
+            )
             return web.json_response(
                 {"error": "missing or wrong admin token"},
                 status=401,
@@ -342,15 +345,14 @@ class HttpApi:
             # The client went away before sending the whole body: nothing to answer, not a
             # fault of the service. A malformed request, counted as one; one INFO a minute.
             self.metrics.invalid_input.labels("http", "malformed_http").inc()
-            held = self.log_throttle.admit("body_cut_short")
-            fields = {
-                "reason": "the client closed the connection before sending the whole body",
-                "path": _clip(request.path),
-            }
-            if held is None:
-                log.debug("http_request_rejected", **fields)
-            else:
-                log.info("http_request_rejected", **fields, suppressed=held)
+            self.log_throttle.log(
+                "body_cut_short",
+                log,
+                "info",
+                "http_request_rejected",
+                reason="the client closed the connection before sending the whole body",
+                path=_clip(request.path),
+            )
             return _error(400, "the connection was closed before the whole body was sent")
         try:
             req = decode_request(body)
@@ -403,12 +405,14 @@ class HttpApi:
         if problem is not None:
             self.metrics.invalid_input.labels("http", "bad_query").inc()
             # GET is open to anyone who can connect: throttled as unauthorized requests are.
-            held = self.log_throttle.admit("bad_query")
-            fields = {"reason": _clip(problem), "path": _clip(request.path)}
-            if held is None:
-                log.debug("http_request_rejected", **fields)
-            else:
-                log.info("http_request_rejected", **fields, suppressed=held)
+            self.log_throttle.log(
+                "bad_query",
+                log,
+                "info",
+                "http_request_rejected",
+                reason=_clip(problem),
+                path=_clip(request.path),
+            )
             return _error(400, problem)
         loading = self._view_loading()
         if loading is not None:

@@ -51,6 +51,16 @@ class Throttle:
         self._last[kind] = now
         return self._held.pop(kind, 0)
 
+    def log(self, kind: str, logger: Any, level: str, event: str, **fields: Any) -> None:
+        """One line ``event`` of ``kind`` through ``logger``: at ``level`` ("info",
+        "warning", "exception"...), with ``suppressed``, when :meth:`admit` lets it
+        through; at DEBUG when it is held back."""
+        held = self.admit(kind)
+        if held is None:
+            logger.debug(event, **fields)
+        else:
+            getattr(logger, level)(event, **fields, suppressed=held)
+
 
 def secret_forms(secret: str) -> set[str]:
     """``secret`` as text may show it: as written; as ``repr()`` writes it inside a string

@@ -426,23 +426,29 @@ class PartitionOwner:
                     # waits, not ready, and is tried again. Every partition's reset fails
                     # alike: one WARNING a kind of failure a minute, the rest at DEBUG.
                     delay = min(max(delay * 2, RESET_RETRY_MIN_S), RESET_RETRY_MAX_S)
-                    fields = {"partition": p, "error": repr(exc)[:300], "retry_in_s": delay}
-                    held = self._reset_failures.admit(type(exc).__name__)
-                    if held is None:
-                        log.debug("partition_reset_failed", **fields)
-                    else:
-                        log.warning("partition_reset_failed", **fields, suppressed=held)
+                    self._reset_failures.log(
+                        type(exc).__name__,
+                        log,
+                        "warning",
+                        "partition_reset_failed",
+                        partition=p,
+                        error=repr(exc)[:300],
+                        retry_in_s=delay,
+                    )
                     failed = True
                     continue
                 except Exception as exc:
                     # Not a failure of Kafka: a fault of this service. The partition stays
                     # paused, so it is tried again like one, not left for dead. One ERROR
                     # with its traceback a kind of fault a minute, the rest at DEBUG.
-                    held = self._reset_failures.admit(f"fault:{type(exc).__name__}")
-                    if held is None:
-                        log.debug("partition_reset_failed", partition=p, error=repr(exc)[:300])
-                    else:
-                        log.exception("partition_reset_failed", partition=p, suppressed=held)
+                    self._reset_failures.log(
+                        f"fault:{type(exc).__name__}",
+                        log,
+                        "exception",
+                        "partition_reset_failed",
+                        partition=p,
+                        error=repr(exc)[:300],
+                    )
                     failed = True
             delay = min(max(delay * 2, RESET_RETRY_MIN_S), RESET_RETRY_MAX_S)
 

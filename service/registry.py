@@ -34,6 +34,7 @@ from service.errors import (
     RegistryError,
     RegistryUnauthorized,
     RegistryUnavailable,
+    RegistryUnavailableReason,
     SchemaIncompatible,
     SchemaInvalid,
     SchemaNotRegistered,
@@ -334,8 +335,7 @@ class RegistryThrottled(RegistryUnavailable):
     """429 (too many requests) or 503 (unavailable for now): the registry asks to be left
     alone a while, ``retry_after_s`` seconds if it sent a Retry-After (else None).
 
-    Its ``reason`` is ``server_error``, as any other 5xx; ``throttled`` tells it apart
-    where it is shown (a 429: see :func:`unavailable_reason`).
+    Its ``reason`` is ``throttled`` for a 429, ``server_error`` for a 503 (as any 5xx).
     """
 
     def __init__(
@@ -347,17 +347,9 @@ class RegistryThrottled(RegistryUnavailable):
         error_code: int | None = None,
         retry_after_s: float | None = None,
     ) -> None:
-        super().__init__(
-            "server_error", message, subject=subject, status=status, error_code=error_code
-        )
+        reason: RegistryUnavailableReason = "throttled" if status == 429 else "server_error"
+        super().__init__(reason, message, subject=subject, status=status, error_code=error_code)
         self.retry_after_s = retry_after_s
-
-
-def unavailable_reason(exc: RegistryUnavailable) -> str:
-    """Why the registry is unavailable, as logs and /readyz say it: ``throttled`` for a
-    429, else the error's ``reason`` (``unreachable``, ``timeout``, ``tls``,
-    ``server_error``)."""
-    return "throttled" if exc.status == 429 else exc.reason
 
 
 def retry_delay(

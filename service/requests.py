@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
@@ -10,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from service.errors import RequestRejected
 
 BATCH_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+_BATCH_ID = re.compile(BATCH_ID_PATTERN)
 # The largest request value read. A real one is under 300 bytes; a larger one is refused
 # before it is parsed, so that nothing a request makes (its forward to its batch's
 # partition included) comes near the producer's 1 MiB limit.
@@ -71,3 +73,23 @@ def reject_reason(exc: RequestRejected) -> str:
     if text.startswith("too large"):
         return "too_large"
     return "invalid_field"
+
+
+def readable_batch_id(value: bytes | None, key: bytes | None = None) -> str | None:
+    """The batch a refused tracking request is about, for its log line, when it can be
+    read: the ``batch_id`` of its JSON body if that is a valid batch ID, else its Kafka key
+    if that is one; None otherwise."""
+    candidates: list[object] = []
+    if value is not None and len(value) <= MAX_REQUEST_BYTES:
+        try:
+            doc = json.loads(value)
+        except (ValueError, RecursionError):
+            doc = None
+        if isinstance(doc, dict):
+            candidates.append(doc.get("batch_id"))
+    if key is not None:
+        candidates.append(key.decode("utf-8", "replace"))
+    for candidate in candidates:
+        if isinstance(candidate, str) and _BATCH_ID.fullmatch(candidate):
+            return candidate
+    return None

@@ -17,9 +17,7 @@ import asyncio
 import contextlib
 import functools
 import itertools
-import json
 import random
-import re
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -50,11 +48,10 @@ from service.metrics import Metrics
 from service.policy import Policy, Poll
 from service.records import Page
 from service.requests import (
-    BATCH_ID_PATTERN,
     FORWARDED_HEADER,
-    MAX_REQUEST_BYTES,
     TrackingRequest,
     decode_request,
+    readable_batch_id,
     reject_reason,
 )
 from service.schedule import DueQueue
@@ -71,8 +68,6 @@ MAX_COMMITS_IN_FLIGHT = 2
 # tombstones, so a commit has at most this many plus one batch's (a batch stopped after a
 # million records has some thousand chunks); the rest go in the next round.
 MAX_FORGET_MESSAGES = 5000
-
-_BATCH_ID = re.compile(BATCH_ID_PATTERN)
 
 
 def unreadable_reason(batch_id: str | None, exc: ValueError) -> str:
@@ -105,26 +100,6 @@ def state_unreadable(metrics: Metrics, batch_id: str | None, exc: ValueError) ->
     """Count and log state-topic records that are not understood (``unreadable_reason``)."""
     reason = count_unreadable(metrics, batch_id, exc)
     log.error("state_unreadable", batch_id=batch_id, reason=reason, error=str(exc)[:300])
-
-
-def readable_batch_id(value: bytes | None, key: bytes | None = None) -> str | None:
-    """The batch a refused tracking request is about, for its log line, when it can be
-    read: the ``batch_id`` of its JSON body if that is a valid batch ID, else its Kafka key
-    if that is one; None otherwise."""
-    candidates: list[object] = []
-    if value is not None and len(value) <= MAX_REQUEST_BYTES:
-        try:
-            doc = json.loads(value)
-        except (ValueError, RecursionError):
-            doc = None
-        if isinstance(doc, dict):
-            candidates.append(doc.get("batch_id"))
-    if key is not None:
-        candidates.append(key.decode("utf-8", "replace"))
-    for candidate in candidates:
-        if isinstance(candidate, str) and _BATCH_ID.fullmatch(candidate):
-            return candidate
-    return None
 
 
 class Tracker:
@@ -248,11 +223,9 @@ class Tracker:
             if batch_id is not None:
                 fields["batch_id"] = batch_id
             fields["reason"] = str(exc)
-            held = self._request_rejections.admit(reason)
-            if held is None:
-                log.debug("tracking_request_rejected", **fields)
-            else:
-                log.warning("tracking_request_rejected", **fields, suppressed=held)
+            self._request_rejections.log(
+                reason, log, "warning", "tracking_request_rejected", **fields
+            )
             return None
 
     def route(self, w: PartitionWorker, batch_id: str) -> int:
@@ -380,16 +353,15 @@ class Tracker:
             return self._send(w, [forward], next_offset)
         if req.batch_id in w.unreadable:
             self.metrics.requests_received.labels(req.action, "unreadable").inc()
-            fields = {
-                "batch_id": req.batch_id,
-                "action": req.action,
-                "error": w.unreadable[req.batch_id],
-            }
-            held = self._repeats.admit("request_for_unreadable_batch")
-            if held is None:
-                log.debug("request_for_unreadable_batch", **fields)
-            else:
-                log.warning("request_for_unreadable_batch", **fields, suppressed=held)
+            self._repeats.log(
+                "request_for_unreadable_batch",
+                log,
+                "warning",
+                "request_for_unreadable_batch",
+                batch_id=req.batch_id,
+                action=req.action,
+                error=w.unreadable[req.batch_id],
+            )
             return self._send(w, [], next_offset)
         b, now = w.batches.get(req.batch_id), self.wall()
         if req.action == "stop":
@@ -798,12 +770,15 @@ class Tracker:
                 self._load_attempts.pop(batch_id, None)
                 return None
             delay = self.policy.backoff(self._load_attempt(batch_id), self.policy.backoff_max_s)
-            fields = {"batch_id": batch_id, "error": repr(exc)[:300], "retry_in_s": round(delay, 2)}
-            held = self._repeats.admit(f"fingerprints_load_failed:{type(exc).__name__}")
-            if held is None:
-                log.debug("fingerprints_load_failed", **fields)
-            else:
-                log.warning("fingerprints_load_failed", **fields, suppressed=held)
+            self._repeats.log(
+                f"fingerprints_load_failed:{type(exc).__name__}",
+                log,
+                "warning",
+                "fingerprints_load_failed",
+                batch_id=batch_id,
+                error=repr(exc)[:300],
+                retry_in_s=round(delay, 2),
+            )
             return delay
         current = self._unloaded(w, b)
         if current is None:
@@ -872,12 +847,14 @@ class Tracker:
                 # again from the first page, whose 404 would be the batch's own. What was
                 # published is recognised by its fingerprint and skipped.
                 self.metrics.invalid_input.labels("api", "page_token_rejected").inc()
-                held = self._token_rejections.admit("page_token_rejected")
-                fields = {"batch_id": poll.batch_id, "restarts": poll.restarts}
-                if held is None:
-                    log.debug("page_token_rejected", **fields)
-                else:
-                    log.warning("page_token_rejected", **fields, suppressed=held)
+                self._token_rejections.log(
+                    "page_token_rejected",
+                    log,
+                    "warning",
+                    "page_token_rejected",
+                    batch_id=poll.batch_id,
+                    restarts=poll.restarts,
+                )
                 if not poll.token_rejected(b):
                     raise PageTokenRejected(str(exc.args[0]), status=400) from None
             except (ApiServerError, ApiTransportError, ApiMalformedResponse) as exc:
@@ -887,12 +864,15 @@ class Tracker:
                 # The page at this token keeps failing, poll after poll: the API may no
                 # longer take the token (Policy.token_failing). The first page is tried.
                 self.metrics.invalid_input.labels("api", "page_failing").inc()
-                held = self._token_rejections.admit("page_failing")
-                fields = {"batch_id": poll.batch_id, "failures": b.failures + 1, "error": str(exc)}
-                if held is None:
-                    log.debug("page_failing", **fields)
-                else:
-                    log.warning("page_failing", **fields, suppressed=held)
+                self._token_rejections.log(
+                    "page_failing",
+                    log,
+                    "warning",
+                    "page_failing",
+                    batch_id=poll.batch_id,
+                    failures=b.failures + 1,
+                    error=str(exc),
+                )
 
     async def _poll_failed(self, w: PartitionWorker, poll: Poll, exc: ApiError) -> float | None:
         current = w.batches.get(poll.batch_id)

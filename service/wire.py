@@ -22,7 +22,6 @@ from service.registry import (
     RegistryClient,
     event_schemas,
     schema_ids_when_available,
-    unavailable_reason,
 )
 
 log = structlog.get_logger(__name__)
@@ -53,24 +52,25 @@ async def frames_when_available(
 
     def unavailable(exc: RegistryUnavailable, failures: int, delay: float) -> None:
         message = redact(str(exc), secrets)
-        reason = unavailable_reason(exc)
-        on_problem({"reason": reason, "error": message})
+        on_problem({"reason": exc.reason, "error": message})
         fields = {
-            "reason": reason,
+            "reason": exc.reason,
             "error": message,
             "attempt": failures,
             "retry_in_s": round(delay, 1),
         }
         if exc.reason == "tls":
             log.error("schema_registry_unavailable", **fields)
-        elif (held := waits.admit(reason)) is None:
+        elif (held := waits.admit(exc.reason)) is None:
             log.debug("schema_registry_unavailable", **fields)
         else:
             log.warning("schema_registry_unavailable", **fields, attempts_held=held)
 
     schemas = event_schemas(settings.kafka)
     async with RegistryClient(cfg, instance_id=settings.instance_id) as client:
-        secrets.extend(c for c in [client.credentials()] if c)
+        credentials = client.credentials()
+        if credentials is not None:
+            secrets.append(credentials)
         while not stopping.is_set():
             try:
                 ids = await schema_ids_when_available(client, schemas, on_retry=unavailable)

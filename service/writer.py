@@ -114,27 +114,27 @@ class StepWriter:
             self.metrics.polls.labels("not_found").inc()
             if not step.finished and b.not_found_since is not None and b.last_poll_at is not None:
                 since = round(b.last_poll_at - b.not_found_since, 1)
-                held = self.notes.admit("batch_not_found_yet")
-                if held is None:
-                    log.debug("batch_not_found_yet", batch_id=b.batch_id, since_s=since)
-                else:
-                    log.info(
-                        "batch_not_found_yet", batch_id=b.batch_id, since_s=since, suppressed=held
-                    )
+                self.notes.log(
+                    "batch_not_found_yet",
+                    log,
+                    "info",
+                    "batch_not_found_yet",
+                    batch_id=b.batch_id,
+                    since_s=since,
+                )
         else:
             self.metrics.polls.labels("error").inc()
             if not step.finished:
-                held = self.failures.admit(exc.kind)
-                fields = {
-                    "batch_id": b.batch_id,
-                    "error": str(exc),
-                    "failures": b.failures,
-                    "retry_in_s": round(step.poll_in or 0.0, 2),
-                }
-                if held is None:
-                    log.debug("poll_failed", **fields)
-                else:
-                    log.warning("poll_failed", **fields, suppressed=held)
+                self.failures.log(
+                    exc.kind,
+                    log,
+                    "warning",
+                    "poll_failed",
+                    batch_id=b.batch_id,
+                    error=str(exc),
+                    failures=b.failures,
+                    retry_in_s=round(step.poll_in or 0.0, 2),
+                )
 
     def _cut_short(self, step: Step) -> None:
         """Count and log a poll ended by a run of empty pages that said more follow (a page

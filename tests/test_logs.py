@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -11,26 +12,35 @@ from typing import Any
 import pytest
 import structlog
 
+import service.logs
 from service.logs import REDACTED, Throttle, configure_logging, redact
 
 SECRET = "rf_live_9c8b7a6d5e4f3a2b1c0d"
 TOKEN = "admin-tok-0f1e2d3c4b5a"
 
 
-@pytest.fixture
-def output() -> Iterator[io.StringIO]:
-    """configure_logging into a buffer; the previous logging setup is restored afterwards."""
+@contextlib.contextmanager
+def logs_into(instance_id: str, secrets: list[str]) -> Iterator[io.StringIO]:
+    """configure_logging into a buffer; the previous logging setup (the redactor that
+    register_secret adds to included) is restored afterwards."""
     root = logging.getLogger()
     saved_handlers, saved_level = root.handlers[:], root.level
-    saved_structlog = structlog.get_config()
+    saved_structlog, saved_redactor = structlog.get_config(), service.logs._redactor
     stream = io.StringIO()
-    configure_logging(instance_id="poller-7", secrets=[SECRET, TOKEN], stream=stream)
+    configure_logging(instance_id=instance_id, secrets=secrets, stream=stream)
     try:
         yield stream
     finally:
         root.handlers[:] = saved_handlers
         root.setLevel(saved_level)
         structlog.configure(**saved_structlog)
+        service.logs._redactor = saved_redactor
+
+
+@pytest.fixture
+def output() -> Iterator[io.StringIO]:
+    with logs_into("poller-7", [SECRET, TOKEN]) as stream:
+        yield stream
 
 
 def lines(stream: io.StringIO) -> list[dict[str, Any]]:
@@ -112,20 +122,11 @@ def test_levels_below_the_configured_one_are_dropped(output: io.StringIO) -> Non
 
 
 def test_short_strings_are_not_treated_as_secrets() -> None:
-    root = logging.getLogger()
-    saved_handlers, saved_level = root.handlers[:], root.level
-    saved_structlog = structlog.get_config()
-    stream = io.StringIO()
-    try:
-        configure_logging(instance_id="p", secrets=["", "ab", SECRET], stream=stream)
+    with logs_into("p", ["", "ab", SECRET]) as stream:
         structlog.get_logger("t").info("abc table", key=SECRET)
         (doc,) = [json.loads(line) for line in stream.getvalue().splitlines()]
         assert doc["event"] == "abc table"
         assert doc["key"] == REDACTED
-    finally:
-        root.handlers[:] = saved_handlers
-        root.setLevel(saved_level)
-        structlog.configure(**saved_structlog)
 
 
 class Holder:

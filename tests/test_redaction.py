@@ -13,11 +13,12 @@ from typing import Any
 
 import pytest
 import structlog
+from test_logs import logs_into
 
 from service.api import ApiKey
 from service.config import KafkaConfig, SchemaRegistryConfig
 from service.kafka_clients import sasl_password
-from service.logs import REDACTED, configure_logging, redact, secret_forms
+from service.logs import REDACTED, redact, secret_forms
 from service.registry import RegistryClient, basic_credentials
 
 # A password with a backslash and both quotes: repr() escapes each of them.
@@ -29,21 +30,9 @@ PLAIN = "rf_live_0a1b2c3d4e5f6a7b8c9d"
 
 @pytest.fixture
 def output() -> Iterator[io.StringIO]:
-    """configure_logging into a buffer, with the secrets above; the previous logging setup
-    is restored afterwards."""
-    root = logging.getLogger()
-    saved_handlers, saved_level = root.handlers[:], root.level
-    saved_structlog = structlog.get_config()
-    stream = io.StringIO()
-    configure_logging(
-        instance_id="poller-r", secrets=[ODD, SINGLE, BACKSLASH, PLAIN], stream=stream
-    )
-    try:
+    """Logging into a buffer, with the secrets above (``test_logs.logs_into``)."""
+    with logs_into("poller-r", [ODD, SINGLE, BACKSLASH, PLAIN]) as stream:
         yield stream
-    finally:
-        root.handlers[:] = saved_handlers
-        root.setLevel(saved_level)
-        structlog.configure(**saved_structlog)
 
 
 def lines(stream: io.StringIO) -> list[dict[str, Any]]:

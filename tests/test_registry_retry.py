@@ -23,7 +23,6 @@ from service.registry import (
     RegistryThrottled,
     event_schemas,
     schema_ids_when_available,
-    unavailable_reason,
 )
 from service.wire import frame, frames_when_available
 
@@ -80,7 +79,7 @@ class Retries:
         self.slept.append(delay)
 
     def on_retry(self, exc: RegistryUnavailable, failures: int, delay: float) -> None:
-        self.seen.append((unavailable_reason(exc), failures, delay))
+        self.seen.append((exc.reason, failures, delay))
 
 
 async def ids_after(url: str, retries: Retries, **cfg: float) -> dict[str, int]:
