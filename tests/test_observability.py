@@ -602,6 +602,9 @@ def test_runbooks_point_at_log_events_the_service_writes() -> None:
     assert named
     source = "\n".join(p.read_text() for p in SERVICE.glob("*.py"))
     logged = set(re.findall(r"\blog\.(?:debug|info|warning|error|exception)\(\s*\"(\w+)\"", source))
+    # and lines throttled through Throttle.log(kind, log, level, event, ...)
+    levels = r"(?:debug|info|warning|error|exception)"
+    logged |= set(re.findall(rf'\blog,\s*"{levels}",\s*"(\w+)"', source))
     assert named <= logged, f"runbooks name log events that do not exist: {named - logged}"
 
 
